@@ -1,0 +1,14 @@
+"""iicl_fast: consolidate long contexts into LoRA memories (InfiniteICL), fast.
+
+    model, tok = iicl_fast.load_model()
+    mem = iicl_fast.Memory(model, tok, iicl_fast.Config())
+    mem.consolidate(text); mem.ask("Who founded the institute?")
+"""
+__version__ = "0.1.0"
+
+from .config import Config, IICLError
+from .consolidate import ConsolidationReport
+from .memory import Memory
+from .models import load_model
+
+__all__ = ["Config", "ConsolidationReport", "IICLError", "Memory", "load_model", "__version__"]

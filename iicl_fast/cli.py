@@ -1,0 +1,166 @@
+"""iicl-fast: demo, consolidate, ask. Errors: one line on stderr, exit code 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib.resources import files
+from pathlib import Path
+
+from .config import Config, IICLError
+
+
+def read_text_file(path: str) -> str:
+    """UTF-8 text of a user file, or IICLError naming the problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise IICLError(f"no such file: {path}")
+    data = p.read_bytes()
+    if b"\x00" in data:
+        raise IICLError(f"{path} is a binary file, not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise IICLError(f"{path} is not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise IICLError(f"{path} is empty")
+    return text
+
+
+def demo_material() -> tuple[str, list[dict]]:
+    doc = files("iicl_fast").joinpath("data/demo.txt").read_text(encoding="utf-8")
+    qs = json.loads(files("iicl_fast").joinpath("data/demo_questions.json").read_text(encoding="utf-8"))
+    return doc, qs
+
+
+def recall(questions: list[dict], answers: list[str]) -> int:
+    """Questions whose answer contains one of the accepted strings (case-insensitive)."""
+    return sum(any(a.lower() in ans.lower() for a in q["answers"]) for q, ans in zip(questions, answers))
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_demo(args) -> int:
+    from . import Memory, load_model
+    doc, qs = demo_material()
+    t = time.perf_counter()
+    model, tok = load_model(args.model)
+    load_s = time.perf_counter() - t
+    mem = Memory(model, tok, Config(seed=args.seed))
+    questions = [q["question"] for q in qs]
+    t = time.perf_counter()
+    before = mem.ask_many(questions)
+    full = mem.ask_many(questions, context=doc)
+    ask_s = time.perf_counter() - t
+    rep = mem.consolidate(doc)
+    after = mem.ask_many(questions)
+    result = {"questions": len(qs), "recall_no_context": recall(qs, before),
+              "recall_full_context": recall(qs, full), "recall_consolidated": recall(qs, after),
+              "seconds": {"load": round(load_s, 1), "ask_baselines": round(ask_s, 1),
+                          **{k: round(v, 1) for k, v in rep.seconds.items()}},
+              "elicited": rep.elicited, "kept": rep.kept, "loss_per_epoch": [round(x, 4) for x in rep.loss_per_epoch]}
+    if args.json:
+        result["answers"] = [{"question": q, "no_context": b, "full_context": f, "consolidated": a}
+                             for q, b, f, a in zip(questions, before, full, after)]
+        print(json.dumps(result))
+        return 0
+    print("Document:\n  " + doc.strip() + "\n")
+    for q, b, f, a in zip(questions, before, full, after):
+        print(f"Q: {q}\n  no context   : {b}\n  full context : {f}\n  consolidated : {a}\n")
+    n = len(qs)
+    print(f"recall without context        : {result['recall_no_context']}/{n}")
+    print(f"recall with full context      : {result['recall_full_context']}/{n}")
+    print(f"recall after consolidation    : {result['recall_consolidated']}/{n}  (document not in the window)")
+    print(rep.summary())
+    print("seconds: " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()))
+    return 0
+
+
+def cmd_consolidate(args) -> int:
+    from . import Memory, load_model
+    texts = [read_text_file(f) for f in args.files]        # every file checked before any work
+    out = Path(args.out)
+    if out.exists() and not (out / "manifest.json").is_file():
+        raise IICLError(f"{out} exists and is not a memory directory")
+    model, tok = load_model(args.model)
+    if out.exists():
+        mem = Memory.load(out, model, tok)          # continue it: its LoRA layout and config
+    else:
+        mem = Memory(model, tok, Config())
+    if args.chunk_tokens:
+        mem.config.chunk_tokens = args.chunk_tokens
+    done = skipped = 0
+    for rep in mem.stream(texts, checkpoint_dir=out):
+        log(rep.summary())
+        done += not rep.skipped
+        skipped += rep.skipped
+    log(f"memory {out}: {len(mem.chunks)} chunks ({done} consolidated now, {skipped} already there)")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from . import Memory, load_model
+    if args.questions:
+        questions = [line.strip() for line in read_text_file(args.questions).splitlines() if line.strip()]
+    elif args.question and args.question.strip():
+        questions = [args.question]
+    else:
+        raise IICLError("give a QUESTION or --questions FILE")
+    context = read_text_file(args.context) if args.context else None
+    if args.memory:
+        mem = Memory.load(args.memory) if args.model is None else Memory.load(args.memory, *load_model(args.model))
+    else:
+        mem = Memory(*load_model(args.model), Config(progress=False))
+    answers = mem.ask_many(questions, context=context)
+    if args.questions:
+        for q, a in zip(questions, answers):
+            print(json.dumps({"question": q, "answer": a}), flush=True)
+    else:
+        print(answers[0])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="iicl-fast", description="Consolidate long contexts into LoRA memories.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="consolidate a bundled fictional document and compare recall")
+    d.add_argument("--model", default=None, help="local HF model dir or .gguf (default: embedded SmolLM2-135M)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    d.set_defaults(func=cmd_demo)
+    c = sub.add_parser("consolidate", help="consolidate FILEs, in order, into the memory at --out")
+    c.add_argument("files", nargs="+", metavar="FILE")
+    c.add_argument("--out", required=True, metavar="DIR")
+    c.add_argument("--model", default=None)
+    c.add_argument("--chunk-tokens", type=int, default=None, metavar="N")
+    c.set_defaults(func=cmd_consolidate)
+    a = sub.add_parser("ask", help="greedy answer from a memory (or the base model)")
+    a.add_argument("question", nargs="?")
+    a.add_argument("--questions", metavar="FILE", help="one question per line; prints JSON lines")
+    a.add_argument("--memory", metavar="DIR")
+    a.add_argument("--context", metavar="FILE", help="put this file's text in the window first")
+    a.add_argument("--model", default=None)
+    a.set_defaults(func=cmd_ask)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "chunk_tokens", None) is not None and args.chunk_tokens < 1:
+        print("iicl-fast: error: --chunk-tokens must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except IICLError as e:
+        print(f"iicl-fast: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("iicl-fast: interrupted (the last saved memory is intact)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Phases 1–4 for one chunk: T_i : θ_{i-1} + C_i → θ_i."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from . import reference
+from .config import Config
+from .elicit import Entry, elicit
+from .generation import lm_head
+from .models import PromptFormat
+from .select import delta_ppl, select_by_ppl_gap
+from .teacher import HiddenSet, hidden_logprob, student_hidden, student_hidden_set, teacher_hidden
+
+
+@dataclass
+class ConsolidationReport:
+    """What one T_i did."""
+    chunk_index: int = 0
+    chunk_tokens: int = 0
+    skipped: bool = False          # already recorded in the memory (resume)
+    elicited: int = 0
+    kept: int = 0
+    replayed: int = 0              # entries of earlier chunks trained on again
+    dppl_kept: float = float("nan")     # mean ΔPPL of kept entries (nats/token)
+    dppl_dropped: float = float("nan")  # mean ΔPPL of dropped entries
+    loss_per_epoch: list[float] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"chunk {self.chunk_index}: already consolidated, skipped"
+        secs = " ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
+        losses = " ".join(f"{x:.4f}" for x in self.loss_per_epoch)
+        return (f"chunk {self.chunk_index} ({self.chunk_tokens} tokens): elicited {self.elicited}, kept "
+                f"{self.kept} (+{self.replayed} replayed); ΔPPL kept {self.dppl_kept:.3f} dropped {self.dppl_dropped:.3f}; "
+                f"loss/epoch {losses}; {secs}")
+
+
+def _mean(x: torch.Tensor) -> float:
+    x = x[torch.isfinite(x)]
+    return float(x.mean()) if x.numel() else float("nan")
+
+
+def entry_loss(model, fmt, batch: list[Entry], teacher: HiddenSet, rows: torch.Tensor, config: Config,
+               teacher_stats=None):
+    """Mean loss over a micro-batch's response tokens (differentiable in the LoRA weights)."""
+    weight, bias, softcap = lm_head(model)
+    h_s = student_hidden(model, fmt, batch)
+    targets = teacher.targets[rows]
+    if config.loss_impl == "fused":
+        from . import ops
+        if config.loss == "forward_kl" and bias is None and softcap is None:
+            st = ops.TeacherStats(*(None if t is None else t[rows] for t in teacher_stats))
+            return ops.forward_kl(h_s, weight, st, temperature=config.temperature, reduction="mean",
+                                  impl=config.kernel_impl)
+        if config.loss == "seqkd":
+            lp, _ = ops.token_logprob(h_s, weight, targets, temperature=config.temperature, impl=config.kernel_impl)
+            return -lp.mean()
+        kind = "forward" if config.loss == "forward_kl" else "reverse"
+        return ops.kl_divergence(h_s, weight, teacher.h[rows].to(h_s.dtype), weight, kind=kind, softcap=softcap,
+                                 temperature=config.temperature, reduction="mean", impl=config.kernel_impl)
+    return reference.distill_loss(config.loss, h_s, teacher.h[rows], targets, weight, bias=bias,
+                                  softcap=softcap, temperature=config.temperature,
+                                  token_chunk=config.token_chunk)
+
+
+def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, params: list[torch.Tensor],
+          config: Config) -> list[float]:
+    """LoRA training of the student (no chunk in view). -> mean loss per epoch."""
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    rng = torch.Generator().manual_seed(config.seed)
+    stats = None
+    if config.loss_impl == "fused" and config.loss == "forward_kl":
+        from . import ops
+        weight, _, _ = lm_head(model)
+        st = ops.teacher_stats(teacher.h.to(weight.dtype), weight, temperature=config.temperature,
+                               impl=config.kernel_impl)
+        stats = (st.lse, st.entropy, st.mu, None)
+    losses = []
+    model.train()
+    bar = tqdm(total=config.epochs * len(entries), desc="train", disable=not config.progress, leave=False)
+    try:
+        for _ in range(config.epochs):
+            order = torch.randperm(len(entries), generator=rng).tolist()
+            total, count = 0.0, 0
+            for s in range(0, len(order), config.batch_size):
+                idx = order[s: s + config.batch_size]
+                rows = teacher.rows(idx).to(teacher.h.device)
+                loss = entry_loss(model, fmt, [entries[i] for i in idx], teacher, rows, config, stats)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                opt.step()
+                total += float(loss.detach()) * rows.numel()
+                count += rows.numel()
+                bar.update(len(idx))
+            losses.append(total / max(count, 1))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    finally:
+        model.eval()
+        bar.close()
+    return losses
+
+
+def subset(hs: HiddenSet, idx: list[int]) -> HiddenSet:
+    """The rows of entries idx (in that order), with fresh offsets."""
+    offsets = [0]
+    for e in idx:
+        offsets.append(offsets[-1] + hs.offsets[e + 1] - hs.offsets[e])
+    rows = hs.rows(idx) if idx else torch.zeros(0, dtype=torch.long)
+    return HiddenSet(hs.h[rows], hs.targets[rows], offsets)
+
+
+def concat(a: HiddenSet, b: HiddenSet) -> HiddenSet:
+    return HiddenSet(torch.cat([a.h, b.h.to(a.h.device)]), torch.cat([a.targets, b.targets.to(a.targets.device)]),
+                     a.offsets + [a.offsets[-1] + o for o in b.offsets[1:]])
+
+
+def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.Tensor], config: Config,
+                      *, chunk_index: int = 0, replay=None):
+    """Elicit → teacher pass → select by ΔPPL → train the LoRA params on the kept entries
+    (plus `replay`: (entries, HiddenSet) kept from earlier chunks, trained on again so the
+    new chunk does not overwrite them).
+
+    -> (report, kept entries, their teacher HiddenSet)."""
+    rep = ConsolidationReport(chunk_index=chunk_index, chunk_tokens=len(fmt.encode(chunk)))
+    t = time.perf_counter()
+    entries = elicit(model, fmt, chunk, config)
+    rep.elicited = len(entries)
+    rep.seconds["elicit"] = time.perf_counter() - t
+    if not entries:
+        return rep, [], None
+
+    t = time.perf_counter()
+    teacher = teacher_hidden(model, fmt, chunk, entries, batch_size=config.batch_size, progress=config.progress)
+    student = student_hidden_set(model, fmt, entries, batch_size=config.batch_size)
+    rep.seconds["teacher"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    impl = config.kernel_impl if config.loss_impl == "fused" else None
+    gaps = delta_ppl(hidden_logprob(model, teacher, config.temperature, impl=impl),
+                     hidden_logprob(model, student, config.temperature, impl=impl), teacher.offsets)
+    keep = select_by_ppl_gap(gaps, ratio=config.select_ratio, top_k=config.select_top_k)
+    dropped = sorted(set(range(len(entries))) - set(keep))
+    rep.kept = len(keep)
+    rep.dppl_kept = _mean(gaps[keep])
+    rep.dppl_dropped = _mean(gaps[dropped]) if dropped else float("nan")
+    kept_entries = [entries[i] for i in keep]
+    teacher = subset(teacher, keep)
+    rep.seconds["select"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    train_entries, train_teacher = kept_entries, teacher
+    if replay and replay[0]:
+        train_entries = kept_entries + replay[0]
+        train_teacher = concat(teacher, replay[1])
+    rep.replayed = len(train_entries) - len(kept_entries)
+    rep.loss_per_epoch = train(model, fmt, train_entries, train_teacher, params, config)
+    rep.seconds["train"] = time.perf_counter() - t
+    return rep, kept_entries, teacher

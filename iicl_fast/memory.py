@@ -1,0 +1,346 @@
+"""Memory: a base model plus one LoRA adapter (long-term memory), saved atomically."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import random
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import Config, IICLError
+from .consolidate import ConsolidationReport, concat, consolidate_chunk, subset
+from .elicit import Entry
+from .teacher import HiddenSet
+from .generation import generate
+from .models import DEFAULT_MODEL_ID, PromptFormat, fingerprint, load_model
+
+FORMAT = "iicl_fast.memory/1"
+MANIFEST, ADAPTER, ADAPTER_CONFIG = "manifest.json", "adapter_model.safetensors", "adapter_config.json"
+REPLAY, REPLAY_ENTRIES = "replay.safetensors", "replay.json"
+_names = itertools.count()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def split_chunks(fmt: PromptFormat, text: str, chunk_tokens: int) -> list[str]:
+    """Split text into chunks of at most ~chunk_tokens tokens, at sentence or line ends where
+    possible; a sentence longer than a chunk is cut by tokens."""
+    units = [u for u in re.split(r"(?<=[.!?\n])\s+", text.strip()) if u.strip()]
+    chunks, cur, cur_n = [], [], 0
+    for u in units:
+        n = len(fmt.encode(u))
+        if n > chunk_tokens:
+            if cur:
+                chunks.append(" ".join(cur)); cur, cur_n = [], 0
+            ids = fmt.encode(u)
+            chunks += [fmt.tok.decode(ids[i: i + chunk_tokens]).strip() for i in range(0, len(ids), chunk_tokens)]
+            continue
+        if cur and cur_n + n > chunk_tokens:
+            chunks.append(" ".join(cur)); cur, cur_n = [], 0
+        cur.append(u.strip()); cur_n += n
+    if cur:
+        chunks.append(" ".join(cur))
+    return [c for c in chunks if c.strip()]
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+    from . import __version__
+    return {"iicl_fast": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
+def atomic_write_dir(path: Path, write) -> None:
+    """Write a directory aside, then swap it in: path is always either the old or the new
+    memory (the old one waits at path.old until the swap is complete)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = path.with_name(path.name + ".old")
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def memory_dir(path: Path) -> Path:
+    """The directory to read: path, or path.old when a save was interrupted mid-swap."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and (old / MANIFEST).is_file():
+        return old
+    if not path.exists():
+        raise IICLError(f"no memory at {path}")
+    raise IICLError(f"{path} is not a memory directory (no {MANIFEST})")
+
+
+def read_manifest(path: Path) -> dict:
+    d = memory_dir(path)
+    try:
+        m = json.loads((d / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise IICLError(f"corrupt manifest {d / MANIFEST}: {e}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise IICLError(f"{d / MANIFEST} is not an iicl_fast memory manifest")
+    return m
+
+
+class Memory:
+    """A base model plus one LoRA adapter that holds what was consolidated into it.
+
+    Several Memory objects may share one base model: each is a named peft adapter on it,
+    made active whenever that Memory runs."""
+
+    def __init__(self, model, tokenizer, config: Config | None = None):
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        self.config = config or Config()
+        self.tokenizer = tokenizer
+        self.fmt = PromptFormat(tokenizer)
+        self.name = f"mem{next(_names)}"
+        self.chunks: list[dict] = []
+        self.replay: tuple[list[Entry], HiddenSet | None] = ([], None)   # see Config.replay_entries
+        self.replay_seen = 0
+        lora = LoraConfig(r=self.config.lora_r, lora_alpha=self.config.lora_alpha,
+                          lora_dropout=self.config.lora_dropout, target_modules=self.config.target_modules,
+                          task_type="CAUSAL_LM")
+        torch.manual_seed(self.config.seed)
+        if not isinstance(model, PeftModel) and "_iicl_peft" in model.__dict__:
+            model = model.__dict__["_iicl_peft"]       # this base already carries memories
+        if isinstance(model, PeftModel):
+            model.add_adapter(self.name, lora)
+            self.model = model
+            if not hasattr(model, "_iicl_fingerprint"):
+                model._iicl_fingerprint = fingerprint(model.get_base_model())
+        else:
+            base_fp = fingerprint(model)
+            with warnings.catch_warnings():   # transformers 5.2x deprecation raised inside peft
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+                self.model = get_peft_model(model, lora, adapter_name=self.name)
+            self.model._iicl_fingerprint = base_fp
+            model.__dict__["_iicl_peft"] = self.model     # not a submodule: no reference cycle in modules()
+        self.model.eval()
+        self.params = [p for n, p in self.model.named_parameters() if f".{self.name}." in n]
+        for p in self.params:
+            p.requires_grad_(True)
+
+    # -- identity of the base model -------------------------------------------------------
+    @property
+    def base(self):
+        return self.model.get_base_model()
+
+    def base_info(self) -> dict:
+        b = self.base
+        return {"id": getattr(b, "_iicl_model_id", getattr(b.config, "name_or_path", None) or "unknown"),
+                "file_sha256": getattr(b, "_iicl_file_sha256", None),
+                "fingerprint": self.model._iicl_fingerprint}
+
+    def _activate(self):
+        self.model.set_adapter(self.name)
+
+    def _update_replay(self, kept: list[Entry], teacher, chunk_index: int) -> None:
+        """Reservoir sampling: every kept entry seen so far is in the buffer with equal chance."""
+        k = self.config.replay_entries
+        if k == 0 or not kept:
+            return
+        old, old_hs = self.replay
+        entries = old + kept
+        hs = teacher if old_hs is None else concat(old_hs, teacher)
+        rng = random.Random(self.config.seed * 1_000_003 + chunk_index)
+        buf = list(range(len(old)))
+        for i in range(len(old), len(entries)):
+            self.replay_seen += 1
+            if len(buf) < k:
+                buf.append(i)
+            else:
+                j = rng.randrange(self.replay_seen)
+                if j < k:
+                    buf[j] = i
+        self.replay = ([entries[i] for i in buf], subset(hs, buf))
+
+    # -- the API ----------------------------------------------------------------------------
+    def consolidate(self, text: str, *, chunk_index: int | None = None) -> ConsolidationReport:
+        """One transformation T_i: θ_{i-1} + C_i → θ_i (text consolidated as one chunk)."""
+        if not isinstance(text, str) or not text.strip():
+            raise IICLError("empty text: nothing to consolidate")
+        self._activate()
+        idx = len(self.chunks) if chunk_index is None else chunk_index
+        rep, kept, teacher = consolidate_chunk(self.model, self.fmt, text.strip(), self.params, self.config,
+                                               chunk_index=idx, replay=self.replay)
+        self._update_replay(kept, teacher, idx)
+        self.chunks.append({"index": idx, "tokens": rep.chunk_tokens, "sha256": sha256_text(text.strip())})
+        return rep
+
+    def ask(self, question: str, context: str | None = None, *, max_new_tokens: int | None = None) -> str:
+        """Greedy answer, without the text in the window (or with `context` put there first)."""
+        return self.ask_many([question], context=context, max_new_tokens=max_new_tokens)[0]
+
+    def ask_many(self, questions: list[str], context: str | None = None, *, max_new_tokens: int | None = None) -> list[str]:
+        if any(not q.strip() for q in questions):
+            raise IICLError("empty question")
+        self._activate()
+        prompts = [self.fmt.prompt(q, context=context) for q in questions]
+        outs = generate(self.model, prompts, max_new_tokens=max_new_tokens or self.config.answer_max_new_tokens,
+                        eos_id=self.fmt.eos_id, pad_id=self.fmt.pad_id, sample=False,
+                        batch_size=self.config.gen_batch_size)
+        return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
+
+    def stream(self, texts: str | Iterable[str], *, chunk_tokens: int | None = None,
+               checkpoint_dir: str | os.PathLike | None = None) -> Iterator[ConsolidationReport]:
+        """Consolidate a long text (or texts in order) chunk by chunk, each chunk one T_i.
+
+        With checkpoint_dir, the memory is saved after every chunk, and chunks the saved
+        manifest already records (same position, same sha256) are skipped: running the same
+        stream again resumes after the last saved chunk; a new stream continues the memory."""
+        texts = [texts] if isinstance(texts, str) else texts
+        chunk_tokens = chunk_tokens or self.config.chunk_tokens
+        if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not self.chunks:
+            self._restore(checkpoint_dir)
+        new = [c for t in texts for c in split_chunks(self.fmt, t, chunk_tokens)]
+        if not new:
+            raise IICLError("empty text: nothing to consolidate")
+        offset = align_chunks([c["sha256"] for c in self.chunks], [sha256_text(c) for c in new])
+        for j, chunk in enumerate(tqdm(new, desc="chunks", disable=not self.config.progress)):
+            idx = offset + j
+            if idx < len(self.chunks):
+                yield ConsolidationReport(chunk_index=idx, chunk_tokens=self.chunks[idx]["tokens"], skipped=True)
+                continue
+            rep = self.consolidate(chunk, chunk_index=idx)
+            if checkpoint_dir is not None:
+                self.save(checkpoint_dir)
+            yield rep
+
+    # -- disk -------------------------------------------------------------------------------
+    def manifest(self) -> dict:
+        return {"format": FORMAT, "base_model": self.base_info(), "config": self.config.to_dict(),
+                "chunks": self.chunks, "versions": _versions()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the memory dir atomically: a peft adapter (adapter_config.json +
+        adapter_model.safetensors, loadable by peft.PeftModel.from_pretrained) + manifest.json."""
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().to("cpu").contiguous()
+                 for k, v in get_peft_model_state_dict(self.model, adapter_name=self.name).items()}
+        lora = self.model.peft_config[self.name]
+        manifest = self.manifest()
+
+        def write(tmp: Path):
+            save_file(state, str(tmp / ADAPTER), metadata={"format": "pt"})
+            lora.inference_mode, was = True, lora.inference_mode
+            try:
+                lora.save_pretrained(str(tmp))
+            finally:
+                lora.inference_mode = was
+            entries, hs = self.replay
+            if entries:
+                save_file({"h": hs.h.detach().cpu().contiguous(), "targets": hs.targets.cpu(),
+                           "offsets": torch.tensor(hs.offsets)}, str(tmp / REPLAY))
+                (tmp / REPLAY_ENTRIES).write_text(json.dumps(
+                    {"seen": self.replay_seen, "entries": [e.__dict__ for e in entries]}), encoding="utf-8")
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+
+        atomic_write_dir(Path(path), write)
+
+    def _restore(self, path) -> None:
+        """Replace this memory's adapter and chunk list with the saved one at path."""
+        from peft import set_peft_model_state_dict
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        m = read_manifest(path)
+        d = memory_dir(path)
+        theirs, ours = m.get("base_model", {}), self.base_info()
+        if theirs.get("fingerprint") != ours["fingerprint"]:
+            raise IICLError(f"memory {path} was made from base model {theirs.get('id')!r}, not the loaded "
+                            f"{ours['id']!r} (fingerprints differ)")
+        if not (d / ADAPTER).is_file():
+            raise IICLError(f"memory {path} has no {ADAPTER}")
+        try:
+            state = load_file(str(d / ADAPTER))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise IICLError(f"corrupt adapter file {d / ADAPTER}: {e}") from None
+        expected = {k for k in get_state_keys(self)}
+        if set(state) != expected:
+            raise IICLError(f"adapter file {d / ADAPTER} does not fit this memory's LoRA layout "
+                            f"({len(set(state) ^ expected)} tensors differ)")
+        device = self.params[0].device
+        set_peft_model_state_dict(self.model, {k: v.to(device) for k, v in state.items()}, adapter_name=self.name)
+        self.chunks = list(m.get("chunks", []))
+        self.replay, self.replay_seen = ([], None), 0
+        if (d / REPLAY).is_file():
+            try:
+                t = load_file(str(d / REPLAY))
+                r = json.loads((d / REPLAY_ENTRIES).read_text(encoding="utf-8"))
+                entries = [Entry(**e) for e in r["entries"]]
+                hs = HiddenSet(t["h"].to(device), t["targets"].to(device), t["offsets"].tolist())
+            except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+                raise IICLError(f"corrupt replay buffer in {d}: {e}") from None
+            if len(hs.offsets) != len(entries) + 1 or hs.offsets[-1] != hs.h.shape[0]:
+                raise IICLError(f"corrupt replay buffer in {d}: sizes do not match")
+            self.replay, self.replay_seen = (entries, hs), int(r.get("seen", len(entries)))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model=None, tokenizer=None, *, config: Config | None = None) -> "Memory":
+        """Load a saved memory. Without a model, the base model named in the manifest is loaded."""
+        from peft import LoraConfig
+
+        m = read_manifest(path)
+        if model is None:
+            model_id = m["base_model"].get("id")
+            model, tokenizer = load_model(None if model_id == DEFAULT_MODEL_ID else model_id)
+        elif tokenizer is None:
+            raise IICLError("Memory.load: give the tokenizer with the model")
+        cfg = config or Config.from_dict(m.get("config", {}))
+        try:
+            lora = LoraConfig.from_pretrained(str(memory_dir(path)))
+        except Exception as e:  # noqa: BLE001 - peft raises several kinds for a bad json
+            raise IICLError(f"corrupt {ADAPTER_CONFIG} in {path}: {str(e).splitlines()[0]}") from None
+        cfg.lora_r, cfg.lora_alpha = lora.r, lora.lora_alpha
+        tm = lora.target_modules
+        cfg.target_modules = sorted(tm) if isinstance(tm, (set, list, tuple)) else tm
+        mem = cls(model, tokenizer, cfg)
+        mem._restore(path)
+        return mem
+
+
+def get_state_keys(mem: Memory) -> list[str]:
+    from peft import get_peft_model_state_dict
+    return list(get_peft_model_state_dict(mem.model, adapter_name=mem.name).keys())
+
+
+def align_chunks(recorded: list[str], new: list[str]) -> int:
+    """Where the new stream's chunk 0 sits in the recorded chunk list.
+
+    The first position o where every overlapping chunk agrees (resume of a stream, or of a
+    continuation); len(recorded) when the stream is new (a continuation of the memory)."""
+    for o in range(len(recorded)):
+        overlap = min(len(new), len(recorded) - o)
+        if recorded[o: o + overlap] == new[:overlap]:
+            return o
+    return len(recorded)

@@ -1,0 +1,113 @@
+"""Phase 2: the teacher pass. The model with C in view over [C; q; r] for every entry, C
+encoded once and its KV cache shared by every batch (prefix reuse). Only O(tokens × hidden)
+is kept: the final hidden state at each position that predicts a response token."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from . import reference
+from .elicit import Entry
+from .generation import decoder, lm_head, pad_right, prefix_cache
+from .models import PromptFormat
+
+
+@dataclass
+class HiddenSet:
+    """Per-response-token hidden states for a list of entries.
+
+    h [N, H] fp32, targets [N] (the response token each row predicts),
+    offsets [E+1] (entry e owns rows offsets[e]:offsets[e+1])."""
+    h: torch.Tensor
+    targets: torch.Tensor
+    offsets: list[int]
+
+    def rows(self, entries_idx: list[int]) -> torch.Tensor:
+        return torch.cat([torch.arange(self.offsets[e], self.offsets[e + 1]) for e in entries_idx])
+
+
+def _gather(hidden, seq_starts, lengths):
+    """hidden [B, S, H]; entry b's response predicted by rows seq_starts[b]-1 ... +L-1."""
+    return torch.cat([hidden[b, s - 1: s - 1 + n] for b, (s, n) in enumerate(zip(seq_starts, lengths))])
+
+
+@torch.no_grad()
+def teacher_hidden(model, fmt: PromptFormat, chunk: str, entries: list[Entry], *, batch_size=8,
+                   prefix_reuse=True, progress=False) -> HiddenSet:
+    """Hidden states of the model with the chunk in view, at every response position."""
+    device = next(model.parameters()).device
+    body = decoder(model)
+    prefix = fmt.context_prefix(chunk)
+    K = len(prefix)
+    cache = prefix_cache(model, prefix) if prefix_reuse else None
+    hs, targets = [], []
+    for start in tqdm(range(0, len(entries), batch_size), desc="teacher", disable=not progress, leave=False):
+        batch = entries[start: start + batch_size]
+        suffixes = [fmt.query(e.query) + e.response for e in batch]
+        starts = [len(s) - len(e.response) for s, e in zip(suffixes, batch)]
+        if prefix_reuse:
+            ids, mask = pad_right(suffixes, fmt.pad_id, device)
+            B, S = ids.shape
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(B)
+            full_mask = torch.cat([torch.ones(B, K, dtype=mask.dtype, device=device), mask], 1)
+            pos = torch.arange(K, K + S, device=device)
+            hidden = body(input_ids=ids, attention_mask=full_mask, past_key_values=past,
+                          position_ids=pos[None].expand(B, S), cache_position=pos, use_cache=True).last_hidden_state
+        else:
+            ids, mask = pad_right([prefix + s for s in suffixes], fmt.pad_id, device)
+            hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+            starts = [K + s for s in starts]
+        hs.append(_gather(hidden, starts, [len(e.response) for e in batch]).float())
+        targets += [t for e in batch for t in e.response]
+    offsets = [0]
+    for e in entries:
+        offsets.append(offsets[-1] + len(e.response))
+    return HiddenSet(torch.cat(hs), torch.tensor(targets, device=device), offsets)
+
+
+def student_batch(fmt: PromptFormat, entries: list[Entry], device):
+    """Student sequences [head; q; tail; r] (no chunk): ids, mask, response starts."""
+    seqs = [fmt.prompt(e.query) + e.response for e in entries]
+    ids, mask = pad_right(seqs, fmt.pad_id, device)
+    starts = [len(s) - len(e.response) for s, e in zip(seqs, entries)]
+    return ids, mask, starts
+
+
+def student_hidden(model, fmt: PromptFormat, entries: list[Entry]):
+    """Differentiable student hidden states [N, H] at every response position."""
+    device = next(model.parameters()).device
+    ids, mask, starts = student_batch(fmt, entries, device)
+    hidden = decoder(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+    return _gather(hidden, starts, [len(e.response) for e in entries])
+
+
+@torch.no_grad()
+def hidden_logprob(model, hs: HiddenSet, temperature=1.0, token_chunk=256, impl=None):
+    """Per-response-token log-prob [N] of the targets, from stored hidden states.
+
+    impl: None → the plain reference; "auto" | "triton" | "torch" → ops.token_logprob."""
+    weight, bias, softcap = lm_head(model)
+    if impl is not None and bias is None and softcap is None:
+        from . import ops
+        return ops.token_logprob(hs.h.to(weight.dtype), weight, hs.targets, temperature=temperature, impl=impl)[0]
+    lp, _ = reference.token_logprob(hs.h, weight, hs.targets, bias=bias, softcap=softcap,
+                                    temperature=temperature, token_chunk=token_chunk)
+    return lp
+
+
+@torch.no_grad()
+def student_hidden_set(model, fmt, entries, batch_size=8) -> HiddenSet:
+    hs, targets = [], []
+    for start in range(0, len(entries), batch_size):
+        batch = entries[start: start + batch_size]
+        hs.append(student_hidden(model, fmt, batch).float())
+        targets += [t for e in batch for t in e.response]
+    offsets = [0]
+    for e in entries:
+        offsets.append(offsets[-1] + len(e.response))
+    device = next(model.parameters()).device
+    return HiddenSet(torch.cat(hs), torch.tensor(targets, device=device), offsets)

@@ -1,0 +1,348 @@
+"""Fused loss head: vocabulary-tiled GEMMs with online softmax, never tokens × vocab.
+
+The vocabulary is processed in chunks of `chunk` rows of W. Per chunk:
+  1. a tile kernel computes z = h·W_cᵀ (fp32 accumulator), applies softcap and 1/T, and
+     writes per (row, vocab tile) statistics — tile max m, Σe^(z−m), Σe^(z−m)·z, the target
+     logit — and, when E_p[W] is wanted, the tile's e^(z−m) into a [N, chunk] workspace;
+  2. small torch ops merge the tile statistics into running (m, l, s) per row;
+  3. a GEMM kernel accumulates O ← α·O + (P ⊙ scale)·W_c in fp32, where scale = e^(m_tile − m_row)
+     re-bases each tile on the row's running max and α re-bases what O already holds.
+At the end lse = m + log l, Σp·z = s/l, E_p[W] = O/l. Two N×H×V GEMM-equivalents give lse,
+entropy, target log-prob and E_p[W] (teacher μ_t, or the student's gradient term).
+
+The general path (two models, softcap, reverse KL, JSD) recomputes both logit tiles:
+pass 1 merges statistics of both distributions, pass 2 writes dLoss/dz_s per tile and a GEMM
+turns it into dLoss/dh_s.
+
+Launchers take torch tensors on CUDA, or on the CPU under TRITON_INTERPRET=1."""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, rn, rv, N, H, v_end, stride_hn, stride_wv, inv_t, softcap,
+                SOFTCAP: tl.constexpr, IEEE: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
+                BK: tl.constexpr):
+    """z[BN, BV] = (softcap∘(h·Wᵀ))/T in fp32, −inf outside the vocabulary; and the softcap
+    chain factor dz/dz_raw·T (1 without softcap)."""
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BN, BV), dtype=tl.float32)
+    for k in range(0, H, BK):
+        hk = tl.load(h_ptr + rn[:, None] * stride_hn + (k + rk)[None, :],
+                     mask=(rn[:, None] < N) & ((k + rk)[None, :] < H), other=0.0)
+        wk = tl.load(w_ptr + rv[None, :] * stride_wv + (k + rk)[:, None],
+                     mask=(rv[None, :] < v_end) & ((k + rk)[:, None] < H), other=0.0)
+        if IEEE:
+            acc = tl.dot(hk, wk, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(hk, wk, acc)
+    chain = tl.full((BN, BV), 1.0, tl.float32)
+    if SOFTCAP:
+        t = _tanh(acc / softcap)
+        acc = softcap * t
+        chain = 1.0 - t * t
+    z = tl.where((rv < v_end)[None, :], acc * inv_t, float("-inf"))
+    return z, chain
+
+
+@triton.jit
+def _tile_stats_kernel(h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr,
+                       N, H, v_start, v_end, stride_hn, stride_wv, stride_pn, stride_mn, inv_t,
+                       HAS_TGT: tl.constexpr, WRITE_P: tl.constexpr, IEEE: tl.constexpr,
+                       BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rc = pid_v * BV + tl.arange(0, BV)          # column inside the chunk
+    rv = v_start + rc
+    z, chain = _logit_tile(h_ptr, w_ptr, rn, rv, N, H, v_end, stride_hn, stride_wv, inv_t, 1.0,
+                           False, IEEE, BN, BV, BK)
+    valid = (rv < v_end)[None, :]
+    m = tl.max(z, 1)
+    e = tl.exp(z - m[:, None])                   # 0 outside the vocabulary
+    l = tl.sum(e, 1)
+    s = tl.sum(e * tl.where(valid, z, 0.0), 1)
+    row_ok = rn < N
+    tl.store(m_ptr + rn * stride_mn + pid_v, m, mask=row_ok)
+    tl.store(l_ptr + rn * stride_mn + pid_v, l, mask=row_ok)
+    tl.store(s_ptr + rn * stride_mn + pid_v, s, mask=row_ok)
+    if HAS_TGT:
+        t = tl.load(tgt_ptr + rn, mask=row_ok, other=-1)
+        hit = rv[None, :] == t[:, None]
+        zt = tl.sum(tl.where(hit, z, 0.0), 1)
+        found = tl.sum(hit.to(tl.int32), 1) > 0
+        tl.store(zt_ptr + rn, zt, mask=row_ok & found)
+    if WRITE_P:
+        tl.store(p_ptr + rn[:, None] * stride_pn + rc[None, :], e.to(p_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & valid)
+
+
+@triton.jit
+def _pw_kernel(p_ptr, sc_ptr, alpha_ptr, w_ptr, o_ptr, N, H, v_start, v_len,
+               stride_pn, stride_sn, stride_wv, stride_on,
+               HAS_SCALE: tl.constexpr, HAS_ALPHA: tl.constexpr, IEEE: tl.constexpr,
+               TILE_V: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
+    """O[N, H] ← α ⊙ O + (P ⊙ scale) · W[v_start : v_start + v_len]   (fp32 accumulate)."""
+    pid_n = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rh = pid_h * BH + tl.arange(0, BH)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BN, BH), dtype=tl.float32)
+    for k in range(0, v_len, BK):
+        p = tl.load(p_ptr + rn[:, None] * stride_pn + (k + rk)[None, :],
+                    mask=(rn[:, None] < N) & ((k + rk)[None, :] < v_len), other=0.0)
+        if HAS_SCALE:       # BK divides TILE_V: one scale per row for this k-block
+            sc = tl.load(sc_ptr + rn * stride_sn + k // TILE_V, mask=rn < N, other=0.0)
+            p = (p.to(tl.float32) * sc[:, None]).to(w_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + (v_start + k + rk)[:, None] * stride_wv + rh[None, :],
+                    mask=((k + rk)[:, None] < v_len) & (rh[None, :] < H), other=0.0)
+        if IEEE:
+            acc = tl.dot(p, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p, w, acc)
+    mask = (rn[:, None] < N) & (rh[None, :] < H)
+    optr = o_ptr + rn[:, None] * stride_on + rh[None, :]
+    o = tl.load(optr, mask=mask, other=0.0)
+    if HAS_ALPHA:
+        a = tl.load(alpha_ptr + rn, mask=rn < N, other=0.0)
+        o = o * a[:, None]
+    tl.store(optr, o + acc, mask=mask)
+
+
+# general path: two models ---------------------------------------------------------------
+@triton.jit
+def _dual_stats_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, out_ptr, N, Hs, Ht, v_start, v_end,
+                       stride_hs, stride_ws, stride_ht, stride_wt, stride_on, stride_oq, inv_t, softcap,
+                       SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+                       BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+    """Per (row, tile): m_s, l_s, m_t, l_t, Σe^(z_s−m_s)(z_s−z_t), Σe^(z_t−m_t)(z_t−z_s)."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rv = v_start + pid_v * BV + tl.arange(0, BV)
+    zs, _ = _logit_tile(hs_ptr, ws_ptr, rn, rv, N, Hs, v_end, stride_hs, stride_ws, inv_t, softcap,
+                        SOFTCAP, IEEE, BN, BV, BK)
+    zt, _ = _logit_tile(ht_ptr, wt_ptr, rn, rv, N, Ht, v_end, stride_ht, stride_wt, inv_t, softcap,
+                        SOFTCAP, IEEE, BN, BV, BK)
+    valid = (rv < v_end)[None, :]
+    d = tl.where(valid, zs, 0.0) - tl.where(valid, zt, 0.0)
+    ms = tl.max(zs, 1)
+    es = tl.exp(zs - ms[:, None])
+    mt = tl.max(zt, 1)
+    et = tl.exp(zt - mt[:, None])
+    base = out_ptr + rn * stride_on + pid_v
+    ok = rn < N
+    tl.store(base, ms, mask=ok)
+    tl.store(base + stride_oq, tl.sum(es, 1), mask=ok)
+    tl.store(base + 2 * stride_oq, mt, mask=ok)
+    tl.store(base + 3 * stride_oq, tl.sum(et, 1), mask=ok)
+    tl.store(base + 4 * stride_oq, tl.sum(es * d, 1), mask=ok)
+    tl.store(base + 5 * stride_oq, tl.sum(-et * d, 1), mask=ok)
+
+
+@triton.jit
+def _dual_grad_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, lse_s_ptr, lse_t_ptr, c_ptr, g_ptr, part_ptr,
+                      N, Hs, Ht, v_start, v_end, stride_hs, stride_ws, stride_ht, stride_wt, stride_gn,
+                      stride_pn, inv_t, softcap, beta,
+                      MODE: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+                      BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+    """MODE 0 forward KL, 1 reverse KL, 3 JSD: write dLoss/dh-side G = dLoss/dz_s,raw into
+    g [N, chunk]. MODE 2 (JSD value): per-tile partial sums of the JSD and of (1−β)·KL(p_s‖m).
+    c [N] is KL(p_s‖p_t) (MODE 1) or (1−β)·KL(p_s‖m) (MODE 3)."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rc = pid_v * BV + tl.arange(0, BV)
+    rv = v_start + rc
+    ok = rn < N
+    valid = (rv < v_end)[None, :]
+    zs, chain = _logit_tile(hs_ptr, ws_ptr, rn, rv, N, Hs, v_end, stride_hs, stride_ws, inv_t, softcap,
+                            SOFTCAP, IEEE, BN, BV, BK)
+    zt, _ = _logit_tile(ht_ptr, wt_ptr, rn, rv, N, Ht, v_end, stride_ht, stride_wt, inv_t, softcap,
+                        SOFTCAP, IEEE, BN, BV, BK)
+    lse_s = tl.load(lse_s_ptr + rn, mask=ok, other=0.0)
+    lse_t = tl.load(lse_t_ptr + rn, mask=ok, other=0.0)
+    log_ps = tl.where(valid, zs - lse_s[:, None], 0.0)
+    log_pt = tl.where(valid, zt - lse_t[:, None], 0.0)
+    ps = tl.where(valid, tl.exp(log_ps), 0.0)
+    pt = tl.where(valid, tl.exp(log_pt), 0.0)
+    if MODE == 0:
+        g = ps - pt
+    elif MODE == 1:
+        c = tl.load(c_ptr + rn, mask=ok, other=0.0)
+        g = ps * (log_ps - log_pt - c[:, None])
+    else:
+        mix = beta * pt + (1.0 - beta) * ps
+        log_m = tl.log(tl.where(valid, mix, 1.0))
+        if MODE == 2:
+            val = beta * pt * (log_pt - log_m) + (1.0 - beta) * ps * (log_ps - log_m)
+            cs = (1.0 - beta) * ps * (log_ps - log_m)
+            tl.store(part_ptr + rn * stride_pn + 2 * pid_v, tl.sum(val, 1), mask=ok)
+            tl.store(part_ptr + rn * stride_pn + 2 * pid_v + 1, tl.sum(cs, 1), mask=ok)
+        else:
+            c = tl.load(c_ptr + rn, mask=ok, other=0.0)
+            g = ps * ((1.0 - beta) * (log_ps - log_m) - c[:, None])
+    if MODE != 2:
+        g = g * chain * inv_t
+        tl.store(g_ptr + rn[:, None] * stride_gn + rc[None, :], g.to(g_ptr.dtype.element_ty),
+                 mask=ok[:, None] & valid)
+
+
+# launchers -----------------------------------------------------------------------------------
+POISON = False   # tests set this: every buffer a kernel must fully write starts as NaN
+
+
+def _out(*shape, device, dtype=torch.float32):
+    return torch.full(shape, float("nan"), device=device, dtype=dtype) if POISON else \
+        torch.empty(shape, device=device, dtype=dtype)
+
+
+def _cfg(device: torch.device) -> dict:
+    if device.type == "cuda":
+        # H100: 128×128 tiles, 64-deep K steps, 8 warps (wgmma), 3 stages.
+        return dict(BN=128, BV=128, BK=64, BH=128, num_warps=8, num_stages=3)
+    # interpreter: its cost is per program and per op, so few large blocks
+    return dict(BN=32, BV=128, BK=32, BH=64, num_warps=1, num_stages=1)
+
+
+def _chunk(n: int, v: int, bv: int, workspace_bytes: int = 256 << 20, elt: int = 2) -> int:
+    """Vocabulary chunk: the [n, chunk] workspace stays under workspace_bytes."""
+    c = max(bv, (workspace_bytes // max(n * elt, 1)) // bv * bv)
+    return min(c, triton.cdiv(v, bv) * bv, 32768)
+
+
+def _merge(m, l, s, tile_m, tile_l, tile_s):
+    """Fold one chunk's tile statistics into running (m, l, s) [N]; -> scale [N, T], α [N]."""
+    m_new = torch.maximum(m, tile_m.max(1).values)
+    alpha = torch.exp(m - m_new)
+    scale = torch.exp(tile_m - m_new[:, None])
+    l = alpha * l + (scale * tile_l).sum(1)
+    s = alpha * s + (scale * tile_s).sum(1)
+    return m_new, l, s, scale, alpha
+
+
+def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None, *,
+                  temperature: float = 1.0, expect_w: bool = True):
+    """One pass over the vocabulary for p = softmax(h·Wᵀ/T).
+
+    h [N, H], weight [V, H] (same dtype), targets [N] long or None.
+    -> lse [N], sum_pz [N] (Σ p·z), z_target [N] or None, E_p[W] [N, H] or None; all fp32."""
+    N, H = h.shape
+    V = weight.shape[0]
+    dev = h.device
+    cfg = _cfg(dev)
+    BN, BV, BK, BH = cfg["BN"], cfg["BV"], cfg["BK"], cfg["BH"]
+    ieee = h.dtype == torch.float32
+    h, weight = h.contiguous(), weight.contiguous()
+    m = torch.full((N,), float("-inf"), device=dev)
+    l = torch.zeros(N, device=dev)
+    s = torch.zeros(N, device=dev)
+    zt = torch.full((N,), float("nan"), device=dev) if targets is not None else None
+    out = torch.zeros(N, H, device=dev) if expect_w else None
+    chunk = _chunk(N, V, BV, elt=h.element_size())
+    p_ws = _out(N, chunk, device=dev, dtype=h.dtype) if expect_w else None
+    grid_n = triton.cdiv(N, BN)
+    for v0 in range(0, V, chunk):
+        v1 = min(V, v0 + chunk)
+        tiles = triton.cdiv(v1 - v0, BV)
+        tile = _out(3, N, tiles, device=dev)
+        _tile_stats_kernel[(grid_n, tiles)](
+            h, weight, targets if targets is not None else h, p_ws if expect_w else h,
+            tile[0], tile[1], tile[2], zt if zt is not None else h,
+            N, H, v0, v1, h.stride(0), weight.stride(0), chunk, tiles, 1.0 / temperature,
+            HAS_TGT=targets is not None, WRITE_P=expect_w, IEEE=ieee, BN=BN, BV=BV, BK=BK,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        m, l, s, scale, alpha = _merge(m, l, s, tile[0], tile[1], tile[2])
+        if expect_w:
+            scale = scale.contiguous()
+            _pw_kernel[(grid_n, triton.cdiv(H, BH))](
+                p_ws, scale, alpha, weight, out, N, H, v0, v1 - v0, chunk, tiles, weight.stride(0), H,
+                HAS_SCALE=True, HAS_ALPHA=True, IEEE=ieee, TILE_V=BV, BN=BN, BH=BH, BK=BK,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    lse = m + torch.log(l)
+    if expect_w:
+        out /= l[:, None]
+    return lse, s / l, zt, out
+
+
+def dual_loss(h_s, weight_s, h_t, weight_t, *, kind: str, beta: float = 0.5, temperature: float = 1.0,
+              softcap: float | None = None, need_grad: bool = True):
+    """General path: per-token loss [N] (fp32) and dLoss/dh_s [N, H_s] (fp32, or None).
+
+    Teacher logits are recomputed per vocabulary tile from h_t [N, H_t], weight_t [V, H_t]."""
+    N, Hs = h_s.shape
+    Ht = h_t.shape[1]
+    V = weight_s.shape[0]
+    dev = h_s.device
+    cfg = _cfg(dev)
+    BN, BV, BK, BH = cfg["BN"], cfg["BV"], cfg["BK"], cfg["BH"]
+    ieee = h_s.dtype == torch.float32
+    h_s, weight_s, h_t, weight_t = (x.contiguous() for x in (h_s, weight_s, h_t, weight_t))
+    kw = dict(SOFTCAP=softcap is not None, IEEE=ieee, BN=BN, BV=BV, BK=BK,
+              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    inv_t, cap = 1.0 / temperature, float(softcap or 1.0)
+    grid_n = triton.cdiv(N, BN)
+    chunk = _chunk(N, V, BV, elt=4)
+
+    # pass 1: statistics of both distributions
+    ms = torch.full((N,), float("-inf"), device=dev); ls = torch.zeros(N, device=dev); a_s = torch.zeros(N, device=dev)
+    mt = torch.full((N,), float("-inf"), device=dev); lt = torch.zeros(N, device=dev); a_t = torch.zeros(N, device=dev)
+    for v0 in range(0, V, chunk):
+        v1 = min(V, v0 + chunk)
+        tiles = triton.cdiv(v1 - v0, BV)
+        st = _out(6, N, tiles, device=dev)
+        _dual_stats_kernel[(grid_n, tiles)](
+            h_s, weight_s, h_t, weight_t, st, N, Hs, Ht, v0, v1, h_s.stride(0), weight_s.stride(0),
+            h_t.stride(0), weight_t.stride(0), tiles, N * tiles, inv_t, cap, **kw)
+        ms, ls, a_s, _, _ = _merge(ms, ls, a_s, st[0], st[1], st[4])
+        mt, lt, a_t, _, _ = _merge(mt, lt, a_t, st[2], st[3], st[5])
+    lse_s, lse_t = ms + torch.log(ls), mt + torch.log(lt)
+    fwd = a_t / lt - lse_t + lse_s            # Σ p_t (z_t − z_s) − lse_t + lse_s
+    rev = a_s / ls - lse_s + lse_t
+    c = None
+    if kind == "forward":
+        loss, mode = fwd, 0
+    elif kind == "reverse":
+        loss, mode, c = rev, 1, rev.contiguous()
+    else:   # JSD needs log m = log(β p_t + (1−β) p_s): one more pass for its value
+        loss = torch.zeros(N, device=dev); c = torch.zeros(N, device=dev)
+        for v0 in range(0, V, chunk):
+            v1 = min(V, v0 + chunk)
+            tiles = triton.cdiv(v1 - v0, BV)
+            part = _out(N, tiles, 2, device=dev)
+            _dual_grad_kernel[(grid_n, tiles)](
+                h_s, weight_s, h_t, weight_t, lse_s, lse_t, c, h_s, part, N, Hs, Ht, v0, v1,
+                h_s.stride(0), weight_s.stride(0), h_t.stride(0), weight_t.stride(0), 0, 2 * tiles,
+                inv_t, cap, float(beta), MODE=2, **kw)
+            loss += part[..., 0].sum(1)
+            c += part[..., 1].sum(1)
+        mode = 3
+    if not need_grad:
+        return loss, None
+
+    # pass 2: G = dLoss/dz_s per tile, then dLoss/dh_s = G · W_s
+    grad = torch.zeros(N, Hs, device=dev)
+    g_ws = _out(N, chunk, device=dev, dtype=h_s.dtype)
+    for v0 in range(0, V, chunk):
+        v1 = min(V, v0 + chunk)
+        tiles = triton.cdiv(v1 - v0, BV)
+        _dual_grad_kernel[(grid_n, tiles)](
+            h_s, weight_s, h_t, weight_t, lse_s, lse_t, c if c is not None else lse_s, g_ws, g_ws,
+            N, Hs, Ht, v0, v1, h_s.stride(0), weight_s.stride(0), h_t.stride(0), weight_t.stride(0),
+            chunk, 0, inv_t, cap, float(beta), MODE=mode, **kw)
+        _pw_kernel[(grid_n, triton.cdiv(Hs, BH))](
+            g_ws, g_ws, g_ws, weight_s, grad, N, Hs, v0, v1 - v0, chunk, 0, weight_s.stride(0), Hs,
+            HAS_SCALE=False, HAS_ALPHA=False, IEEE=ieee, TILE_V=BV, BN=BN, BH=BH, BK=BK,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return loss, grad

@@ -1,0 +1,52 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():   # Triton kernels run through its interpreter on the CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from transformers import AutoTokenizer
+    from iicl_fast.models import default_gguf_path
+    path = default_gguf_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def make_tiny(tok, seed=0):
+    """A tiny random Llama (2 layers, hidden 64) with the SmolLM2 tokenizer: no download."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    return model
+
+
+@pytest.fixture
+def tiny(smol_tokenizer):
+    return make_tiny(smol_tokenizer), smol_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(smol_tokenizer, tmp_path_factory):
+    """The tiny model saved as a local HF model directory (for the CLI's --model)."""
+    d = tmp_path_factory.mktemp("tiny_model")
+    make_tiny(smol_tokenizer).save_pretrained(d)
+    smol_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def smol():
+    import iicl_fast
+    return iicl_fast.load_model()
+
+
+TINY_CONFIG = dict(n_queries=4, n_continuations=4, max_query_tokens=8, max_response_tokens=8,
+                   epochs=2, batch_size=4, progress=False, lora_r=4)

@@ -1,0 +1,109 @@
+"""CLI: consolidate / ask with a local model dir, and every bad input → one line, exit 2."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from iicl_fast import cli
+from iicl_fast.config import Config
+
+from conftest import TINY_CONFIG
+
+
+@pytest.fixture(autouse=True)
+def small_defaults(monkeypatch):
+    """The CLI uses Config() defaults; shrink them so the tiny model runs in seconds."""
+    orig = Config.__init__.__defaults__
+    fields = [f for f in Config.__dataclass_fields__]
+    small = tuple(TINY_CONFIG.get(name, d) for name, d in zip(fields, orig))
+    monkeypatch.setattr(Config.__init__, "__defaults__", small)
+
+
+def run(capsys, *argv):
+    code = cli.main(list(map(str, argv)))
+    out, err = capsys.readouterr()
+    if code == 2:   # one line names the problem (progress bars of the loading may precede it)
+        errors = [line for line in err.replace("\r", "\n").splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and errors[0].startswith("iicl-fast: error: "), err
+    return code, out, err
+
+
+def test_consolidate_then_ask(tiny_dir, tmp_path, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The harbour of Vell has nine cranes. Its pilot is Juno Maki.", encoding="utf-8")
+    out = tmp_path / "mem"
+    code, _, err = run(capsys, "consolidate", doc, "--out", out, "--model", tiny_dir)
+    assert code == 0, err
+    man = json.loads((out / "manifest.json").read_text())
+    assert len(man["chunks"]) == 1
+    code, _, err = run(capsys, "consolidate", doc, "--out", out, "--model", tiny_dir)
+    assert code == 0 and "already consolidated" in err
+    assert len(json.loads((out / "manifest.json").read_text())["chunks"]) == 1
+    qs = tmp_path / "q.txt"
+    qs.write_text("How many cranes?\n\nWho is the pilot?\n", encoding="utf-8")
+    code, stdout, err = run(capsys, "ask", "--memory", out, "--model", tiny_dir, "--questions", qs)
+    assert code == 0, err
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert [x["question"] for x in lines] == ["How many cranes?", "Who is the pilot?"]
+    assert all(isinstance(x["answer"], str) for x in lines)
+    code, stdout, _ = run(capsys, "ask", "--model", tiny_dir, "--context", doc, "Who is the pilot?")
+    assert code == 0 and len(stdout.splitlines()) >= 1
+
+
+def bad_files(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("  \n\t\n")
+    (tmp_path / "bin.dat").write_bytes(b"\x7fELF\x00\x01\x02")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    return {"empty.txt": "is empty", "blank.txt": "is empty", "bin.dat": "binary",
+            "latin1.txt": "not UTF-8", "missing.txt": "no such file"}
+
+
+def test_bad_input_files(tiny_dir, tmp_path, capsys):
+    for name, msg in bad_files(tmp_path).items():
+        out = tmp_path / f"out_{name}"
+        code, _, err = run(capsys, "consolidate", tmp_path / name, "--out", out, "--model", tiny_dir)
+        assert code == 2 and msg in err, (name, err)
+        assert not out.exists()                 # nothing written
+        code, _, err = run(capsys, "ask", "--context", tmp_path / name, "--model", tiny_dir, "Why?")
+        assert code == 2 and msg in err
+
+
+def test_unknown_model_and_bad_memories(tiny_dir, tmp_path, capsys, smol_tokenizer):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Some text about a mill.")
+    code, _, err = run(capsys, "consolidate", doc, "--out", tmp_path / "m", "--model", tmp_path / "nope")
+    assert code == 2 and "unknown model" in err and not (tmp_path / "m").exists()
+    (tmp_path / "weights.bin").write_bytes(b"xx")
+    code, _, err = run(capsys, "ask", "--model", tmp_path / "weights.bin", "Hi?")
+    assert code == 2 and "unsupported model file" in err
+
+    # a memory made from another base model is refused, and left as it was
+    code, _, err = run(capsys, "consolidate", doc, "--out", tmp_path / "m", "--model", tiny_dir)
+    assert code == 0, err
+    from conftest import make_tiny
+    other = tmp_path / "other_model"
+    make_tiny(smol_tokenizer, seed=5).save_pretrained(other)
+    smol_tokenizer.save_pretrained(other)
+    before = (tmp_path / "m" / "adapter_model.safetensors").read_bytes()
+    code, _, err = run(capsys, "ask", "--memory", tmp_path / "m", "--model", other, "Hi?")
+    assert code == 2 and "base model" in err
+    code, _, err = run(capsys, "consolidate", doc, "--out", tmp_path / "m", "--model", other)
+    assert code == 2 and "base model" in err
+    assert (tmp_path / "m" / "adapter_model.safetensors").read_bytes() == before
+
+    (tmp_path / "m" / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    code, _, err = run(capsys, "ask", "--memory", tmp_path / "m", "--model", tiny_dir, "Hi?")
+    assert code == 2 and "corrupt adapter" in err
+    code, _, err = run(capsys, "ask", "--memory", tmp_path / "nomem", "--model", tiny_dir, "Hi?")
+    assert code == 2 and "no memory" in err
+    code, _, err = run(capsys, "consolidate", doc, "--out", doc, "--model", tiny_dir)
+    assert code == 2 and "not a memory directory" in err
+
+
+def test_console_entry_point_reports_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "iicl_fast", "ask", "--model", str(tmp_path / "x"), "q?"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"iicl-fast: error: unknown model '{tmp_path / 'x'}': not a local directory or .gguf file (iicl_fast never downloads)"

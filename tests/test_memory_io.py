@@ -1,0 +1,181 @@
+"""Memory on disk: format, atomic saves, resume bookkeeping, refusal of foreign memories."""
+import json
+
+import pytest
+import torch
+
+import iicl_fast
+from iicl_fast import memory as memory_mod
+from iicl_fast.memory import Memory, align_chunks, sha256_text, split_chunks
+from iicl_fast.models import PromptFormat
+
+from conftest import TINY_CONFIG, make_tiny
+
+DOCS = ["The river Olm freezes every March. Its ferry is painted green.",
+        "Professor Tane keeps a clock that runs backwards. It was a gift from her brother Ivo."]
+
+
+def test_split_chunks_respects_budget_and_keeps_text(smol_tokenizer):
+    fmt = PromptFormat(smol_tokenizer)
+    text = " ".join(f"Sentence number {i} talks about item {i * 7}." for i in range(40))
+    chunks = split_chunks(fmt, text, 50)
+    assert len(chunks) > 3
+    assert all(len(fmt.encode(c)) <= 55 for c in chunks)
+    assert " ".join(chunks).split() == text.split()
+    long_sentence = "word " * 300
+    assert all(len(fmt.encode(c)) <= 50 for c in split_chunks(fmt, long_sentence, 50))
+
+
+def test_align_chunks():
+    assert align_chunks([], ["a", "b"]) == 0
+    assert align_chunks(["a", "b"], ["a", "b", "c"]) == 0      # resume of the same stream
+    assert align_chunks(["a", "b"], ["c", "d"]) == 2           # a new stream continues the memory
+    assert align_chunks(["a", "b", "c"], ["c", "d"]) == 2      # resume of that continuation
+    assert align_chunks(["a", "b"], ["b"]) == 1
+
+
+def test_save_load_roundtrip_and_plain_peft(tiny, tmp_path):
+    model, tok = tiny
+    mem = Memory(model, tok, iicl_fast.Config(**TINY_CONFIG))
+    mem.consolidate(DOCS[0])
+    mem.save(tmp_path / "m")
+    files = {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json"} <= files
+    man = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert man["chunks"][0]["sha256"] == sha256_text(DOCS[0])
+    assert man["base_model"]["fingerprint"] and man["versions"]["torch"] == torch.__version__
+    assert man["config"]["lora_r"] == TINY_CONFIG["lora_r"]
+    x = torch.tensor([PromptFormat(tok).prompt("When does the river freeze?")])
+    with torch.no_grad():
+        mem._activate()
+        want = mem.model(x).logits
+
+    # a fresh base of the same weights: our loader and plain peft give the same model
+    fresh, _ = make_tiny(tok), tok
+    back = Memory.load(tmp_path / "m", fresh, tok)
+    assert back.chunks == mem.chunks
+    with torch.no_grad():
+        back._activate()
+        torch.testing.assert_close(back.model(x).logits, want)
+    from peft import PeftModel
+    plain = PeftModel.from_pretrained(make_tiny(tok), str(tmp_path / "m"))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, want)
+        assert not torch.allclose(make_tiny(tok)(x).logits, want)   # the adapter does something
+
+
+def test_interrupted_save_keeps_old_memory(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    mem = Memory(model, tok, iicl_fast.Config(**TINY_CONFIG))
+    mem.save(tmp_path / "m")
+    old_bytes = (tmp_path / "m" / "adapter_model.safetensors").read_bytes()
+    mem.consolidate(DOCS[0])
+
+    import safetensors.torch as st
+    real = st.save_file
+
+    def dies_midway(tensors, path, metadata=None):
+        with open(path, "wb") as f:        # half a file, then the process "dies"
+            f.write(b"\x00" * 100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(memory_mod, "save_file", dies_midway, raising=False)
+    monkeypatch.setattr(st, "save_file", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        mem.save(tmp_path / "m")
+    monkeypatch.setattr(st, "save_file", real)
+    assert (tmp_path / "m" / "adapter_model.safetensors").read_bytes() == old_bytes
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]          # no temp dir left behind
+    assert Memory.load(tmp_path / "m", make_tiny(tok), tok).chunks == []
+
+    # killed between the two renames: the old memory waits at m.old and is what loads
+    (tmp_path / "m").rename(tmp_path / "m.old")
+    assert Memory.load(tmp_path / "m", make_tiny(tok), tok).chunks == []
+    mem.save(tmp_path / "m")                                      # next save completes the swap
+    assert not (tmp_path / "m.old").exists()
+    assert len(Memory.load(tmp_path / "m", make_tiny(tok), tok).chunks) == 1
+
+
+def test_stream_checkpoints_and_resumes(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    cfg = iicl_fast.Config(**TINY_CONFIG)
+    text = " ".join(DOCS)
+    calls = []
+    real = memory_mod.consolidate_chunk
+
+    def counting(*a, **k):
+        calls.append(a[2])
+        return real(*a, **k)
+
+    monkeypatch.setattr(memory_mod, "consolidate_chunk", counting)
+    mem = Memory(model, tok, cfg)
+    stream = mem.stream(text, chunk_tokens=12, checkpoint_dir=tmp_path / "ck")
+    first = next(stream)                         # one chunk done and saved, then "crash"
+    assert not first.skipped and len(calls) == 1
+    n_chunks = len(split_chunks(mem.fmt, text, 12))
+    assert n_chunks >= 3
+
+    again = Memory(make_tiny(tok), tok, cfg)
+    reps = list(again.stream(text, chunk_tokens=12, checkpoint_dir=tmp_path / "ck"))
+    assert [r.skipped for r in reps] == [True] + [False] * (n_chunks - 1)
+    assert len(calls) == n_chunks                # no chunk consolidated twice
+    assert [c["index"] for c in again.chunks] == list(range(n_chunks))
+    # the same stream a third time does nothing; a new text continues the memory
+    third = Memory(make_tiny(tok), tok, cfg)
+    assert all(r.skipped for r in third.stream(text, chunk_tokens=12, checkpoint_dir=tmp_path / "ck"))
+    reps = list(third.stream("A new fact: the moon of Olm is blue.", chunk_tokens=12, checkpoint_dir=tmp_path / "ck"))
+    assert [r.chunk_index for r in reps] == [n_chunks]
+    assert len(calls) == n_chunks + 1
+    saved = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    assert len(saved["chunks"]) == n_chunks + 1
+
+
+def test_foreign_and_corrupt_memories_refused(tiny, tmp_path):
+    model, tok = tiny
+    Memory(model, tok, iicl_fast.Config(**TINY_CONFIG)).save(tmp_path / "m")
+    other = make_tiny(tok, seed=1)
+    with pytest.raises(iicl_fast.IICLError, match="base model"):
+        Memory.load(tmp_path / "m", other, tok)
+    (tmp_path / "m" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(iicl_fast.IICLError, match="corrupt adapter"):
+        Memory.load(tmp_path / "m", make_tiny(tok), tok)
+    with pytest.raises(iicl_fast.IICLError, match="no memory"):
+        Memory.load(tmp_path / "missing", make_tiny(tok), tok)
+    (tmp_path / "m" / "manifest.json").write_text("{not json")
+    with pytest.raises(iicl_fast.IICLError, match="corrupt manifest"):
+        Memory.load(tmp_path / "m", make_tiny(tok), tok)
+
+
+def test_bad_config_and_text(tiny):
+    model, tok = tiny
+    with pytest.raises(iicl_fast.IICLError, match="loss"):
+        iicl_fast.Config(loss="mse")
+    with pytest.raises(iicl_fast.IICLError, match="select_ratio"):
+        iicl_fast.Config(select_ratio=0)
+    mem = Memory(model, tok, iicl_fast.Config(**TINY_CONFIG))
+    with pytest.raises(iicl_fast.IICLError, match="empty"):
+        mem.consolidate("   \n")
+    with pytest.raises(iicl_fast.IICLError, match="empty"):
+        list(mem.stream(["", "  "]))
+
+
+def test_replay_buffer_bounded_trained_and_saved(tiny, tmp_path):
+    model, tok = tiny
+    mem = Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "replay_entries": 3}))
+    first = mem.consolidate(DOCS[0])
+    assert first.replayed == 0 and len(mem.replay[0]) == 3
+    first_queries = {e.query for e in mem.replay[0]}
+    second = mem.consolidate(DOCS[1])
+    assert second.replayed == 3
+    entries, hs = mem.replay
+    assert len(entries) == 3 and hs.offsets[-1] == hs.h.shape[0] == sum(len(e.response) for e in entries)
+    # each replayed row keeps the teacher hidden state it had when its chunk was consolidated
+    mem.save(tmp_path / "m")
+    back = Memory.load(tmp_path / "m", make_tiny(tok), tok)
+    assert [e.query for e in back.replay[0]] == [e.query for e in entries]
+    assert back.replay_seen == mem.replay_seen == first.kept + second.kept
+    torch.testing.assert_close(back.replay[1].h, hs.h)
+    assert first_queries  # the first chunk's entries were eligible
+    none = Memory(make_tiny(tok), tok, iicl_fast.Config(**{**TINY_CONFIG, "replay_entries": 0}))
+    none.consolidate(DOCS[0])
+    assert none.consolidate(DOCS[1]).replayed == 0 and none.replay[0] == []

@@ -1,0 +1,97 @@
+"""The whole pipeline on a tiny random Llama built from a config (no download)."""
+import torch
+
+import iicl_fast
+from iicl_fast.elicit import Entry
+from iicl_fast.generation import generate
+from iicl_fast.models import PromptFormat
+from iicl_fast.teacher import teacher_hidden
+
+from conftest import TINY_CONFIG
+
+DOC = ("The lighthouse of Karsk was built in 1871 by Ada Lindqvist. Its lamp burns whale oil. "
+       "The keeper feeds seven grey cats every morning.")
+
+
+def test_prefix_reuse_teacher_matches_full_forward(tiny):
+    model, tok = tiny
+    fmt = PromptFormat(tok)
+    entries = [Entry("qa", "Who built it?", fmt.encode("Ada Lindqvist built it.") + [fmt.eos_id]),
+               Entry("qa", "What does the keeper feed every single morning?", fmt.encode("Seven cats.")),
+               Entry("continuation", "Continue", fmt.encode("The lamp burns whale oil and more text"))]
+    a = teacher_hidden(model, fmt, DOC, entries, batch_size=2, prefix_reuse=True)
+    b = teacher_hidden(model, fmt, DOC, entries, batch_size=3, prefix_reuse=False)
+    assert a.h.shape == (sum(len(e.response) for e in entries), 64)
+    torch.testing.assert_close(a.h, b.h, rtol=1e-4, atol=1e-5)
+    assert a.targets.tolist() == [t for e in entries for t in e.response]
+    lengths = [len(e.response) for e in entries]
+    assert a.offsets == b.offsets == [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
+
+
+def test_generation_with_shared_prefix_matches_plain(tiny):
+    model, tok = tiny
+    fmt = PromptFormat(tok)
+    prefix = fmt.context_prefix(DOC)
+    queries = [fmt.query("Who built the lighthouse?"), fmt.query("Cats?"), fmt.query("Tell me about the lamp oil")]
+    kw = dict(max_new_tokens=6, eos_id=fmt.eos_id, pad_id=fmt.pad_id, sample=False)
+    shared = generate(model, queries, prefix=prefix, batch_size=2, **kw)
+    plain = [generate(model, [prefix + q], batch_size=1, **kw)[0] for q in queries]
+    assert shared == plain
+    # and against the model's own forward: greedy = argmax of the full-sequence logits
+    seq = prefix + queries[0]
+    for t in plain[0]:
+        nxt = model(torch.tensor([seq])).logits[0, -1].argmax().item()
+        assert nxt == t
+        seq.append(t)
+
+
+def test_pipeline_runs_and_loss_falls(tiny):
+    model, tok = tiny
+    cfg = iicl_fast.Config(**{**TINY_CONFIG, "epochs": 6, "lr": 3e-3})
+    mem = iicl_fast.Memory(model, tok, cfg)
+    before = [p.detach().clone() for p in mem.params]
+    rep = mem.consolidate(DOC)
+    assert rep.elicited > 0 and 0 < rep.kept <= rep.elicited
+    assert rep.kept == -(-rep.elicited * 7 // 8)
+    assert len(rep.loss_per_epoch) == 6
+    assert rep.loss_per_epoch[-1] < 0.7 * rep.loss_per_epoch[0]
+    assert set(rep.seconds) == {"elicit", "teacher", "select", "train"}
+    assert any(not torch.equal(a, p) for a, p in zip(before, mem.params))
+    assert isinstance(mem.ask("Who built the lighthouse?"), str)
+    assert mem.chunks == [{"index": 0, "tokens": rep.chunk_tokens, "sha256": iicl_fast.memory.sha256_text(DOC)}]
+
+
+def test_reverse_kl_and_seqkd_run(tiny):
+    model, tok = tiny
+    for loss in ("reverse_kl", "seqkd"):
+        mem = iicl_fast.Memory(model, tok, iicl_fast.Config(**TINY_CONFIG, loss=loss))
+        rep = mem.consolidate(DOC)
+        assert rep.loss_per_epoch[-1] < rep.loss_per_epoch[0]
+
+
+def test_frozen_base_only_lora_changes(tiny):
+    model, tok = tiny
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    mem = iicl_fast.Memory(model, tok, iicl_fast.Config(**TINY_CONFIG))
+    mem.consolidate(DOC)
+    for n, p in mem.model.named_parameters():
+        if "lora_" not in n:
+            key = n.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p, base[key]), n
+
+
+def test_fused_and_reference_losses_agree(smol_tokenizer):
+    """Same seeds: the fused ops (loss-head identity) and the plain losses select the same
+    entries and give the same loss curve."""
+    tok = smol_tokenizer
+    from conftest import make_tiny
+    reps = {}
+    for impl in ("reference", "fused"):
+        for loss in ("forward_kl", "reverse_kl", "seqkd"):
+            mem = iicl_fast.Memory(make_tiny(tok), tok, iicl_fast.Config(**TINY_CONFIG, loss=loss, loss_impl=impl))
+            reps[impl, loss] = mem.consolidate(DOC)
+    for loss in ("forward_kl", "reverse_kl", "seqkd"):
+        a, b = reps["reference", loss], reps["fused", loss]
+        assert (a.elicited, a.kept) == (b.elicited, b.kept)
+        assert abs(a.dppl_kept - b.dppl_kept) < 1e-4
+        torch.testing.assert_close(torch.tensor(a.loss_per_epoch), torch.tensor(b.loss_per_epoch), rtol=1e-4, atol=1e-5)
