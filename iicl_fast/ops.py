@@ -70,7 +70,8 @@ def teacher_stats(h, weight, targets=None, *, temperature=1.0, impl="auto") -> T
     """The single teacher pass: h [N, H], weight [V, H] -> TeacherStats (fp32)."""
     _check(h, weight, "h", targets)
     be = _backend(impl, h)
-    lse, spz, zt, mu = be.softmax_stats(h.detach(), weight.detach(), targets, temperature=temperature)
+    lse, spz, zt, mu = be.softmax_stats(h.detach(), weight.detach(), targets, temperature=temperature,
+                                        precise_w=True)
     return TeacherStats(lse, lse - spz, mu, None if zt is None else zt - lse)
 
 

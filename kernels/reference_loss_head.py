@@ -18,7 +18,7 @@ def _logits(h, w, temperature=1.0, softcap=None):
 
 
 @torch.no_grad()
-def softmax_stats(h, weight, targets=None, *, temperature=1.0, expect_w=True, token_chunk=256):
+def softmax_stats(h, weight, targets=None, *, temperature=1.0, expect_w=True, precise_w=False, token_chunk=256):
     """-> lse [N], Σ p·z [N], z_target [N] or None, E_p[W] [N, H] or None (fp32)."""
     N = h.shape[0]
     lse = torch.empty(N, device=h.device)
