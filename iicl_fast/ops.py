@@ -86,6 +86,12 @@ def teacher_stats(h, weight, targets=None, *, temperature=1.0, precise=False, im
     return TeacherStats(lse, lse - _rowdot(h, mu) / temperature, mu, None if zt is None else zt - lse)
 
 
+def _per_token_grad(ctx, g):
+    """Each op saves d(loss_i)/dh_i [N, H] (fp32) in forward; backward only scales it by g [N]."""
+    (per_token,) = ctx.saved_tensors
+    return (g[:, None] * per_token).to(ctx.h_dtype)
+
+
 class _ForwardKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, weight, mu_t, ent_t, temperature, impl):
@@ -101,8 +107,7 @@ class _ForwardKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        (gdir,) = ctx.saved_tensors
-        return (g[:, None] * gdir).to(ctx.h_dtype), None, None, None, None, None
+        return _per_token_grad(ctx, g), None, None, None, None, None
 
 
 def forward_kl(h_s, weight, st: TeacherStats, *, temperature=1.0, reduction="none", impl="auto"):
@@ -131,8 +136,7 @@ class _TokenLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, _g_ent):
-        (gdir,) = ctx.saved_tensors
-        return (g[:, None] * gdir).to(ctx.h_dtype), None, None, None, None
+        return _per_token_grad(ctx, g), None, None, None, None
 
 
 def token_logprob(h, weight, targets, *, temperature=1.0, impl="auto"):
@@ -154,8 +158,7 @@ class _KLDivergence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        (grad,) = ctx.saved_tensors
-        return (g[:, None] * grad).to(ctx.h_dtype), None, None, None, None, None, None, None, None
+        return _per_token_grad(ctx, g), None, None, None, None, None, None, None, None
 
 
 def kl_divergence(h_s, weight_s, h_t, weight_t, *, kind="forward", beta=0.5, temperature=1.0, softcap=None,
