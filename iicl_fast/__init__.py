@@ -10,5 +10,6 @@ from .config import Config, IICLError
 from .consolidate import ConsolidationReport
 from .memory import Memory
 from .models import load_model
+from .retain import StreamingSession
 
-__all__ = ["Config", "ConsolidationReport", "IICLError", "Memory", "load_model", "__version__"]
+__all__ = ["Config", "ConsolidationReport", "IICLError", "Memory", "StreamingSession", "load_model", "__version__"]

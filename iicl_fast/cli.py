@@ -1,4 +1,4 @@
-"""iicl-fast: demo, consolidate, ask. Errors: one line on stderr, exit code 2."""
+"""iicl-fast: demo, consolidate, ask, session-eval. Errors: one line on stderr, exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -123,6 +123,32 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def cmd_session_eval(args) -> int:
+    from . import load_model
+    from .retain import POLICIES
+    from .session_eval import cache_split, multiple_choice, passkey, read_jsonl
+    if args.policy not in POLICIES:
+        raise IICLError(f"unknown policy {args.policy!r}: choose one of {', '.join(POLICIES)}")
+    cache_split(args.cache, args.sink, args.recent)      # bad sizes fail before the model loads
+    if args.task == "mc":
+        if not args.data:
+            raise IICLError("--task mc needs --data FILE.jsonl")
+        read_jsonl(args.data)
+    elif args.stream_tokens is None:
+        raise IICLError("--task passkey needs --stream-tokens N")
+    model, tok = load_model(args.model)
+    kw = dict(policy=args.policy, cache=args.cache, trials=args.trials, decay=args.decay, sink=args.sink,
+              recent=args.recent, progress=not args.quiet)
+    if args.task == "passkey":
+        res = passkey(model, tok, stream_tokens=args.stream_tokens, seed=args.seed, **kw)
+        if not args.verbose:
+            res.pop("trials")
+    else:
+        res = multiple_choice(model, tok, data=args.data, **kw)
+    print(json.dumps(res), flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="iicl-fast", description="Consolidate long contexts into LoRA memories.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -144,14 +170,31 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--context", metavar="FILE", help="put this file's text in the window first")
     a.add_argument("--model", default=None)
     a.set_defaults(func=cmd_ask)
+    e = sub.add_parser("session-eval", help="bounded-cache session (SirLLM) on passkey or multiple-choice data")
+    e.add_argument("--task", choices=("passkey", "mc"), required=True)
+    e.add_argument("--stream-tokens", type=int, default=None, metavar="N", help="passkey: stream length")
+    e.add_argument("--data", metavar="FILE.jsonl", help="mc: a SirLLM-schema file (grocery keys, rock-paper-scissors)")
+    e.add_argument("--cache", type=int, default=256, metavar="N", help="cache size: sink + budget + recent")
+    e.add_argument("--policy", default="entropy", help="entropy (SirLLM) | recent (StreamingLLM) | full")
+    e.add_argument("--trials", type=int, default=20, metavar="K", help="passkey streams, mc episodes or rounds")
+    e.add_argument("--decay", type=float, default=0.9, help="score decay per turn (rho)")
+    e.add_argument("--sink", type=int, default=4)
+    e.add_argument("--recent", type=int, default=None, help="newest tokens always kept (default: cache/4)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--model", default=None)
+    e.add_argument("--verbose", action="store_true", help="passkey: include every trial in the JSON")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_session_eval)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "chunk_tokens", None) is not None and args.chunk_tokens < 1:
-        print("iicl-fast: error: --chunk-tokens must be >= 1", file=sys.stderr)
-        return 2
+    for name in ("chunk_tokens", "stream_tokens", "trials", "cache"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            print(f"iicl-fast: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
     try:
         return args.func(args)
     except IICLError as e:

@@ -50,6 +50,11 @@ class Config:
     # 135M model lost the first of two documents (recall 2/2 -> 0/2) while learning the
     # second. Bounded, so memory stays constant over a stream. 0 disables.
     replay_entries: int = 32
+    # 5. retain (short-term memory, SirLLM): after each consolidated chunk the top `retain`
+    # fraction of its tokens by surprisal (older retained tokens' scores × retain_decay per
+    # chunk) stay in the window as a prefix for `ask`. 0 keeps nothing.
+    retain: float = 0.0
+    retain_decay: float = 0.9
     # 6. streaming
     chunk_tokens: int = 1024
     # answering
@@ -79,6 +84,10 @@ class Config:
                 raise IICLError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.replay_entries < 0:
             raise IICLError(f"replay_entries must be >= 0, got {self.replay_entries}")
+        if not 0.0 <= self.retain <= 1.0:
+            raise IICLError(f"retain must be in [0, 1], got {self.retain}")
+        if not 0.0 < self.retain_decay <= 1.0:
+            raise IICLError(f"retain_decay must be in (0, 1], got {self.retain_decay}")
         if self.temperature <= 0:
             raise IICLError(f"temperature must be > 0, got {self.temperature}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import random
 import os
 import re
@@ -26,6 +27,7 @@ from .models import DEFAULT_MODEL_ID, PromptFormat, fingerprint, load_model
 FORMAT = "iicl_fast.memory/1"
 MANIFEST, ADAPTER, ADAPTER_CONFIG = "manifest.json", "adapter_model.safetensors", "adapter_config.json"
 REPLAY, REPLAY_ENTRIES = "replay.safetensors", "replay.json"
+RETAINED = "retained.json"
 _names = itertools.count()
 
 
@@ -125,6 +127,8 @@ class Memory:
         self.chunks: list[dict] = []
         self.replay: tuple[list[Entry], HiddenSet | None] = ([], None)   # see Config.replay_entries
         self.replay_seen = 0
+        self.retained_ids: list[int] = []      # the retained window (Config.retain), in stream order
+        self.retained_scores: list[float] = []
         lora = LoraConfig(r=self.config.lora_r, lora_alpha=self.config.lora_alpha,
                           lora_dropout=self.config.lora_dropout, target_modules=self.config.target_modules,
                           task_type="CAUSAL_LM")
@@ -192,8 +196,48 @@ class Memory:
         rep, kept, teacher = consolidate_chunk(self.model, self.fmt, text.strip(), self.params, self.config,
                                                chunk_index=idx, replay=self.replay)
         self._update_replay(kept, teacher, idx)
+        if self.config.retain > 0:
+            self._retain(text.strip())
         self.chunks.append({"index": idx, "tokens": rep.chunk_tokens, "sha256": sha256_text(text.strip())})
         return rep
+
+    @torch.no_grad()
+    def _retain(self, text: str) -> None:
+        """SirLLM on the chunk: keep the top `retain` fraction of its tokens by surprisal, with
+        the older retained tokens competing at their scores × retain_decay.
+
+        Surprisal is taken by this memory *after* consolidating the chunk, with the chunk in
+        the same place as ask's prefix: the tokens it still finds surprising are the ones the
+        adapter did not absorb, which is what the window is for."""
+        from .generation import decoder, lm_head
+        from .retain import surprisal
+        ids = self.fmt.encode(text)
+        k = math.ceil(self.config.retain * len(ids))
+        head = self.fmt.head
+        seq = torch.tensor([head + ids], device=self.params[0].device)
+        h = decoder(self.model)(input_ids=seq).last_hidden_state[0]
+        weight, bias, softcap = lm_head(self.model)
+        n0 = len(head)
+        prev = h[n0 - 1: n0 - 1 + len(ids)] if n0 > 0 else torch.cat([h[:1], h[: len(ids) - 1]])
+        sc = surprisal(prev, weight, seq[0, n0:], bias, softcap).cpu().tolist()
+        if n0 == 0:
+            sc[0] = 0.0                        # no prediction for the very first token
+        old = [x * self.config.retain_decay for x in self.retained_scores]
+        all_ids, all_sc = self.retained_ids + ids, old + sc
+        # newest first, stable sort by descending score: ties keep the newer token
+        order = sorted(range(len(all_ids) - 1, -1, -1), key=lambda i: -all_sc[i])[:k]
+        keep = sorted(order)
+        self.retained_ids = [all_ids[i] for i in keep]
+        self.retained_scores = [all_sc[i] for i in keep]
+
+    def prompt_ids(self, question: str, context: str | None = None) -> list[int]:
+        """[head][retained window "\n\n"][context "\n\n"][question][tail]."""
+        if not self.retained_ids:
+            return self.fmt.prompt(question, context=context)
+        mid = self.retained_ids + self.fmt.encode("\n\n")
+        if context:
+            mid += self.fmt.encode(context.strip() + "\n\n")
+        return self.fmt.head + mid + self.fmt.query(question)
 
     def ask(self, question: str, context: str | None = None, *, max_new_tokens: int | None = None) -> str:
         """Greedy answer, without the text in the window (or with `context` put there first)."""
@@ -203,7 +247,7 @@ class Memory:
         if any(not q.strip() for q in questions):
             raise IICLError("empty question")
         self._activate()
-        prompts = [self.fmt.prompt(q, context=context) for q in questions]
+        prompts = [self.prompt_ids(q, context=context) for q in questions]
         outs = generate(self.model, prompts, max_new_tokens=max_new_tokens or self.config.answer_max_new_tokens,
                         eos_id=self.fmt.eos_id, pad_id=self.fmt.pad_id, sample=False,
                         batch_size=self.config.gen_batch_size)
@@ -263,6 +307,9 @@ class Memory:
                            "offsets": torch.tensor(hs.offsets)}, str(tmp / REPLAY))
                 (tmp / REPLAY_ENTRIES).write_text(json.dumps(
                     {"seen": self.replay_seen, "entries": [e.__dict__ for e in entries]}), encoding="utf-8")
+            if self.retained_ids:
+                (tmp / RETAINED).write_text(json.dumps({"ids": self.retained_ids, "scores": self.retained_scores}),
+                                            encoding="utf-8")
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
         atomic_write_dir(Path(path), write)
@@ -304,6 +351,17 @@ class Memory:
             if len(hs.offsets) != len(entries) + 1 or hs.offsets[-1] != hs.h.shape[0]:
                 raise IICLError(f"corrupt replay buffer in {d}: sizes do not match")
             self.replay, self.replay_seen = (entries, hs), int(r.get("seen", len(entries)))
+        self.retained_ids, self.retained_scores = [], []
+        if (d / RETAINED).is_file():
+            try:
+                r = json.loads((d / RETAINED).read_text(encoding="utf-8"))
+                ids, scores = [int(i) for i in r["ids"]], [float(x) for x in r["scores"]]
+            except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+                raise IICLError(f"corrupt retained window {d / RETAINED}: {e}") from None
+            V = self.base.get_input_embeddings().weight.shape[0]
+            if len(ids) != len(scores) or any(not 0 <= i < V for i in ids):
+                raise IICLError(f"corrupt retained window {d / RETAINED}: ids and scores do not fit this model")
+            self.retained_ids, self.retained_scores = ids, scores
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None, tokenizer=None, *, config: Config | None = None) -> "Memory":
