@@ -84,11 +84,17 @@ def main():
     meta = {"device": device_name(args.device), "torch": torch.__version__, "transformers": transformers.__version__,
             "commit": args.commit or commit()}
     rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ("session.json" if args.device == "cpu" else f"session_{args.device}.json")
 
     def emit(r):
         r.update(meta)
         rows.append(r)
         print(json.dumps({k: v for k, v in r.items() if k not in ("trials", "answers")}), flush=True)
+        tmp = path.with_suffix(".json.tmp")          # after every row: a cut-off run keeps what it did
+        tmp.write_text(json.dumps(rows, indent=1))
+        os.replace(tmp, path)
 
     for n in args.stream:
         for pol in args.policies:
@@ -112,14 +118,6 @@ def main():
                                      trials=args.mc, progress=False))
     if args.hybrid:
         emit(hybrid(model, tok, 0.1))
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.device == "cpu" else f"_{args.device}"
-    path = out / f"session{suffix}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    os.replace(tmp, path)
 
     print(f"\n{meta['device']}  torch {meta['torch']}  transformers {meta['transformers']}  commit {meta['commit']}")
     print(f"{'task':8} {'policy':8} {'stream':>7} {'cache':>5} {'acc':>6} {'tok/s':>8} {'peak':>5} {'fill[min,max]':>14}")
