@@ -77,6 +77,7 @@ def main():
     ap.add_argument("--mc", type=int, default=0, help="also run the SirLLM files: this many episodes/rounds")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--name", default=None, help="output file name (default session[_DEVICE].json)")
     args = ap.parse_args()
 
     model, tok = iicl_fast.load_model(device=args.device)
@@ -86,7 +87,7 @@ def main():
     rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / ("session.json" if args.device == "cpu" else f"session_{args.device}.json")
+    path = out / (args.name or ("session.json" if args.device == "cpu" else f"session_{args.device}.json"))
 
     def emit(r):
         r.update(meta)
