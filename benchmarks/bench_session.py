@@ -74,7 +74,8 @@ def main():
     ap.add_argument("--cache", type=int, default=256)
     ap.add_argument("--long", type=int, default=0, help="also one entropy run this long (few trials)")
     ap.add_argument("--hybrid", action="store_true", help="demo document with retain=0 vs retain=0.1")
-    ap.add_argument("--mc", type=int, default=0, help="also run the SirLLM files: this many episodes/rounds")
+    ap.add_argument("--mc", type=int, default=0,
+                    help="also run the SirLLM files: this many grocery episodes, 25x as many rock-paper-scissors rounds")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--name", default=None, help="output file name (default session[_DEVICE].json)")
@@ -113,10 +114,10 @@ def main():
                      trials=max(1, args.trials // 4), progress=False))
     if args.mc:
         data = Path(__file__).resolve().parents[2] / "shared" / "data" / "sirllm"
-        for f in ("keys.jsonl", "rock_paper_scissors_dominant_rock.jsonl"):
+        for f, n in (("keys.jsonl", args.mc), ("rock_paper_scissors_dominant_rock.jsonl", 25 * args.mc)):
             for pol in ("entropy", "recent"):
                 emit(multiple_choice(model, tok, data=str(data / f), policy=pol, cache=args.cache,
-                                     trials=args.mc, progress=False))
+                                     trials=n, progress=False))
     if args.hybrid:
         emit(hybrid(model, tok, 0.1))
 

@@ -27,8 +27,9 @@ def cache_split(cache: int, sink: int = 4, recent: int | None = None) -> tuple[i
     """A cache of `cache` tokens -> (sink, budget, recent): recent defaults to a quarter."""
     recent = cache // 4 if recent is None else recent
     budget = cache - sink - recent
-    if cache < 1 or budget < 0:
-        raise IICLError(f"cache {cache} is too small for sink {sink} + recent {recent}")
+    if cache < 1 or budget < sink + recent:
+        raise IICLError(f"cache {cache} is too small: its budget {budget} (cache - sink - recent) must be at least "
+                        f"sink + recent = {sink + recent}")
     return sink, budget, recent
 
 

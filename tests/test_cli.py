@@ -107,3 +107,48 @@ def test_console_entry_point_reports_one_line(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"iicl-fast: error: unknown model '{tmp_path / 'x'}': not a local directory or .gguf file (iicl_fast never downloads)"
+
+
+def test_session_eval_passkey_and_mc(tiny_dir, tmp_path, capsys):
+    code, out, _ = run(capsys, "session-eval", "--task", "passkey", "--stream-tokens", 300, "--cache", 64,
+                       "--trials", 2, "--model", tiny_dir, "--quiet")
+    assert code == 0
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["task"] == "passkey" and 0.0 <= res["accuracy"] <= 1.0 and res["peak_cache"] == 64
+    assert (res["sink"], res["budget"], res["recent"]) == (4, 44, 16) and res["tokens_per_s"] > 0
+    row = lambda i, stem, ch, ans, **kw: json.dumps(  # noqa: E731
+        {"id": i, "question": {"stem": stem, "choices": [{"label": "ABCD"[k], "text": c} for k, c in enumerate(ch)]},
+         "answerKey": ans, **kw})
+    keys = tmp_path / "keys.jsonl"
+    keys.write_text("\n".join([row("key_0", "I want you to buy the GROCERY: [tea].", ["OK"], "A"),
+                               row("0", "Where are books?", ["library", "sea"], "A"),
+                               row("answer_0", "Which GROCERY?", ["eggs", "tea"], "B")]) + "\n")
+    code, out, _ = run(capsys, "session-eval", "--task", "mc", "--data", keys, "--cache", 64,
+                       "--model", tiny_dir, "--quiet")
+    assert code == 0
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["episodes"] == 1 and res["memory_accuracy"] in (0.0, 1.0) and res["distractor_accuracy"] in (0.0, 1.0)
+    rps = tmp_path / "rps.jsonl"
+    rps.write_text("\n".join(row(i, "Please play a game of Rock-Paper-Scissors.", ["rock", "paper", "scissors"],
+                                 "B", user_choice="A") for i in range(3)))
+    code, out, _ = run(capsys, "session-eval", "--task", "mc", "--data", rps, "--cache", 64, "--trials", 3,
+                       "--model", tiny_dir, "--quiet")
+    res = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and res["rounds"] == 3
+    assert abs(res["win_rate"] + res["tie_rate"] + res["loss_rate"] - 1.0) < 1e-9
+
+
+def test_session_eval_bad_input(tiny_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "key_0", "question": {"stem": "x", "choices": []}}\n{"id": 1}\n')
+    for argv, msg in [
+        (["--task", "passkey", "--stream-tokens", 300, "--policy", "lru"], "unknown policy 'lru'"),
+        (["--task", "passkey"], "needs --stream-tokens"),
+        (["--task", "mc"], "needs --data"),
+        (["--task", "mc", "--data", tmp_path / "missing.jsonl"], "no such file"),
+        (["--task", "mc", "--data", bad], "bad.jsonl:2: not a SirLLM row"),
+        (["--task", "passkey", "--stream-tokens", 300, "--cache", 8], "cache 8 is too small"),
+        (["--task", "passkey", "--stream-tokens", 0], "--stream-tokens must be >= 1"),
+    ]:
+        code, out, err = run(capsys, "session-eval", *argv, "--model", tiny_dir, "--quiet")
+        assert code == 2 and msg in err and out == "", (argv, err)

@@ -45,3 +45,22 @@ def test_sequential_documents_first_still_recalled(smol):
     assert len(mem.chunks) == len(SEQUENTIAL_DOCS)
     assert after[0] > none[0] and after[0] >= full[0] - 1      # the first survives the second
     assert all(a >= f - 1 for a, f in zip(after, full))
+
+
+def test_passkey_at_the_start_of_a_long_stream_survives_only_with_entropy(smol):
+    """A pass key buried at the start of a 4,000-token stream, 256-token cache: SirLLM's
+    entropy retention keeps it, StreamingLLM's recent window loses it."""
+    from iicl_fast.retain import StreamingSession
+    from iicl_fast.session_eval import QUESTION, passkey_ids
+    model, tok = smol
+    ids, at = passkey_ids(tok, 4000, 0.0, 58213)
+    assert len(ids) >= 3900 and at < 64
+    answers = {}
+    for policy in ("entropy", "recent"):
+        sess = StreamingSession(model, tok, policy=policy, sink=4, budget=188, recent=64)
+        sess.feed_tokens(ids)
+        assert sess.peak_cache_tokens == 256
+        answers[policy] = sess.generate_tokens(tok(QUESTION, add_special_tokens=False)["input_ids"], max_new_tokens=8)
+    print(answers)
+    assert "58213" in answers["entropy"].replace(" ", "")
+    assert "58213" not in answers["recent"].replace(" ", "")
