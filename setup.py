@@ -1,10 +1,32 @@
 """Package layout: iicl_fast/ plus kernels/ shipped as the subpackage iicl_fast.kernels
-(`kernels` alone is taken on PyPI). Metadata lives in pyproject.toml."""
+(`kernels` alone is taken on PyPI), and the C++ extension iicl_fast._C built from csrc/
+through torch.utils.cpp_extension. Metadata lives in pyproject.toml.
+
+The extension needs torch at build time: install with `pip install --no-build-isolation`
+(pip's isolated build env has no torch, and a bare torch requirement there would pull a
+multi-GB CUDA build). Without torch importable the package installs without _C and
+iicl_fast.LoraBank says how to build it."""
+import os
+import sys
+
 from setuptools import setup
+
+ext_modules, cmdclass = [], {}
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:
+    print("iicl_fast: torch is not importable at build time: building without the C++ extension "
+          "(use pip install --no-build-isolation)", file=sys.stderr)
+else:
+    ext_modules = [CppExtension("iicl_fast._C", ["csrc/lora_bank.cpp"],
+                                extra_compile_args=["-O3", "-std=c++17"])]
+    cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=os.environ.get("IICL_USE_NINJA", "1") == "1")}
 
 setup(
     packages=["iicl_fast", "iicl_fast.kernels"],
     package_dir={"iicl_fast": "iicl_fast", "iicl_fast.kernels": "kernels"},
     package_data={"iicl_fast": ["data/*.txt", "data/*.json"]},
     include_package_data=True,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -41,28 +41,31 @@ def commit() -> str:
         return "unknown"
 
 
-def hybrid(model, tok, retain: float) -> dict:
-    """The demo document consolidated once with Config(retain=...); recall asked with the
-    retained window in front and, on the same adapter, without it (retain=0 trains the
-    same adapter: retention does not touch training)."""
+def hybrid(model, tok, retains=(0.1, 0.3)) -> dict:
+    """The demo document consolidated once; recall asked with no window (retain=0) and with
+    the retained window of each ρ in front. Retention does not touch training, so one
+    consolidation serves every ρ: Config(retain=ρ) would train the same adapter (same seed)
+    and then compute the same window. Baselines from the base model before consolidation."""
     from iicl_fast.cli import demo_material, recall
     doc, qs = demo_material()
-    mem = iicl_fast.Memory(model, tok, iicl_fast.Config(retain=retain, progress=False))
     questions = [q["question"] for q in qs]
+    mem = iicl_fast.Memory(model, tok, iicl_fast.Config(progress=False))
+    base_none, base_full = recall(qs, mem.ask_many(questions)), recall(qs, mem.ask_many(questions, context=doc))
     t = time.perf_counter()
     mem.consolidate(doc)
     secs = time.perf_counter() - t
-    with_window = mem.ask_many(questions)
-    window = tok.decode(mem.retained_ids)
-    ids, scores = mem.retained_ids, mem.retained_scores
-    mem.retained_ids, mem.retained_scores = [], []
-    without = mem.ask_many(questions)
-    mem.retained_ids, mem.retained_scores = ids, scores
-    return {"task": "hybrid", "retain": retain, "questions": len(qs), "window_tokens": len(ids),
-            "window": window, "recall_retain_0": recall(qs, without), f"recall_retain_{retain}": recall(qs, with_window),
-            "recall_full_context": recall(qs, mem.ask_many(questions, context=doc)),
-            "consolidate_s": round(secs, 1),
-            "answers": [{"q": q, "retain_0": a, f"retain_{retain}": b} for q, a, b in zip(questions, without, with_window)]}
+    out = {"task": "hybrid", "questions": len(qs), "base_no_context": base_none, "base_full_context": base_full,
+           "consolidate_s": round(secs, 1), "recall": {}, "windows": {}, "answers": {}}
+    for rho in (0.0,) + tuple(retains):
+        mem.retained_ids, mem.retained_scores = [], []
+        if rho > 0:
+            mem.config.retain = rho
+            mem._retain(doc.strip())
+        answers = mem.ask_many(questions)
+        out["recall"][str(rho)] = recall(qs, answers)
+        out["windows"][str(rho)] = tok.decode(mem.retained_ids)
+        out["answers"][str(rho)] = answers
+    return out
 
 
 def main():
@@ -93,7 +96,7 @@ def main():
     def emit(r):
         r.update(meta)
         rows.append(r)
-        print(json.dumps({k: v for k, v in r.items() if k not in ("trials", "answers")}), flush=True)
+        print(json.dumps({k: v for k, v in r.items() if k not in ("trials", "answers", "windows")}), flush=True)
         tmp = path.with_suffix(".json.tmp")          # after every row: a cut-off run keeps what it did
         tmp.write_text(json.dumps(rows, indent=1))
         os.replace(tmp, path)
@@ -119,7 +122,7 @@ def main():
                 emit(multiple_choice(model, tok, data=str(data / f), policy=pol, cache=args.cache,
                                      trials=n, progress=False))
     if args.hybrid:
-        emit(hybrid(model, tok, 0.1))
+        emit(hybrid(model, tok))
 
     print(f"\n{meta['device']}  torch {meta['torch']}  transformers {meta['transformers']}  commit {meta['commit']}")
     print(f"{'task':8} {'policy':8} {'stream':>7} {'cache':>5} {'acc':>6} {'tok/s':>8} {'peak':>5} {'fill[min,max]':>14}")
@@ -130,10 +133,9 @@ def main():
             print(f"{'passkey':8} {r['policy']:8} {r['stream_tokens']:>7} {str(r['cache']):>5} {acc:>6} {tps:>8} "
                   f"{str(r.get('peak_cache', '-')):>5} {str(r.get('cache_after_fill', '-')):>14}")
         elif r["task"] == "hybrid":
-            key = f"recall_retain_{r['retain']}"
-            print(f"hybrid   retain 0: {r['recall_retain_0']}/{r['questions']}   retain {r['retain']}: "
-                  f"{r[key]}/{r['questions']}   full context: "
-                  f"{r['recall_full_context']}/{r['questions']}   window {r['window_tokens']} tokens")
+            n = r["questions"]
+            print(f"hybrid   base model: no context {r['base_no_context']}/{n}, full context {r['base_full_context']}/{n};"
+                  " consolidated, recall by retain: " + ", ".join(f"{k}: {v}/{n}" for k, v in r["recall"].items()))
         else:
             print("mc      ", json.dumps({k: v for k, v in r.items() if k not in meta}))
     print(f"wrote {path}")

@@ -11,5 +11,7 @@ from .consolidate import ConsolidationReport
 from .memory import Memory
 from .models import load_model
 from .retain import StreamingSession
+from .bank import BankAdamW, LoraBank
+from .many import consolidate_many
 
-__all__ = ["Config", "ConsolidationReport", "IICLError", "Memory", "StreamingSession", "load_model", "__version__"]
+__all__ = ["Config", "ConsolidationReport", "IICLError", "Memory", "StreamingSession", "LoraBank", "BankAdamW", "consolidate_many", "load_model", "__version__"]

@@ -48,8 +48,12 @@ def _mean(x: torch.Tensor) -> float:
 def entry_loss(model, fmt, batch: list[Entry], teacher: HiddenSet, rows: torch.Tensor, config: Config,
                teacher_stats=None):
     """Mean loss over a micro-batch's response tokens (differentiable in the LoRA weights)."""
+    return hidden_loss(model, student_hidden(model, fmt, batch), teacher, rows, config, teacher_stats)
+
+
+def hidden_loss(model, h_s, teacher: HiddenSet, rows: torch.Tensor, config: Config, teacher_stats=None):
+    """Mean loss of student hidden states h_s [n, H] against the teacher's rows [n]."""
     weight, bias, softcap = lm_head(model)
-    h_s = student_hidden(model, fmt, batch)
     targets = teacher.targets[rows]
     if config.loss_impl == "fused":
         from . import ops
@@ -73,13 +77,7 @@ def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, pa
     """LoRA training of the student (no chunk in view). -> mean loss per epoch."""
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     rng = torch.Generator().manual_seed(config.seed)
-    stats = None
-    if config.loss_impl == "fused" and config.loss == "forward_kl":
-        from . import ops
-        weight, _, _ = lm_head(model)
-        st = ops.teacher_stats(teacher.h.to(weight.dtype), weight, temperature=config.temperature,
-                               impl=config.kernel_impl)
-        stats = (st.lse, st.entropy, st.mu, None)
+    stats = loss_stats(model, teacher, config)
     losses = []
     model.train()
     bar = tqdm(total=config.epochs * len(entries), desc="train", disable=not config.progress, leave=False)
@@ -107,6 +105,16 @@ def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, pa
     return losses
 
 
+def loss_stats(model, teacher: HiddenSet, config: Config):
+    """The one teacher pass of the fused forward KL (None for the other losses)."""
+    if not (config.loss_impl == "fused" and config.loss == "forward_kl"):
+        return None
+    from . import ops
+    weight, _, _ = lm_head(model)
+    st = ops.teacher_stats(teacher.h.to(weight.dtype), weight, temperature=config.temperature, impl=config.kernel_impl)
+    return (st.lse, st.entropy, st.mu, None)
+
+
 def subset(hs: HiddenSet, idx: list[int]) -> HiddenSet:
     """The rows of entries idx (in that order), with fresh offsets."""
     offsets = [0]
@@ -128,6 +136,25 @@ def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.T
     new chunk does not overwrite them).
 
     -> (report, kept entries, their teacher HiddenSet)."""
+    rep, kept_entries, teacher = prepare_chunk(model, fmt, chunk, config, chunk_index=chunk_index)
+    if not kept_entries:
+        return rep, [], None
+    t = time.perf_counter()
+    train_entries, train_teacher = with_replay(kept_entries, teacher, replay)
+    rep.replayed = len(train_entries) - len(kept_entries)
+    rep.loss_per_epoch = train(model, fmt, train_entries, train_teacher, params, config)
+    rep.seconds["train"] = time.perf_counter() - t
+    return rep, kept_entries, teacher
+
+
+def with_replay(kept: list[Entry], teacher: HiddenSet, replay):
+    if replay and replay[0]:
+        return kept + replay[0], concat(teacher, replay[1])
+    return kept, teacher
+
+
+def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index: int = 0):
+    """Elicit → teacher pass → select by ΔPPL. -> (report, kept entries, their teacher HiddenSet)."""
     rep = ConsolidationReport(chunk_index=chunk_index, chunk_tokens=len(fmt.encode(chunk)))
     t = time.perf_counter()
     entries = elicit(model, fmt, chunk, config)
@@ -153,13 +180,4 @@ def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.T
     kept_entries = [entries[i] for i in keep]
     teacher = subset(teacher, keep)
     rep.seconds["select"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    train_entries, train_teacher = kept_entries, teacher
-    if replay and replay[0]:
-        train_entries = kept_entries + replay[0]
-        train_teacher = concat(teacher, replay[1])
-    rep.replayed = len(train_entries) - len(kept_entries)
-    rep.loss_per_epoch = train(model, fmt, train_entries, train_teacher, params, config)
-    rep.seconds["train"] = time.perf_counter() - t
     return rep, kept_entries, teacher

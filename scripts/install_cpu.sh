@@ -19,4 +19,4 @@ for r in p["dependencies"] + p["optional-dependencies"]["dev"]:
 PYEOF
 )
 $PY -m pip install -q "${reqs[@]}"
-$PY -m pip install -q --no-deps -e .
+$PY -m pip install -q --no-deps --no-build-isolation -e .   # builds iicl_fast._C against this torch

@@ -1,0 +1,259 @@
+"""A bank of LoRA adapters trained together: the segmented LoRA op and a masked AdamW.
+
+Segments: the tokens of a batch [T] are cut into S segments by offsets [S+1] (int64), and
+segment s belongs to adapter adapter_ids[s]. For every token t of segment s:
+    y[t] = scale * B[a] @ (A[a] @ x[t]),   a = adapter_ids[s]
+A [n, r, d_in] and B [n, d_out, r] are the bank's weights (fp32 masters); x and y are in
+the compute dtype (bf16 or fp32). Tokens outside every segment get y = 0.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ._ext import ext
+from .config import IICLError
+
+
+def segmented_lora_loop(x, A, B, offsets, adapter_ids, scale: float):
+    """Plain PyTorch reference: a Python loop over segments (differentiable by autograd)."""
+    y = x.new_zeros(x.shape[0], B.shape[1])
+    off = offsets.tolist()
+    for s, a in enumerate(adapter_ids.tolist()):
+        if off[s + 1] > off[s]:
+            xs = x[off[s]: off[s + 1]]
+            y[off[s]: off[s + 1]] = scale * (xs @ A[a].to(x.dtype).t()) @ B[a].to(x.dtype).t()
+    return y
+
+
+class SegmentedLoRA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, A, B, offsets, adapter_ids, scale):
+        y, u = ext().segmented_lora_forward(x, A, B, offsets, adapter_ids, float(scale))
+        ctx.save_for_backward(x, u, A, B, offsets, adapter_ids)
+        ctx.scale = float(scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, u, A, B, offsets, adapter_ids = ctx.saved_tensors
+        gx, gA, gB = ext().segmented_lora_backward(grad_y, x, u, A, B, offsets, adapter_ids, ctx.scale,
+                                                    ctx.needs_input_grad[0])
+        return (gx if ctx.needs_input_grad[0] else None, gA, gB, None, None, None)
+
+
+def segmented_lora(x, A, B, offsets, adapter_ids, scale: float = 1.0):
+    """x [T, d_in], A [n, r, d_in], B [n, d_out, r], offsets [S+1], adapter_ids [S] -> y [T, d_out].
+
+    Differentiable in x, A and B (grad_A / grad_B come back dense over the bank, fp32)."""
+    _check_same_device(x=x, A=A, B=B, offsets=offsets, adapter_ids=adapter_ids)
+    return SegmentedLoRA.apply(x, A, B, offsets, adapter_ids, scale)
+
+
+def _check_same_device(**tensors):
+    devs = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devs.values()))
+    for name, d in devs.items():
+        if d != first:
+            raise IICLError(f"{name} is on {d}, but {next(iter(devs))} is on {first}: put the bank and "
+                            "the batch on one device")
+
+
+class MaskedAdamW:
+    """AdamW over a bank's stacked tensors (each [n_adapters, ...]) that moves only the
+    active adapters: each has its own step count, learning rate, weight decay, and its
+    gradient clipped by its own norm over all the tensors. Inactive adapters and their
+    moments stay bit-for-bit the same. Matches torch.optim.AdamW run per adapter."""
+
+    def __init__(self, params: list[torch.Tensor], n_adapters: int, *, lr=1e-3, weight_decay=0.0,
+                 betas=(0.9, 0.999), eps=1e-8, max_grad_norm: float | None = 1.0):
+        self.params = list(params)
+        if not self.params:
+            raise IICLError("MaskedAdamW: no parameters")
+        for i, p in enumerate(self.params):
+            if p.shape[0] != n_adapters:
+                raise IICLError(f"MaskedAdamW: params[{i}] holds {p.shape[0]} adapters, expected {n_adapters}")
+        self.n = n_adapters
+        dev = self.params[0].device
+        self.lr = torch.full((n_adapters,), float(lr), dtype=torch.float32, device=dev)
+        self.weight_decay = torch.full((n_adapters,), float(weight_decay), dtype=torch.float32, device=dev)
+        self.step_count = torch.zeros(n_adapters, dtype=torch.long, device=dev)
+        self.exp_avg = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in self.params]
+        self.betas, self.eps = betas, eps
+        self.max_grad_norm = max_grad_norm or 0.0
+
+    def active_mask(self, active) -> torch.Tensor:
+        if active is None:
+            return torch.ones(self.n, dtype=torch.bool, device=self.step_count.device)
+        active = torch.as_tensor(active, device=self.step_count.device)
+        if active.dtype == torch.bool:
+            if active.shape != (self.n,):
+                raise IICLError(f"active mask has {active.numel()} entries for {self.n} adapters")
+            return active
+        if active.numel() and (int(active.min()) < 0 or int(active.max()) >= self.n):
+            raise IICLError(f"adapter id {int(active.max()) if int(active.max()) >= self.n else int(active.min())} "
+                            f"is out of range for a bank of {self.n} adapters")
+        mask = torch.zeros(self.n, dtype=torch.bool, device=self.step_count.device)
+        mask[active.long()] = True
+        return mask
+
+    @torch.no_grad()
+    def step(self, active=None) -> None:
+        """One update of the adapters in `active` (ids or a bool mask; None: all)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        ext().masked_adamw_step(self.params, grads, self.exp_avg, self.exp_avg_sq, self.step_count,
+                                self.active_mask(active), self.lr, self.weight_decay, self.betas[0], self.betas[1],
+                                self.eps, float(self.max_grad_norm))
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+# -- the bank on a model ---------------------------------------------------------------------
+def _target_linears(model, target_modules):
+    """(qualified name, nn.Linear) of the decoder's linear layers to adapt: all of them but
+    the output head (peft's "all-linear"), or those whose last name part is listed."""
+    from .generation import causal_lm
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings()
+    out = []
+    for name, mod in lm.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or mod is head or ".lora_" in f".{name}":
+            continue                           # peft's own LoRA layers are not adapted
+        if name.endswith(".base_layer"):       # a layer peft wrapped: adapt its base, name it as peft does
+            name = name[: -len(".base_layer")]
+            if getattr(lm.get_output_embeddings(), "base_layer", None) is mod:
+                continue
+        if target_modules in (None, "all-linear") or name.split(".")[-1] in target_modules:
+            out.append((name, mod))
+    if not out:
+        raise IICLError(f"no linear layer of {type(lm).__name__} matches target_modules={target_modules!r}")
+    return out
+
+
+class LoraBank:
+    """n_adapters LoRA adapters over one frozen base model, trained together.
+
+        bank = LoraBank(model, n_adapters, rank=16, alpha=32)
+        with bank.route(adapter_ids):          # LongTensor [batch]: one adapter per sequence
+            out = model(input_ids, attention_mask=mask)
+        opt = BankAdamW(bank, lr=1e-3); loss.backward(); opt.step(active=adapter_ids)
+        bank.export(i, path)                   # adapter i as a standalone memory dir
+
+    Each adapted nn.Linear gets a forward hook that adds scale · B_a(A_a x) for each
+    sequence's adapter (the segmented op of the C++ extension on CPU). A [n, r, d_in] is
+    initialised as peft does (Kaiming-uniform), B [n, d_out, r] at zero: a fresh bank
+    leaves the model's outputs unchanged. Masters in fp32; compute in the activations' dtype.
+    Outside `route` the hooks do nothing."""
+
+    def __init__(self, model, n_adapters: int, rank: int = 16, alpha: float = 32, target_modules=None):
+        if n_adapters < 1:
+            raise IICLError(f"n_adapters must be >= 1, got {n_adapters}")
+        if rank < 1:
+            raise IICLError(f"rank must be >= 1, got {rank}")
+        self.model, self.n, self.rank, self.alpha = model, n_adapters, rank, alpha
+        self.scale = alpha / rank
+        self.target_modules = target_modules
+        self.modules = _target_linears(model, target_modules)
+        dev = next(model.parameters()).device
+        self.A, self.B = {}, {}
+        for name, lin in self.modules:
+            A = torch.empty(n_adapters, rank, lin.in_features, device=dev, dtype=torch.float32)
+            bound = (1.0 / lin.in_features) ** 0.5     # kaiming_uniform_(a=sqrt(5)) on [r, d_in]
+            torch.nn.init.uniform_(A, -bound, bound)
+            self.A[name] = torch.nn.Parameter(A)
+            self.B[name] = torch.nn.Parameter(torch.zeros(n_adapters, lin.out_features, rank, device=dev))
+        self._route: torch.Tensor | None = None
+        self._hooks = [lin.register_forward_hook(self._hook(name)) for name, lin in self.modules]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [t for name, _ in self.modules for t in (self.A[name], self.B[name])]
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            ids = self._route
+            if ids is None:
+                return None
+            x = inputs[0]
+            b, d_in = ids.numel(), x.shape[-1]
+            if x.shape[0] != b:
+                raise IICLError(f"route has {b} adapter ids but the batch has {x.shape[0]} sequences")
+            s = x.numel() // (b * d_in)
+            offsets = torch.arange(b + 1, device=x.device) * s
+            y = segmented_lora(x.reshape(b * s, d_in), self.A[name], self.B[name], offsets, ids, self.scale)
+            return output + y.view(output.shape).to(output.dtype)
+        return hook
+
+    @contextlib.contextmanager
+    def route(self, adapter_ids):
+        """Inside: sequence i of every batch goes through adapter adapter_ids[i]."""
+        ids = torch.as_tensor(adapter_ids, dtype=torch.long, device=self.A[self.modules[0][0]].device).reshape(-1)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n):
+            bad = int(ids.max()) if int(ids.max()) >= self.n else int(ids.min())
+            raise IICLError(f"adapter id {bad} is out of range for a bank of {self.n} adapters")
+        prev, self._route = self._route, ids
+        try:
+            yield self
+        finally:
+            self._route = prev
+
+    def remove(self) -> None:
+        """Detach the bank from the model (its hooks)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def peft_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Adapter i under the key names peft saves (loadable by PeftModel.from_pretrained)."""
+        if not 0 <= i < self.n:
+            raise IICLError(f"adapter id {i} is out of range for a bank of {self.n} adapters")
+        sd = {}
+        for name, _ in self.modules:
+            sd[f"base_model.model.{name}.lora_A.weight"] = self.A[name][i].detach().cpu().contiguous()
+            sd[f"base_model.model.{name}.lora_B.weight"] = self.B[name][i].detach().cpu().contiguous()
+        return sd
+
+    def export(self, i: int, path, *, tokenizer=None, config=None, chunks=None) -> None:
+        """Write adapter i as a standalone memory dir (as Memory.save writes it), atomically."""
+        import json
+        from pathlib import Path
+
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        from .config import Config
+        from .memory import ADAPTER, MANIFEST, FORMAT, _versions, atomic_write_dir
+        from .models import fingerprint
+        from .generation import causal_lm
+        state = self.peft_state(i)
+        base = causal_lm(self.model)
+        leaves = sorted({name.split(".")[-1] for name, _ in self.modules})
+        cfg = config or Config()
+        cfg = Config.from_dict({**cfg.to_dict(), "lora_r": self.rank, "lora_alpha": self.alpha,
+                                "target_modules": leaves, "lora_dropout": 0.0})
+        lora = LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=leaves, lora_dropout=0.0,
+                          task_type="CAUSAL_LM", inference_mode=True)
+        manifest = {"format": FORMAT,
+                    "base_model": {"id": getattr(base, "_iicl_model_id", getattr(base.config, "name_or_path", None)
+                                                 or "unknown"),
+                                   "file_sha256": getattr(base, "_iicl_file_sha256", None),
+                                   "fingerprint": fingerprint(base)},
+                    "config": cfg.to_dict(), "chunks": list(chunks or []), "versions": _versions()}
+
+        def write(tmp: Path):
+            save_file(state, str(tmp / ADAPTER), metadata={"format": "pt"})
+            lora.save_pretrained(str(tmp))
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+
+        atomic_write_dir(Path(path), write)
+
+
+class BankAdamW(MaskedAdamW):
+    """MaskedAdamW over a LoraBank's parameters: opt.step(active=adapter_ids)."""
+
+    def __init__(self, bank: LoraBank, lr=1e-3, weight_decay=0.0, max_grad_norm: float | None = 1.0, **kw):
+        super().__init__(bank.parameters(), bank.n, lr=lr, weight_decay=weight_decay,
+                         max_grad_norm=max_grad_norm, **kw)
