@@ -71,7 +71,7 @@ def hybrid(model, tok, retains=(0.1, 0.3)) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--stream", type=int, nargs="+", default=[2000, 4000, 20000])
+    ap.add_argument("--stream", type=int, nargs="*", default=[2000, 4000, 20000])
     ap.add_argument("--policies", nargs="+", default=["entropy", "recent", "full"])
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--cache", type=int, default=256)
