@@ -82,6 +82,8 @@ def cmd_demo(args) -> int:
 def cmd_consolidate(args) -> int:
     from . import Memory, load_model
     texts = [read_text_file(f) for f in args.files]        # every file checked before any work
+    if args.separate:
+        return consolidate_separate(args, texts)
     out = Path(args.out)
     if out.exists() and not (out / "manifest.json").is_file():
         raise IICLError(f"{out} exists and is not a memory directory")
@@ -98,6 +100,47 @@ def cmd_consolidate(args) -> int:
         done += not rep.skipped
         skipped += rep.skipped
     log(f"memory {out}: {len(mem.chunks)} chunks ({done} consolidated now, {skipped} already there)")
+    return 0
+
+
+def consolidate_separate(args, texts: list[str]) -> int:
+    """One memory per file at DIR/<file stem>/, all trained together (consolidate_many).
+    A stem whose memory already holds exactly that file's chunks is skipped (resume)."""
+    from . import consolidate_many, load_model
+    from .memory import MANIFEST, read_manifest, sha256_text, split_chunks
+    from .models import PromptFormat
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise IICLError(f"{out} exists and is not a directory")
+    stems = [Path(f).stem for f in args.files]
+    seen = {}
+    for f, st in zip(args.files, stems):
+        if st in seen:
+            raise IICLError(f"{seen[st]} and {f} share the stem {st!r}: --separate writes one memory per stem")
+        seen[st] = f
+    model, tok = load_model(args.model)
+    cfg = Config()
+    if args.chunk_tokens:
+        cfg.chunk_tokens = args.chunk_tokens
+    fmt = PromptFormat(tok)
+    todo = []
+    for text, st in zip(texts, stems):
+        d = out / st
+        if d.exists():
+            if not (d / MANIFEST).is_file():
+                raise IICLError(f"{d} exists and is not a memory directory")
+            done = [c["sha256"] for c in read_manifest(d).get("chunks", [])]
+            if done == [sha256_text(c) for c in split_chunks(fmt, text, cfg.chunk_tokens)]:
+                log(f"{d}: already consolidated, skipped")
+                continue
+            raise IICLError(f"{d} holds another consolidation: remove it, or consolidate into it without --separate")
+        todo.append((text, st))
+    if todo:
+        mems = consolidate_many(model, tok, [t for t, _ in todo], cfg)
+        for mem, (_, st) in zip(mems, todo):
+            mem.save(out / st)
+            log(f"{out / st}: {mem.report.summary()}")
+    log(f"{len(todo)} memories written under {out} ({len(stems) - len(todo)} already there)")
     return 0
 
 
@@ -157,11 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     d.set_defaults(func=cmd_demo)
-    c = sub.add_parser("consolidate", help="consolidate FILEs, in order, into the memory at --out")
+    c = sub.add_parser("consolidate", help="consolidate FILEs, in order, into the memory at --out (or one each: --separate)")
     c.add_argument("files", nargs="+", metavar="FILE")
     c.add_argument("--out", required=True, metavar="DIR")
     c.add_argument("--model", default=None)
     c.add_argument("--chunk-tokens", type=int, default=None, metavar="N")
+    c.add_argument("--separate", action="store_true",
+                   help="one memory per FILE at DIR/<file stem>/, all trained together in one batched run")
     c.set_defaults(func=cmd_consolidate)
     a = sub.add_parser("ask", help="greedy answer from a memory (or the base model)")
     a.add_argument("question", nargs="?")

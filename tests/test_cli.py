@@ -152,3 +152,24 @@ def test_session_eval_bad_input(tiny_dir, tmp_path, capsys):
     ]:
         code, out, err = run(capsys, "session-eval", *argv, "--model", tiny_dir, "--quiet")
         assert code == 2 and msg in err and out == "", (argv, err)
+
+
+def test_consolidate_separate_writes_one_memory_per_file(tiny_dir, tmp_path, capsys):
+    a, b = tmp_path / "karsk.txt", tmp_path / "cats.txt"
+    a.write_text("The lighthouse of Karsk was built in 1871 by Ada Lindqvist.")
+    b.write_text("The keeper feeds seven grey cats every morning.")
+    out = tmp_path / "mems"
+    code, _, err = run(capsys, "consolidate", a, b, "--out", out, "--separate", "--model", tiny_dir)
+    assert code == 0, err
+    for stem, text in (("karsk", a.read_text()), ("cats", b.read_text())):
+        m = json.loads((out / stem / "manifest.json").read_text())
+        assert len(m["chunks"]) == 1 and (out / stem / "adapter_model.safetensors").is_file()
+    before = (out / "karsk" / "adapter_model.safetensors").read_bytes()
+    code, _, err = run(capsys, "consolidate", a, b, "--out", out, "--separate", "--model", tiny_dir)
+    assert code == 0 and "2 already there" in err                 # resume: nothing redone
+    assert (out / "karsk" / "adapter_model.safetensors").read_bytes() == before
+    c = tmp_path / "sub"
+    c.mkdir()
+    (c / "karsk.txt").write_text("Another text.")
+    code, _, err = run(capsys, "consolidate", a, c / "karsk.txt", "--out", out, "--separate", "--model", tiny_dir)
+    assert code == 2 and "share the stem 'karsk'" in err

@@ -64,3 +64,27 @@ def test_passkey_at_the_start_of_a_long_stream_survives_only_with_entropy(smol):
     print(answers)
     assert "58213" in answers["entropy"].replace(" ", "")
     assert "58213" not in answers["recent"].replace(" ", "")
+
+
+def test_separate_memories_trained_together_each_recall_their_document(smol, tmp_path, capsys):
+    """`consolidate A B --separate`: one memory per file, trained in one batched run
+    (consolidate_many); each memory answers its own document's questions."""
+    model, tok = smol
+    files = []
+    for k, (doc, _) in enumerate(SEQUENTIAL_DOCS):
+        f = tmp_path / f"doc{k}.txt"
+        f.write_text(doc)
+        files.append(str(f))
+    assert cli.main(["consolidate", *files, "--out", str(tmp_path / "mems"), "--separate"]) == 0
+    base = iicl_fast.Memory(model, tok, iicl_fast.Config(progress=False))
+    results = []
+    for k, (doc, qs) in enumerate(SEQUENTIAL_DOCS):
+        questions = [q["question"] for q in qs]
+        mem = iicl_fast.Memory.load(tmp_path / "mems" / f"doc{k}", model, tok)
+        none = cli.recall(qs, base.ask_many(questions))
+        full = cli.recall(qs, base.ask_many(questions, context=doc))
+        mine = cli.recall(qs, mem.ask_many(questions))
+        results.append((none, full, mine))
+    print(f"--separate recall per document (no context, full context, own memory): {results}")
+    for none, full, mine in results:
+        assert mine > none and mine >= full - 1
