@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from ._ext import ext
+from ._ext import available, ext
 from .config import IICLError
 
 
@@ -67,7 +67,10 @@ class MaskedAdamW:
     moments stay bit-for-bit the same. Matches torch.optim.AdamW run per adapter."""
 
     def __init__(self, params: list[torch.Tensor], n_adapters: int, *, lr=1e-3, weight_decay=0.0,
-                 betas=(0.9, 0.999), eps=1e-8, max_grad_norm: float | None = 1.0):
+                 betas=(0.9, 0.999), eps=1e-8, max_grad_norm: float | None = 1.0, impl: str = "auto"):
+        if impl not in ("auto", "ext", "torch"):
+            raise IICLError(f"impl must be 'auto', 'ext' or 'torch', got {impl!r}")
+        self.impl = impl
         self.params = list(params)
         if not self.params:
             raise IICLError("MaskedAdamW: no parameters")
@@ -103,9 +106,40 @@ class MaskedAdamW:
     def step(self, active=None) -> None:
         """One update of the adapters in `active` (ids or a bool mask; None: all)."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        impl = self.impl
+        if impl == "auto":   # _C has CPU kernels only so far: on the GPU the vectorised torch update
+            impl = "ext" if not self.params[0].is_cuda and available() else "torch"
+        if impl == "torch":
+            return self._step_torch(grads, self.active_mask(active))
         ext().masked_adamw_step(self.params, grads, self.exp_avg, self.exp_avg_sq, self.step_count,
                                 self.active_mask(active), self.lr, self.weight_decay, self.betas[0], self.betas[1],
                                 self.eps, float(self.max_grad_norm))
+
+    def _step_torch(self, grads, mask) -> None:
+        """The same update with torch ops on the gathered active adapters (any device)."""
+        act = mask.nonzero().squeeze(1)
+        if act.numel() == 0:
+            return
+        b1, b2 = self.betas
+        self.step_count[act] += 1
+        t = self.step_count[act].double()
+        bc1, bc2_sqrt = 1 - b1 ** t, (1 - b2 ** t).sqrt()
+        lr, wd = self.lr[act].double(), self.weight_decay[act].double()
+        clip = None
+        if self.max_grad_norm > 0:
+            sq = sum(g[act].float().pow(2).reshape(act.numel(), -1).sum(1) for g in grads)
+            clip = (self.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        for p, g, m, v in zip(self.params, grads, self.exp_avg, self.exp_avg_sq):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            col = lambda x: x.view(shape).to(p.dtype)  # noqa: E731
+            ga = g[act].to(p.dtype)
+            if clip is not None:
+                ga = ga * col(clip)
+            pa = p[act] * col(1 - lr * wd)
+            ma = m[act].lerp(ga, 1 - b1)
+            va = v[act].mul(b2).addcmul(ga, ga, value=1 - b2)
+            pa = pa - col(lr / bc1) * ma / (va.sqrt() / col(bc2_sqrt) + self.eps)
+            p[act], m[act], v[act] = pa, ma, va
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -182,8 +216,15 @@ class LoraBank:
             if x.shape[0] != b:
                 raise IICLError(f"route has {b} adapter ids but the batch has {x.shape[0]} sequences")
             s = x.numel() // (b * d_in)
-            offsets = torch.arange(b + 1, device=x.device) * s
-            y = segmented_lora(x.reshape(b * s, d_in), self.A[name], self.B[name], offsets, ids, self.scale)
+            if x.is_cuda or not available():
+                # _C has CPU kernels only so far: on the GPU, the adapters of the batch's
+                # sequences gathered and two batched GEMMs (the torch_bank path)
+                xb = x.reshape(b, s, d_in)
+                A, B = self.A[name][ids].to(x.dtype), self.B[name][ids].to(x.dtype)
+                y = torch.bmm(torch.bmm(xb, A.transpose(1, 2)), B.transpose(1, 2)) * self.scale
+            else:
+                offsets = torch.arange(b + 1, device=x.device) * s
+                y = segmented_lora(x.reshape(b * s, d_in), self.A[name], self.B[name], offsets, ids, self.scale)
             return output + y.view(output.shape).to(output.dtype)
         return hook
 

@@ -208,3 +208,23 @@ def test_bank_training_step_moves_only_the_routed_adapters(tiny):
             pass
     with pytest.raises(IICLError, match="adapter id 9"):
         bank.export(9, "/nonexistent")
+
+
+def test_masked_adamw_torch_path_matches_the_extension():
+    g = torch.Generator().manual_seed(5)
+    n = 5
+    p0 = [torch.randn(n, 4, 3, generator=g), torch.randn(n, 2, generator=g)]
+    runs = {}
+    for impl in ("ext", "torch"):
+        params = [p.clone() for p in p0]
+        opt = MaskedAdamW(params, n, lr=3e-2, weight_decay=0.1, max_grad_norm=0.5, impl=impl)
+        gg = torch.Generator().manual_seed(9)
+        for active in ([0, 1, 2, 3, 4], [2, 4], [0, 4]):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gg) * 3
+            opt.step(active=torch.tensor(active))
+        runs[impl] = (params, opt.exp_avg, opt.exp_avg_sq, opt.step_count)
+    for a, b in zip(runs["ext"][:3], runs["torch"][:3]):
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+    assert torch.equal(runs["ext"][3], runs["torch"][3])
