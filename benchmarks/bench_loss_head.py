@@ -214,12 +214,13 @@ def precision(N=512):
     return out
 
 
-SWEEP = ["128,128,64,128,8,3", "128,256,64,128,8,3", "128,128,64,256,8,3", "128,256,64,256,8,3",
-         "64,256,64,128,4,4", "128,128,64,128,4,4", "256,128,64,128,8,3"]
+# BN,BV,BK,BH,warps,stages,group,tma (the first sweep, without group/tma, is in NOTES.md)
+SWEEP = ["128,256,64,256,8,3,16,1", "128,256,64,256,8,3,16,0", "128,256,64,256,8,4,16,1",
+         "128,256,64,256,8,3,8,1", "128,256,64,128,8,4,16,1", "256,128,64,256,8,3,16,1"]
 
 
 def sweep(N=4096):
-    """Tile shapes (BN,BV,BK,BH,warps,stages) of the loss-head kernels: token_logprob (tile
+    """Tile shapes (BN,BV,BK,BH,warps,stages,group,tma) of the loss-head kernels: token_logprob (tile
     kernel only) and forward_kl_step (tile + P·W kernels). -> the best for the latter."""
     g = torch.Generator(device=DEV).manual_seed(1)
     W = (torch.randn(V, H, device=DEV, generator=g) * 3 / H ** 0.5).to(DT)
@@ -264,7 +265,7 @@ def main():
     if args.sweep:
         os.environ["IICL_LOSS_HEAD_CFG"] = sweep()
     meta["kernel_cfg"] = os.environ.get("IICL_LOSS_HEAD_CFG", "default")
-    print("kernel cfg (BN,BV,BK,BH,warps,stages):", meta["kernel_cfg"], flush=True)
+    print("kernel cfg (BN,BV,BK,BH,warps,stages,group,tma):", meta["kernel_cfg"], flush=True)
     if not args.skip_precision:
         prec = precision()
         (out / "loss_head_precision.json").write_text(json.dumps({**meta, "N": 512, "H": H, "V": V, **prec}, indent=1))

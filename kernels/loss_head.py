@@ -30,18 +30,35 @@ def _tanh(x):
 
 
 @triton.jit
-def _logit_tile(h_ptr, w_ptr, rn, rv, N, H, v_end, stride_hn, stride_wv, inv_t, softcap,
+def _grouped(pid, n_rows, n_cols, GROUP: tl.constexpr):
+    """Program id -> (row block, column block), GROUP row blocks sweeping the columns together:
+    the programs in flight then share a few row and column blocks in L2. Row-block-fastest
+    order (the first version) streamed all of h (128 MiB at N=16384) from HBM for every vocab
+    tile column."""
+    per_group = GROUP * n_cols
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(n_rows - first, GROUP)
+    return first + (pid % per_group) % size, (pid % per_group) // size
+
+
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, n0, v0, rn, rv, N, H, v_end, stride_hn, stride_wv, inv_t, softcap,
                 SOFTCAP: tl.constexpr, IEEE: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
-                BK: tl.constexpr):
+                BK: tl.constexpr, TMA: tl.constexpr = False):
     """z[BN, BV] = (softcap∘(h·Wᵀ))/T in fp32, −inf outside the vocabulary; and the softcap
-    chain factor dz/dz_raw·T (1 without softcap)."""
+    chain factor dz/dz_raw·T (1 without softcap). TMA: h_ptr, w_ptr are tensor descriptors
+    over h [N, H] and W [V, H] (zero fill past the edges), blocks [BN, BK] and [BV, BK]."""
     rk = tl.arange(0, BK)
     acc = tl.zeros((BN, BV), dtype=tl.float32)
     for k in range(0, H, BK):
-        hk = tl.load(h_ptr + rn[:, None] * stride_hn + (k + rk)[None, :],
-                     mask=(rn[:, None] < N) & ((k + rk)[None, :] < H), other=0.0)
-        wk = tl.load(w_ptr + rv[None, :] * stride_wv + (k + rk)[:, None],
-                     mask=(rv[None, :] < v_end) & ((k + rk)[:, None] < H), other=0.0)
+        if TMA:
+            hk = h_ptr.load([n0, k])
+            wk = w_ptr.load([v0, k]).T
+        else:
+            hk = tl.load(h_ptr + rn[:, None] * stride_hn + (k + rk)[None, :],
+                         mask=(rn[:, None] < N) & ((k + rk)[None, :] < H), other=0.0)
+            wk = tl.load(w_ptr + rv[None, :] * stride_wv + (k + rk)[:, None],
+                         mask=(rv[None, :] < v_end) & ((k + rk)[:, None] < H), other=0.0)
         if IEEE:
             acc = tl.dot(hk, wk, acc, input_precision="ieee")
         else:
@@ -57,16 +74,16 @@ def _logit_tile(h_ptr, w_ptr, rn, rv, N, H, v_end, stride_hn, stride_wv, inv_t, 
 
 @triton.jit
 def _tile_stats_kernel(h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr,
-                       N, H, v_start, v_end, stride_hn, stride_wv, stride_pn, stride_mn, inv_t,
+                       N, H, v_start, v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t,
                        HAS_TGT: tl.constexpr, WRITE_P: tl.constexpr, IEEE: tl.constexpr,
+                       TMA: tl.constexpr, GROUP: tl.constexpr,
                        BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(N, BN), n_tiles, GROUP)
     rn = pid_n * BN + tl.arange(0, BN)
     rc = pid_v * BV + tl.arange(0, BV)          # column inside the chunk
     rv = v_start + rc
-    z, chain = _logit_tile(h_ptr, w_ptr, rn, rv, N, H, v_end, stride_hn, stride_wv, inv_t, 1.0,
-                           False, IEEE, BN, BV, BK)
+    z, chain = _logit_tile(h_ptr, w_ptr, pid_n * BN, v_start + pid_v * BV, rn, rv, N, H, v_end,
+                           stride_hn, stride_wv, inv_t, 1.0, False, IEEE, BN, BV, BK, TMA)
     valid = (rv < v_end)[None, :]
     m = tl.max(z, 1)
     e = tl.exp(z - m[:, None])                   # 0 outside the vocabulary
@@ -82,41 +99,50 @@ def _tile_stats_kernel(h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr
         zt = tl.sum(tl.where(hit, z, 0.0), 1)
         found = tl.sum(hit.to(tl.int32), 1) > 0
         tl.store(zt_ptr + rn, zt, mask=row_ok & found)
-    if WRITE_P:
+    if WRITE_P:   # the whole tile, zeros past the vocabulary: the P·W kernel reads whole k-blocks
         tl.store(p_ptr + rn[:, None] * stride_pn + rc[None, :], e.to(p_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & valid)
+                 mask=row_ok[:, None])
 
 
 @triton.jit
 def _pw_kernel(p_ptr, sc_ptr, alpha_ptr, w_ptr, o_ptr, N, H, v_start, v_len,
                stride_pn, stride_sn, stride_wv, stride_on,
                HAS_SCALE: tl.constexpr, HAS_ALPHA: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+               TMA: tl.constexpr, GROUP: tl.constexpr,
                TILE_V: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
     """O[N, H] ← α ⊙ O + (P ⊙ scale) · W[v_start : v_start + v_len]   (fp32 accumulate).
 
     SPLIT: P·scale (fp32) is split into bf16 hi + lo parts, two tensor-core products: the
-    result keeps ~16 mantissa bits instead of bf16's 8 (for the teacher's μ_t)."""
-    pid_n = tl.program_id(0)
-    pid_h = tl.program_id(1)
+    result keeps ~16 mantissa bits instead of bf16's 8 (for the teacher's μ_t).
+    TMA: p_ptr, w_ptr are descriptors over P [N, chunk] (blocks [BN, BK]) and W [V, H]
+    (blocks [BK, BH]); P holds zeros from v_len to the end of its last tile, so whole
+    k-blocks are read."""
+    pid_n, pid_h = _grouped(tl.program_id(0), tl.cdiv(N, BN), tl.cdiv(H, BH), GROUP)
     rn = pid_n * BN + tl.arange(0, BN)
     rh = pid_h * BH + tl.arange(0, BH)
     rk = tl.arange(0, BK)
     acc = tl.zeros((BN, BH), dtype=tl.float32)
     for k in range(0, v_len, BK):
-        p = tl.load(p_ptr + rn[:, None] * stride_pn + (k + rk)[None, :],
-                    mask=(rn[:, None] < N) & ((k + rk)[None, :] < v_len), other=0.0).to(tl.float32)
+        if TMA:
+            p = p_ptr.load([pid_n * BN, k]).to(tl.float32)
+        else:
+            p = tl.load(p_ptr + rn[:, None] * stride_pn + (k + rk)[None, :],
+                        mask=(rn[:, None] < N) & ((k + rk)[None, :] < v_len), other=0.0).to(tl.float32)
         if HAS_SCALE:       # BK divides TILE_V: one scale per row for this k-block
             sc = tl.load(sc_ptr + rn * stride_sn + k // TILE_V, mask=rn < N, other=0.0)
             p = p * sc[:, None]
-        w = tl.load(w_ptr + (v_start + k + rk)[:, None] * stride_wv + rh[None, :],
-                    mask=((k + rk)[:, None] < v_len) & (rh[None, :] < H), other=0.0)
+        if TMA:
+            w = w_ptr.load([v_start + k, pid_h * BH])
+        else:
+            w = tl.load(w_ptr + (v_start + k + rk)[:, None] * stride_wv + rh[None, :],
+                        mask=((k + rk)[:, None] < v_len) & (rh[None, :] < H), other=0.0)
         if IEEE:
             acc = tl.dot(p, w, acc, input_precision="ieee")
         else:
-            hi = p.to(w_ptr.dtype.element_ty)
+            hi = p.to(w.dtype)
             acc = tl.dot(hi, w, acc)
             if SPLIT:
-                acc = tl.dot((p - hi.to(tl.float32)).to(w_ptr.dtype.element_ty), w, acc)
+                acc = tl.dot((p - hi.to(tl.float32)).to(w.dtype), w, acc)
     mask = (rn[:, None] < N) & (rh[None, :] < H)
     optr = o_ptr + rn[:, None] * stride_on + rh[None, :]
     o = tl.load(optr, mask=mask, other=0.0)
@@ -128,19 +154,19 @@ def _pw_kernel(p_ptr, sc_ptr, alpha_ptr, w_ptr, o_ptr, N, H, v_start, v_len,
 
 # general path: two models ---------------------------------------------------------------
 @triton.jit
-def _dual_stats_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, out_ptr, N, Hs, Ht, v_start, v_end,
+def _dual_stats_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, out_ptr, N, Hs, Ht, v_start, v_end, n_tiles,
                        stride_hs, stride_ws, stride_ht, stride_wt, stride_on, stride_oq, inv_t, softcap,
-                       SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+                       SOFTCAP: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, GROUP: tl.constexpr,
                        BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
     """Per (row, tile): m_s, l_s, m_t, l_t, Σe^(z_s−m_s)(z_s−z_t), Σe^(z_t−m_t)(z_t−z_s)."""
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(N, BN), n_tiles, GROUP)
     rn = pid_n * BN + tl.arange(0, BN)
     rv = v_start + pid_v * BV + tl.arange(0, BV)
-    zs, _ = _logit_tile(hs_ptr, ws_ptr, rn, rv, N, Hs, v_end, stride_hs, stride_ws, inv_t, softcap,
-                        SOFTCAP, IEEE, BN, BV, BK)
-    zt, _ = _logit_tile(ht_ptr, wt_ptr, rn, rv, N, Ht, v_end, stride_ht, stride_wt, inv_t, softcap,
-                        SOFTCAP, IEEE, BN, BV, BK)
+    n0, v0 = pid_n * BN, v_start + pid_v * BV
+    zs, _ = _logit_tile(hs_ptr, ws_ptr, n0, v0, rn, rv, N, Hs, v_end, stride_hs, stride_ws, inv_t, softcap,
+                        SOFTCAP, IEEE, BN, BV, BK, TMA)
+    zt, _ = _logit_tile(ht_ptr, wt_ptr, n0, v0, rn, rv, N, Ht, v_end, stride_ht, stride_wt, inv_t, softcap,
+                        SOFTCAP, IEEE, BN, BV, BK, TMA)
     valid = (rv < v_end)[None, :]
     d = tl.where(valid, zs, 0.0) - tl.where(valid, zt, 0.0)
     ms = tl.max(zs, 1)
@@ -159,24 +185,25 @@ def _dual_stats_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, out_ptr, N, Hs, Ht, v_sta
 
 @triton.jit
 def _dual_grad_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, lse_s_ptr, lse_t_ptr, c_ptr, g_ptr, part_ptr,
-                      N, Hs, Ht, v_start, v_end, stride_hs, stride_ws, stride_ht, stride_wt, stride_gn,
-                      stride_pn, inv_t, softcap, beta,
-                      MODE: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
-                      BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+                      N, Hs, Ht, v_start, v_end, n_tiles, stride_hs, stride_ws, stride_ht, stride_wt,
+                      stride_gn, stride_pn, inv_t, softcap, beta,
+                      MODE: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+                      GROUP: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
     """MODE 0 forward KL, 1 reverse KL, 3 JSD: write dLoss/dh-side G = dLoss/dz_s,raw into
     g [N, chunk]. MODE 2 (JSD value): per-tile partial sums of the JSD and of (1−β)·KL(p_s‖m).
-    c [N] is KL(p_s‖p_t) (MODE 1) or (1−β)·KL(p_s‖m) (MODE 3)."""
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    c [N] is KL(p_s‖p_t) (MODE 1) or (1−β)·KL(p_s‖m) (MODE 3). G is written for the whole
+    tile (zeros past the vocabulary)."""
+    pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(N, BN), n_tiles, GROUP)
     rn = pid_n * BN + tl.arange(0, BN)
     rc = pid_v * BV + tl.arange(0, BV)
     rv = v_start + rc
     ok = rn < N
     valid = (rv < v_end)[None, :]
-    zs, chain = _logit_tile(hs_ptr, ws_ptr, rn, rv, N, Hs, v_end, stride_hs, stride_ws, inv_t, softcap,
-                            SOFTCAP, IEEE, BN, BV, BK)
-    zt, _ = _logit_tile(ht_ptr, wt_ptr, rn, rv, N, Ht, v_end, stride_ht, stride_wt, inv_t, softcap,
-                        SOFTCAP, IEEE, BN, BV, BK)
+    n0, v0 = pid_n * BN, v_start + pid_v * BV
+    zs, chain = _logit_tile(hs_ptr, ws_ptr, n0, v0, rn, rv, N, Hs, v_end, stride_hs, stride_ws, inv_t, softcap,
+                            SOFTCAP, IEEE, BN, BV, BK, TMA)
+    zt, _ = _logit_tile(ht_ptr, wt_ptr, n0, v0, rn, rv, N, Ht, v_end, stride_ht, stride_wt, inv_t, softcap,
+                        SOFTCAP, IEEE, BN, BV, BK, TMA)
     lse_s = tl.load(lse_s_ptr + rn, mask=ok, other=0.0)
     lse_t = tl.load(lse_t_ptr + rn, mask=ok, other=0.0)
     log_ps = tl.where(valid, zs - lse_s[:, None], 0.0)
@@ -202,7 +229,7 @@ def _dual_grad_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, lse_s_ptr, lse_t_ptr, c_pt
     if MODE != 2:
         g = g * chain * inv_t
         tl.store(g_ptr + rn[:, None] * stride_gn + rc[None, :], g.to(g_ptr.dtype.element_ty),
-                 mask=ok[:, None] & valid)
+                 mask=ok[:, None])
 
 
 # launchers -----------------------------------------------------------------------------------
@@ -215,20 +242,46 @@ def _out(*shape, device, dtype=torch.float32):
 
 
 def _cfg(device: torch.device, dual: bool = False) -> dict:
+    """Tile shapes. IICL_LOSS_HEAD_CFG="BN,BV,BK,BH,warps,stages[,group,tma]" overrides the
+    single-model kernels (the benchmark sweeps with it); IICL_LOSS_HEAD_TMA=0|1 forces the
+    tensor-descriptor loads off or on (tests run both paths)."""
     if device.type == "cuda":
-        env = os.environ.get("IICL_LOSS_HEAD_CFG")   # benchmarks sweep tile shapes with it
-        if env and not dual:
-            bn, bv, bk, bh, w, st = map(int, env.split(","))
-            return dict(BN=bn, BV=bv, BK=bk, BH=bh, num_warps=w, num_stages=st)
+        env = os.environ.get("IICL_LOSS_HEAD_CFG")
         if dual:
             # two logit tiles live at once: 128×256 tiles spilled (12× the GEMM floor on an
             # H100 vs 2.6× with 128×128, N=4096)
-            return dict(BN=128, BV=128, BK=64, BH=256, num_warps=8, num_stages=3)
-        # H100 sweep (benchmarks/NOTES.md): 128×256 logit tiles and 128×256 output tiles,
-        # 8 warps, 3 stages: forward_kl_step 17.2 ms vs 22.3 ms for 128×128 at N=4096.
-        return dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=3)
-    # interpreter: its cost is per program and per op, so few large blocks
-    return dict(BN=32, BV=128, BK=32, BH=64, num_warps=1, num_stages=1)
+            cfg = dict(BN=128, BV=128, BK=64, BH=256, num_warps=8, num_stages=3, GROUP=16, TMA=True)
+        elif env:
+            v = list(map(int, env.split(",")))
+            cfg = dict(BN=v[0], BV=v[1], BK=v[2], BH=v[3], num_warps=v[4], num_stages=v[5],
+                       GROUP=v[6] if len(v) > 6 else 16, TMA=bool(v[7]) if len(v) > 7 else True)
+        else:
+            # H100 sweep (benchmarks/NOTES.md): 128×256 logit tiles and 128×256 output tiles,
+            # 8 warps, 3 stages: forward_kl_step 17.2 ms vs 22.3 ms for 128×128 at N=4096.
+            cfg = dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=3, GROUP=16, TMA=True)
+    else:
+        # interpreter: its cost is per program and per op, so few large blocks; GROUP 3 so that
+        # N=97 (4 row blocks) ends in a partial group
+        cfg = dict(BN=32, BV=128, BK=32, BH=64, num_warps=1, num_stages=1, GROUP=3, TMA=True)
+    tma = os.environ.get("IICL_LOSS_HEAD_TMA")
+    if tma is not None:
+        cfg["TMA"] = tma == "1"
+    return cfg
+
+
+def _launch_kw(cfg: dict) -> dict:
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], GROUP=cfg["GROUP"])
+
+
+def _tma_ok(cfg: dict, *tensors: torch.Tensor) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and row strides."""
+    return cfg["TMA"] and all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0
+                              for t in tensors)
+
+
+def _desc(t: torch.Tensor, block: list[int]):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return TensorDescriptor.from_tensor(t, block)
 
 
 def _chunk(n: int, v: int, bv: int, workspace_bytes: int = 256 << 20, elt: int = 2) -> int:
@@ -276,23 +329,27 @@ def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor |
     chunk = _chunk(N, V, BV, elt=p_dtype.itemsize)
     p_ws = _out(N, chunk, device=dev, dtype=p_dtype) if expect_w else None
     grid_n = triton.cdiv(N, BN)
+    tma = _tma_ok(cfg, h, weight) and (not expect_w or _tma_ok(cfg, p_ws))
+    h_in, w_in = (_desc(h, [BN, BK]), _desc(weight, [BV, BK])) if tma else (h, weight)
+    if expect_w:
+        p_in, w_out = (_desc(p_ws, [BN, BK]), _desc(weight, [BK, BH])) if tma else (p_ws, weight)
     for v0 in range(0, V, chunk):
         v1 = min(V, v0 + chunk)
         tiles = triton.cdiv(v1 - v0, BV)
         tile = _out(3, N, tiles, device=dev)
-        _tile_stats_kernel[(grid_n, tiles)](
-            h, weight, targets if targets is not None else h, p_ws if expect_w else h,
+        _tile_stats_kernel[(grid_n * tiles,)](
+            h_in, w_in, targets if targets is not None else h, p_ws if expect_w else h,
             tile[0], tile[1], tile[2], zt if zt is not None else h,
-            N, H, v0, v1, h.stride(0), weight.stride(0), chunk, tiles, 1.0 / temperature,
-            HAS_TGT=targets is not None, WRITE_P=expect_w, IEEE=ieee, BN=BN, BV=BV, BK=BK,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            N, H, v0, v1, tiles, h.stride(0), weight.stride(0), chunk, tiles, 1.0 / temperature,
+            HAS_TGT=targets is not None, WRITE_P=expect_w, IEEE=ieee, TMA=tma, BN=BN, BV=BV, BK=BK,
+            **_launch_kw(cfg))
         m, l, s, scale, alpha = _merge(m, l, s, tile[0], tile[1], tile[2])
         if expect_w:
             scale = scale.contiguous()
-            _pw_kernel[(grid_n, triton.cdiv(H, BH))](
-                p_ws, scale, alpha, weight, out, N, H, v0, v1 - v0, chunk, tiles, weight.stride(0), H,
-                HAS_SCALE=True, HAS_ALPHA=True, SPLIT=split, IEEE=ieee, TILE_V=BV, BN=BN, BH=BH, BK=BK,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            _pw_kernel[(grid_n * triton.cdiv(H, BH),)](
+                p_in, scale, alpha, w_out, out, N, H, v0, v1 - v0, chunk, tiles, weight.stride(0), H,
+                HAS_SCALE=True, HAS_ALPHA=True, SPLIT=split, IEEE=ieee, TMA=tma, TILE_V=BV, BN=BN, BH=BH,
+                BK=BK, **_launch_kw(cfg))
     lse = m + torch.log(l)
     if expect_w:
         out /= l[:, None]
@@ -312,8 +369,10 @@ def dual_loss(h_s, weight_s, h_t, weight_t, *, kind: str, beta: float = 0.5, tem
     BN, BV, BK, BH = cfg["BN"], cfg["BV"], cfg["BK"], cfg["BH"]
     ieee = h_s.dtype == torch.float32
     h_s, weight_s, h_t, weight_t = (x.contiguous() for x in (h_s, weight_s, h_t, weight_t))
-    kw = dict(SOFTCAP=softcap is not None, IEEE=ieee, BN=BN, BV=BV, BK=BK,
-              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    tma = _tma_ok(cfg, h_s, weight_s, h_t, weight_t)
+    hs_in, ws_in, ht_in, wt_in = ((_desc(h_s, [BN, BK]), _desc(weight_s, [BV, BK]), _desc(h_t, [BN, BK]),
+                                   _desc(weight_t, [BV, BK])) if tma else (h_s, weight_s, h_t, weight_t))
+    kw = dict(SOFTCAP=softcap is not None, IEEE=ieee, TMA=tma, BN=BN, BV=BV, BK=BK, **_launch_kw(cfg))
     inv_t, cap = 1.0 / temperature, float(softcap or 1.0)
     grid_n = triton.cdiv(N, BN)
     chunk = _chunk(N, V, BV, elt=4)
@@ -325,8 +384,8 @@ def dual_loss(h_s, weight_s, h_t, weight_t, *, kind: str, beta: float = 0.5, tem
         v1 = min(V, v0 + chunk)
         tiles = triton.cdiv(v1 - v0, BV)
         st = _out(6, N, tiles, device=dev)
-        _dual_stats_kernel[(grid_n, tiles)](
-            h_s, weight_s, h_t, weight_t, st, N, Hs, Ht, v0, v1, h_s.stride(0), weight_s.stride(0),
+        _dual_stats_kernel[(grid_n * tiles,)](
+            hs_in, ws_in, ht_in, wt_in, st, N, Hs, Ht, v0, v1, tiles, h_s.stride(0), weight_s.stride(0),
             h_t.stride(0), weight_t.stride(0), tiles, N * tiles, inv_t, cap, **kw)
         ms, ls, a_s, _, _ = _merge(ms, ls, a_s, st[0], st[1], st[4])
         mt, lt, a_t, _, _ = _merge(mt, lt, a_t, st[2], st[3], st[5])
@@ -344,8 +403,8 @@ def dual_loss(h_s, weight_s, h_t, weight_t, *, kind: str, beta: float = 0.5, tem
             v1 = min(V, v0 + chunk)
             tiles = triton.cdiv(v1 - v0, BV)
             part = _out(N, tiles, 2, device=dev)
-            _dual_grad_kernel[(grid_n, tiles)](
-                h_s, weight_s, h_t, weight_t, lse_s, lse_t, c, h_s, part, N, Hs, Ht, v0, v1,
+            _dual_grad_kernel[(grid_n * tiles,)](
+                hs_in, ws_in, ht_in, wt_in, lse_s, lse_t, c, h_s, part, N, Hs, Ht, v0, v1, tiles,
                 h_s.stride(0), weight_s.stride(0), h_t.stride(0), weight_t.stride(0), 0, 2 * tiles,
                 inv_t, cap, float(beta), MODE=2, **kw)
             loss += part[..., 0].sum(1)
@@ -357,15 +416,17 @@ def dual_loss(h_s, weight_s, h_t, weight_t, *, kind: str, beta: float = 0.5, tem
     # pass 2: G = dLoss/dz_s per tile, then dLoss/dh_s = G · W_s
     grad = torch.zeros(N, Hs, device=dev)
     g_ws = _out(N, chunk, device=dev, dtype=h_s.dtype)
+    tma_g = tma and _tma_ok(cfg, g_ws)
+    g_in, w_out = (_desc(g_ws, [BN, BK]), _desc(weight_s, [BK, BH])) if tma_g else (g_ws, weight_s)
     for v0 in range(0, V, chunk):
         v1 = min(V, v0 + chunk)
         tiles = triton.cdiv(v1 - v0, BV)
-        _dual_grad_kernel[(grid_n, tiles)](
-            h_s, weight_s, h_t, weight_t, lse_s, lse_t, c if c is not None else lse_s, g_ws, g_ws,
-            N, Hs, Ht, v0, v1, h_s.stride(0), weight_s.stride(0), h_t.stride(0), weight_t.stride(0),
+        _dual_grad_kernel[(grid_n * tiles,)](
+            hs_in, ws_in, ht_in, wt_in, lse_s, lse_t, c if c is not None else lse_s, g_ws, g_ws,
+            N, Hs, Ht, v0, v1, tiles, h_s.stride(0), weight_s.stride(0), h_t.stride(0), weight_t.stride(0),
             chunk, 0, inv_t, cap, float(beta), MODE=mode, **kw)
-        _pw_kernel[(grid_n, triton.cdiv(Hs, BH))](
-            g_ws, g_ws, g_ws, weight_s, grad, N, Hs, v0, v1 - v0, chunk, 0, weight_s.stride(0), Hs,
-            HAS_SCALE=False, HAS_ALPHA=False, SPLIT=False, IEEE=ieee, TILE_V=BV, BN=BN, BH=BH, BK=BK,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        _pw_kernel[(grid_n * triton.cdiv(Hs, BH),)](
+            g_in, g_ws, g_ws, w_out, grad, N, Hs, v0, v1 - v0, chunk, 0, weight_s.stride(0), Hs,
+            HAS_SCALE=False, HAS_ALPHA=False, SPLIT=False, IEEE=ieee, TMA=tma_g, TILE_V=BV, BN=BN, BH=BH,
+            BK=BK, **_launch_kw(cfg))
     return loss, grad

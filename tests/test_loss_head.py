@@ -175,3 +175,34 @@ def test_mean_reduction_and_bad_inputs():
         ops.teacher_stats(h, W, impl="cuda")
     with pytest.raises(ops.IICLError, match="reduction"):
         ops.forward_kl(h, W, ops.teacher_stats(h, W), reduction="max")
+
+
+@pytest.mark.parametrize("tma,H", [("0", 40), ("1", 37)])
+def test_pointer_loads(monkeypatch, tma, H):
+    """The kernels' plain pointer loads (tensor descriptors off, or a row stride TMA cannot
+    take: 37 fp32 = 148 bytes) give the same values and gradients against float64."""
+    monkeypatch.setenv("IICL_LOSS_HEAD_TMA", tma)
+    N, V, T = 97, 4099, 2.0
+    h_t, W, y, g = inputs(N, H, V, 13)
+    assert loss_head._tma_ok(loss_head._cfg(h_t.device), h_t, W) == (H % 4 == 0 and tma == "1")
+    h_s = (h_t + 0.5 * randn(N, H, generator=g)).requires_grad_(True)
+    st = ops.teacher_stats(h_t, W, y, temperature=T, impl="triton")
+    kl = ops.forward_kl(h_s, W, st, temperature=T, impl="triton")
+    gk = ops.kl_divergence(h_s, W, h_t, W, kind="reverse", temperature=T, softcap=4.0, impl="triton")
+    (g1,) = torch.autograd.grad(kl.sum(), h_s)
+    (g2,) = torch.autograd.grad(gk.sum(), h_s)
+
+    h64 = h_s.detach().double().requires_grad_(True)
+    logp = torch.log_softmax(logits64(h_t, W, T), -1)
+    ref = (logp.exp() * (logp - torch.log_softmax(logits64(h64, W, T), -1))).sum(-1)
+    (r1,) = torch.autograd.grad(ref.sum(), h64)
+    logq_c = torch.log_softmax(logits64(h64, W, T, 4.0), -1)
+    logp_c = torch.log_softmax(logits64(h_t, W, T, 4.0), -1)
+    ref2 = (logq_c.exp() * (logq_c - logp_c)).sum(-1)
+    (r2,) = torch.autograd.grad(ref2.sum(), h64)
+    close(st.mu, logp.exp() @ W.double())
+    close(st.logprob, logp.gather(1, y[:, None]).squeeze(1))
+    close(kl, ref.detach(), atol=1e-4)
+    close(g1, r1, atol=1e-5)
+    close(gk, ref2.detach(), atol=1e-4)
+    close(g2, r2, atol=1e-5)
