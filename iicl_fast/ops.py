@@ -87,8 +87,9 @@ def teacher_stats(h, weight, targets=None, *, temperature=1.0, precise=False, im
 
 
 def _per_token_grad(ctx, g, rows=2048):
-    """Each op saves d(loss_i)/dh_i [N, H] (fp32) in forward; backward only scales it by g [N],
-    in row slices: one fp32 [N, H] temporary put forward_kl_step at 0.62 GiB peak (N=16384)."""
+    """Each op saves d(loss_i)/dh_i [N, H] in forward (in h's dtype, or fp32); backward only
+    scales it by g [N], in row slices: one fp32 [N, H] temporary put forward_kl_step at
+    0.62 GiB peak (N=16384)."""
     (per_token,) = ctx.saved_tensors
     out = torch.empty(per_token.shape, dtype=ctx.h_dtype, device=per_token.device)
     for a in range(0, out.shape[0], rows):
@@ -100,12 +101,11 @@ class _ForwardKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, weight, mu_t, ent_t, temperature, impl):
         be = _backend(impl, h_s)
-        lse_s, _, _, ew = be.softmax_stats(h_s.detach(), weight.detach(), None, temperature=temperature,
-                                           expect_w=ctx.needs_input_grad[0])
+        # ∂KL/∂h_s = (E_ps[W] − μ_t)/T comes out of the P·W kernel's epilogue, in h_s's dtype
+        lse_s, _, _, grad = be.softmax_stats(h_s.detach(), weight.detach(), None, temperature=temperature,
+                                             expect_w=ctx.needs_input_grad[0], minus=mu_t, w_dtype=h_s.dtype)
         kl = lse_s - _rowdot(h_s, mu_t) / temperature - ent_t
-        if ew is not None:
-            ew.sub_(mu_t).div_(temperature)        # ∂KL/∂h_s, kept O(N·H)
-        ctx.save_for_backward(ew)
+        ctx.save_for_backward(grad)
         ctx.h_dtype = h_s.dtype
         return kl
 
@@ -155,7 +155,7 @@ class _KLDivergence(torch.autograd.Function):
         be = _backend(impl, h_s)
         loss, grad = be.dual_loss(h_s.detach(), weight_s.detach(), h_t.detach(), weight_t.detach(), kind=kind,
                                   beta=beta, temperature=temperature, softcap=softcap,
-                                  need_grad=ctx.needs_input_grad[0])
+                                  need_grad=ctx.needs_input_grad[0], grad_dtype=h_s.dtype)
         ctx.save_for_backward(grad)
         ctx.h_dtype = h_s.dtype
         return loss

@@ -1,18 +1,22 @@
 """Fused loss head: vocabulary-tiled GEMMs with online softmax, never tokens × vocab.
 
-The vocabulary is processed in chunks of `chunk` rows of W. Per chunk:
-  1. a tile kernel computes z = h·W_cᵀ (fp32 accumulator), applies softcap and 1/T, and
-     writes per (row, vocab tile) statistics — tile max m, Σe^(z−m), Σe^(z−m)·z, the target
-     logit — and, when E_p[W] is wanted, the tile's e^(z−m) into a [N, chunk] workspace;
-  2. small torch ops merge the tile statistics into running (m, l, s) per row;
-  3. a GEMM kernel accumulates O ← α·O + (P ⊙ scale)·W_c in fp32, where scale = e^(m_tile − m_row)
-     re-bases each tile on the row's running max and α re-bases what O already holds.
-At the end lse = m + log l, Σp·z = s/l, E_p[W] = O/l. Two N×H×V GEMM-equivalents give lse,
-entropy, target log-prob and E_p[W] (teacher μ_t, or the student's gradient term).
+Rows are processed in slabs whose [rows, V] bf16 workspace stays under 256 MiB (1,024 rows
+at V=128256). Per slab:
+  1. a tile kernel computes z = h·Wᵀ per [BN, BV] tile (fp32 accumulator), applies softcap
+     and 1/T, and writes per (row, vocab tile) statistics — tile max m, Σe^(z−m),
+     Σe^(z−m)·z, the target logit — and, when E_p[W] is wanted, e^(z−m) into the workspace;
+  2. small torch ops merge the tile statistics: lse, Σp·z, and scale = e^(m_tile − m)/l;
+  3. one GEMM kernel computes (P ⊙ scale)·W over the whole vocabulary and writes E_p[W]
+     (teacher μ_t), or (E_p[W] − μ_t)/T (the student's ∂KL/∂h), once.
+Two N×H×V GEMM-equivalents give lse, entropy, target log-prob and E_p[W].
 
 The general path (two models, softcap, reverse KL, JSD) recomputes both logit tiles:
 pass 1 merges statistics of both distributions, pass 2 writes dLoss/dz_s per tile and a GEMM
 turns it into dLoss/dh_s.
+
+Programs take their tiles in grouped order (GROUP row blocks sweep the vocabulary together)
+so that the tiles in flight share h and W blocks in L2; on CUDA, h, W and the workspace are
+read through tensor descriptors (TMA) when their strides allow.
 
 Launchers take torch tensors on CUDA, or on the CPU under TRITON_INTERPRET=1."""
 from __future__ import annotations
@@ -105,51 +109,48 @@ def _tile_stats_kernel(h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr
 
 
 @triton.jit
-def _pw_kernel(p_ptr, sc_ptr, alpha_ptr, w_ptr, o_ptr, N, H, v_start, v_len,
-               stride_pn, stride_sn, stride_wv, stride_on,
-               HAS_SCALE: tl.constexpr, HAS_ALPHA: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
+def _pw_kernel(p_ptr, sc_ptr, w_ptr, o_ptr, mu_ptr, N, H, V,
+               stride_pn, stride_sn, stride_wv, stride_on, stride_mun, inv_t,
+               HAS_SCALE: tl.constexpr, SUB_MU: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
                TMA: tl.constexpr, GROUP: tl.constexpr,
                TILE_V: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
-    """O[N, H] ← α ⊙ O + (P ⊙ scale) · W[v_start : v_start + v_len]   (fp32 accumulate).
+    """O[N, H] = (P ⊙ scale) · W over the whole vocabulary (fp32 accumulate), stored once in
+    o's dtype; SUB_MU: O = ((P ⊙ scale) · W − μ) / T (the student's ∂KL/∂h, μ [N, H] fp32).
 
-    SPLIT: P·scale (fp32) is split into bf16 hi + lo parts, two tensor-core products: the
-    result keeps ~16 mantissa bits instead of bf16's 8 (for the teacher's μ_t).
-    TMA: p_ptr, w_ptr are descriptors over P [N, chunk] (blocks [BN, BK]) and W [V, H]
-    (blocks [BK, BH]); P holds zeros from v_len to the end of its last tile, so whole
-    k-blocks are read."""
+    P [N, ≥V] holds e^(z − m_tile) per vocabulary tile, zeros from V to the end of the last
+    tile (whole k-blocks are read); scale [N, tiles] = e^(m_tile − m_row) / l_row turns it
+    into probabilities. SPLIT: P·scale (fp32) split into bf16 hi + lo parts, two tensor-core
+    products (~16 mantissa bits instead of 8, for the teacher's μ_t). TMA: p_ptr, w_ptr are
+    descriptors over P (blocks [BN, BK]) and W [V, H] (blocks [BK, BH])."""
     pid_n, pid_h = _grouped(tl.program_id(0), tl.cdiv(N, BN), tl.cdiv(H, BH), GROUP)
     rn = pid_n * BN + tl.arange(0, BN)
     rh = pid_h * BH + tl.arange(0, BH)
     rk = tl.arange(0, BK)
     acc = tl.zeros((BN, BH), dtype=tl.float32)
-    for k in range(0, v_len, BK):
+    for k in range(0, V, BK):
         if TMA:
-            p = p_ptr.load([pid_n * BN, k]).to(tl.float32)
+            p = p_ptr.load([pid_n * BN, k])
+            w = w_ptr.load([k, pid_h * BH])
         else:
             p = tl.load(p_ptr + rn[:, None] * stride_pn + (k + rk)[None, :],
-                        mask=(rn[:, None] < N) & ((k + rk)[None, :] < v_len), other=0.0).to(tl.float32)
+                        mask=(rn[:, None] < N) & ((k + rk)[None, :] < V), other=0.0)
+            w = tl.load(w_ptr + (k + rk)[:, None] * stride_wv + rh[None, :],
+                        mask=((k + rk)[:, None] < V) & (rh[None, :] < H), other=0.0)
         if HAS_SCALE:       # BK divides TILE_V: one scale per row for this k-block
             sc = tl.load(sc_ptr + rn * stride_sn + k // TILE_V, mask=rn < N, other=0.0)
-            p = p * sc[:, None]
-        if TMA:
-            w = w_ptr.load([v_start + k, pid_h * BH])
-        else:
-            w = tl.load(w_ptr + (v_start + k + rk)[:, None] * stride_wv + rh[None, :],
-                        mask=((k + rk)[:, None] < v_len) & (rh[None, :] < H), other=0.0)
+            p = p.to(tl.float32) * sc[:, None]
         if IEEE:
-            acc = tl.dot(p, w, acc, input_precision="ieee")
+            acc = tl.dot(p.to(tl.float32), w, acc, input_precision="ieee")
         else:
             hi = p.to(w.dtype)
             acc = tl.dot(hi, w, acc)
             if SPLIT:
-                acc = tl.dot((p - hi.to(tl.float32)).to(w.dtype), w, acc)
+                acc = tl.dot((p.to(tl.float32) - hi.to(tl.float32)).to(w.dtype), w, acc)
     mask = (rn[:, None] < N) & (rh[None, :] < H)
-    optr = o_ptr + rn[:, None] * stride_on + rh[None, :]
-    o = tl.load(optr, mask=mask, other=0.0)
-    if HAS_ALPHA:
-        a = tl.load(alpha_ptr + rn, mask=rn < N, other=0.0)
-        o = o * a[:, None]
-    tl.store(optr, o + acc, mask=mask)
+    if SUB_MU:
+        mu = tl.load(mu_ptr + rn[:, None] * stride_mun + rh[None, :], mask=mask, other=0.0)
+        acc = (acc - mu) * inv_t
+    tl.store(o_ptr + rn[:, None] * stride_on + rh[None, :], acc.to(o_ptr.dtype.element_ty), mask=mask)
 
 
 # general path: two models ---------------------------------------------------------------
@@ -241,13 +242,15 @@ def _out(*shape, device, dtype=torch.float32):
         torch.empty(shape, device=device, dtype=dtype)
 
 
-def _cfg(device: torch.device, dual: bool = False) -> dict:
+def _cfg(device: torch.device, dual: bool = False, ieee: bool = False) -> dict:
     """Tile shapes. IICL_LOSS_HEAD_CFG="BN,BV,BK,BH,warps,stages[,group,tma]" overrides the
     single-model kernels (the benchmark sweeps with it); IICL_LOSS_HEAD_TMA=0|1 forces the
     tensor-descriptor loads off or on (tests run both paths)."""
     if device.type == "cuda":
         env = os.environ.get("IICL_LOSS_HEAD_CFG")
-        if dual:
+        if ieee:   # fp32 inputs (tests, not the fast path): fp32 stages of 128×256 tiles overflow shared memory
+            cfg = dict(BN=64, BV=64, BK=32, BH=64, num_warps=4, num_stages=2, GROUP=8, TMA=True)
+        elif dual:
             # two logit tiles live at once: 128×256 tiles spilled (12× the GEMM floor on an
             # H100 vs 2.6× with 128×128, N=4096)
             cfg = dict(BN=128, BV=128, BK=64, BH=256, num_warps=8, num_stages=3, GROUP=16, TMA=True)
@@ -256,13 +259,14 @@ def _cfg(device: torch.device, dual: bool = False) -> dict:
             cfg = dict(BN=v[0], BV=v[1], BK=v[2], BH=v[3], num_warps=v[4], num_stages=v[5],
                        GROUP=v[6] if len(v) > 6 else 16, TMA=bool(v[7]) if len(v) > 7 else True)
         else:
-            # H100 sweep (benchmarks/NOTES.md): 128×256 logit tiles and 128×256 output tiles,
-            # 8 warps, 3 stages: forward_kl_step 17.2 ms vs 22.3 ms for 128×128 at N=4096.
-            cfg = dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=3, GROUP=16, TMA=True)
+            # H100 sweeps (benchmarks/NOTES.md): 128×256 logit tiles and 128×256 output tiles,
+            # 8 warps: forward_kl_step 17.2 ms vs 22.3 ms for 128×128 at N=4096; with TMA
+            # loads 4 stages beat 3.
+            cfg = dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=4, GROUP=16, TMA=True)
     else:
-        # interpreter: its cost is per program and per op, so few large blocks; GROUP 3 so that
-        # N=97 (4 row blocks) ends in a partial group
-        cfg = dict(BN=32, BV=128, BK=32, BH=64, num_warps=1, num_stages=1, GROUP=3, TMA=True)
+        # interpreter: its cost is per program and per op, so few large blocks; the tests cut
+        # slabs of 3 row blocks, so GROUP 2 ends each slab in a partial group
+        cfg = dict(BN=32, BV=128, BK=32, BH=64, num_warps=1, num_stages=1, GROUP=2, TMA=True)
     tma = os.environ.get("IICL_LOSS_HEAD_TMA")
     if tma is not None:
         cfg["TMA"] = tma == "1"
@@ -284,149 +288,146 @@ def _desc(t: torch.Tensor, block: list[int]):
     return TensorDescriptor.from_tensor(t, block)
 
 
-def _chunk(n: int, v: int, bv: int, workspace_bytes: int = 256 << 20, elt: int = 2) -> int:
-    """Vocabulary chunk: the [n, chunk] workspace stays under workspace_bytes. (128 MiB made
-    forward_kl_step 11% slower at N=16384 on the H100, 92.0 vs 83.1 ms, and did not lower its
-    peak: that came from the backward's fp32 temporary.)"""
-    c = max(bv, (workspace_bytes // max(n * elt, 1)) // bv * bv)
-    return min(c, triton.cdiv(v, bv) * bv, 32768)
+def _slab(n: int, v: int, bv: int, bn: int, elt: int, workspace_bytes: int = 256 << 20) -> int:
+    """Rows per slab: a slab's [rows, V] workspace (elt bytes per entry) stays under
+    workspace_bytes; a multiple of BN. With the whole vocabulary in one slab the P·W GEMM
+    writes its output once: vocabulary chunks of 8,192 (the first version) read and wrote
+    the fp32 [N, H] accumulator 16 times at V=128256, and split the GEMM into 16 launches."""
+    rows = workspace_bytes // max(triton.cdiv(v, bv) * bv * elt, 1) // bn * bn
+    return max(bn, min(rows, triton.cdiv(n, bn) * bn))
 
 
-def _merge(m, l, s, tile_m, tile_l, tile_s):
-    """Fold one chunk's tile statistics into running (m, l, s) [N]; -> scale [N, T], α [N]."""
-    m_new = torch.maximum(m, tile_m.max(1).values)
-    alpha = torch.exp(m - m_new)
-    scale = torch.exp(tile_m - m_new[:, None])
-    l = alpha * l + (scale * tile_l).sum(1)
-    s = alpha * s + (scale * tile_s).sum(1)
-    return m_new, l, s, scale, alpha
+def _merge(tile_m, tile_l, tile_s):
+    """Tile statistics [rows, tiles] -> row max m, Σe^(z−m) l, Σe^(z−m)·z s [rows] and the
+    per-tile factor e^(m_tile − m) [rows, tiles]."""
+    m = tile_m.max(1).values
+    scale = torch.exp(tile_m - m[:, None])
+    return m, (scale * tile_l).sum(1), (scale * tile_s).sum(1), scale
 
 
 def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None, *,
-                  temperature: float = 1.0, expect_w: bool = True, precise_w: bool = False):
-    """One pass over the vocabulary for p = softmax(h·Wᵀ/T).
+                  temperature: float = 1.0, expect_w: bool = True, precise_w: bool = False,
+                  minus: torch.Tensor | None = None, w_dtype: torch.dtype = torch.float32):
+    """One pass over the vocabulary for p = softmax(h·Wᵀ/T), in slabs of rows.
+
+    Per slab: the tile kernel writes per-(row, tile) statistics and e^(z − m_tile) into a
+    [rows, V] bf16 workspace; the statistics merge into lse; one P·W GEMM over the whole
+    vocabulary gives E_p[W] (or (E_p[W] − minus)/T, the student's ∂KL/∂h), written once.
 
     precise_w: E_p[W] with P kept in fp32 and split into two bf16 products (3 GEMM-equivalents
     instead of 2): the teacher's μ_t enters the forward-KL value lse_s − h_s·μ_t/T − H_t, where
     near convergence bf16 P gave 2.3× the KL itself as error (H=4096, V=128256, KL 4.6e-4).
 
-    h [N, H], weight [V, H] (same dtype), targets [N] long or None.
-    -> lse [N], sum_pz [N] (Σ p·z), z_target [N] or None, E_p[W] [N, H] or None; all fp32."""
+    h [N, H], weight [V, H] (same dtype), targets [N] long or None, minus [N, H] fp32 or None.
+    -> lse [N], sum_pz [N] (Σ p·z), z_target [N] or None (fp32), and E_p[W] [N, H] in w_dtype
+    (or None without expect_w)."""
     N, H = h.shape
     V = weight.shape[0]
     dev = h.device
-    cfg = _cfg(dev)
-    BN, BV, BK, BH = cfg["BN"], cfg["BV"], cfg["BK"], cfg["BH"]
     ieee = h.dtype == torch.float32
+    cfg = _cfg(dev, ieee=ieee)
+    BN, BV, BK, BH = cfg["BN"], cfg["BV"], cfg["BK"], cfg["BH"]
     h, weight = h.contiguous(), weight.contiguous()
-    m = torch.full((N,), float("-inf"), device=dev)
-    l = torch.zeros(N, device=dev)
-    s = torch.zeros(N, device=dev)
+    tiles = triton.cdiv(V, BV)
+    lse, spz = _out(N, device=dev), _out(N, device=dev)
     zt = torch.full((N,), float("nan"), device=dev) if targets is not None else None
-    out = torch.zeros(N, H, device=dev) if expect_w else None
+    out = _out(N, H, device=dev, dtype=w_dtype) if expect_w else None
     split = precise_w and not ieee
     p_dtype = torch.float32 if split else h.dtype
-    chunk = _chunk(N, V, BV, elt=p_dtype.itemsize)
-    p_ws = _out(N, chunk, device=dev, dtype=p_dtype) if expect_w else None
-    grid_n = triton.cdiv(N, BN)
+    if expect_w:
+        rows = _slab(N, V, BV, BN, p_dtype.itemsize)
+        p_ws = _out(rows, tiles * BV, device=dev, dtype=p_dtype)
+    else:      # only the [3, rows, tiles] fp32 statistics: 64 MiB of them
+        rows = _slab(N, V, BV, BN, 12, workspace_bytes=64 << 20)
     tma = _tma_ok(cfg, h, weight) and (not expect_w or _tma_ok(cfg, p_ws))
-    h_in, w_in = (_desc(h, [BN, BK]), _desc(weight, [BV, BK])) if tma else (h, weight)
+    w_in = _desc(weight, [BV, BK]) if tma else weight
     if expect_w:
         p_in, w_out = (_desc(p_ws, [BN, BK]), _desc(weight, [BK, BH])) if tma else (p_ws, weight)
-    for v0 in range(0, V, chunk):
-        v1 = min(V, v0 + chunk)
-        tiles = triton.cdiv(v1 - v0, BV)
-        tile = _out(3, N, tiles, device=dev)
-        _tile_stats_kernel[(grid_n * tiles,)](
-            h_in, w_in, targets if targets is not None else h, p_ws if expect_w else h,
-            tile[0], tile[1], tile[2], zt if zt is not None else h,
-            N, H, v0, v1, tiles, h.stride(0), weight.stride(0), chunk, tiles, 1.0 / temperature,
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        n = r1 - r0
+        hs = h[r0:r1]
+        tile = _out(3, n, tiles, device=dev)
+        _tile_stats_kernel[(triton.cdiv(n, BN) * tiles,)](
+            _desc(hs, [BN, BK]) if tma else hs, w_in, targets[r0:r1] if targets is not None else h,
+            p_ws if expect_w else h, tile[0], tile[1], tile[2], zt[r0:r1] if zt is not None else h,
+            n, H, 0, V, tiles, H, weight.stride(0), tiles * BV, tiles, 1.0 / temperature,
             HAS_TGT=targets is not None, WRITE_P=expect_w, IEEE=ieee, TMA=tma, BN=BN, BV=BV, BK=BK,
             **_launch_kw(cfg))
-        m, l, s, scale, alpha = _merge(m, l, s, tile[0], tile[1], tile[2])
+        m, l, s, scale = _merge(tile[0], tile[1], tile[2])
+        lse[r0:r1] = m + torch.log(l)
+        spz[r0:r1] = s / l
         if expect_w:
-            scale = scale.contiguous()
-            _pw_kernel[(grid_n * triton.cdiv(H, BH),)](
-                p_in, scale, alpha, w_out, out, N, H, v0, v1 - v0, chunk, tiles, weight.stride(0), H,
-                HAS_SCALE=True, HAS_ALPHA=True, SPLIT=split, IEEE=ieee, TMA=tma, TILE_V=BV, BN=BN, BH=BH,
+            sub = minus is not None
+            _pw_kernel[(triton.cdiv(n, BN) * triton.cdiv(H, BH),)](
+                p_in, (scale / l[:, None]).contiguous(), w_out, out[r0:r1], minus[r0:r1] if sub else out,
+                n, H, V, tiles * BV, tiles, weight.stride(0), H, H, 1.0 / temperature,
+                HAS_SCALE=True, SUB_MU=sub, SPLIT=split, IEEE=ieee, TMA=tma, TILE_V=BV, BN=BN, BH=BH,
                 BK=BK, **_launch_kw(cfg))
-    lse = m + torch.log(l)
-    if expect_w:
-        out /= l[:, None]
-    return lse, s / l, zt, out
+    return lse, spz, zt, out
 
 
 def dual_loss(h_s, weight_s, h_t, weight_t, *, kind: str, beta: float = 0.5, temperature: float = 1.0,
-              softcap: float | None = None, need_grad: bool = True):
-    """General path: per-token loss [N] (fp32) and dLoss/dh_s [N, H_s] (fp32, or None).
+              softcap: float | None = None, need_grad: bool = True, grad_dtype: torch.dtype = torch.float32):
+    """General path: per-token loss [N] (fp32) and dLoss/dh_s [N, H_s] (grad_dtype, or None).
 
-    Teacher logits are recomputed per vocabulary tile from h_t [N, H_t], weight_t [V, H_t]."""
+    Teacher logits are recomputed per vocabulary tile from h_t [N, H_t], weight_t [V, H_t].
+    Per slab of rows: pass 1 merges both distributions' statistics over the whole vocabulary;
+    pass 2 recomputes both logit tiles and writes G = dLoss/dz_s into a [rows, V] workspace;
+    one G·W_s GEMM gives dLoss/dh_s."""
     N, Hs = h_s.shape
     Ht = h_t.shape[1]
     V = weight_s.shape[0]
     dev = h_s.device
-    cfg = _cfg(dev, dual=True)
-    BN, BV, BK, BH = cfg["BN"], cfg["BV"], cfg["BK"], cfg["BH"]
     ieee = h_s.dtype == torch.float32
+    cfg = _cfg(dev, dual=True, ieee=ieee)
+    BN, BV, BK, BH = cfg["BN"], cfg["BV"], cfg["BK"], cfg["BH"]
     h_s, weight_s, h_t, weight_t = (x.contiguous() for x in (h_s, weight_s, h_t, weight_t))
-    tma = _tma_ok(cfg, h_s, weight_s, h_t, weight_t)
-    hs_in, ws_in, ht_in, wt_in = ((_desc(h_s, [BN, BK]), _desc(weight_s, [BV, BK]), _desc(h_t, [BN, BK]),
-                                   _desc(weight_t, [BV, BK])) if tma else (h_s, weight_s, h_t, weight_t))
+    tiles = triton.cdiv(V, BV)
+    rows = _slab(N, V, BV, BN, h_s.element_size())
+    g_ws = _out(rows, tiles * BV, device=dev, dtype=h_s.dtype) if need_grad else None
+    tma = _tma_ok(cfg, h_s, weight_s, h_t, weight_t) and (g_ws is None or _tma_ok(cfg, g_ws))
+    ws_in, wt_in = (_desc(weight_s, [BV, BK]), _desc(weight_t, [BV, BK])) if tma else (weight_s, weight_t)
+    if need_grad:
+        g_in, w_out = (_desc(g_ws, [BN, BK]), _desc(weight_s, [BK, BH])) if tma else (g_ws, weight_s)
     kw = dict(SOFTCAP=softcap is not None, IEEE=ieee, TMA=tma, BN=BN, BV=BV, BK=BK, **_launch_kw(cfg))
     inv_t, cap = 1.0 / temperature, float(softcap or 1.0)
-    grid_n = triton.cdiv(N, BN)
-    chunk = _chunk(N, V, BV, elt=4)
-
-    # pass 1: statistics of both distributions
-    ms = torch.full((N,), float("-inf"), device=dev); ls = torch.zeros(N, device=dev); a_s = torch.zeros(N, device=dev)
-    mt = torch.full((N,), float("-inf"), device=dev); lt = torch.zeros(N, device=dev); a_t = torch.zeros(N, device=dev)
-    for v0 in range(0, V, chunk):
-        v1 = min(V, v0 + chunk)
-        tiles = triton.cdiv(v1 - v0, BV)
-        st = _out(6, N, tiles, device=dev)
-        _dual_stats_kernel[(grid_n * tiles,)](
-            hs_in, ws_in, ht_in, wt_in, st, N, Hs, Ht, v0, v1, tiles, h_s.stride(0), weight_s.stride(0),
-            h_t.stride(0), weight_t.stride(0), tiles, N * tiles, inv_t, cap, **kw)
-        ms, ls, a_s, _, _ = _merge(ms, ls, a_s, st[0], st[1], st[4])
-        mt, lt, a_t, _, _ = _merge(mt, lt, a_t, st[2], st[3], st[5])
-    lse_s, lse_t = ms + torch.log(ls), mt + torch.log(lt)
-    fwd = a_t / lt - lse_t + lse_s            # Σ p_t (z_t − z_s) − lse_t + lse_s
-    rev = a_s / ls - lse_s + lse_t
-    c = None
-    if kind == "forward":
-        loss, mode = fwd, 0
-    elif kind == "reverse":
-        loss, mode, c = rev, 1, rev.contiguous()
-    else:   # JSD needs log m = log(β p_t + (1−β) p_s): one more pass for its value
-        loss = torch.zeros(N, device=dev); c = torch.zeros(N, device=dev)
-        for v0 in range(0, V, chunk):
-            v1 = min(V, v0 + chunk)
-            tiles = triton.cdiv(v1 - v0, BV)
-            part = _out(N, tiles, 2, device=dev)
-            _dual_grad_kernel[(grid_n * tiles,)](
-                hs_in, ws_in, ht_in, wt_in, lse_s, lse_t, c, h_s, part, N, Hs, Ht, v0, v1, tiles,
-                h_s.stride(0), weight_s.stride(0), h_t.stride(0), weight_t.stride(0), 0, 2 * tiles,
-                inv_t, cap, float(beta), MODE=2, **kw)
-            loss += part[..., 0].sum(1)
-            c += part[..., 1].sum(1)
-        mode = 3
-    if not need_grad:
-        return loss, None
-
-    # pass 2: G = dLoss/dz_s per tile, then dLoss/dh_s = G · W_s
-    grad = torch.zeros(N, Hs, device=dev)
-    g_ws = _out(N, chunk, device=dev, dtype=h_s.dtype)
-    tma_g = tma and _tma_ok(cfg, g_ws)
-    g_in, w_out = (_desc(g_ws, [BN, BK]), _desc(weight_s, [BK, BH])) if tma_g else (g_ws, weight_s)
-    for v0 in range(0, V, chunk):
-        v1 = min(V, v0 + chunk)
-        tiles = triton.cdiv(v1 - v0, BV)
-        _dual_grad_kernel[(grid_n * tiles,)](
-            hs_in, ws_in, ht_in, wt_in, lse_s, lse_t, c if c is not None else lse_s, g_ws, g_ws,
-            N, Hs, Ht, v0, v1, tiles, h_s.stride(0), weight_s.stride(0), h_t.stride(0), weight_t.stride(0),
-            chunk, 0, inv_t, cap, float(beta), MODE=mode, **kw)
-        _pw_kernel[(grid_n * triton.cdiv(Hs, BH),)](
-            g_in, g_ws, g_ws, w_out, grad, N, Hs, v0, v1 - v0, chunk, 0, weight_s.stride(0), Hs,
-            HAS_SCALE=False, HAS_ALPHA=False, SPLIT=False, IEEE=ieee, TMA=tma_g, TILE_V=BV, BN=BN, BH=BH,
+    loss = _out(N, device=dev)
+    grad = _out(N, Hs, device=dev, dtype=grad_dtype) if need_grad else None
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        n = r1 - r0
+        grid = (triton.cdiv(n, BN) * tiles,)
+        hs, ht = h_s[r0:r1], h_t[r0:r1]
+        hs_in, ht_in = (_desc(hs, [BN, BK]), _desc(ht, [BN, BK])) if tma else (hs, ht)
+        args = (hs_in, ws_in, ht_in, wt_in)
+        strides = (Hs, weight_s.stride(0), Ht, weight_t.stride(0))
+        # pass 1: statistics of both distributions
+        st = _out(6, n, tiles, device=dev)
+        _dual_stats_kernel[grid](*args, st, n, Hs, Ht, 0, V, tiles, *strides, tiles, n * tiles, inv_t, cap, **kw)
+        ms, ls, a_s, _ = _merge(st[0], st[1], st[4])
+        mt, lt, a_t, _ = _merge(st[2], st[3], st[5])
+        lse_s, lse_t = ms + torch.log(ls), mt + torch.log(lt)
+        c = None
+        if kind == "forward":          # Σ p_t (z_t − z_s) − lse_t + lse_s
+            loss[r0:r1], mode = a_t / lt - lse_t + lse_s, 0
+        elif kind == "reverse":
+            c = a_s / ls - lse_s + lse_t
+            loss[r0:r1], mode = c, 1
+        else:   # JSD needs log m = log(β p_t + (1−β) p_s): one more pass for its value
+            part = _out(n, tiles, 2, device=dev)
+            _dual_grad_kernel[grid](*args, lse_s, lse_t, lse_s, h_s, part, n, Hs, Ht, 0, V, tiles, *strides,
+                                    0, 2 * tiles, inv_t, cap, float(beta), MODE=2, **kw)
+            loss[r0:r1] = part[..., 0].sum(1)
+            c, mode = part[..., 1].sum(1).contiguous(), 3
+        if not need_grad:
+            continue
+        # pass 2: G = dLoss/dz_s per tile, then dLoss/dh_s = G · W_s
+        _dual_grad_kernel[grid](*args, lse_s, lse_t, c if c is not None else lse_s, g_ws, g_ws,
+                                n, Hs, Ht, 0, V, tiles, *strides, tiles * BV, 0, inv_t, cap, float(beta),
+                                MODE=mode, **kw)
+        _pw_kernel[(triton.cdiv(n, BN) * triton.cdiv(Hs, BH),)](
+            g_in, g_ws, w_out, grad[r0:r1], grad, n, Hs, V, tiles * BV, 0, weight_s.stride(0), Hs, 0, 1.0,
+            HAS_SCALE=False, SUB_MU=False, SPLIT=False, IEEE=ieee, TMA=tma, TILE_V=BV, BN=BN, BH=BH,
             BK=BK, **_launch_kw(cfg))
     return loss, grad

@@ -18,13 +18,15 @@ def _logits(h, w, temperature=1.0, softcap=None):
 
 
 @torch.no_grad()
-def softmax_stats(h, weight, targets=None, *, temperature=1.0, expect_w=True, precise_w=False, token_chunk=256):
-    """-> lse [N], Σ p·z [N], z_target [N] or None, E_p[W] [N, H] or None (fp32)."""
+def softmax_stats(h, weight, targets=None, *, temperature=1.0, expect_w=True, precise_w=False, minus=None,
+                  w_dtype=torch.float32, token_chunk=256):
+    """-> lse [N], Σ p·z [N], z_target [N] or None (fp32), E_p[W] [N, H] (or (E_p[W] − minus)/T)
+    in w_dtype, or None."""
     N = h.shape[0]
     lse = torch.empty(N, device=h.device)
     spz = torch.empty_like(lse)
     zt = torch.empty_like(lse) if targets is not None else None
-    ew = torch.empty(N, h.shape[1], device=h.device) if expect_w else None
+    ew = torch.empty(N, h.shape[1], device=h.device, dtype=w_dtype) if expect_w else None
     for a, b in _slices(N, token_chunk):
         z = _logits(h[a:b], weight, temperature)
         lse[a:b] = torch.logsumexp(z, -1)
@@ -33,16 +35,17 @@ def softmax_stats(h, weight, targets=None, *, temperature=1.0, expect_w=True, pr
         if targets is not None:
             zt[a:b] = z.gather(1, targets[a:b, None]).squeeze(1)
         if expect_w:
-            ew[a:b] = p @ weight.float()
+            e = p @ weight.float()
+            ew[a:b] = e if minus is None else (e - minus[a:b]) / temperature
     return lse, spz, zt, ew
 
 
 def dual_loss(h_s, weight_s, h_t, weight_t, *, kind, beta=0.5, temperature=1.0, softcap=None,
-              need_grad=True, token_chunk=256):
-    """-> per-token loss [N] and dLoss/dh_s [N, H_s] (fp32, autograd per token slice)."""
+              need_grad=True, grad_dtype=torch.float32, token_chunk=256):
+    """-> per-token loss [N] and dLoss/dh_s [N, H_s] (grad_dtype, autograd per token slice)."""
     N = h_s.shape[0]
     loss = torch.empty(N, device=h_s.device)
-    grad = torch.empty(N, h_s.shape[1], device=h_s.device) if need_grad else None
+    grad = torch.empty(N, h_s.shape[1], device=h_s.device, dtype=grad_dtype) if need_grad else None
     for a, b in _slices(N, token_chunk):
         hs = h_s[a:b].detach().float().requires_grad_(need_grad)
         with torch.enable_grad():

@@ -14,7 +14,7 @@ IMPLS = ["triton", "torch"]
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setattr(loss_head, "POISON", True)
-    monkeypatch.setattr(loss_head, "_chunk", lambda n, v, bv, **k: 8 * bv)   # several chunks even at V=1000
+    monkeypatch.setattr(loss_head, "_slab", lambda n, v, bv, bn, elt, **k: 3 * bn)   # N=97: 2 slabs, one partial
 
 
 def inputs(N, H, V, seed, scale=3.0):
