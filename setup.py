@@ -13,13 +13,23 @@ from setuptools import setup
 
 ext_modules, cmdclass = [], {}
 try:
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError:
     print("iicl_fast: torch is not importable at build time: building without the C++ extension "
           "(use pip install --no-build-isolation)", file=sys.stderr)
 else:
-    ext_modules = [CppExtension("iicl_fast._C", ["csrc/lora_bank.cpp"],
-                                extra_compile_args=["-O3", "-std=c++17"])]
+    if torch.version.cuda and CUDA_HOME and os.environ.get("IICL_NO_CUDA") != "1":
+        # the CUDA masked AdamW too; sm_90 (Hopper) plus PTX for newer parts
+        arch = os.environ.get("IICL_CUDA_ARCH", "-gencode=arch=compute_90,code=sm_90 "
+                                                "-gencode=arch=compute_90,code=compute_90").split()
+        ext_modules = [CUDAExtension("iicl_fast._C", ["csrc/lora_bank.cpp", "csrc/lora_bank_cuda.cu"],
+                                     define_macros=[("IICL_WITH_CUDA", None)],
+                                     extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                                                         "nvcc": ["-O3", "-std=c++17", *arch]})]
+    else:
+        ext_modules = [CppExtension("iicl_fast._C", ["csrc/lora_bank.cpp"],
+                                    extra_compile_args=["-O3", "-std=c++17"])]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=os.environ.get("IICL_USE_NINJA", "1") == "1")}
 
 setup(

@@ -6,9 +6,13 @@ Workload (issue): each document has a transfer set of 32 sequences × 128 tokens
 on a SmolLM2-135M-shaped Llama (hidden 576, 30 layers, vocab 49152; random weights; bf16),
 LoRA r=16 on all linear layers, forward-KL loss against fixed teacher statistics.
 Implementations:
-  iicl_fast        LoraBank (hooks; on CUDA the gathered-bmm path: _C has CPU kernels only)
-                   + BankAdamW (masked, per-adapter clip / step / lr)
+  iicl_fast        LoraBank (hooks; on CUDA the gathered-bmm path) + BankAdamW (masked,
+                   per-adapter clip / step / lr: the extension's CUDA kernel)
+  iicl_fast_graph  the same step captured as CUDA graphs (GraphedBankStep): the masked update
+                   has no host sync, so forward, backward and update replay without the host
   torch_bank       the same stacked adapters + torch.optim.AdamW(fused=True) on the stacked tensors
+                   (global clip; every adapter moves, the inactive ones by momentum and decay)
+  torch_bank_graph torch_bank captured as a CUDA graph (AdamW(fused=True, capturable=True))
   loop             one base GEMM, a Python loop over the batch's adapters for the LoRA part
   peft_sequential  one peft adapter at a time, AdamW(fused=True), 32 sequences a step
 Each implementation runs `--steps` timed steps after 2 warm-up steps; docs/s extrapolates the
@@ -64,6 +68,79 @@ def teacher(model, n_tokens):
     W = model.get_output_embeddings().weight
     h_t = torch.randn(n_tokens, W.shape[1], device="cuda", dtype=torch.bfloat16)
     return ops.teacher_stats(h_t, W)
+
+
+def run_graph(model, n_docs, micro, steps, impl):
+    """iicl_fast_graph / torch_bank_graph: the step replayed from CUDA graphs; ms_fwd holds
+    forward + backward (one graph), ms_bwd is 0."""
+    from iicl_fast.bank import GraphedBankStep
+    bank = LoraBank(model, n_docs, rank=RANK, alpha=ALPHA)
+    try:
+        with torch.no_grad():
+            for p in bank.B.values():
+                p.normal_(0, 0.01)
+        st = teacher(model, micro * LEN)
+        W = model.get_output_embeddings().weight
+
+        def loss_fn(input_ids):
+            h = model.model(input_ids=input_ids, use_cache=False).last_hidden_state.reshape(-1, 576)
+            return ops.forward_kl(h, W, st, reduction="mean")
+
+        g = torch.Generator().manual_seed(0)
+        batch = lambda: (torch.randint(0, n_docs, (micro,), generator=g),  # noqa: E731
+                         torch.randint(0, 49152, (micro, LEN), generator=g).cuda())
+        docs, ids = batch()
+        if impl == "iicl_fast_graph":
+            step = GraphedBankStep(bank, BankAdamW(bank, lr=1e-3), loss_fn, {"input_ids": ids}, docs)
+            grad_graph, update_graph = step.graph_grad, step.graph_update
+
+            def load(docs, ids):
+                step.static["input_ids"].copy_(ids)
+                step.ids.copy_(docs)
+        else:
+            params = bank.parameters()
+            opt = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True)
+            static_ids, static_docs = ids.clone(), docs.cuda()
+            for p in params:
+                p.grad = torch.zeros_like(p)
+
+            def body():
+                torch._foreach_zero_([p.grad for p in params])
+                bank._route = static_docs
+                loss = loss_fn(static_ids)
+                bank._route = None
+                loss.backward()
+
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    body()
+                opt.step()                           # builds the optimizer state outside the capture
+            torch.cuda.current_stream().wait_stream(side)
+            grad_graph, update_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(grad_graph):
+                body()
+            with torch.cuda.graph(update_graph, pool=grad_graph.pool()):
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+
+            def load(docs, ids):
+                static_ids.copy_(ids)
+                static_docs.copy_(docs)
+        times = []
+        for k in range(steps + 2):
+            docs, ids = batch()
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            load(docs, ids)
+            ev[0].record(); grad_graph.replay(); ev[1].record(); update_graph.replay(); ev[2].record()
+            torch.cuda.synchronize()
+            if k >= 2:
+                times.append([ev[0].elapsed_time(ev[1]), 0.0, ev[1].elapsed_time(ev[2])])
+        mean = [sum(x[i] for x in times) / len(times) for i in range(3)]
+        return mean, math.ceil(n_docs * SEQS / micro) * EPOCHS
+    finally:
+        bank.remove()
 
 
 def run_stacked(model, n_docs, micro, steps, impl):
@@ -160,7 +237,8 @@ def run_peft(model, n_docs, steps):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapters", type=int, nargs="+", default=[16, 64, 256])
-    ap.add_argument("--impls", nargs="+", default=["iicl_fast", "torch_bank", "loop", "peft_sequential"])
+    ap.add_argument("--impls", nargs="+", default=["iicl_fast", "iicl_fast_graph", "torch_bank", "torch_bank_graph",
+                                                   "loop", "peft_sequential"])
     ap.add_argument("--micro", type=int, default=64, help="sequences per mixed micro-batch")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--commit", default=None)
@@ -185,10 +263,17 @@ def main():
                 if impl == "peft_sequential":
                     (f, b, o), total = run_peft(model, n, max(2, args.steps // 3))
                     model = make_model()       # peft injected layers: a clean base for the next
+                elif impl.endswith("_graph"):
+                    (f, b, o), total = run_graph(model, n, args.micro, args.steps, impl)
                 else:
                     (f, b, o), total = run_stacked(model, n, args.micro, args.steps, impl)
             except torch.cuda.OutOfMemoryError as e:
                 rows.append({"impl": impl, "adapters": n, "error": f"OOM: {str(e).splitlines()[0]}", **meta})
+                continue
+            except RuntimeError as e:     # a capture that fails is reported, the other rows still run
+                rows.append({"impl": impl, "adapters": n, "error": f"{type(e).__name__}: {str(e)[:300]}", **meta})
+                print(rows[-1], flush=True)
+                torch.cuda.synchronize()
                 continue
             peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
             sec = (f + b + o) * total / 1e3

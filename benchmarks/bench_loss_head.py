@@ -150,6 +150,13 @@ def timing_rows(N, meta, peer):
         rows.append({"op": op, "impl": impl, "N": N, "H": H, "V": V, "dtype": "bfloat16", "ms": round(ms, 3),
                      "peak_extra_gib": round(peak, 3), **meta})
         print(f"{op:24s} {impl:14s} N={N:6d} {ms:9.2f} ms {peak:7.2f} GiB", flush=True)
+    # The same two cuBLAS GEMMs measured 57.4 and 48.8 ms in one run (clocks under a long
+    # GEMM load): every floor is measured again after the other rows and the faster kept.
+    for r in rows:
+        if r["impl"] == "floor":
+            again, _ = measure(cases[(r["op"], "floor")])
+            r["floor_runs_ms"] = [r["ms"], round(again, 3)]
+            r["ms"] = min(r["floor_runs_ms"])
     del P
     torch.cuda.empty_cache()
     return rows
@@ -214,14 +221,15 @@ def precision(N=512):
     return out
 
 
-# BN,BV,BK,BH,warps,stages,group,tma (the first sweep, without group/tma, is in NOTES.md)
-SWEEP = ["128,256,64,256,8,4,16,1", "128,256,64,256,8,3,16,1", "128,256,64,256,8,4,16,0",
-         "128,256,64,256,8,4,8,1", "128,256,64,128,8,4,16,1"]
+# BN,BV,BK,BH,warps,stages,group,tma,persist (earlier sweeps are in NOTES.md)
+SWEEP = ["128,256,64,256,8,4,16,1,0", "128,256,64,256,8,4,16,1,1", "128,256,64,256,8,3,16,1,1",
+         "128,256,64,256,8,4,8,1,0", "128,256,64,128,8,4,16,1,0"]
 
 
 def sweep(N=4096):
-    """Tile shapes (BN,BV,BK,BH,warps,stages,group,tma) of the loss-head kernels: token_logprob (tile
-    kernel only) and forward_kl_step (tile + P·W kernels). -> the best for the latter."""
+    """Tile shapes (BN,BV,BK,BH,warps,stages,group,tma,persist) of the loss-head kernels:
+    token_logprob (tile kernel only) and forward_kl_step (tile + P·W kernels). -> the best
+    for the sum of both."""
     g = torch.Generator(device=DEV).manual_seed(1)
     W = (torch.randn(V, H, device=DEV, generator=g) * 3 / H ** 0.5).to(DT)
     h_t = torch.randn(N, H, device=DEV, generator=g).to(DT)
@@ -238,8 +246,8 @@ def sweep(N=4096):
             print(f"cfg {cfg}: failed {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
         print(f"cfg {cfg}: token_logprob {lp:.2f} ms  forward_kl_step {fk:.2f} ms", flush=True)
-        if best is None or fk < best[1]:
-            best = (cfg, fk)
+        if best is None or fk + lp < best[1]:       # the tile kernel alone and with P·W
+            best = (cfg, fk + lp)
     os.environ.pop("IICL_LOSS_HEAD_CFG")
     return best[0]
 
@@ -265,7 +273,7 @@ def main():
     if args.sweep:
         os.environ["IICL_LOSS_HEAD_CFG"] = sweep()
     meta["kernel_cfg"] = os.environ.get("IICL_LOSS_HEAD_CFG", "default")
-    print("kernel cfg (BN,BV,BK,BH,warps,stages,group,tma):", meta["kernel_cfg"], flush=True)
+    print("kernel cfg (BN,BV,BK,BH,warps,stages,group,tma,persist):", meta["kernel_cfg"], flush=True)
     if not args.skip_precision:
         prec = precision()
         (out / "loss_head_precision.json").write_text(json.dumps({**meta, "N": 512, "H": H, "V": V, **prec}, indent=1))

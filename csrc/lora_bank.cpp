@@ -11,12 +11,31 @@
 // the bank's tensors. Inactive adapters and their moments are not touched.
 //
 // This file is the CPU implementation (segments walked on the host: CPU tensors have no
-// host/device boundary to synchronise across).
+// host/device boundary to synchronise across) and the module definition. lora_bank_cuda.cu
+// holds the CUDA masked AdamW, compiled in (IICL_WITH_CUDA) when setup.py finds nvcc and a
+// CUDA build of torch. The segmented op has no CUDA kernel yet: on the GPU, LoraBank runs
+// the adapters as gathered batched GEMMs.
 #include <torch/extension.h>
 
 #include <cmath>
 #include <string>
 #include <vector>
+
+#ifdef IICL_WITH_CUDA
+at::Tensor per_adapter_sq_norm_cuda(const std::vector<at::Tensor>& grads);
+void masked_adamw_step_cuda(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+                            std::vector<at::Tensor> exp_avg, std::vector<at::Tensor> exp_avg_sq, at::Tensor step,
+                            const at::Tensor& active, const at::Tensor& lr, const at::Tensor& weight_decay,
+                            double beta1, double beta2, double eps, double max_grad_norm);
+at::Tensor slot_table_cuda(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                           const std::vector<at::Tensor>& exp_avg, const std::vector<at::Tensor>& exp_avg_sq);
+void masked_adamw_step_table(const at::Tensor& slots, int64_t n_tensors, at::Tensor step, const at::Tensor& active,
+                             const at::Tensor& lr, const at::Tensor& weight_decay, double beta1, double beta2,
+                             double eps, double max_grad_norm);
+constexpr bool kWithCuda = true;
+#else
+constexpr bool kWithCuda = false;
+#endif
 
 namespace {
 
@@ -31,7 +50,9 @@ void check_tensor(const at::Tensor& t, const char* name, int64_t dim, const at::
 
 void check_cpu(const at::Tensor& t, const char* name) {
   check(t.device().is_cpu(), std::string(name) + " is on " + t.device().str() +
-                                 ": this build of iicl_fast._C has CPU kernels only");
+                                 (kWithCuda ? ": the segmented LoRA op runs on the CPU only (on the GPU, LoraBank "
+                                              "uses gathered batched GEMMs)"
+                                            : ": this build of iicl_fast._C has CPU kernels only"));
 }
 
 // Validates the segment description and returns it on the host.
@@ -125,6 +146,9 @@ std::vector<at::Tensor> segmented_lora_backward(const at::Tensor& grad_y, const 
 // Per-adapter sum of squared gradients over all the bank's tensors (each [n, ...]) -> [n] fp32.
 at::Tensor per_adapter_sq_norm(const std::vector<at::Tensor>& grads) {
   check(!grads.empty(), "grads is empty");
+#ifdef IICL_WITH_CUDA
+  if (grads[0].is_cuda()) return per_adapter_sq_norm_cuda(grads);
+#endif
   int64_t n = grads[0].size(0);
   auto out = at::zeros({n}, grads[0].options().dtype(at::kFloat));
   for (size_t i = 0; i < grads.size(); ++i) {
@@ -148,6 +172,11 @@ void masked_adamw_step(std::vector<at::Tensor> params, std::vector<at::Tensor> g
   check(k > 0, "params is empty");
   check(grads.size() == k && exp_avg.size() == k && exp_avg_sq.size() == k,
         "params, grads, exp_avg and exp_avg_sq must be lists of the same length");
+#ifdef IICL_WITH_CUDA
+  if (params[0].is_cuda())
+    return masked_adamw_step_cuda(params, grads, exp_avg, exp_avg_sq, step, active, lr, weight_decay, beta1, beta2,
+                                  eps, max_grad_norm);
+#endif
   int64_t n = params[0].size(0);
   check_cpu(step, "step");
   check(step.scalar_type() == at::kLong && step.dim() == 1 && step.numel() == n, "step must be int64 [n_adapters]");
@@ -197,9 +226,15 @@ void masked_adamw_step(std::vector<at::Tensor> params, std::vector<at::Tensor> g
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "iicl_fast._C: segmented multi-adapter LoRA and a masked per-adapter AdamW (CPU)";
+  m.doc() = "iicl_fast._C: segmented multi-adapter LoRA (CPU) and a masked per-adapter AdamW (CPU, CUDA)";
+  m.attr("with_cuda") = kWithCuda;
   m.def("segmented_lora_forward", &segmented_lora_forward, "y, u = B_a(A_a x) per segment");
   m.def("segmented_lora_backward", &segmented_lora_backward, "grad_x, grad_A, grad_B");
   m.def("per_adapter_sq_norm", &per_adapter_sq_norm, "sum of squared gradients per adapter");
   m.def("masked_adamw_step", &masked_adamw_step, "AdamW on the active adapters only");
+#ifdef IICL_WITH_CUDA
+  m.def("slot_table", &slot_table_cuda, "device table of the bank's (param, grad, moments) pointers");
+  m.def("masked_adamw_step_table", &masked_adamw_step_table,
+        "masked AdamW through a slot table: no host sync, no copy (CUDA-graph capturable)");
+#endif
 }

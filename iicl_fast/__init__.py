@@ -11,7 +11,7 @@ from .consolidate import ConsolidationReport
 from .memory import Memory
 from .models import load_model
 from .retain import StreamingSession
-from .bank import BankAdamW, LoraBank
+from .bank import BankAdamW, GraphedBankStep, LoraBank
 from .many import consolidate_many
 
-__all__ = ["Config", "ConsolidationReport", "IICLError", "Memory", "StreamingSession", "LoraBank", "BankAdamW", "consolidate_many", "load_model", "__version__"]
+__all__ = ["Config", "ConsolidationReport", "IICLError", "Memory", "StreamingSession", "LoraBank", "BankAdamW", "GraphedBankStep", "consolidate_many", "load_model", "__version__"]

@@ -80,9 +80,28 @@ def _logit_tile(h_ptr, w_ptr, n0, v0, rn, rv, N, H, v_end, stride_hn, stride_wv,
 def _tile_stats_kernel(h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr,
                        N, H, v_start, v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t,
                        HAS_TGT: tl.constexpr, WRITE_P: tl.constexpr, IEEE: tl.constexpr,
-                       TMA: tl.constexpr, GROUP: tl.constexpr,
+                       TMA: tl.constexpr, GROUP: tl.constexpr, PERSIST: tl.constexpr, NUM_PROGS: tl.constexpr,
                        BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
-    pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(N, BN), n_tiles, GROUP)
+    """PERSIST: NUM_PROGS programs loop over the tiles (the K loop flattened into that loop,
+    so the next tile's loads can be issued during this tile's epilogue); else one tile per
+    program."""
+    if PERSIST:
+        for tile in tl.range(tl.program_id(0), tl.cdiv(N, BN) * n_tiles, NUM_PROGS, flatten=True):
+            _tile_stats(tile, h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr, N, H, v_start, v_end,
+                        n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t, HAS_TGT, WRITE_P, IEEE, TMA,
+                        GROUP, BN, BV, BK)
+    else:
+        _tile_stats(tl.program_id(0), h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr, N, H, v_start,
+                    v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t, HAS_TGT, WRITE_P, IEEE, TMA,
+                    GROUP, BN, BV, BK)
+
+
+@triton.jit
+def _tile_stats(tile, h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr,
+                N, H, v_start, v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t,
+                HAS_TGT: tl.constexpr, WRITE_P: tl.constexpr, IEEE: tl.constexpr,
+                TMA: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+    pid_n, pid_v = _grouped(tile, tl.cdiv(N, BN), n_tiles, GROUP)
     rn = pid_n * BN + tl.arange(0, BN)
     rc = pid_v * BV + tl.arange(0, BV)          # column inside the chunk
     rv = v_start + rc
@@ -243,34 +262,45 @@ def _out(*shape, device, dtype=torch.float32):
 
 
 def _cfg(device: torch.device, dual: bool = False, ieee: bool = False) -> dict:
-    """Tile shapes. IICL_LOSS_HEAD_CFG="BN,BV,BK,BH,warps,stages[,group,tma]" overrides the
-    single-model kernels (the benchmark sweeps with it); IICL_LOSS_HEAD_TMA=0|1 forces the
-    tensor-descriptor loads off or on (tests run both paths)."""
+    """Tile shapes. IICL_LOSS_HEAD_CFG="BN,BV,BK,BH,warps,stages[,group,tma,persist]" overrides
+    the single-model kernels (the benchmark sweeps with it); IICL_LOSS_HEAD_TMA=0|1 and
+    IICL_LOSS_HEAD_PERSIST=0|1 force the tensor-descriptor loads and the persistent tile
+    kernel off or on (tests run both paths)."""
     if device.type == "cuda":
         env = os.environ.get("IICL_LOSS_HEAD_CFG")
         if ieee:   # fp32 inputs (tests, not the fast path): fp32 stages of 128×256 tiles overflow shared memory
-            cfg = dict(BN=64, BV=64, BK=32, BH=64, num_warps=4, num_stages=2, GROUP=8, TMA=True)
+            cfg = dict(BN=64, BV=64, BK=32, BH=64, num_warps=4, num_stages=2, GROUP=8, TMA=True, PERSIST=False)
         elif dual:
             # two logit tiles live at once: 128×256 tiles spilled (12× the GEMM floor on an
             # H100 vs 2.6× with 128×128, N=4096)
-            cfg = dict(BN=128, BV=128, BK=64, BH=256, num_warps=8, num_stages=3, GROUP=16, TMA=True)
+            cfg = dict(BN=128, BV=128, BK=64, BH=256, num_warps=8, num_stages=3, GROUP=16, TMA=True, PERSIST=False)
         elif env:
             v = list(map(int, env.split(",")))
             cfg = dict(BN=v[0], BV=v[1], BK=v[2], BH=v[3], num_warps=v[4], num_stages=v[5],
-                       GROUP=v[6] if len(v) > 6 else 16, TMA=bool(v[7]) if len(v) > 7 else True)
+                       GROUP=v[6] if len(v) > 6 else 16, TMA=bool(v[7]) if len(v) > 7 else True,
+                       PERSIST=bool(v[8]) if len(v) > 8 else False)
         else:
             # H100 sweeps (benchmarks/NOTES.md): 128×256 logit tiles and 128×256 output tiles,
             # 8 warps: forward_kl_step 17.2 ms vs 22.3 ms for 128×128 at N=4096; with TMA
             # loads 4 stages beat 3.
-            cfg = dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=4, GROUP=16, TMA=True)
+            cfg = dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=4, GROUP=16, TMA=True, PERSIST=False)
     else:
         # interpreter: its cost is per program and per op, so few large blocks; the tests cut
         # slabs of 3 row blocks, so GROUP 2 ends each slab in a partial group
-        cfg = dict(BN=32, BV=128, BK=32, BH=64, num_warps=1, num_stages=1, GROUP=2, TMA=True)
-    tma = os.environ.get("IICL_LOSS_HEAD_TMA")
-    if tma is not None:
-        cfg["TMA"] = tma == "1"
+        cfg = dict(BN=32, BV=128, BK=32, BH=64, num_warps=1, num_stages=1, GROUP=2, TMA=True, PERSIST=True)
+    for key in ("TMA", "PERSIST"):
+        env = os.environ.get(f"IICL_LOSS_HEAD_{key}")
+        if env is not None:
+            cfg[key] = env == "1"
     return cfg
+
+
+def _num_sms(device: torch.device) -> int:
+    """Programs of a persistent kernel: one per multiprocessor (3 in the interpreter, so that
+    each program takes several tiles)."""
+    if device.type != "cuda":
+        return 3
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _launch_kw(cfg: dict) -> dict:
@@ -288,12 +318,12 @@ def _desc(t: torch.Tensor, block: list[int]):
     return TensorDescriptor.from_tensor(t, block)
 
 
-def _slab(n: int, v: int, bv: int, bn: int, elt: int, workspace_bytes: int = 256 << 20) -> int:
-    """Rows per slab: a slab's [rows, V] workspace (elt bytes per entry) stays under
-    workspace_bytes; a multiple of BN. With the whole vocabulary in one slab the P·W GEMM
+def _slab(n: int, bn: int, row_bytes: int, workspace_bytes: int = 256 << 20) -> int:
+    """Rows per slab: a slab's workspace (row_bytes per row) stays under workspace_bytes; a
+    multiple of BN. With the whole vocabulary in one slab the P·W GEMM
     writes its output once: vocabulary chunks of 8,192 (the first version) read and wrote
     the fp32 [N, H] accumulator 16 times at V=128256, and split the GEMM into 16 launches."""
-    rows = workspace_bytes // max(triton.cdiv(v, bv) * bv * elt, 1) // bn * bn
+    rows = workspace_bytes // max(row_bytes, 1) // bn * bn
     return max(bn, min(rows, triton.cdiv(n, bn) * bn))
 
 
@@ -335,10 +365,10 @@ def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor |
     split = precise_w and not ieee
     p_dtype = torch.float32 if split else h.dtype
     if expect_w:
-        rows = _slab(N, V, BV, BN, p_dtype.itemsize)
+        rows = _slab(N, BN, tiles * BV * p_dtype.itemsize)
         p_ws = _out(rows, tiles * BV, device=dev, dtype=p_dtype)
-    else:      # only the [3, rows, tiles] fp32 statistics: 64 MiB of them
-        rows = _slab(N, V, BV, BN, 12, workspace_bytes=64 << 20)
+    else:      # only the [3, rows, tiles] fp32 statistics, up to 64 MiB of them
+        rows = _slab(N, BN, tiles * 12, workspace_bytes=64 << 20)
     tma = _tma_ok(cfg, h, weight) and (not expect_w or _tma_ok(cfg, p_ws))
     w_in = _desc(weight, [BV, BK]) if tma else weight
     if expect_w:
@@ -348,12 +378,15 @@ def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor |
         n = r1 - r0
         hs = h[r0:r1]
         tile = _out(3, n, tiles, device=dev)
-        _tile_stats_kernel[(triton.cdiv(n, BN) * tiles,)](
+        n_prog = triton.cdiv(n, BN) * tiles
+        if cfg["PERSIST"]:
+            n_prog = min(n_prog, _num_sms(dev))
+        _tile_stats_kernel[(n_prog,)](
             _desc(hs, [BN, BK]) if tma else hs, w_in, targets[r0:r1] if targets is not None else h,
             p_ws if expect_w else h, tile[0], tile[1], tile[2], zt[r0:r1] if zt is not None else h,
             n, H, 0, V, tiles, H, weight.stride(0), tiles * BV, tiles, 1.0 / temperature,
-            HAS_TGT=targets is not None, WRITE_P=expect_w, IEEE=ieee, TMA=tma, BN=BN, BV=BV, BK=BK,
-            **_launch_kw(cfg))
+            HAS_TGT=targets is not None, WRITE_P=expect_w, IEEE=ieee, TMA=tma, PERSIST=cfg["PERSIST"],
+            NUM_PROGS=n_prog, BN=BN, BV=BV, BK=BK, **_launch_kw(cfg))
         m, l, s, scale = _merge(tile[0], tile[1], tile[2])
         lse[r0:r1] = m + torch.log(l)
         spz[r0:r1] = s / l
@@ -384,7 +417,7 @@ def dual_loss(h_s, weight_s, h_t, weight_t, *, kind: str, beta: float = 0.5, tem
     BN, BV, BK, BH = cfg["BN"], cfg["BV"], cfg["BK"], cfg["BH"]
     h_s, weight_s, h_t, weight_t = (x.contiguous() for x in (h_s, weight_s, h_t, weight_t))
     tiles = triton.cdiv(V, BV)
-    rows = _slab(N, V, BV, BN, h_s.element_size())
+    rows = _slab(N, BN, tiles * BV * h_s.element_size())
     g_ws = _out(rows, tiles * BV, device=dev, dtype=h_s.dtype) if need_grad else None
     tma = _tma_ok(cfg, h_s, weight_s, h_t, weight_t) and (g_ws is None or _tma_ok(cfg, g_ws))
     ws_in, wt_in = (_desc(weight_s, [BV, BK]), _desc(weight_t, [BV, BK])) if tma else (weight_s, weight_t)

@@ -9,12 +9,13 @@ from iicl_fast.kernels import loss_head
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CPU: the Triton interpreter
 SHAPES = [(1, 24, 37), (7, 40, 1000), (97, 40, 4099)]
 IMPLS = ["triton", "torch"]
+REAL_SLAB = loss_head._slab          # the fixture below replaces it
 
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     monkeypatch.setattr(loss_head, "POISON", True)
-    monkeypatch.setattr(loss_head, "_slab", lambda n, v, bv, bn, elt, **k: 3 * bn)   # N=97: 2 slabs, one partial
+    monkeypatch.setattr(loss_head, "_slab", lambda n, bn, row_bytes, **k: 3 * bn)   # N=97: 2 slabs, one partial
 
 
 def inputs(N, H, V, seed, scale=3.0):
@@ -161,6 +162,15 @@ def test_kl_divergence_general(impl, N, H, V, kind, T, cap):
     close(h_s.grad, h64.grad, atol=1e-5)
 
 
+def test_slab_rows():
+    """Slabs: a multiple of BN, the workspace under its budget, at least one row block, no
+    more rows than N rounded up (a 64 MiB statistics budget at V=128256 once gave 128-row slabs)."""
+    real = REAL_SLAB
+    assert real(16384, 128, 501 * 256 * 2) == 1024                  # bf16 P at V=128256: 256 MiB
+    assert real(16384, 128, 501 * 12, workspace_bytes=64 << 20) == 11136
+    assert real(97, 32, 10 ** 12) == 32 and real(97, 32, 1) == 128
+
+
 def test_mean_reduction_and_bad_inputs():
     h, W, y, _ = inputs(7, 24, 37, 0)
     with pytest.raises(ops.IICLError, match="same dtype"):
@@ -180,8 +190,10 @@ def test_mean_reduction_and_bad_inputs():
 @pytest.mark.parametrize("tma,H", [("0", 40), ("1", 37)])
 def test_pointer_loads(monkeypatch, tma, H):
     """The kernels' plain pointer loads (tensor descriptors off, or a row stride TMA cannot
-    take: 37 fp32 = 148 bytes) give the same values and gradients against float64."""
+    take: 37 fp32 = 148 bytes), with one tile per program (not persistent), give the same
+    values and gradients against float64."""
     monkeypatch.setenv("IICL_LOSS_HEAD_TMA", tma)
+    monkeypatch.setenv("IICL_LOSS_HEAD_PERSIST", "0")
     N, V, T = 97, 4099, 2.0
     h_t, W, y, g = inputs(N, H, V, 13)
     assert loss_head._tma_ok(loss_head._cfg(h_t.device), h_t, W) == (H % 4 == 0 and tma == "1")
