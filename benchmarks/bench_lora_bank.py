@@ -13,6 +13,9 @@ Implementations:
   torch_bank       the same stacked adapters + torch.optim.AdamW(fused=True) on the stacked tensors
                    (global clip; every adapter moves, the inactive ones by momentum and decay)
   torch_bank_graph torch_bank captured as a CUDA graph (AdamW(fused=True, capturable=True))
+  model_graph      reference, not a contender: the frozen model's forward + backward (to its
+                   input embeddings) and the loss, no adapters, as a CUDA graph: what the
+                   bank's step costs beyond the model itself
   loop             one base GEMM, a Python loop over the batch's adapters for the LoRA part
   peft_sequential  one peft adapter at a time, AdamW(fused=True), 32 sequences a step
 Each implementation runs `--steps` timed steps after 2 warm-up steps; docs/s extrapolates the
@@ -70,7 +73,40 @@ def teacher(model, n_tokens):
     return ops.teacher_stats(h_t, W)
 
 
-def run_graph(model, n_docs, micro, steps, impl):
+def capture_model_only(model, emb, static_ids, st):
+    W = model.get_output_embeddings().weight
+
+    def body():
+        x = emb(static_ids).detach().requires_grad_(True)
+        h = model.model(inputs_embeds=x, use_cache=False).last_hidden_state.reshape(-1, 576)
+        ops.forward_kl(h, W, st, reduction="mean").backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body(); body()
+    torch.cuda.current_stream().wait_stream(side)
+    g1, g2 = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g1):
+        body()
+    with torch.cuda.graph(g2, pool=g1.pool()):
+        static_ids.add_(0)         # no optimizer: an empty graph is refused
+    return g1, g2
+
+
+def print_profile(fn, title, rows=14):
+    """The GPU kernels of a few replays, by total time (where the step's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn(); torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    print(f"\n-- GPU kernels, 3 steps of {title} --")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70), flush=True)
+
+
+def run_graph(model, n_docs, micro, steps, impl, profile=False):
     """iicl_fast_graph / torch_bank_graph: the step replayed from CUDA graphs; ms_fwd holds
     forward + backward (one graph), ms_bwd is 0."""
     from iicl_fast.bank import GraphedBankStep
@@ -90,7 +126,15 @@ def run_graph(model, n_docs, micro, steps, impl):
         batch = lambda: (torch.randint(0, n_docs, (micro,), generator=g),  # noqa: E731
                          torch.randint(0, 49152, (micro, LEN), generator=g).cuda())
         docs, ids = batch()
-        if impl == "iicl_fast_graph":
+        if impl == "model_graph":
+            bank.remove()
+            emb = model.model.embed_tokens
+            static_ids = ids.clone()
+            grad_graph, update_graph = capture_model_only(model, emb, static_ids, st)
+
+            def load(docs, ids):
+                static_ids.copy_(ids)
+        elif impl == "iicl_fast_graph":
             step = GraphedBankStep(bank, BankAdamW(bank, lr=1e-3), loss_fn, {"input_ids": ids}, docs)
             grad_graph, update_graph = step.graph_grad, step.graph_update
 
@@ -128,6 +172,8 @@ def run_graph(model, n_docs, micro, steps, impl):
             def load(docs, ids):
                 static_ids.copy_(ids)
                 static_docs.copy_(docs)
+        if profile:
+            print_profile(lambda: (grad_graph.replay(), update_graph.replay()), f"{impl}, {n_docs} adapters")
         times = []
         for k in range(steps + 2):
             docs, ids = batch()
@@ -238,9 +284,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapters", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--impls", nargs="+", default=["iicl_fast", "iicl_fast_graph", "torch_bank", "torch_bank_graph",
-                                                   "loop", "peft_sequential"])
+                                                   "loop", "peft_sequential", "model_graph"])
     ap.add_argument("--micro", type=int, default=64, help="sequences per mixed micro-batch")
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--profile", action="store_true", help="print the GPU kernels of the graph steps")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
@@ -264,7 +311,8 @@ def main():
                     (f, b, o), total = run_peft(model, n, max(2, args.steps // 3))
                     model = make_model()       # peft injected layers: a clean base for the next
                 elif impl.endswith("_graph"):
-                    (f, b, o), total = run_graph(model, n, args.micro, args.steps, impl)
+                    (f, b, o), total = run_graph(model, n, args.micro, args.steps, impl,
+                                                 profile=args.profile and n == max(args.adapters))
                 else:
                     (f, b, o), total = run_stacked(model, n, args.micro, args.steps, impl)
             except torch.cuda.OutOfMemoryError as e:

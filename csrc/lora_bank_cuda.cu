@@ -66,16 +66,19 @@ __global__ void __launch_bounds__(kThreads) sq_norm_kernel(const Slot* __restric
   if (threadIdx.x == 0) atomicAdd(sq + a, acc);
 }
 
+// 1 - beta is taken in double on the host, as torch.optim.AdamW does: in float,
+// 1 - 0.999f differs from float(0.001) by 1.3e-5 relative (seen in exp_avg_sq against torch).
 struct Hyper {
-  float beta1, beta2, eps, max_norm;
+  float beta2, one_minus_beta1, one_minus_beta2, eps, max_norm;
+  double beta1_d, beta2_d;
 };
 
-__device__ __forceinline__ void adamw_one(float& p, float g, float& m, float& v, float decay, float b1, float b2,
-                                          float step_size, float bc2_sqrt, float eps) {
+__device__ __forceinline__ void adamw_one(float& p, float g, float& m, float& v, float decay, const Hyper& hp,
+                                          float step_size, float bc2_sqrt) {
   p *= decay;
-  m += (1.f - b1) * (g - m);   // torch's lerp(m, g, 1 - beta1) for a weight below 0.5
-  v = v * b2 + (1.f - b2) * g * g;
-  p -= step_size * m / (sqrtf(v) / bc2_sqrt + eps);
+  m += hp.one_minus_beta1 * (g - m);   // torch's lerp(m, g, 1 - beta1) for a weight below 0.5
+  v = v * hp.beta2 + hp.one_minus_beta2 * g * g;
+  p -= step_size * m / (sqrtf(v) / bc2_sqrt + hp.eps);
 }
 
 __global__ void __launch_bounds__(kThreads) adamw_kernel(const Slot* __restrict__ slots,
@@ -88,8 +91,8 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const Slot* __restrict_
   if (!active[a]) return;
   const Slot s = slots[blockIdx.y];
   const double t = static_cast<double>(step[a] + 1);
-  const float bc1 = static_cast<float>(1.0 - pow(static_cast<double>(hp.beta1), t));
-  const float bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(static_cast<double>(hp.beta2), t)));
+  const float bc1 = static_cast<float>(1.0 - pow(hp.beta1_d, t));
+  const float bc2_sqrt = static_cast<float>(sqrt(1.0 - pow(hp.beta2_d, t)));
   float clip = 1.f;   // torch.nn.utils.clip_grad_norm_: max / (norm + 1e-6), capped at 1
   if (hp.max_norm > 0.f) clip = fminf(1.f, hp.max_norm / (sqrtf(sq[a]) + 1e-6f));
   const float step_size = lr[a] / bc1;
@@ -102,10 +105,10 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const Slot* __restrict_
     float4* v4 = reinterpret_cast<float4*>(s.v + off);
     for (int64_t i = threadIdx.x; i < s.per / 4; i += kThreads) {
       float4 p = p4[i], g = g4[i], m = m4[i], v = v4[i];
-      adamw_one(p.x, g.x * clip, m.x, v.x, decay, hp.beta1, hp.beta2, step_size, bc2_sqrt, hp.eps);
-      adamw_one(p.y, g.y * clip, m.y, v.y, decay, hp.beta1, hp.beta2, step_size, bc2_sqrt, hp.eps);
-      adamw_one(p.z, g.z * clip, m.z, v.z, decay, hp.beta1, hp.beta2, step_size, bc2_sqrt, hp.eps);
-      adamw_one(p.w, g.w * clip, m.w, v.w, decay, hp.beta1, hp.beta2, step_size, bc2_sqrt, hp.eps);
+      adamw_one(p.x, g.x * clip, m.x, v.x, decay, hp, step_size, bc2_sqrt);
+      adamw_one(p.y, g.y * clip, m.y, v.y, decay, hp, step_size, bc2_sqrt);
+      adamw_one(p.z, g.z * clip, m.z, v.z, decay, hp, step_size, bc2_sqrt);
+      adamw_one(p.w, g.w * clip, m.w, v.w, decay, hp, step_size, bc2_sqrt);
       p4[i] = p;
       m4[i] = m;
       v4[i] = v;
@@ -113,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(const Slot* __restrict_
   } else {
     for (int64_t i = threadIdx.x; i < s.per; i += kThreads) {
       float p = s.p[off + i], m = s.m[off + i], v = s.v[off + i];
-      adamw_one(p, s.g[off + i] * clip, m, v, decay, hp.beta1, hp.beta2, step_size, bc2_sqrt, hp.eps);
+      adamw_one(p, s.g[off + i] * clip, m, v, decay, hp, step_size, bc2_sqrt);
       s.p[off + i] = p;
       s.m[off + i] = m;
       s.v[off + i] = v;
@@ -227,8 +230,8 @@ void masked_adamw_step_table(const at::Tensor& slots, int64_t n_tensors, at::Ten
     sq_norm_kernel<<<grid, kThreads, 0, stream>>>(table, active.data_ptr<bool>(), sq.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  Hyper hp{static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(eps),
-           static_cast<float>(max_grad_norm)};
+  Hyper hp{static_cast<float>(beta2), static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
+           static_cast<float>(eps), static_cast<float>(max_grad_norm), beta1, beta2};
   adamw_kernel<<<grid, kThreads, 0, stream>>>(table, active.data_ptr<bool>(), step.data_ptr<int64_t>(),
                                               lr.data_ptr<float>(), weight_decay.data_ptr<float>(),
                                               sq.data_ptr<float>(), hp);

@@ -81,26 +81,28 @@ def _tile_stats_kernel(h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr
                        N, H, v_start, v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t,
                        HAS_TGT: tl.constexpr, WRITE_P: tl.constexpr, IEEE: tl.constexpr,
                        TMA: tl.constexpr, GROUP: tl.constexpr, PERSIST: tl.constexpr, NUM_PROGS: tl.constexpr,
-                       BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+                       TMA_STORE: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
     """PERSIST: NUM_PROGS programs loop over the tiles (the K loop flattened into that loop,
     so the next tile's loads can be issued during this tile's epilogue); else one tile per
-    program."""
+    program. TMA_STORE: p_ptr is a descriptor over the workspace (blocks [BN, BV]) and the
+    tile of e^(z − m) leaves through the copy engine."""
     if PERSIST:
         for tile in tl.range(tl.program_id(0), tl.cdiv(N, BN) * n_tiles, NUM_PROGS, flatten=True):
             _tile_stats(tile, h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr, N, H, v_start, v_end,
                         n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t, HAS_TGT, WRITE_P, IEEE, TMA,
-                        GROUP, BN, BV, BK)
+                        GROUP, TMA_STORE, BN, BV, BK)
     else:
         _tile_stats(tl.program_id(0), h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr, N, H, v_start,
                     v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t, HAS_TGT, WRITE_P, IEEE, TMA,
-                    GROUP, BN, BV, BK)
+                    GROUP, TMA_STORE, BN, BV, BK)
 
 
 @triton.jit
 def _tile_stats(tile, h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr,
                 N, H, v_start, v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t,
                 HAS_TGT: tl.constexpr, WRITE_P: tl.constexpr, IEEE: tl.constexpr,
-                TMA: tl.constexpr, GROUP: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+                TMA: tl.constexpr, GROUP: tl.constexpr, TMA_STORE: tl.constexpr,
+                BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
     pid_n, pid_v = _grouped(tile, tl.cdiv(N, BN), n_tiles, GROUP)
     rn = pid_n * BN + tl.arange(0, BN)
     rc = pid_v * BV + tl.arange(0, BV)          # column inside the chunk
@@ -123,8 +125,11 @@ def _tile_stats(tile, h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr,
         found = tl.sum(hit.to(tl.int32), 1) > 0
         tl.store(zt_ptr + rn, zt, mask=row_ok & found)
     if WRITE_P:   # the whole tile, zeros past the vocabulary: the P·W kernel reads whole k-blocks
-        tl.store(p_ptr + rn[:, None] * stride_pn + rc[None, :], e.to(p_ptr.dtype.element_ty),
-                 mask=row_ok[:, None])
+        if TMA_STORE:   # rows past N are clipped by the copy engine
+            p_ptr.store([pid_n * BN, pid_v * BV], e.to(p_ptr.dtype))
+        else:
+            tl.store(p_ptr + rn[:, None] * stride_pn + rc[None, :], e.to(p_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
 
 
 @triton.jit
@@ -261,34 +266,37 @@ def _out(*shape, device, dtype=torch.float32):
         torch.empty(shape, device=device, dtype=dtype)
 
 
-def _cfg(device: torch.device, dual: bool = False, ieee: bool = False) -> dict:
-    """Tile shapes. IICL_LOSS_HEAD_CFG="BN,BV,BK,BH,warps,stages[,group,tma,persist]" overrides
-    the single-model kernels (the benchmark sweeps with it); IICL_LOSS_HEAD_TMA=0|1 and
-    IICL_LOSS_HEAD_PERSIST=0|1 force the tensor-descriptor loads and the persistent tile
-    kernel off or on (tests run both paths)."""
+def _cfg(device: torch.device, dual: bool = False, ieee: bool = False, write_p: bool = True) -> dict:
+    """Tile shapes. IICL_LOSS_HEAD_CFG="BN,BV,BK,BH,warps,stages[,group,tma,persist,tma_store]"
+    overrides the single-model kernels (the benchmark sweeps with it; IICL_LOSS_HEAD_CFG_NOP, if
+    set, for the passes that write no P: token log-prob); IICL_LOSS_HEAD_TMA,
+    IICL_LOSS_HEAD_PERSIST and IICL_LOSS_HEAD_TMA_STORE (0|1) force the tensor-descriptor
+    loads, the persistent tile kernel and the descriptor store of P off or on (tests run
+    both paths)."""
     if device.type == "cuda":
-        env = os.environ.get("IICL_LOSS_HEAD_CFG")
+        env = os.environ.get("IICL_LOSS_HEAD_CFG" if write_p else "IICL_LOSS_HEAD_CFG_NOP") or \
+            os.environ.get("IICL_LOSS_HEAD_CFG")
         if ieee:   # fp32 inputs (tests, not the fast path): fp32 stages of 128×256 tiles overflow shared memory
-            cfg = dict(BN=64, BV=64, BK=32, BH=64, num_warps=4, num_stages=2, GROUP=8, TMA=True, PERSIST=False)
+            cfg = dict(BN=64, BV=64, BK=32, BH=64, num_warps=4, num_stages=2, GROUP=8, TMA=True, PERSIST=False, TMA_STORE=False)
         elif dual:
             # two logit tiles live at once: 128×256 tiles spilled (12× the GEMM floor on an
             # H100 vs 2.6× with 128×128, N=4096)
-            cfg = dict(BN=128, BV=128, BK=64, BH=256, num_warps=8, num_stages=3, GROUP=16, TMA=True, PERSIST=False)
+            cfg = dict(BN=128, BV=128, BK=64, BH=256, num_warps=8, num_stages=3, GROUP=16, TMA=True, PERSIST=False, TMA_STORE=False)
         elif env:
             v = list(map(int, env.split(",")))
             cfg = dict(BN=v[0], BV=v[1], BK=v[2], BH=v[3], num_warps=v[4], num_stages=v[5],
                        GROUP=v[6] if len(v) > 6 else 16, TMA=bool(v[7]) if len(v) > 7 else True,
-                       PERSIST=bool(v[8]) if len(v) > 8 else False)
+                       PERSIST=bool(v[8]) if len(v) > 8 else False, TMA_STORE=bool(v[9]) if len(v) > 9 else False)
         else:
             # H100 sweeps (benchmarks/NOTES.md): 128×256 logit tiles and 128×256 output tiles,
             # 8 warps: forward_kl_step 17.2 ms vs 22.3 ms for 128×128 at N=4096; with TMA
             # loads 4 stages beat 3.
-            cfg = dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=4, GROUP=16, TMA=True, PERSIST=False)
+            cfg = dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=4, GROUP=16, TMA=True, PERSIST=False, TMA_STORE=False)
     else:
         # interpreter: its cost is per program and per op, so few large blocks; the tests cut
         # slabs of 3 row blocks, so GROUP 2 ends each slab in a partial group
-        cfg = dict(BN=32, BV=128, BK=32, BH=64, num_warps=1, num_stages=1, GROUP=2, TMA=True, PERSIST=True)
-    for key in ("TMA", "PERSIST"):
+        cfg = dict(BN=32, BV=128, BK=32, BH=64, num_warps=1, num_stages=1, GROUP=2, TMA=True, PERSIST=True, TMA_STORE=True)
+    for key in ("TMA", "PERSIST", "TMA_STORE"):
         env = os.environ.get(f"IICL_LOSS_HEAD_{key}")
         if env is not None:
             cfg[key] = env == "1"
@@ -355,7 +363,7 @@ def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor |
     V = weight.shape[0]
     dev = h.device
     ieee = h.dtype == torch.float32
-    cfg = _cfg(dev, ieee=ieee)
+    cfg = _cfg(dev, ieee=ieee, write_p=expect_w)
     BN, BV, BK, BH = cfg["BN"], cfg["BV"], cfg["BK"], cfg["BH"]
     h, weight = h.contiguous(), weight.contiguous()
     tiles = triton.cdiv(V, BV)
@@ -371,8 +379,10 @@ def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor |
         rows = _slab(N, BN, tiles * 12, workspace_bytes=64 << 20)
     tma = _tma_ok(cfg, h, weight) and (not expect_w or _tma_ok(cfg, p_ws))
     w_in = _desc(weight, [BV, BK]) if tma else weight
+    tma_store = tma and expect_w and cfg["TMA_STORE"]
     if expect_w:
         p_in, w_out = (_desc(p_ws, [BN, BK]), _desc(weight, [BK, BH])) if tma else (p_ws, weight)
+        p_store = _desc(p_ws, [BN, BV]) if tma_store else p_ws
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         n = r1 - r0
@@ -383,10 +393,10 @@ def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor |
             n_prog = min(n_prog, _num_sms(dev))
         _tile_stats_kernel[(n_prog,)](
             _desc(hs, [BN, BK]) if tma else hs, w_in, targets[r0:r1] if targets is not None else h,
-            p_ws if expect_w else h, tile[0], tile[1], tile[2], zt[r0:r1] if zt is not None else h,
+            p_store if expect_w else h, tile[0], tile[1], tile[2], zt[r0:r1] if zt is not None else h,
             n, H, 0, V, tiles, H, weight.stride(0), tiles * BV, tiles, 1.0 / temperature,
             HAS_TGT=targets is not None, WRITE_P=expect_w, IEEE=ieee, TMA=tma, PERSIST=cfg["PERSIST"],
-            NUM_PROGS=n_prog, BN=BN, BV=BV, BK=BK, **_launch_kw(cfg))
+            NUM_PROGS=n_prog, TMA_STORE=tma_store, BN=BN, BV=BV, BK=BK, **_launch_kw(cfg))
         m, l, s, scale = _merge(tile[0], tile[1], tile[2])
         lse[r0:r1] = m + torch.log(l)
         spz[r0:r1] = s / l
