@@ -13,6 +13,8 @@ Implementations:
   torch_bank       the same stacked adapters + torch.optim.AdamW(fused=True) on the stacked tensors
                    (global clip; every adapter moves, the inactive ones by momentum and decay)
   torch_bank_graph torch_bank captured as a CUDA graph (AdamW(fused=True, capturable=True))
+  peft_sequential_graph  peft_sequential with its step as CUDA graphs (one adapter slot re-used
+                   document after document)
   model_graph      reference, not a contender: the frozen model's forward + backward (to its
                    input embeddings) and the loss, no adapters, as a CUDA graph: what the
                    bank's step costs beyond the model itself
@@ -145,11 +147,9 @@ def run_graph(model, n_docs, micro, steps, impl, profile=False):
             params = bank.parameters()
             opt = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True)
             static_ids, static_docs = ids.clone(), docs.cuda()
-            for p in params:
-                p.grad = torch.zeros_like(p)
-
             def body():
-                torch._foreach_zero_([p.grad for p in params])
+                for p in params:
+                    p.grad = None
                 bank._route = static_docs
                 loss = loss_fn(static_ids)
                 bank._route = None
@@ -280,11 +280,57 @@ def run_peft(model, n_docs, steps):
     return mean, n_docs * EPOCHS        # one step = one document's 32 sequences
 
 
+def run_peft_graph(model, n_docs, steps):
+    """peft_sequential with its step captured as CUDA graphs: one adapter slot, trained on one
+    document after another (re-initialised in place between documents, outside the timing)."""
+    from peft import LoraConfig, get_peft_model
+    cfg = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules="all-linear", task_type="CAUSAL_LM")
+    pm = get_peft_model(model, cfg, adapter_name="d0")
+    params = [p for n, p in pm.named_parameters() if ".d0." in n]
+    for p in params:
+        p.requires_grad_(True)
+    st = teacher(model, SEQS * LEN)
+    W = model.get_output_embeddings().weight
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True, capturable=True)
+    g = torch.Generator().manual_seed(0)
+    static_ids = torch.randint(0, 49152, (SEQS, LEN), generator=g).cuda()
+
+    def body():
+        for p in params:
+            p.grad = None
+        h = pm.get_base_model().model(input_ids=static_ids, use_cache=False).last_hidden_state.reshape(-1, 576)
+        ops.forward_kl(h, W, st, reduction="mean").backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        body(); body()
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    grad_graph, update_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(grad_graph):
+        body()
+    with torch.cuda.graph(update_graph, pool=grad_graph.pool()):
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    times = []
+    for k in range(steps + 2):
+        static_ids.copy_(torch.randint(0, 49152, (SEQS, LEN), generator=g))
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        ev[0].record(); grad_graph.replay(); ev[1].record(); update_graph.replay(); ev[2].record()
+        torch.cuda.synchronize()
+        if k >= 2:
+            times.append([ev[0].elapsed_time(ev[1]), 0.0, ev[1].elapsed_time(ev[2])])
+    mean = [sum(x[i] for x in times) / len(times) for i in range(3)]
+    return mean, n_docs * EPOCHS
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapters", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--impls", nargs="+", default=["iicl_fast", "iicl_fast_graph", "torch_bank", "torch_bank_graph",
-                                                   "loop", "peft_sequential", "model_graph"])
+                                                   "loop", "peft_sequential", "peft_sequential_graph",
+                                                   "model_graph"])
     ap.add_argument("--micro", type=int, default=64, help="sequences per mixed micro-batch")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--profile", action="store_true", help="print the GPU kernels of the graph steps")
@@ -310,6 +356,9 @@ def main():
                 if impl == "peft_sequential":
                     (f, b, o), total = run_peft(model, n, max(2, args.steps // 3))
                     model = make_model()       # peft injected layers: a clean base for the next
+                elif impl == "peft_sequential_graph":
+                    (f, b, o), total = run_peft_graph(model, n, args.steps)
+                    model = make_model()
                 elif impl.endswith("_graph"):
                     (f, b, o), total = run_graph(model, n, args.micro, args.steps, impl,
                                                  profile=args.profile and n == max(args.adapters))
@@ -326,7 +375,7 @@ def main():
             peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
             sec = (f + b + o) * total / 1e3
             r = {"impl": impl, "adapters": n, "docs_per_s": n / sec, "ms_fwd": f, "ms_bwd": b, "ms_opt": o,
-                 "peak_gib": peak, "steps_total": total, "micro_batch_seqs": SEQS if impl == "peft_sequential"
+                 "peak_gib": peak, "steps_total": total, "micro_batch_seqs": SEQS if impl.startswith("peft")
                  else args.micro, **meta}
             rows.append(r)
             print(json.dumps(r), flush=True)

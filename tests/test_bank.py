@@ -154,7 +154,8 @@ def test_masked_adamw_bad_ids():
         MaskedAdamW([torch.zeros(4, 2)], 5)
 
 
-def test_lora_bank_routes_each_sequence_to_its_adapter_and_exports_a_memory(tiny, tmp_path):
+@pytest.mark.parametrize("impl", ["segmented", "bmm"])
+def test_lora_bank_routes_each_sequence_to_its_adapter_and_exports_a_memory(tiny, tmp_path, impl):
     import iicl_fast
     from iicl_fast.bank import BankAdamW, LoraBank
     model, tok = tiny
@@ -162,7 +163,7 @@ def test_lora_bank_routes_each_sequence_to_its_adapter_and_exports_a_memory(tiny
                         tok("Seven grey cats sleep on the rocks", add_special_tokens=False)["input_ids"][:6]])
     with torch.no_grad():
         base = model(input_ids=ids).logits
-    bank = LoraBank(model, 5, rank=4, alpha=8)
+    bank = LoraBank(model, 5, rank=4, alpha=8, impl=impl)
     with torch.no_grad(), bank.route([3, 1]):
         torch.testing.assert_close(model(input_ids=ids).logits, base)       # B = 0: no change
         for p in bank.B.values():
