@@ -6,10 +6,11 @@ Workload (issue): each document has a transfer set of 32 sequences × 128 tokens
 on a SmolLM2-135M-shaped Llama (hidden 576, 30 layers, vocab 49152; random weights; bf16),
 LoRA r=16 on all linear layers, forward-KL loss against fixed teacher statistics.
 Implementations:
-  iicl_fast        LoraBank (hooks; on CUDA the gathered-bmm path) + BankAdamW (masked,
-                   per-adapter clip / step / lr: the extension's CUDA kernel)
+  iicl_fast        LoraBank (hooks running the extension's segmented LoRA kernels) + BankAdamW
+                   (masked, per-adapter clip / step / lr: the extension's CUDA kernel)
   iicl_fast_graph  the same step captured as CUDA graphs (GraphedBankStep): the masked update
                    has no host sync, so forward, backward and update replay without the host
+  iicl_fast_graph_bmm  iicl_fast_graph with the gathered-bmm hook instead of the segmented kernels
   torch_bank       the same stacked adapters + torch.optim.AdamW(fused=True) on the stacked tensors
                    (global clip; every adapter moves, the inactive ones by momentum and decay)
   torch_bank_graph torch_bank captured as a CUDA graph (AdamW(fused=True, capturable=True))
@@ -75,6 +76,14 @@ def teacher(model, n_tokens):
     return ops.teacher_stats(h_t, W)
 
 
+def bank_impl(impl: str) -> str:
+    """The LoRA hook each row runs: the extension's segmented kernels for iicl_fast, the
+    gathered batched GEMMs for torch_bank (no extension) and for iicl_fast_graph_bmm."""
+    if os.environ.get("IICL_BENCH_FORCE_BMM") == "1":      # when the segmented kernels are suspect
+        return "bmm"
+    return "bmm" if impl.startswith("torch_bank") or impl.endswith("_bmm") else "auto"
+
+
 def capture_model_only(model, emb, static_ids, st):
     W = model.get_output_embeddings().weight
 
@@ -112,7 +121,7 @@ def run_graph(model, n_docs, micro, steps, impl, profile=False):
     """iicl_fast_graph / torch_bank_graph: the step replayed from CUDA graphs; ms_fwd holds
     forward + backward (one graph), ms_bwd is 0."""
     from iicl_fast.bank import GraphedBankStep
-    bank = LoraBank(model, n_docs, rank=RANK, alpha=ALPHA)
+    bank = LoraBank(model, n_docs, rank=RANK, alpha=ALPHA, impl=bank_impl(impl))
     try:
         with torch.no_grad():
             for p in bank.B.values():
@@ -136,7 +145,7 @@ def run_graph(model, n_docs, micro, steps, impl, profile=False):
 
             def load(docs, ids):
                 static_ids.copy_(ids)
-        elif impl == "iicl_fast_graph":
+        elif impl.startswith("iicl_fast_graph"):
             step = GraphedBankStep(bank, BankAdamW(bank, lr=1e-3), loss_fn, {"input_ids": ids}, docs)
             grad_graph, update_graph = step.graph_grad, step.graph_update
 
@@ -191,7 +200,7 @@ def run_graph(model, n_docs, micro, steps, impl, profile=False):
 
 def run_stacked(model, n_docs, micro, steps, impl):
     """iicl_fast / torch_bank / loop: every micro-batch mixes documents."""
-    bank = LoraBank(model, n_docs, rank=RANK, alpha=ALPHA)
+    bank = LoraBank(model, n_docs, rank=RANK, alpha=ALPHA, impl=bank_impl(impl))
     with torch.no_grad():
         for p in bank.B.values():
             p.normal_(0, 0.01)
@@ -328,7 +337,7 @@ def run_peft_graph(model, n_docs, steps):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapters", type=int, nargs="+", default=[16, 64, 256])
-    ap.add_argument("--impls", nargs="+", default=["iicl_fast", "iicl_fast_graph", "torch_bank", "torch_bank_graph",
+    ap.add_argument("--impls", nargs="+", default=["iicl_fast", "iicl_fast_graph", "iicl_fast_graph_bmm", "torch_bank", "torch_bank_graph",
                                                    "loop", "peft_sequential", "peft_sequential_graph",
                                                    "model_graph"])
     ap.add_argument("--micro", type=int, default=64, help="sequences per mixed micro-batch")
@@ -359,7 +368,7 @@ def main():
                 elif impl == "peft_sequential_graph":
                     (f, b, o), total = run_peft_graph(model, n, args.steps)
                     model = make_model()
-                elif impl.endswith("_graph"):
+                elif "_graph" in impl:
                     (f, b, o), total = run_graph(model, n, args.micro, args.steps, impl,
                                                  profile=args.profile and n == max(args.adapters))
                 else:

@@ -12,9 +12,9 @@
 //
 // This file is the CPU implementation (segments walked on the host: CPU tensors have no
 // host/device boundary to synchronise across) and the module definition. lora_bank_cuda.cu
-// holds the CUDA masked AdamW, compiled in (IICL_WITH_CUDA) when setup.py finds nvcc and a
-// CUDA build of torch. The segmented op has no CUDA kernel yet: on the GPU, LoraBank runs
-// the adapters as gathered batched GEMMs.
+// holds the CUDA kernels (masked AdamW; segmented LoRA on tensor cores for bf16 activations
+// and ranks 16..64 in steps of 16), compiled in (IICL_WITH_CUDA) when setup.py finds nvcc and
+// a CUDA build of torch.
 #include <torch/extension.h>
 
 #include <cmath>
@@ -32,6 +32,13 @@ at::Tensor slot_table_cuda(const std::vector<at::Tensor>& params, const std::vec
 void masked_adamw_step_table(const at::Tensor& slots, int64_t n_tensors, at::Tensor step, const at::Tensor& active,
                              const at::Tensor& lr, const at::Tensor& weight_decay, double beta1, double beta2,
                              double eps, double max_grad_norm);
+std::vector<at::Tensor> segmented_lora_forward_cuda(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                                                    const at::Tensor& offsets, const at::Tensor& adapter_ids,
+                                                    double scale, const c10::optional<at::Tensor>& base);
+std::vector<at::Tensor> segmented_lora_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& u,
+                                                     const at::Tensor& A, const at::Tensor& B,
+                                                     const at::Tensor& offsets, const at::Tensor& adapter_ids,
+                                                     double scale, bool need_grad_x);
 constexpr bool kWithCuda = true;
 #else
 constexpr bool kWithCuda = false;
@@ -50,8 +57,7 @@ void check_tensor(const at::Tensor& t, const char* name, int64_t dim, const at::
 
 void check_cpu(const at::Tensor& t, const char* name) {
   check(t.device().is_cpu(), std::string(name) + " is on " + t.device().str() +
-                                 (kWithCuda ? ": the segmented LoRA op runs on the CPU only (on the GPU, LoraBank "
-                                              "uses gathered batched GEMMs)"
+                                 (kWithCuda ? ", the other inputs on the CPU: put them on one device"
                                             : ": this build of iicl_fast._C has CPU kernels only"));
 }
 
@@ -95,9 +101,13 @@ void check_bank(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B) {
 }  // namespace
 
 // -> (y [T, d_out] in x's dtype, u = A_a x [T, r] in x's dtype, saved for backward)
+// base (optional, [T, d_out] in x's dtype): y = base + the adapters' output, in one pass on CUDA.
 std::vector<at::Tensor> segmented_lora_forward(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
                                                const at::Tensor& offsets, const at::Tensor& adapter_ids,
-                                               double scale) {
+                                               double scale, const c10::optional<at::Tensor>& base) {
+#ifdef IICL_WITH_CUDA
+  if (x.is_cuda()) return segmented_lora_forward_cuda(x, A, B, offsets, adapter_ids, scale, base);
+#endif
   check_bank(x, A, B);
   auto [off, ad] = segments(offsets, adapter_ids, x.size(0), A.size(0));
   auto y = at::zeros({x.size(0), B.size(1)}, x.options());
@@ -110,6 +120,10 @@ std::vector<at::Tensor> segmented_lora_forward(const at::Tensor& x, const at::Te
     u.narrow(0, off[s], len).copy_(us);
     y.narrow(0, off[s], len).copy_(at::matmul(us, B[ad[s]].to(x.scalar_type()).t()).mul_(scale));
   }
+  if (base.has_value() && base->defined()) {
+    check(base->sizes() == y.sizes(), "base must be [tokens, d_out]");
+    y.add_(*base);
+  }
   return {y, u};
 }
 
@@ -117,6 +131,9 @@ std::vector<at::Tensor> segmented_lora_forward(const at::Tensor& x, const at::Te
 std::vector<at::Tensor> segmented_lora_backward(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& u,
                                                 const at::Tensor& A, const at::Tensor& B, const at::Tensor& offsets,
                                                 const at::Tensor& adapter_ids, double scale, bool need_grad_x) {
+#ifdef IICL_WITH_CUDA
+  if (x.is_cuda()) return segmented_lora_backward_cuda(grad_y, x, u, A, B, offsets, adapter_ids, scale, need_grad_x);
+#endif
   check_bank(x, A, B);
   check_tensor(grad_y, "grad_y", 2, x.device());
   check_tensor(u, "u", 2, x.device());
@@ -226,9 +243,11 @@ void masked_adamw_step(std::vector<at::Tensor> params, std::vector<at::Tensor> g
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "iicl_fast._C: segmented multi-adapter LoRA (CPU) and a masked per-adapter AdamW (CPU, CUDA)";
+  m.doc() = "iicl_fast._C: segmented multi-adapter LoRA and a masked per-adapter AdamW (CPU; CUDA when built with nvcc)";
   m.attr("with_cuda") = kWithCuda;
-  m.def("segmented_lora_forward", &segmented_lora_forward, "y, u = B_a(A_a x) per segment");
+  m.def("segmented_lora_forward", &segmented_lora_forward, "y, u = (base +) scale * B_a(A_a x) per segment",
+        py::arg("x"), py::arg("A"), py::arg("B"), py::arg("offsets"), py::arg("adapter_ids"), py::arg("scale"),
+        py::arg("base") = py::none());
   m.def("segmented_lora_backward", &segmented_lora_backward, "grad_x, grad_A, grad_B");
   m.def("per_adapter_sq_norm", &per_adapter_sq_norm, "sum of squared gradients per adapter");
   m.def("masked_adamw_step", &masked_adamw_step, "AdamW on the active adapters only");

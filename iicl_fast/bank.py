@@ -29,8 +29,8 @@ def segmented_lora_loop(x, A, B, offsets, adapter_ids, scale: float):
 
 class SegmentedLoRA(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, A, B, offsets, adapter_ids, scale):
-        y, u = ext().segmented_lora_forward(x, A, B, offsets, adapter_ids, float(scale))
+    def forward(ctx, x, A, B, offsets, adapter_ids, scale, base):
+        y, u = ext().segmented_lora_forward(x, A, B, offsets, adapter_ids, float(scale), base)
         ctx.save_for_backward(x, u, A, B, offsets, adapter_ids)
         ctx.scale = float(scale)
         return y
@@ -40,15 +40,31 @@ class SegmentedLoRA(torch.autograd.Function):
         x, u, A, B, offsets, adapter_ids = ctx.saved_tensors
         gx, gA, gB = ext().segmented_lora_backward(grad_y, x, u, A, B, offsets, adapter_ids, ctx.scale,
                                                     ctx.needs_input_grad[0])
-        return (gx if ctx.needs_input_grad[0] else None, gA, gB, None, None, None)
+        return (gx if ctx.needs_input_grad[0] else None, gA, gB, None, None, None,
+                grad_y if ctx.needs_input_grad[6] else None)
 
 
-def segmented_lora(x, A, B, offsets, adapter_ids, scale: float = 1.0):
-    """x [T, d_in], A [n, r, d_in], B [n, d_out, r], offsets [S+1], adapter_ids [S] -> y [T, d_out].
+def segmented_lora(x, A, B, offsets, adapter_ids, scale: float = 1.0, base=None, *, validate: bool = True):
+    """x [T, d_in], A [n, r, d_in], B [n, d_out, r], offsets [S+1], adapter_ids [S] -> y [T, d_out]
+    (+ base [T, d_out] when given: on CUDA the add happens in the same pass).
 
-    Differentiable in x, A and B (grad_A / grad_B come back dense over the bank, fp32)."""
+    Differentiable in x, A, B and base (grad_A / grad_B come back dense over the bank, fp32).
+    CPU: any float dtype. CUDA (extension built with nvcc): x bf16, A / B fp32, rank a multiple
+    of 16 up to 64; segments stay on the device (no host sync) except for `validate`, which
+    checks the adapter ids against the bank on the host (the CPU path always does)."""
     _check_same_device(x=x, A=A, B=B, offsets=offsets, adapter_ids=adapter_ids)
-    return SegmentedLoRA.apply(x, A, B, offsets, adapter_ids, scale)
+    if validate and x.is_cuda and adapter_ids.numel():
+        lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
+        if lo < 0 or hi >= A.shape[0]:
+            raise IICLError(f"adapter id {hi if hi >= A.shape[0] else lo} is out of range for a bank of "
+                            f"{A.shape[0]} adapters")
+    return SegmentedLoRA.apply(x, A, B, offsets, adapter_ids, scale, base)
+
+
+def cuda_segmented_ok(x: torch.Tensor, rank: int) -> bool:
+    """Whether the extension's CUDA segmented kernels take this activation and rank."""
+    return (x.is_cuda and available() and ext().with_cuda and x.dtype == torch.bfloat16
+            and rank % 16 == 0 and rank <= 64)
 
 
 def _check_same_device(**tensors):
@@ -191,8 +207,9 @@ class LoraBank:
         bank.export(i, path)                   # adapter i as a standalone memory dir
 
     Each adapted nn.Linear gets a forward hook that adds scale · B_a(A_a x) for each
-    sequence's adapter: impl "segmented" (the C++ extension's op; the default on CPU) or
-    "bmm" (the batch's adapters gathered, two batched GEMMs; the default on CUDA). A [n, r, d_in] is
+    sequence's adapter: impl "segmented" (the C++ extension's op: on CPU, and on CUDA for bf16
+    activations and ranks 16..64 in steps of 16) or "bmm" (the batch's adapters gathered, two
+    batched GEMMs); "auto" takes the first where it applies. A [n, r, d_in] is
     initialised as peft does (Kaiming-uniform), B [n, d_out, r] at zero: a fresh bank
     leaves the model's outputs unchanged. Masters in fp32; compute in the activations' dtype.
     Outside `route` the hooks do nothing."""
@@ -236,18 +253,22 @@ class LoraBank:
             s = x.numel() // (b * d_in)
             impl = self.impl
             if impl == "auto":
-                impl = "bmm" if x.is_cuda or not available() else "segmented"
+                impl = "segmented" if (cuda_segmented_ok(x, self.rank) if x.is_cuda else available()) else "bmm"
             if impl == "bmm":
-                # the segmented op has no CUDA kernel: on the GPU, the adapters of the batch's
-                # sequences gathered and two batched GEMMs, the second adding into the layer's
-                # output with the scale (baddbmm: no separate scale and add kernels)
+                # the adapters of the batch's sequences gathered and two batched GEMMs, the second
+                # adding into the layer's output with the scale (baddbmm: no separate scale and add)
                 xb = x.reshape(b, s, d_in)
                 A = self.A[name].index_select(0, ids).to(x.dtype)
                 B = self.B[name].index_select(0, ids).to(x.dtype)
                 u = torch.bmm(xb, A.transpose(1, 2))
                 return torch.baddbmm(output.reshape(b, s, -1), u, B.transpose(1, 2), alpha=self.scale).view(output.shape)
             offsets = torch.arange(b + 1, device=x.device) * s
-            y = segmented_lora(x.reshape(b * s, d_in), self.A[name], self.B[name], offsets, ids, self.scale)
+            if x.is_cuda:    # the layer's output added inside the expand kernel
+                y = segmented_lora(x.reshape(b * s, d_in), self.A[name], self.B[name], offsets, ids, self.scale,
+                                   base=output.reshape(b * s, -1), validate=False)
+                return y.view(output.shape)
+            y = segmented_lora(x.reshape(b * s, d_in), self.A[name], self.B[name], offsets, ids, self.scale,
+                               validate=False)
             return output + y.view(output.shape).to(output.dtype)
         return hook
 
