@@ -85,7 +85,7 @@ def test_cuda_bad_input_names_the_tensor():
     with pytest.raises(RuntimeError, match="x must be bfloat16"):
         segmented_lora(x.float(), A, B, off, ids - 1)
     with pytest.raises(RuntimeError, match="multiple of 16"):
-        segmented_lora(x, A[:, :8], B[..., :8], off, ids - 1)
+        segmented_lora(x, A[:, :8].contiguous(), B[..., :8].contiguous(), off, ids - 1)
 
 
 @cuda
@@ -197,8 +197,11 @@ def test_graphed_step_matches_eager_steps():
         bank.remove()
     (l0, p0, s0), (l1, p1, s1) = results
     torch.testing.assert_close(torch.tensor(l1), torch.tensor(l0), rtol=1e-5, atol=1e-6)
+    # Adam moves a weight by up to lr per step, g/(|g|+eps) for tiny g: there the last bits of
+    # a gradient (cuBLAS may pick other kernels under capture) show in the weight (1 of 1280
+    # weights off by 6.7e-6 = 2.5e-4 relative on an H100). Bound: 1/1000 of the largest move.
     for a, b in zip(p0, p1):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-3 * 1e-2 * len(batches))
     assert torch.equal(s0, s1) and int(s1.sum()) > 0
     with pytest.raises(IICLError, match="captured for 3 sequences"):
         step([0, 1], input_ids=batches[0][1][:2], h_t=batches[0][2])
