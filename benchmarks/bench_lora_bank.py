@@ -6,11 +6,12 @@ Workload (issue): each document has a transfer set of 32 sequences × 128 tokens
 on a SmolLM2-135M-shaped Llama (hidden 576, 30 layers, vocab 49152; random weights; bf16),
 LoRA r=16 on all linear layers, forward-KL loss against fixed teacher statistics.
 Implementations:
-  iicl_fast        LoraBank (hooks running the extension's segmented LoRA kernels) + BankAdamW
-                   (masked, per-adapter clip / step / lr: the extension's CUDA kernel)
+  iicl_fast        LoraBank (its default hook on CUDA: gathered bmm) + BankAdamW (masked,
+                   per-adapter clip / step / lr: the extension's CUDA kernel)
+  iicl_fast_segmented  the same with the extension's segmented LoRA kernels as the hook
   iicl_fast_graph  the same step captured as CUDA graphs (GraphedBankStep): the masked update
                    has no host sync, so forward, backward and update replay without the host
-  iicl_fast_graph_bmm  iicl_fast_graph with the gathered-bmm hook instead of the segmented kernels
+  iicl_fast_graph_segmented  iicl_fast_graph with the segmented LoRA kernels
   torch_bank       the same stacked adapters + torch.optim.AdamW(fused=True) on the stacked tensors
                    (global clip; every adapter moves, the inactive ones by momentum and decay)
   torch_bank_graph torch_bank captured as a CUDA graph (AdamW(fused=True, capturable=True))
@@ -77,11 +78,11 @@ def teacher(model, n_tokens):
 
 
 def bank_impl(impl: str) -> str:
-    """The LoRA hook each row runs: the extension's segmented kernels for iicl_fast, the
-    gathered batched GEMMs for torch_bank (no extension) and for iicl_fast_graph_bmm."""
-    if os.environ.get("IICL_BENCH_FORCE_BMM") == "1":      # when the segmented kernels are suspect
-        return "bmm"
-    return "bmm" if impl.startswith("torch_bank") or impl.endswith("_bmm") else "auto"
+    """The LoRA hook each row runs: the extension's segmented kernels for *_segmented, the
+    gathered batched GEMMs for torch_bank (no extension), the bank's default otherwise."""
+    if impl.endswith("_segmented"):
+        return "bmm" if os.environ.get("IICL_BENCH_FORCE_BMM") == "1" else "segmented"
+    return "bmm" if impl.startswith("torch_bank") else "auto"
 
 
 def capture_model_only(model, emb, static_ids, st):
@@ -207,7 +208,7 @@ def run_stacked(model, n_docs, micro, steps, impl):
     if impl == "loop":
         bank.remove()
         bank._hooks = [lin.register_forward_hook(loop_hook(bank, name)) for name, lin in bank.modules]
-    if impl == "iicl_fast":
+    if impl.startswith("iicl_fast"):
         opt = BankAdamW(bank, lr=1e-3)
         step_opt = lambda active: opt.step(active=active)  # noqa: E731
     else:
@@ -337,7 +338,8 @@ def run_peft_graph(model, n_docs, steps):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--adapters", type=int, nargs="+", default=[16, 64, 256])
-    ap.add_argument("--impls", nargs="+", default=["iicl_fast", "iicl_fast_graph", "iicl_fast_graph_bmm", "torch_bank", "torch_bank_graph",
+    ap.add_argument("--impls", nargs="+", default=["iicl_fast", "iicl_fast_segmented", "iicl_fast_graph", "iicl_fast_graph_segmented",
+                                                   "torch_bank", "torch_bank_graph",
                                                    "loop", "peft_sequential", "peft_sequential_graph",
                                                    "model_graph"])
     ap.add_argument("--micro", type=int, default=64, help="sequences per mixed micro-batch")

@@ -209,7 +209,8 @@ class LoraBank:
     Each adapted nn.Linear gets a forward hook that adds scale · B_a(A_a x) for each
     sequence's adapter: impl "segmented" (the C++ extension's op: on CPU, and on CUDA for bf16
     activations and ranks 16..64 in steps of 16) or "bmm" (the batch's adapters gathered, two
-    batched GEMMs); "auto" takes the first where it applies. A [n, r, d_in] is
+    batched GEMMs); "auto": segmented on CPU, bmm on CUDA (faster there inside CUDA graphs,
+    benchmarks/NOTES.md). A [n, r, d_in] is
     initialised as peft does (Kaiming-uniform), B [n, d_out, r] at zero: a fresh bank
     leaves the model's outputs unchanged. Masters in fp32; compute in the activations' dtype.
     Outside `route` the hooks do nothing."""
@@ -253,7 +254,8 @@ class LoraBank:
             s = x.numel() // (b * d_in)
             impl = self.impl
             if impl == "auto":
-                impl = "segmented" if (cuda_segmented_ok(x, self.rank) if x.is_cuda else available()) else "bmm"
+                # CUDA: bmm, measured faster inside CUDA graphs (benchmarks/NOTES.md)
+                impl = "bmm" if x.is_cuda or not available() else "segmented"
             if impl == "bmm":
                 # the adapters of the batch's sequences gathered and two batched GEMMs, the second
                 # adding into the layer's output with the scale (baddbmm: no separate scale and add)
