@@ -287,11 +287,16 @@ def _cfg(device: torch.device, dual: bool = False, ieee: bool = False, write_p: 
             cfg = dict(BN=v[0], BV=v[1], BK=v[2], BH=v[3], num_warps=v[4], num_stages=v[5],
                        GROUP=v[6] if len(v) > 6 else 16, TMA=bool(v[7]) if len(v) > 7 else True,
                        PERSIST=bool(v[8]) if len(v) > 8 else False, TMA_STORE=bool(v[9]) if len(v) > 9 else False)
+        elif write_p:
+            # H100 sweeps (benchmarks/NOTES.md): 128×256 logit and output tiles, 8 warps. Passes
+            # that write P: the persistent tile kernel with 3 stages (forward_kl_step 57.0 ms at
+            # N=16384 vs 60.0 one tile per program; a descriptor store of P: 67.8).
+            cfg = dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=3, GROUP=16, TMA=True, PERSIST=True,
+                       TMA_STORE=False)
         else:
-            # H100 sweeps (benchmarks/NOTES.md): 128×256 logit tiles and 128×256 output tiles,
-            # 8 warps: forward_kl_step 17.2 ms vs 22.3 ms for 128×128 at N=4096; with TMA
-            # loads 4 stages beat 3.
-            cfg = dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=4, GROUP=16, TMA=True, PERSIST=False, TMA_STORE=False)
+            # without P (token log-prob): one tile per program, 4 stages (29.6 ms vs 33.0 persistent)
+            cfg = dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=4, GROUP=16, TMA=True, PERSIST=False,
+                       TMA_STORE=False)
     else:
         # interpreter: its cost is per program and per op, so few large blocks; the tests cut
         # slabs of 3 row blocks, so GROUP 2 ends each slab in a partial group
