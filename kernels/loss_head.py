@@ -157,6 +157,7 @@ def _pw_kernel(p_ptr, sc_ptr, w_ptr, o_ptr, mu_ptr, part_ptr, N, H, V,
     rk = tl.arange(0, BK)
     mask = (rn[:, None] < N) & (rh[None, :] < H)
     part = part_ptr + rn[:, None] * stride_part + rh[None, :]
+    acc = tl.zeros((BN, BH), dtype=tl.float32)      # defined before the loop: the compiler wants it
     for k0 in range(0, V, KSEG):
         acc = tl.zeros((BN, BH), dtype=tl.float32)
         for k in range(k0, tl.minimum(k0 + KSEG, V), BK):
