@@ -133,10 +133,10 @@ def _tile_stats(tile, h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr,
 
 
 @triton.jit
-def _pw_kernel(p_ptr, sc_ptr, w_ptr, o_ptr, mu_ptr, part_ptr, N, H, V,
-               stride_pn, stride_sn, stride_wv, stride_on, stride_mun, stride_part, inv_t,
+def _pw_kernel(p_ptr, sc_ptr, w_ptr, o_ptr, mu_ptr, N, H, V,
+               stride_pn, stride_sn, stride_wv, stride_on, stride_mun, inv_t,
                HAS_SCALE: tl.constexpr, SUB_MU: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-               TMA: tl.constexpr, GROUP: tl.constexpr, KSEG: tl.constexpr,
+               TMA: tl.constexpr, GROUP: tl.constexpr,
                TILE_V: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
     """O[N, H] = (P ⊙ scale) · W over the whole vocabulary (fp32 accumulate), stored once in
     o's dtype; SUB_MU: O = ((P ⊙ scale) · W − μ) / T (the student's ∂KL/∂h, μ [N, H] fp32).
@@ -145,44 +145,32 @@ def _pw_kernel(p_ptr, sc_ptr, w_ptr, o_ptr, mu_ptr, part_ptr, N, H, V,
     tile (whole k-blocks are read); scale [N, tiles] = e^(m_tile − m_row) / l_row turns it
     into probabilities. SPLIT: P·scale (fp32) split into bf16 hi + lo parts, two tensor-core
     products (~16 mantissa bits instead of 8, for the teacher's μ_t). TMA: p_ptr, w_ptr are
-    descriptors over P (blocks [BN, BK]) and W [V, H] (blocks [BK, BH]).
-
-    The vocabulary is summed in segments of KSEG rows, each in a fresh accumulator, the
-    partial sums added in fp32 through part_ptr [N, H] (fp32 scratch, may be o_ptr when
-    that is fp32): one accumulator over all 128,256 rows doubled μ_t's error against float64
-    (7.2e-4 → 1.7e-3 relative, H100)."""
+    descriptors over P (blocks [BN, BK]) and W [V, H] (blocks [BK, BH])."""
     pid_n, pid_h = _grouped(tl.program_id(0), tl.cdiv(N, BN), tl.cdiv(H, BH), GROUP)
     rn = pid_n * BN + tl.arange(0, BN)
     rh = pid_h * BH + tl.arange(0, BH)
     rk = tl.arange(0, BK)
+    acc = tl.zeros((BN, BH), dtype=tl.float32)
+    for k in range(0, V, BK):
+        if TMA:
+            p = p_ptr.load([pid_n * BN, k])
+            w = w_ptr.load([k, pid_h * BH])
+        else:
+            p = tl.load(p_ptr + rn[:, None] * stride_pn + (k + rk)[None, :],
+                        mask=(rn[:, None] < N) & ((k + rk)[None, :] < V), other=0.0)
+            w = tl.load(w_ptr + (k + rk)[:, None] * stride_wv + rh[None, :],
+                        mask=((k + rk)[:, None] < V) & (rh[None, :] < H), other=0.0)
+        if HAS_SCALE:       # BK divides TILE_V: one scale per row for this k-block
+            sc = tl.load(sc_ptr + rn * stride_sn + k // TILE_V, mask=rn < N, other=0.0)
+            p = p.to(tl.float32) * sc[:, None]
+        if IEEE:
+            acc = tl.dot(p.to(tl.float32), w, acc, input_precision="ieee")
+        else:
+            hi = p.to(w.dtype)
+            acc = tl.dot(hi, w, acc)
+            if SPLIT:
+                acc = tl.dot((p.to(tl.float32) - hi.to(tl.float32)).to(w.dtype), w, acc)
     mask = (rn[:, None] < N) & (rh[None, :] < H)
-    part = part_ptr + rn[:, None] * stride_part + rh[None, :]
-    acc = tl.zeros((BN, BH), dtype=tl.float32)      # defined before the loop: the compiler wants it
-    for k0 in range(0, V, KSEG):
-        acc = tl.zeros((BN, BH), dtype=tl.float32)
-        for k in range(k0, tl.minimum(k0 + KSEG, V), BK):
-            if TMA:
-                p = p_ptr.load([pid_n * BN, k])
-                w = w_ptr.load([k, pid_h * BH])
-            else:
-                p = tl.load(p_ptr + rn[:, None] * stride_pn + (k + rk)[None, :],
-                            mask=(rn[:, None] < N) & ((k + rk)[None, :] < V), other=0.0)
-                w = tl.load(w_ptr + (k + rk)[:, None] * stride_wv + rh[None, :],
-                            mask=((k + rk)[:, None] < V) & (rh[None, :] < H), other=0.0)
-            if HAS_SCALE:       # BK divides TILE_V: one scale per row for this k-block
-                sc = tl.load(sc_ptr + rn * stride_sn + k // TILE_V, mask=rn < N, other=0.0)
-                p = p.to(tl.float32) * sc[:, None]
-            if IEEE:
-                acc = tl.dot(p.to(tl.float32), w, acc, input_precision="ieee")
-            else:
-                hi = p.to(w.dtype)
-                acc = tl.dot(hi, w, acc)
-                if SPLIT:
-                    acc = tl.dot((p.to(tl.float32) - hi.to(tl.float32)).to(w.dtype), w, acc)
-        if k0 > 0:
-            acc += tl.load(part, mask=mask, other=0.0)
-        if k0 + KSEG < V:
-            tl.store(part, acc, mask=mask)
     if SUB_MU:
         mu = tl.load(mu_ptr + rn[:, None] * stride_mun + rh[None, :], mask=mask, other=0.0)
         acc = (acc - mu) * inv_t
@@ -289,32 +277,30 @@ def _cfg(device: torch.device, dual: bool = False, ieee: bool = False, write_p: 
         env = os.environ.get("IICL_LOSS_HEAD_CFG" if write_p else "IICL_LOSS_HEAD_CFG_NOP") or \
             os.environ.get("IICL_LOSS_HEAD_CFG")
         if ieee:   # fp32 inputs (tests, not the fast path): fp32 stages of 128×256 tiles overflow shared memory
-            cfg = dict(BN=64, BV=64, BK=32, BH=64, num_warps=4, num_stages=2, GROUP=8, TMA=True, PERSIST=False, TMA_STORE=False, KSEG=16384)
+            cfg = dict(BN=64, BV=64, BK=32, BH=64, num_warps=4, num_stages=2, GROUP=8, TMA=True, PERSIST=False, TMA_STORE=False)
         elif dual:
             # two logit tiles live at once: 128×256 tiles spilled (12× the GEMM floor on an
             # H100 vs 2.6× with 128×128, N=4096)
-            cfg = dict(BN=128, BV=128, BK=64, BH=256, num_warps=8, num_stages=3, GROUP=16, TMA=True, PERSIST=False, TMA_STORE=False, KSEG=16384)
+            cfg = dict(BN=128, BV=128, BK=64, BH=256, num_warps=8, num_stages=3, GROUP=16, TMA=True, PERSIST=False, TMA_STORE=False)
         elif env:
             v = list(map(int, env.split(",")))
             cfg = dict(BN=v[0], BV=v[1], BK=v[2], BH=v[3], num_warps=v[4], num_stages=v[5],
                        GROUP=v[6] if len(v) > 6 else 16, TMA=bool(v[7]) if len(v) > 7 else True,
-                       PERSIST=bool(v[8]) if len(v) > 8 else False, TMA_STORE=bool(v[9]) if len(v) > 9 else False,
-                       KSEG=v[10] if len(v) > 10 else 16384)
+                       PERSIST=bool(v[8]) if len(v) > 8 else False, TMA_STORE=bool(v[9]) if len(v) > 9 else False)
         elif write_p:
             # H100 sweeps (benchmarks/NOTES.md): 128×256 logit and output tiles, 8 warps. Passes
             # that write P: the persistent tile kernel with 3 stages (forward_kl_step 57.0 ms at
             # N=16384 vs 60.0 one tile per program; a descriptor store of P: 67.8).
             cfg = dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=3, GROUP=16, TMA=True, PERSIST=True,
-                       TMA_STORE=False, KSEG=16384)
+                       TMA_STORE=False)
         else:
             # without P (token log-prob): one tile per program, 4 stages (29.6 ms vs 33.0 persistent)
             cfg = dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=4, GROUP=16, TMA=True, PERSIST=False,
-                       TMA_STORE=False, KSEG=16384)
+                       TMA_STORE=False)
     else:
         # interpreter: its cost is per program and per op, so few large blocks; the tests cut
         # slabs of 3 row blocks, so GROUP 2 ends each slab in a partial group
-        cfg = dict(BN=32, BV=128, BK=32, BH=64, num_warps=1, num_stages=1, GROUP=2, TMA=True, PERSIST=True, TMA_STORE=True,
-                   KSEG=1024)     # V=4099: 5 vocabulary segments in the P·W sums
+        cfg = dict(BN=32, BV=128, BK=32, BH=64, num_warps=1, num_stages=1, GROUP=2, TMA=True, PERSIST=True, TMA_STORE=True)
     for key in ("TMA", "PERSIST", "TMA_STORE"):
         env = os.environ.get(f"IICL_LOSS_HEAD_{key}")
         if env is not None:
@@ -399,9 +385,6 @@ def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor |
     tma = _tma_ok(cfg, h, weight) and (not expect_w or _tma_ok(cfg, p_ws))
     w_in = _desc(weight, [BV, BK]) if tma else weight
     tma_store = tma and expect_w and cfg["TMA_STORE"]
-    # fp32 partial sums of the P·W GEMM: out itself when it is fp32 and nothing is subtracted
-    part_ws = None if not expect_w or (w_dtype == torch.float32 and minus is None) or V <= cfg["KSEG"] \
-        else torch.empty(rows, H, device=dev)
     if expect_w:
         p_in, w_out = (_desc(p_ws, [BN, BK]), _desc(weight, [BK, BH])) if tma else (p_ws, weight)
         p_store = _desc(p_ws, [BN, BV]) if tma_store else p_ws
@@ -424,12 +407,11 @@ def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor |
         spz[r0:r1] = s / l
         if expect_w:
             sub = minus is not None
-            part = out[r0:r1] if part_ws is None else part_ws
             _pw_kernel[(triton.cdiv(n, BN) * triton.cdiv(H, BH),)](
-                p_in, (scale / l[:, None]).contiguous(), w_out, out[r0:r1], minus[r0:r1] if sub else out, part,
-                n, H, V, tiles * BV, tiles, weight.stride(0), H, H, H, 1.0 / temperature,
-                HAS_SCALE=True, SUB_MU=sub, SPLIT=split, IEEE=ieee, TMA=tma, KSEG=cfg["KSEG"], TILE_V=BV,
-                BN=BN, BH=BH, BK=BK, **_launch_kw(cfg))
+                p_in, (scale / l[:, None]).contiguous(), w_out, out[r0:r1], minus[r0:r1] if sub else out,
+                n, H, V, tiles * BV, tiles, weight.stride(0), H, H, 1.0 / temperature,
+                HAS_SCALE=True, SUB_MU=sub, SPLIT=split, IEEE=ieee, TMA=tma, TILE_V=BV, BN=BN, BH=BH,
+                BK=BK, **_launch_kw(cfg))
     return lse, spz, zt, out
 
 
@@ -460,8 +442,6 @@ def dual_loss(h_s, weight_s, h_t, weight_t, *, kind: str, beta: float = 0.5, tem
     inv_t, cap = 1.0 / temperature, float(softcap or 1.0)
     loss = _out(N, device=dev)
     grad = _out(N, Hs, device=dev, dtype=grad_dtype) if need_grad else None
-    part_ws = None if not need_grad or grad_dtype == torch.float32 or V <= cfg["KSEG"] \
-        else torch.empty(rows, Hs, device=dev)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         n = r1 - r0
@@ -495,8 +475,7 @@ def dual_loss(h_s, weight_s, h_t, weight_t, *, kind: str, beta: float = 0.5, tem
                                 n, Hs, Ht, 0, V, tiles, *strides, tiles * BV, 0, inv_t, cap, float(beta),
                                 MODE=mode, **kw)
         _pw_kernel[(triton.cdiv(n, BN) * triton.cdiv(Hs, BH),)](
-            g_in, g_ws, w_out, grad[r0:r1], grad, grad[r0:r1] if part_ws is None else part_ws, n, Hs, V,
-            tiles * BV, 0, weight_s.stride(0), Hs, 0, Hs, 1.0,
-            HAS_SCALE=False, SUB_MU=False, SPLIT=False, IEEE=ieee, TMA=tma, KSEG=cfg["KSEG"], TILE_V=BV,
-            BN=BN, BH=BH, BK=BK, **_launch_kw(cfg))
+            g_in, g_ws, w_out, grad[r0:r1], grad, n, Hs, V, tiles * BV, 0, weight_s.stride(0), Hs, 0, 1.0,
+            HAS_SCALE=False, SUB_MU=False, SPLIT=False, IEEE=ieee, TMA=tma, TILE_V=BV, BN=BN, BH=BH,
+            BK=BK, **_launch_kw(cfg))
     return loss, grad
