@@ -351,8 +351,9 @@ class GraphedBankStep:
     graph and replayed, for batches of fixed shapes (the issue's workload: 64 sequences × 128
     tokens of a 135M model). Eager, that step is bound by the host: ~30 layers × 7 hooked
     linears of small kernels, 94 ms forward + 150 ms backward for 8,192 tokens on an H100,
-    where the GPU work is a fraction of that. Needs CUDA and the extension's CUDA AdamW (its
-    update has no host sync).
+    where the GPU work is a fraction of that; replayed: 67 ms + 3 ms for the update (256
+    adapters, benchmarks/NOTES.md). Needs CUDA and the extension's CUDA AdamW (its update has
+    no host sync).
 
         step = GraphedBankStep(bank, opt, loss_fn, example)   # example: dict of CUDA tensors
         loss = step(adapter_ids, **batch)                    # batch: same names and shapes
