@@ -29,10 +29,7 @@ DEV = "cuda"
 
 # ---- plain PyTorch paths (bf16 GEMM, fp32 softmax) -------------------------------------
 def naive_fkl(h_s, h_t, W):
-    zs = (h_s @ W.t()).float()
-    with torch.no_grad():
-        logp = torch.log_softmax((h_t @ W.t()).float(), -1)
-    return (logp.exp() * (logp - torch.log_softmax(zs, -1))).sum(-1)
+    return naive_div(h_s, h_t, W, "forward")
 
 
 def chunked_fkl(h_s, h_t, W, chunk=2048):
@@ -163,18 +160,36 @@ def timing_rows(N, meta, peer):
 
 
 # ---- precision against float64 -------------------------------------------------------------
-def fkl64(h_s, h_t, W, chunk=64):
-    """float64 KL values and gradient, token slices (of the bf16-rounded inputs)."""
-    kl, grad = [], []
+def divergence(logp, logq, kind, beta=0.5):
+    """Per-token KL(p‖q) ("forward"), KL(q‖p) ("reverse") or JSD_β from log-probabilities
+    (p teacher, q student), in their dtype."""
+    if kind == "forward":
+        return (logp.exp() * (logp - logq)).sum(-1)
+    if kind == "reverse":
+        return (logq.exp() * (logq - logp)).sum(-1)
+    logm = (beta * logp.exp() + (1 - beta) * logq.exp()).log()
+    return beta * (logp.exp() * (logp - logm)).sum(-1) + (1 - beta) * (logq.exp() * (logq - logm)).sum(-1)
+
+
+def naive_div(h_s, h_t, W, kind):
+    """The plain bf16 path of any kind (bf16 GEMM, fp32 softmax)."""
+    with torch.no_grad():
+        logp = torch.log_softmax((h_t @ W.t()).float(), -1)
+    return divergence(logp, torch.log_softmax((h_s @ W.t()).float(), -1), kind)
+
+
+def div64(h_s, h_t, W, kind="forward", chunk=64):
+    """float64 values and gradient, token slices (of the bf16-rounded inputs)."""
+    val, grad = [], []
     W64 = W.double()
     for a in range(0, h_s.shape[0], chunk):
         hs = h_s[a:a + chunk].double().requires_grad_(True)
         logq = torch.log_softmax(hs @ W64.t(), -1)
         logp = torch.log_softmax(h_t[a:a + chunk].double() @ W64.t(), -1)
-        v = (logp.exp() * (logp - logq)).sum(-1)
+        v = divergence(logp, logq, kind)
         grad.append(torch.autograd.grad(v.sum(), hs)[0])
-        kl.append(v.detach())
-    return torch.cat(kl), torch.cat(grad)
+        val.append(v.detach())
+    return torch.cat(val), torch.cat(grad)
 
 
 def rel(a, b):
@@ -189,18 +204,21 @@ def precision(N=512):
     y = torch.randint(0, V, (N,), device=DEV, generator=g)
     for case, noise in (("random", 0.5), ("near_convergence", 0.01)):
         h_s = (h_t.float() + noise * torch.randn(N, H, device=DEV, generator=g)).to(DT)
-        kl_ref, g_ref = fkl64(h_s, h_t, W)
-        res = {"kl_mean_fp64": float(kl_ref.mean())}
-        impls = {
-            "iicl_fast_forward_kl": lambda h: ops.forward_kl(h, W, ops.teacher_stats(h_t, W)),
-            "iicl_fast_kl_divergence": lambda h: ops.kl_divergence(h, W, h_t, W),
-            "torch_bf16": lambda h: naive_fkl(h, h_t, W),
-        }
-        for name, f in impls.items():
-            h = h_s.clone().requires_grad_(True)
-            kl = f(h)
-            (gr,) = torch.autograd.grad(kl.sum(), h)
-            res[name] = {"kl_rel_err": rel(kl.detach(), kl_ref), "grad_rel_err": rel(gr.float(), g_ref)}
+        res = {}
+        for kind in ("forward", "reverse", "jsd"):
+            ref, g_ref = div64(h_s, h_t, W, kind)
+            res[f"{kind}_mean_fp64"] = float(ref.mean())
+            impls = {
+                f"iicl_fast_kl_divergence_{kind}": lambda h: ops.kl_divergence(h, W, h_t, W, kind=kind),
+                f"torch_bf16_{kind}": lambda h: naive_div(h, h_t, W, kind),
+            }
+            if kind == "forward":
+                impls["iicl_fast_forward_kl"] = lambda h: ops.forward_kl(h, W, ops.teacher_stats(h_t, W))
+            for name, f in impls.items():
+                h = h_s.clone().requires_grad_(True)
+                val = f(h)
+                (gr,) = torch.autograd.grad(val.sum(), h)
+                res[name] = {"rel_err": rel(val.detach(), ref), "grad_rel_err": rel(gr.float(), g_ref)}
         out[case] = res
         print(case, json.dumps(res), flush=True)
     # token log-prob and teacher statistics
@@ -221,13 +239,13 @@ def precision(N=512):
     return out
 
 
-# BN,BV,BK,BH,warps,stages,group,tma,persist,tma_store (earlier sweeps are in NOTES.md)
-SWEEP = ["128,256,64,256,8,4,16,1,0,0", "128,256,64,256,8,3,16,1,1,0", "128,256,64,256,8,3,16,1,1,1",
-         "128,256,64,256,8,4,16,1,0,1", "128,256,64,256,8,4,16,1,1,0"]
+# BN,BV,BK,BH,warps,stages,group,tma,persist,tma_store[,ws] (earlier sweeps are in NOTES.md)
+SWEEP = ["128,256,64,256,8,4,16,1,0,0", "128,256,64,256,8,3,16,1,1,0", "128,256,64,256,8,3,16,1,1,0,1",
+         "128,256,64,256,8,4,16,1,0,0,1", "128,256,64,256,8,2,16,1,1,0,1"]
 
 
 def sweep(N=16384):
-    """Tile shapes (BN,BV,BK,BH,warps,stages,group,tma,persist,tma_store) of the loss-head
+    """Tile shapes (BN,BV,BK,BH,warps,stages,group,tma,persist,tma_store[,ws]) of the loss-head
     kernels: token_logprob (the tile kernel, no P) and forward_kl_step (tile kernel writing P,
     then P·W). -> (best for the passes with P, best for those without), set as
     IICL_LOSS_HEAD_CFG and IICL_LOSS_HEAD_CFG_NOP."""
@@ -283,7 +301,7 @@ def main():
         (out / "loss_head_sweep.json").write_text(json.dumps({**meta, "runs": runs}, indent=1))
     meta["kernel_cfg"] = os.environ.get("IICL_LOSS_HEAD_CFG", "default")
     meta["kernel_cfg_no_p"] = os.environ.get("IICL_LOSS_HEAD_CFG_NOP", meta["kernel_cfg"])
-    print("kernel cfg (BN,BV,BK,BH,warps,stages,group,tma,persist,tma_store): with P", meta["kernel_cfg"],
+    print("kernel cfg (BN,BV,BK,BH,warps,stages,group,tma,persist,tma_store[,ws]): with P", meta["kernel_cfg"],
           "without P", meta["kernel_cfg_no_p"], flush=True)
     if not args.skip_precision:
         prec = precision()

@@ -10,9 +10,10 @@ at V=128256). Per slab:
      (teacher μ_t), or (E_p[W] − μ_t)/T (the student's ∂KL/∂h), once.
 Two N×H×V GEMM-equivalents give lse, entropy, target log-prob and E_p[W].
 
-The general path (two models, softcap, reverse KL, JSD) recomputes both logit tiles:
-pass 1 merges statistics of both distributions, pass 2 writes dLoss/dz_s per tile and a GEMM
-turns it into dLoss/dh_s.
+The general path (two models, softcap, reverse KL, JSD) computes both logit tiles once:
+pass 1 merges statistics of both distributions and stores z_t − m_tile and z_s − z_t per
+element in fp16, pass 2 (elementwise, no GEMM) writes dLoss/dz_s over them and a GEMM turns
+it into dLoss/dh_s: three GEMM-equivalents.
 
 Programs take their tiles in grouped order (GROUP row blocks sweep the vocabulary together)
 so that the tiles in flight share h and W blocks in L2; on CUDA, h, W and the workspace are
@@ -48,13 +49,13 @@ def _grouped(pid, n_rows, n_cols, GROUP: tl.constexpr):
 @triton.jit
 def _logit_tile(h_ptr, w_ptr, n0, v0, rn, rv, N, H, v_end, stride_hn, stride_wv, inv_t, softcap,
                 SOFTCAP: tl.constexpr, IEEE: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
-                BK: tl.constexpr, TMA: tl.constexpr = False):
+                BK: tl.constexpr, TMA: tl.constexpr = False, WS: tl.constexpr = False):
     """z[BN, BV] = (softcap∘(h·Wᵀ))/T in fp32, −inf outside the vocabulary; and the softcap
     chain factor dz/dz_raw·T (1 without softcap). TMA: h_ptr, w_ptr are tensor descriptors
     over h [N, H] and W [V, H] (zero fill past the edges), blocks [BN, BK] and [BV, BK]."""
     rk = tl.arange(0, BK)
     acc = tl.zeros((BN, BV), dtype=tl.float32)
-    for k in range(0, H, BK):
+    for k in tl.range(0, H, BK, warp_specialize=WS):
         if TMA:
             hk = h_ptr.load([n0, k])
             wk = w_ptr.load([v0, k]).T
@@ -81,20 +82,22 @@ def _tile_stats_kernel(h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr
                        N, H, v_start, v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t,
                        HAS_TGT: tl.constexpr, WRITE_P: tl.constexpr, IEEE: tl.constexpr,
                        TMA: tl.constexpr, GROUP: tl.constexpr, PERSIST: tl.constexpr, NUM_PROGS: tl.constexpr,
-                       TMA_STORE: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+                       TMA_STORE: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+                       WS: tl.constexpr = False):
     """PERSIST: NUM_PROGS programs loop over the tiles (the K loop flattened into that loop,
     so the next tile's loads can be issued during this tile's epilogue); else one tile per
     program. TMA_STORE: p_ptr is a descriptor over the workspace (blocks [BN, BV]) and the
     tile of e^(z − m) leaves through the copy engine."""
     if PERSIST:
-        for tile in tl.range(tl.program_id(0), tl.cdiv(N, BN) * n_tiles, NUM_PROGS, flatten=True):
+        for tile in tl.range(tl.program_id(0), tl.cdiv(N, BN) * n_tiles, NUM_PROGS, flatten=True,
+                             warp_specialize=WS):
             _tile_stats(tile, h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr, N, H, v_start, v_end,
                         n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t, HAS_TGT, WRITE_P, IEEE, TMA,
-                        GROUP, TMA_STORE, BN, BV, BK)
+                        GROUP, TMA_STORE, BN, BV, BK, False)
     else:
         _tile_stats(tl.program_id(0), h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr, N, H, v_start,
                     v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t, HAS_TGT, WRITE_P, IEEE, TMA,
-                    GROUP, TMA_STORE, BN, BV, BK)
+                    GROUP, TMA_STORE, BN, BV, BK, WS)
 
 
 @triton.jit
@@ -102,13 +105,13 @@ def _tile_stats(tile, h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr,
                 N, H, v_start, v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t,
                 HAS_TGT: tl.constexpr, WRITE_P: tl.constexpr, IEEE: tl.constexpr,
                 TMA: tl.constexpr, GROUP: tl.constexpr, TMA_STORE: tl.constexpr,
-                BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+                BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, WS: tl.constexpr):
     pid_n, pid_v = _grouped(tile, tl.cdiv(N, BN), n_tiles, GROUP)
     rn = pid_n * BN + tl.arange(0, BN)
     rc = pid_v * BV + tl.arange(0, BV)          # column inside the chunk
     rv = v_start + rc
     z, chain = _logit_tile(h_ptr, w_ptr, pid_n * BN, v_start + pid_v * BV, rn, rv, N, H, v_end,
-                           stride_hn, stride_wv, inv_t, 1.0, False, IEEE, BN, BV, BK, TMA)
+                           stride_hn, stride_wv, inv_t, 1.0, False, IEEE, BN, BV, BK, TMA, WS)
     valid = (rv < v_end)[None, :]
     m = tl.max(z, 1)
     e = tl.exp(z - m[:, None])                   # 0 outside the vocabulary
@@ -184,14 +187,17 @@ def _pw_kernel(p_ptr, sc_ptr, inv_l_ptr, w_ptr, o_ptr, mu_ptr, N, H, V,
 
 # general path: two models ---------------------------------------------------------------
 @triton.jit
-def _dual_stats_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, out_ptr, N, Hs, Ht, v_start, v_end, n_tiles,
-                       stride_hs, stride_ws, stride_ht, stride_wt, stride_on, stride_oq, inv_t, softcap,
-                       SOFTCAP: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr, GROUP: tl.constexpr,
-                       BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
-    """Per (row, tile): m_s, l_s, m_t, l_t, Σe^(z_s−m_s)(z_s−z_t), Σe^(z_t−m_t)(z_t−z_s)."""
+def _dual_stats_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, out_ptr, u_ptr, d_ptr, N, Hs, Ht, v_start, v_end, n_tiles,
+                       stride_hs, stride_ws, stride_ht, stride_wt, stride_on, stride_oq, stride_un, inv_t, softcap,
+                       WRITE: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+                       GROUP: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+    """Per (row, tile): m_s, l_s, m_t, l_t, Σe^(z_s−m_s)(z_s−z_t), Σe^(z_t−m_t)(z_t−z_s).
+    WRITE: also u = z_t − m_t and δ = z_s − z_t per element into the workspace (zeros past
+    the vocabulary), from which pass 2 rebuilds both log-probabilities without a GEMM."""
     pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(N, BN), n_tiles, GROUP)
     rn = pid_n * BN + tl.arange(0, BN)
-    rv = v_start + pid_v * BV + tl.arange(0, BV)
+    rc = pid_v * BV + tl.arange(0, BV)
+    rv = v_start + rc
     n0, v0 = pid_n * BN, v_start + pid_v * BV
     zs, _ = _logit_tile(hs_ptr, ws_ptr, n0, v0, rn, rv, N, Hs, v_end, stride_hs, stride_ws, inv_t, softcap,
                         SOFTCAP, IEEE, BN, BV, BK, TMA)
@@ -211,40 +217,52 @@ def _dual_stats_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, out_ptr, N, Hs, Ht, v_sta
     tl.store(base + 3 * stride_oq, tl.sum(et, 1), mask=ok)
     tl.store(base + 4 * stride_oq, tl.sum(es * d, 1), mask=ok)
     tl.store(base + 5 * stride_oq, tl.sum(-et * d, 1), mask=ok)
+    if WRITE:
+        # fp16 (11-bit mantissa) for bf16 models: δ is small near convergence and keeps its
+        # relative precision, so p_s − p_t is not the difference of two rounded probabilities
+        # (u rounds p_s and p_t by the same factor). Storing δ' = z_s − m_t − fp16(u) instead
+        # (one rounding per log-probability) moved the random-input gradient error 2.2e-3 →
+        # 2.0e-3 but near convergence 4.4e-4 → 3.7e-3 (fp16 emulation, interpreter). Clamped
+        # to stay finite in fp16.
+        u = tl.maximum(tl.where(valid, zt - mt[:, None], 0.0), -60000.0).to(u_ptr.dtype.element_ty)
+        d = tl.minimum(tl.maximum(d, -60000.0), 60000.0)
+        off = rn[:, None] * stride_un + rc[None, :]
+        tl.store(u_ptr + off, u, mask=ok[:, None])
+        tl.store(d_ptr + off, d.to(d_ptr.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
-def _dual_grad_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, lse_s_ptr, lse_t_ptr, c_ptr, g_ptr, part_ptr,
-                      N, Hs, Ht, v_start, v_end, n_tiles, stride_hs, stride_ws, stride_ht, stride_wt,
-                      stride_gn, stride_pn, inv_t, softcap, beta,
-                      MODE: tl.constexpr, SOFTCAP: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
-                      GROUP: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
-    """MODE 0 forward KL, 1 reverse KL, 3 JSD: write dLoss/dh-side G = dLoss/dz_s,raw into
-    g [N, chunk]. MODE 2 (JSD value): per-tile partial sums of the JSD and of (1−β)·KL(p_s‖m).
-    c [N] is KL(p_s‖p_t) (MODE 1) or (1−β)·KL(p_s‖m) (MODE 3). G is written for the whole
-    tile (zeros past the vocabulary)."""
-    pid_n, pid_v = _grouped(tl.program_id(0), tl.cdiv(N, BN), n_tiles, GROUP)
+def _dual_ws_kernel(u_ptr, d_ptr, mt_ptr, lse_s_ptr, lse_t_ptr, c_ptr, g_ptr, part_ptr, N, V, n_tiles,
+                    stride_un, stride_mn, stride_pn, inv_t, softcap, beta,
+                    MODE: tl.constexpr, SOFTCAP: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr):
+    """Pass 2, elementwise over the workspace (one [BN, BV] block of one vocabulary tile):
+    log p_t = u + m_t − lse_t, log p_s = u + δ + m_t − lse_s.
+    MODE 0 forward KL, 1 reverse KL, 3 JSD: G = dLoss/dz_s,raw written over δ (g_ptr aliases
+    d_ptr, in the GEMM's dtype; zeros past the vocabulary). MODE 2 (JSD value): per-tile
+    partial sums of the JSD and of (1−β)·KL(p_s‖m). c [N] is KL(p_s‖p_t) (MODE 1) or
+    (1−β)·KL(p_s‖m) (MODE 3)."""
+    pid_n = tl.program_id(0) // n_tiles
+    pid_v = tl.program_id(0) % n_tiles
     rn = pid_n * BN + tl.arange(0, BN)
     rc = pid_v * BV + tl.arange(0, BV)
-    rv = v_start + rc
     ok = rn < N
-    valid = (rv < v_end)[None, :]
-    n0, v0 = pid_n * BN, v_start + pid_v * BV
-    zs, chain = _logit_tile(hs_ptr, ws_ptr, n0, v0, rn, rv, N, Hs, v_end, stride_hs, stride_ws, inv_t, softcap,
-                            SOFTCAP, IEEE, BN, BV, BK, TMA)
-    zt, _ = _logit_tile(ht_ptr, wt_ptr, n0, v0, rn, rv, N, Ht, v_end, stride_ht, stride_wt, inv_t, softcap,
-                        SOFTCAP, IEEE, BN, BV, BK, TMA)
+    valid = (rc < V)[None, :]
+    off = rn[:, None] * stride_un + rc[None, :]
+    u = tl.load(u_ptr + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    d = tl.load(d_ptr + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    mt = tl.load(mt_ptr + rn * stride_mn + pid_v, mask=ok, other=0.0)
     lse_s = tl.load(lse_s_ptr + rn, mask=ok, other=0.0)
     lse_t = tl.load(lse_t_ptr + rn, mask=ok, other=0.0)
-    log_ps = tl.where(valid, zs - lse_s[:, None], 0.0)
+    zt = u + mt[:, None]
     log_pt = tl.where(valid, zt - lse_t[:, None], 0.0)
+    log_ps = tl.where(valid, zt + d - lse_s[:, None], 0.0)
     ps = tl.where(valid, tl.exp(log_ps), 0.0)
     pt = tl.where(valid, tl.exp(log_pt), 0.0)
     if MODE == 0:
         g = ps - pt
     elif MODE == 1:
         c = tl.load(c_ptr + rn, mask=ok, other=0.0)
-        g = ps * (log_ps - log_pt - c[:, None])
+        g = ps * (d + (lse_t - lse_s - c)[:, None])     # log p_s − log p_t = δ + lse_t − lse_s
     else:
         mix = beta * pt + (1.0 - beta) * ps
         log_m = tl.log(tl.where(valid, mix, 1.0))
@@ -257,9 +275,11 @@ def _dual_grad_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, lse_s_ptr, lse_t_ptr, c_pt
             c = tl.load(c_ptr + rn, mask=ok, other=0.0)
             g = ps * ((1.0 - beta) * (log_ps - log_m) - c[:, None])
     if MODE != 2:
-        g = g * chain * inv_t
-        tl.store(g_ptr + rn[:, None] * stride_gn + rc[None, :], g.to(g_ptr.dtype.element_ty),
-                 mask=ok[:, None])
+        if SOFTCAP:     # z_s,raw-capped / cap = tanh(raw / cap): the chain factor 1 − tanh²
+            t = (zt + d) / (inv_t * softcap)
+            g = g * (1.0 - t * t)
+        g = g * inv_t
+        tl.store(g_ptr + off, g.to(g_ptr.dtype.element_ty), mask=ok[:, None])
 
 
 # launchers -----------------------------------------------------------------------------------
@@ -272,9 +292,11 @@ def _out(*shape, device, dtype=torch.float32):
 
 
 def _cfg(device: torch.device, dual: bool = False, ieee: bool = False, write_p: bool = True) -> dict:
-    """Tile shapes. IICL_LOSS_HEAD_CFG="BN,BV,BK,BH,warps,stages[,group,tma,persist,tma_store]"
-    overrides the single-model kernels (the benchmark sweeps with it; IICL_LOSS_HEAD_CFG_NOP, if
-    set, for the passes that write no P: token log-prob); IICL_LOSS_HEAD_TMA,
+    """Tile shapes. IICL_LOSS_HEAD_CFG="BN,BV,BK,BH,warps,stages[,group,tma,persist,tma_store,ws]"
+    overrides the single-model kernels (ws: Triton's warp specialisation of the tile loop; the
+    benchmark sweeps with it); IICL_LOSS_HEAD_CFG_NOP, if set, the passes that write no P
+    (token log-prob); IICL_LOSS_HEAD_CFG_DUAL="BN,BV,BK,BH,warps,stages,group" the general
+    path's; IICL_LOSS_HEAD_TMA,
     IICL_LOSS_HEAD_PERSIST and IICL_LOSS_HEAD_TMA_STORE (0|1) force the tensor-descriptor
     loads, the persistent tile kernel and the descriptor store of P off or on (tests run
     both paths)."""
@@ -282,30 +304,35 @@ def _cfg(device: torch.device, dual: bool = False, ieee: bool = False, write_p: 
         env = os.environ.get("IICL_LOSS_HEAD_CFG" if write_p else "IICL_LOSS_HEAD_CFG_NOP") or \
             os.environ.get("IICL_LOSS_HEAD_CFG")
         if ieee:   # fp32 inputs (tests, not the fast path): fp32 stages of 128×256 tiles overflow shared memory
-            cfg = dict(BN=64, BV=64, BK=32, BH=64, num_warps=4, num_stages=2, GROUP=8, TMA=True, PERSIST=False, TMA_STORE=False)
+            cfg = dict(BN=64, BV=64, BK=32, BH=64, num_warps=4, num_stages=2, GROUP=8, TMA=True, PERSIST=False, TMA_STORE=False, WS=False)
+        elif dual and os.environ.get("IICL_LOSS_HEAD_CFG_DUAL"):
+            v = list(map(int, os.environ["IICL_LOSS_HEAD_CFG_DUAL"].split(",")))
+            cfg = dict(BN=v[0], BV=v[1], BK=v[2], BH=v[3], num_warps=v[4], num_stages=v[5], GROUP=v[6], TMA=True,
+                       PERSIST=False, TMA_STORE=False, WS=False)
         elif dual:
             # two logit tiles live at once: 128×256 tiles spilled (12× the GEMM floor on an
             # H100 vs 2.6× with 128×128, N=4096)
-            cfg = dict(BN=128, BV=128, BK=64, BH=256, num_warps=8, num_stages=3, GROUP=16, TMA=True, PERSIST=False, TMA_STORE=False)
+            cfg = dict(BN=128, BV=128, BK=64, BH=256, num_warps=8, num_stages=3, GROUP=16, TMA=True, PERSIST=False, TMA_STORE=False, WS=False)
         elif env:
             v = list(map(int, env.split(",")))
             cfg = dict(BN=v[0], BV=v[1], BK=v[2], BH=v[3], num_warps=v[4], num_stages=v[5],
                        GROUP=v[6] if len(v) > 6 else 16, TMA=bool(v[7]) if len(v) > 7 else True,
-                       PERSIST=bool(v[8]) if len(v) > 8 else False, TMA_STORE=bool(v[9]) if len(v) > 9 else False)
+                       PERSIST=bool(v[8]) if len(v) > 8 else False, TMA_STORE=bool(v[9]) if len(v) > 9 else False,
+                       WS=bool(v[10]) if len(v) > 10 else False)
         elif write_p:
             # H100 sweeps (benchmarks/NOTES.md): 128×256 logit and output tiles, 8 warps. Passes
             # that write P: the persistent tile kernel with 3 stages (forward_kl_step 57.0 ms at
             # N=16384 vs 60.0 one tile per program; a descriptor store of P: 67.8).
             cfg = dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=3, GROUP=16, TMA=True, PERSIST=True,
-                       TMA_STORE=False)
+                       TMA_STORE=False, WS=False)
         else:
             # without P (token log-prob): one tile per program, 4 stages (29.6 ms vs 33.0 persistent)
             cfg = dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=4, GROUP=16, TMA=True, PERSIST=False,
-                       TMA_STORE=False)
+                       TMA_STORE=False, WS=False)
     else:
         # interpreter: its cost is per program and per op, so few large blocks; the tests cut
         # slabs of 3 row blocks, so GROUP 2 ends each slab in a partial group
-        cfg = dict(BN=32, BV=128, BK=32, BH=64, num_warps=1, num_stages=1, GROUP=2, TMA=True, PERSIST=True, TMA_STORE=True)
+        cfg = dict(BN=32, BV=128, BK=32, BH=64, num_warps=1, num_stages=1, GROUP=2, TMA=True, PERSIST=True, TMA_STORE=True, WS=False)
     for key in ("TMA", "PERSIST", "TMA_STORE"):
         env = os.environ.get(f"IICL_LOSS_HEAD_{key}")
         if env is not None:
@@ -406,7 +433,7 @@ def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor |
             p_store if expect_w else h, tile[0], tile[1], tile[2], zt[r0:r1] if zt is not None else h,
             n, H, 0, V, tiles, H, weight.stride(0), tiles * BV, tiles, 1.0 / temperature,
             HAS_TGT=targets is not None, WRITE_P=expect_w, IEEE=ieee, TMA=tma, PERSIST=cfg["PERSIST"],
-            NUM_PROGS=n_prog, TMA_STORE=tma_store, BN=BN, BV=BV, BK=BK, **_launch_kw(cfg))
+            NUM_PROGS=n_prog, TMA_STORE=tma_store, BN=BN, BV=BV, BK=BK, WS=cfg["WS"], **_launch_kw(cfg))
         m, l, s, scale = _merge(tile[0], tile[1], tile[2])
         lse[r0:r1] = m + torch.log(l)
         spz[r0:r1] = s / l
@@ -420,14 +447,25 @@ def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor |
     return lse, spz, zt, out
 
 
+def _dual_ws_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The general path's workspace (u, δ): fp16 for bf16 models, whose error against float64
+    then stays far below the plain bf16 path's (bf16 logits); fp32 otherwise: for fp16
+    models an fp16 workspace gave 2.0–2.4× the plain fp16 path's gradient error on random
+    logits (its δ rounds like the plain path's logits, once more on top)."""
+    return torch.float16 if dtype == torch.bfloat16 else torch.float32
+
+
 def dual_loss(h_s, weight_s, h_t, weight_t, *, kind: str, beta: float = 0.5, temperature: float = 1.0,
               softcap: float | None = None, need_grad: bool = True, grad_dtype: torch.dtype = torch.float32):
     """General path: per-token loss [N] (fp32) and dLoss/dh_s [N, H_s] (grad_dtype, or None).
 
-    Teacher logits are recomputed per vocabulary tile from h_t [N, H_t], weight_t [V, H_t].
-    Per slab of rows: pass 1 merges both distributions' statistics over the whole vocabulary;
-    pass 2 recomputes both logit tiles and writes G = dLoss/dz_s into a [rows, V] workspace;
-    one G·W_s GEMM gives dLoss/dh_s."""
+    Teacher logits are computed per vocabulary tile from h_t [N, H_t], weight_t [V, H_t], once.
+    Per slab of rows: pass 1 (both logit GEMMs) merges both distributions' statistics over the
+    whole vocabulary and stores u = z_t − m_tile and δ = z_s − z_t in a [2, rows, V] workspace
+    (fp16 for 16-bit models, fp32 for fp32); pass 2, elementwise over the workspace, writes
+    G = dLoss/dz_s over δ; one G·W_s GEMM gives dLoss/dh_s. Three N×H×V GEMM-equivalents (the
+    first version recomputed both logit tiles in pass 2: five, 2.1× the 3-GEMM floor). Without
+    need_grad (forward / reverse KL) pass 1 alone gives the loss."""
     N, Hs = h_s.shape
     Ht = h_t.shape[1]
     V = weight_s.shape[0]
@@ -437,48 +475,56 @@ def dual_loss(h_s, weight_s, h_t, weight_t, *, kind: str, beta: float = 0.5, tem
     BN, BV, BK, BH = cfg["BN"], cfg["BV"], cfg["BK"], cfg["BH"]
     h_s, weight_s, h_t, weight_t = (x.contiguous() for x in (h_s, weight_s, h_t, weight_t))
     tiles = triton.cdiv(V, BV)
-    rows = _slab(N, BN, tiles * BV * h_s.element_size())
-    g_ws = _out(rows, tiles * BV, device=dev, dtype=h_s.dtype) if need_grad else None
+    write = need_grad or kind == "jsd"
+    ws_dtype = _dual_ws_dtype(h_s.dtype)
+    # two workspace arrays: the same 1,024-row slabs at V=128256 as the single-model passes
+    rows = _slab(N, BN, 2 * tiles * BV * ws_dtype.itemsize, workspace_bytes=512 << 20)
+    ws = _out(2, rows, tiles * BV, device=dev, dtype=ws_dtype) if write else None
+    # G overwrites δ: in the GEMM's dtype over fp16, else fp32 (the P·W kernel rounds it)
+    g_ws = (ws[1].view(weight_s.dtype) if ws_dtype.itemsize == 2 else ws[1]) if write else None
     tma = _tma_ok(cfg, h_s, weight_s, h_t, weight_t) and (g_ws is None or _tma_ok(cfg, g_ws))
     ws_in, wt_in = (_desc(weight_s, [BV, BK]), _desc(weight_t, [BV, BK])) if tma else (weight_s, weight_t)
     if need_grad:
         g_in, w_out = (_desc(g_ws, [BN, BK]), _desc(weight_s, [BK, BH])) if tma else (g_ws, weight_s)
     kw = dict(SOFTCAP=softcap is not None, IEEE=ieee, TMA=tma, BN=BN, BV=BV, BK=BK, **_launch_kw(cfg))
     inv_t, cap = 1.0 / temperature, float(softcap or 1.0)
+    bn_ew = 32 if dev.type == "cuda" else BN        # pass 2: [32, BV] blocks, 4 warps
+    ew = dict(SOFTCAP=softcap is not None, BN=bn_ew, BV=BV, num_warps=4)
     loss = _out(N, device=dev)
     grad = _out(N, Hs, device=dev, dtype=grad_dtype) if need_grad else None
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         n = r1 - r0
-        grid = (triton.cdiv(n, BN) * tiles,)
         hs, ht = h_s[r0:r1], h_t[r0:r1]
         hs_in, ht_in = (_desc(hs, [BN, BK]), _desc(ht, [BN, BK])) if tma else (hs, ht)
-        args = (hs_in, ws_in, ht_in, wt_in)
-        strides = (Hs, weight_s.stride(0), Ht, weight_t.stride(0))
-        # pass 1: statistics of both distributions
+        # pass 1: both logit tiles, statistics of both distributions, u and δ
         st = _out(6, n, tiles, device=dev)
-        _dual_stats_kernel[grid](*args, st, n, Hs, Ht, 0, V, tiles, *strides, tiles, n * tiles, inv_t, cap, **kw)
+        _dual_stats_kernel[(triton.cdiv(n, BN) * tiles,)](
+            hs_in, ws_in, ht_in, wt_in, st, ws[0] if write else st, ws[1] if write else st, n, Hs, Ht, 0, V, tiles,
+            Hs, weight_s.stride(0), Ht, weight_t.stride(0), tiles, n * tiles, tiles * BV, inv_t, cap,
+            WRITE=write, **kw)
         ms, ls, a_s, _ = _merge(st[0], st[1], st[4])
         mt, lt, a_t, _ = _merge(st[2], st[3], st[5])
         lse_s, lse_t = ms + torch.log(ls), mt + torch.log(lt)
         c = None
+        grid2 = (triton.cdiv(n, bn_ew) * tiles,)
+        ws_args = (ws[0], ws[1], st[2], lse_s, lse_t) if write else None
         if kind == "forward":          # Σ p_t (z_t − z_s) − lse_t + lse_s
             loss[r0:r1], mode = a_t / lt - lse_t + lse_s, 0
         elif kind == "reverse":
             c = a_s / ls - lse_s + lse_t
             loss[r0:r1], mode = c, 1
-        else:   # JSD needs log m = log(β p_t + (1−β) p_s): one more pass for its value
+        else:   # JSD needs log m = log(β p_t + (1−β) p_s): one more pass over the workspace
             part = _out(n, tiles, 2, device=dev)
-            _dual_grad_kernel[grid](*args, lse_s, lse_t, lse_s, h_s, part, n, Hs, Ht, 0, V, tiles, *strides,
-                                    0, 2 * tiles, inv_t, cap, float(beta), MODE=2, **kw)
+            _dual_ws_kernel[grid2](*ws_args, lse_s, st, part, n, V, tiles, tiles * BV, tiles, 2 * tiles,
+                                   inv_t, cap, float(beta), MODE=2, **ew)
             loss[r0:r1] = part[..., 0].sum(1)
             c, mode = part[..., 1].sum(1).contiguous(), 3
         if not need_grad:
             continue
-        # pass 2: G = dLoss/dz_s per tile, then dLoss/dh_s = G · W_s
-        _dual_grad_kernel[grid](*args, lse_s, lse_t, c if c is not None else lse_s, g_ws, g_ws,
-                                n, Hs, Ht, 0, V, tiles, *strides, tiles * BV, 0, inv_t, cap, float(beta),
-                                MODE=mode, **kw)
+        # pass 2: G = dLoss/dz_s over δ, then dLoss/dh_s = G · W_s
+        _dual_ws_kernel[grid2](*ws_args, c if c is not None else lse_s, g_ws, st, n, V, tiles, tiles * BV,
+                               tiles, 0, inv_t, cap, float(beta), MODE=mode, **ew)
         _pw_kernel[(triton.cdiv(n, BN) * triton.cdiv(Hs, BH),)](
             g_in, g_ws, g_ws, w_out, grad[r0:r1], grad, n, Hs, V, tiles * BV, 0, weight_s.stride(0), Hs, 0, 1.0,
             HAS_SCALE=False, SUB_MU=False, SPLIT=False, IEEE=ieee, TMA=tma, TILE_V=BV, BN=BN, BH=BH,

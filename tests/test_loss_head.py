@@ -162,6 +162,50 @@ def test_kl_divergence_general(impl, N, H, V, kind, T, cap):
     close(h_s.grad, h64.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("noise,cap", [(1.0, None), (0.01, None), (0.01, 4.0)])
+def test_kl_divergence_fp16_workspace(monkeypatch, kind, noise, cap):
+    """bf16 models keep u = z_t − m_tile and δ = z_s − z_t in an fp16 workspace between the
+    passes. The interpreter has no bf16 GEMM, so the bf16 path is emulated: bf16-representable
+    inputs held in fp16 (the same products, fp32 accumulation) with the fp16 workspace forced.
+    Loss and gradient error against float64 must be no worse than 2× the plain bf16 path's
+    (bf16 GEMM, fp32 softmax), at random and near-converged students."""
+    monkeypatch.setattr(loss_head, "_dual_ws_dtype", lambda dtype: torch.float16)
+    N, H, V = 33, 64, 1000
+    g = torch.Generator().manual_seed(17)
+    W = (torch.randn(V, H, generator=g) * 3 / H ** 0.5).bfloat16()
+    h_t = torch.randn(N, H, generator=g).bfloat16()
+    h_s = (h_t.float() + noise * torch.randn(N, H, generator=g)).bfloat16()
+
+    def loss_of(h, dtype, softmax_dtype):
+        def logp(x):
+            z = (x.to(dtype) @ W.to(dtype).t()).to(softmax_dtype)
+            return torch.log_softmax(cap * torch.tanh(z / cap) if cap else z, -1)
+        lq, lp = logp(h), logp(h_t)
+        if kind == "forward":
+            return (lp.exp() * (lp - lq)).sum(-1)
+        if kind == "reverse":
+            return (lq.exp() * (lq - lp)).sum(-1)
+        lm = (0.3 * lp.exp() + 0.7 * lq.exp()).log()
+        return 0.3 * (lp.exp() * (lp - lm)).sum(-1) + 0.7 * (lq.exp() * (lq - lm)).sum(-1)
+
+    def value_and_grad(fn, h):
+        h = h.detach().clone().requires_grad_(True)
+        val = fn(h)
+        return val.detach().double(), torch.autograd.grad(val.sum(), h)[0].double()
+
+    ref, g_ref = value_and_grad(lambda h: loss_of(h, torch.float64, torch.float64), h_s.double())
+    plain, g_plain = value_and_grad(lambda h: loss_of(h, torch.bfloat16, torch.float32), h_s)
+    ours, g_ours = value_and_grad(lambda h: ops.kl_divergence(
+        h, W.half().to(DEVICE), h_t.half().to(DEVICE), W.half().to(DEVICE), kind=kind, beta=0.3, softcap=cap,
+        impl="triton"), h_s.half().to(DEVICE))
+    rel = lambda a, b: ((a.cpu() - b).norm() / b.norm()).item()
+    print(f"{kind} noise {noise} cap {cap}: loss {rel(ours, ref):.1e} (plain bf16 {rel(plain, ref):.1e}), "
+          f"grad {rel(g_ours, g_ref):.1e} (plain bf16 {rel(g_plain, g_ref):.1e})")
+    assert rel(ours, ref) <= 2 * rel(plain, ref)
+    assert rel(g_ours, g_ref) <= 2 * rel(g_plain, g_ref)
+
+
 def test_slab_rows():
     """Slabs: a multiple of BN, the workspace under its budget, at least one row block, no
     more rows than N rounded up (a 64 MiB statistics budget at V=128256 once gave 128-row slabs)."""
