@@ -2,11 +2,12 @@
 
 Rows are processed in slabs whose [rows, V] bf16 workspace stays under 256 MiB (1,024 rows
 at V=128256). Per slab:
-  1. a tile kernel computes z = h·Wᵀ per [BN, BV] tile (fp32 accumulator), applies softcap
-     and 1/T, and writes per (row, vocab tile) statistics — tile max m, Σe^(z−m),
-     Σe^(z−m)·z, the target logit — and, when E_p[W] is wanted, e^(z−m) into the workspace;
-  2. small torch ops merge the tile statistics: lse, Σp·z, and scale = e^(m_tile − m);
-  3. one GEMM kernel computes (P ⊙ scale)·W / l over the whole vocabulary and writes E_p[W]
+  1. a tile kernel computes z = h·Wᵀ per [BN, BV] tile (fp32 accumulator), applies 1/T,
+     and writes per (row, vocab tile) statistics — tile max m, Σe^(z−m), Σe^(z−m)·z, the
+     target logit — and, when E_p[W] is wanted, P = e^(z − c_row) into the workspace (c: a
+     sampled row max, so that P needs no per-tile re-basing);
+  2. small torch ops merge the tile statistics: lse, Σp·z;
+  3. one GEMM kernel computes P·W · e^(c − m)/l over the whole vocabulary and writes E_p[W]
      (teacher μ_t), or (E_p[W] − μ_t)/T (the student's ∂KL/∂h), once.
 Two N×H×V GEMM-equivalents give lse, entropy, target log-prob and E_p[W].
 
@@ -78,32 +79,35 @@ def _logit_tile(h_ptr, w_ptr, n0, v0, rn, rv, N, H, v_end, stride_hn, stride_wv,
 
 
 @triton.jit
-def _tile_stats_kernel(h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr,
+def _tile_stats_kernel(h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr, c_ptr,
                        N, H, v_start, v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t,
-                       HAS_TGT: tl.constexpr, WRITE_P: tl.constexpr, IEEE: tl.constexpr,
+                       HAS_TGT: tl.constexpr, WRITE_P: tl.constexpr, ROW_C: tl.constexpr, IEEE: tl.constexpr,
                        TMA: tl.constexpr, GROUP: tl.constexpr, PERSIST: tl.constexpr, NUM_PROGS: tl.constexpr,
                        TMA_STORE: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
                        WS: tl.constexpr = False):
     """PERSIST: NUM_PROGS programs loop over the tiles (the K loop flattened into that loop,
     so the next tile's loads can be issued during this tile's epilogue); else one tile per
     program. TMA_STORE: p_ptr is a descriptor over the workspace (blocks [BN, BV]) and the
-    tile of e^(z − m) leaves through the copy engine."""
+    tile of P leaves through the copy engine. ROW_C: P = e^(z − c_row) (c [N] fp32), else
+    e^(z − m_tile)."""
     if PERSIST:
         for tile in tl.range(tl.program_id(0), tl.cdiv(N, BN) * n_tiles, NUM_PROGS, flatten=True,
                              warp_specialize=WS):
-            _tile_stats(tile, h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr, N, H, v_start, v_end,
-                        n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t, HAS_TGT, WRITE_P, IEEE, TMA,
+            _tile_stats(tile, h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr, c_ptr, N, H, v_start,
+                        v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t, HAS_TGT, WRITE_P, ROW_C,
+                        IEEE, TMA,
                         GROUP, TMA_STORE, BN, BV, BK, False)
     else:
-        _tile_stats(tl.program_id(0), h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr, N, H, v_start,
-                    v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t, HAS_TGT, WRITE_P, IEEE, TMA,
+        _tile_stats(tl.program_id(0), h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr, c_ptr, N, H,
+                    v_start, v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t, HAS_TGT, WRITE_P,
+                    ROW_C, IEEE, TMA,
                     GROUP, TMA_STORE, BN, BV, BK, WS)
 
 
 @triton.jit
-def _tile_stats(tile, h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr,
+def _tile_stats(tile, h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr, c_ptr,
                 N, H, v_start, v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t,
-                HAS_TGT: tl.constexpr, WRITE_P: tl.constexpr, IEEE: tl.constexpr,
+                HAS_TGT: tl.constexpr, WRITE_P: tl.constexpr, ROW_C: tl.constexpr, IEEE: tl.constexpr,
                 TMA: tl.constexpr, GROUP: tl.constexpr, TMA_STORE: tl.constexpr,
                 BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, WS: tl.constexpr):
     pid_n, pid_v = _grouped(tile, tl.cdiv(N, BN), n_tiles, GROUP)
@@ -128,6 +132,9 @@ def _tile_stats(tile, h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr,
         found = tl.sum(hit.to(tl.int32), 1) > 0
         tl.store(zt_ptr + rn, zt, mask=row_ok & found)
     if WRITE_P:   # the whole tile, zeros past the vocabulary: the P·W kernel reads whole k-blocks
+        if ROW_C:   # one rounding of e^(z − c); rows with m − c > 60 are redone (see softmax_stats)
+            c = tl.load(c_ptr + rn, mask=row_ok, other=0.0)
+            e = e * tl.exp(tl.minimum(m - c, 60.0))[:, None]
         if TMA_STORE:   # rows past N are clipped by the copy engine
             p_ptr.store([pid_n * BN, pid_v * BV], e.to(p_ptr.dtype))
         else:
@@ -138,18 +145,20 @@ def _tile_stats(tile, h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr,
 @triton.jit
 def _pw_kernel(p_ptr, sc_ptr, inv_l_ptr, w_ptr, o_ptr, mu_ptr, N, H, V,
                stride_pn, stride_sn, stride_wv, stride_on, stride_mun, inv_t,
-               HAS_SCALE: tl.constexpr, SUB_MU: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr,
-               TMA: tl.constexpr, GROUP: tl.constexpr,
+               TILE_SCALE: tl.constexpr, ROW_SCALE: tl.constexpr, SUB_MU: tl.constexpr, SPLIT: tl.constexpr,
+               IEEE: tl.constexpr, TMA: tl.constexpr, GROUP: tl.constexpr,
                TILE_V: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr):
-    """O[N, H] = (P ⊙ scale) · W over the whole vocabulary (fp32 accumulate), stored once in
-    o's dtype; SUB_MU: O = ((P ⊙ scale) · W − μ) / T (the student's ∂KL/∂h, μ [N, H] fp32).
+    """O[N, H] = diag(row) · (P ⊙ scale) · W over the whole vocabulary (fp32 accumulate),
+    stored once in o's dtype; SUB_MU: O = (… − μ) / T (the student's ∂KL/∂h, μ [N, H] fp32).
+    Zeros from V to the end of the last tile in P (whole k-blocks are read).
 
-    P [N, ≥V] holds e^(z − m_tile) per vocabulary tile, zeros from V to the end of the last
-    tile (whole k-blocks are read); scale [N, tiles] = e^(m_tile − m_row) re-bases it on the
-    row's max and the fp32 result is divided by l_row (inv_l [N]) at the end: with 1/l folded
-    into the scale before P·scale is rounded to bf16, the top token's weight (exactly 1.0
-    otherwise) picks up rounding, and μ_t's error against float64 went from 7.2e-4 to 1.7e-3
-    (H100; 9.7e-4 vs 4.0e-4 in a float64 emulation). SPLIT: P·scale (fp32) split into bf16 hi + lo parts, two tensor-core
+    TILE_SCALE: P holds e^(z − m_tile) per vocabulary tile and scale [N, tiles] = e^(m_tile −
+    m_row) re-bases it in registers before each MMA (+37 % on this kernel: 2.07 vs 1.51 ms a
+    1,024-row slab on an H100, cuBLAS 1.47); otherwise P holds e^(z − c_row) and needs no
+    scale. ROW_SCALE: the fp32 result is multiplied by row [N] (1/l, or e^(c − m)/l) at the end:
+    with 1/l folded into the scale before P·scale is rounded to bf16, the top token's weight
+    (exactly 1.0 otherwise) picks up rounding, and μ_t's error against float64 went from
+    7.2e-4 to 1.7e-3 (H100). SPLIT: P (fp32) split into bf16 hi + lo parts, two tensor-core
     products (~16 mantissa bits instead of 8, for the teacher's μ_t). TMA: p_ptr, w_ptr are
     descriptors over P (blocks [BN, BK]) and W [V, H] (blocks [BK, BH])."""
     pid_n, pid_h = _grouped(tl.program_id(0), tl.cdiv(N, BN), tl.cdiv(H, BH), GROUP)
@@ -166,7 +175,7 @@ def _pw_kernel(p_ptr, sc_ptr, inv_l_ptr, w_ptr, o_ptr, mu_ptr, N, H, V,
                         mask=(rn[:, None] < N) & ((k + rk)[None, :] < V), other=0.0)
             w = tl.load(w_ptr + (k + rk)[:, None] * stride_wv + rh[None, :],
                         mask=((k + rk)[:, None] < V) & (rh[None, :] < H), other=0.0)
-        if HAS_SCALE:       # BK divides TILE_V: one scale per row for this k-block
+        if TILE_SCALE:      # BK divides TILE_V: one scale per row for this k-block
             sc = tl.load(sc_ptr + rn * stride_sn + k // TILE_V, mask=rn < N, other=0.0)
             p = p.to(tl.float32) * sc[:, None]
         if IEEE:
@@ -177,7 +186,7 @@ def _pw_kernel(p_ptr, sc_ptr, inv_l_ptr, w_ptr, o_ptr, mu_ptr, N, H, V,
             if SPLIT:
                 acc = tl.dot((p.to(tl.float32) - hi.to(tl.float32)).to(w.dtype), w, acc)
     mask = (rn[:, None] < N) & (rh[None, :] < H)
-    if HAS_SCALE:
+    if ROW_SCALE:
         acc = acc * tl.load(inv_l_ptr + rn, mask=rn < N, other=0.0)[:, None]
     if SUB_MU:
         mu = tl.load(mu_ptr + rn[:, None] * stride_mun + rh[None, :], mask=mask, other=0.0)
@@ -380,14 +389,28 @@ def _merge(tile_m, tile_l, tile_s):
     return m, (scale * tile_l).sum(1), (scale * tile_s).sum(1), scale
 
 
+def _row_shift(h: torch.Tensor, w_sample: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """c [rows] fp32: the max logit over a sample of the vocabulary (every k-th row of W, ~2,048
+    of them), a lower bound of the row max m, close to it for any real logit distribution. P is
+    stored as e^(z − c): bf16 has fp32's exponent range, so any c with m − c in [−30, 60] keeps
+    every probability that matters at full relative precision and no per-tile re-basing is needed."""
+    return (h @ w_sample.t()).float().amax(1) * inv_t
+
+
 def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None, *,
                   temperature: float = 1.0, expect_w: bool = True, precise_w: bool = False,
                   minus: torch.Tensor | None = None, w_dtype: torch.dtype = torch.float32):
     """One pass over the vocabulary for p = softmax(h·Wᵀ/T), in slabs of rows.
 
-    Per slab: the tile kernel writes per-(row, tile) statistics and e^(z − m_tile) into a
-    [rows, V] bf16 workspace; the statistics merge into lse; one P·W GEMM over the whole
-    vocabulary gives E_p[W] (or (E_p[W] − minus)/T, the student's ∂KL/∂h), written once.
+    Per slab: the tile kernel writes per-(row, tile) statistics and P into a [rows, V] bf16
+    workspace; the statistics merge into lse; one P·W GEMM over the whole vocabulary gives
+    E_p[W] (or (E_p[W] − minus)/T, the student's ∂KL/∂h), written once.
+
+    P = e^(z − c_row), c from `_row_shift`, so the P·W GEMM needs only a per-row factor
+    e^(c − m)/l in its epilogue. Rows where the sampled max falls short of the true one by more
+    than 60 (P could overflow) are redone with per-tile re-basing (P = e^(z − m_tile), scaled
+    in registers): found with one host sync per call, at the end. Under CUDA graph capture
+    (no sync possible) every row takes the per-tile path.
 
     precise_w: E_p[W] with P kept in fp32 and split into two bf16 products (3 GEMM-equivalents
     instead of 2): the teacher's μ_t enters the forward-KL value lse_s − h_s·μ_t/T − H_t, where
@@ -396,6 +419,23 @@ def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor |
     h [N, H], weight [V, H] (same dtype), targets [N] long or None, minus [N, H] fp32 or None.
     -> lse [N], sum_pz [N] (Σ p·z), z_target [N] or None (fp32), and E_p[W] [N, H] in w_dtype
     (or None without expect_w)."""
+    capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
+    row_c = expect_w and not capturing
+    lse, spz, zt, out, bad = _softmax_stats(h, weight, targets, temperature, expect_w, precise_w, minus, w_dtype,
+                                            row_c)
+    if row_c and bool(bad.any()):
+        idx = bad.nonzero().squeeze(1)
+        sub = _softmax_stats(h[idx], weight, None if targets is None else targets[idx], temperature, expect_w,
+                             precise_w, None if minus is None else minus[idx], w_dtype, False)
+        for full, part in zip((lse, spz, zt, out), sub):
+            if full is not None:
+                full[idx] = part
+    return lse, spz, zt, out
+
+
+def _softmax_stats(h, weight, targets, temperature, expect_w, precise_w, minus, w_dtype, row_c):
+    """softmax_stats without the redo; row_c: P = e^(z − c_row) (else per-tile re-basing).
+    -> lse, sum_pz, z_target, E_p[W] as softmax_stats, and the rows to redo [N] bool (row_c)."""
     N, H = h.shape
     V = weight.shape[0]
     dev = h.device
@@ -407,6 +447,8 @@ def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor |
     lse, spz = _out(N, device=dev), _out(N, device=dev)
     zt = torch.full((N,), float("nan"), device=dev) if targets is not None else None
     out = _out(N, H, device=dev, dtype=w_dtype) if expect_w else None
+    bad = torch.zeros(N, dtype=torch.bool, device=dev) if row_c else None
+    w_sample = weight[::max(1, V // 2048)].contiguous() if row_c else None
     split = precise_w and not ieee
     p_dtype = torch.float32 if split else h.dtype
     if expect_w:
@@ -425,26 +467,33 @@ def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor |
         n = r1 - r0
         hs = h[r0:r1]
         tile = _out(3, n, tiles, device=dev)
+        c = _row_shift(hs, w_sample, 1.0 / temperature) if row_c else None
         n_prog = triton.cdiv(n, BN) * tiles
         if cfg["PERSIST"]:
             n_prog = min(n_prog, _num_sms(dev))
         _tile_stats_kernel[(n_prog,)](
             _desc(hs, [BN, BK]) if tma else hs, w_in, targets[r0:r1] if targets is not None else h,
             p_store if expect_w else h, tile[0], tile[1], tile[2], zt[r0:r1] if zt is not None else h,
-            n, H, 0, V, tiles, H, weight.stride(0), tiles * BV, tiles, 1.0 / temperature,
-            HAS_TGT=targets is not None, WRITE_P=expect_w, IEEE=ieee, TMA=tma, PERSIST=cfg["PERSIST"],
+            c if row_c else h, n, H, 0, V, tiles, H, weight.stride(0), tiles * BV, tiles, 1.0 / temperature,
+            HAS_TGT=targets is not None, WRITE_P=expect_w, ROW_C=row_c, IEEE=ieee, TMA=tma, PERSIST=cfg["PERSIST"],
             NUM_PROGS=n_prog, TMA_STORE=tma_store, BN=BN, BV=BV, BK=BK, WS=cfg["WS"], **_launch_kw(cfg))
         m, l, s, scale = _merge(tile[0], tile[1], tile[2])
         lse[r0:r1] = m + torch.log(l)
         spz[r0:r1] = s / l
         if expect_w:
+            if row_c:
+                shift = m - c
+                bad[r0:r1] = ~((shift <= 60.0) & (shift >= -30.0))
+                row = torch.exp(-shift) / l
+            else:
+                row = 1.0 / l
             sub = minus is not None
             _pw_kernel[(triton.cdiv(n, BN) * triton.cdiv(H, BH),)](
-                p_in, scale.contiguous(), (1.0 / l).contiguous(), w_out, out[r0:r1], minus[r0:r1] if sub else out,
+                p_in, scale.contiguous(), row.contiguous(), w_out, out[r0:r1], minus[r0:r1] if sub else out,
                 n, H, V, tiles * BV, tiles, weight.stride(0), H, H, 1.0 / temperature,
-                HAS_SCALE=True, SUB_MU=sub, SPLIT=split, IEEE=ieee, TMA=tma, TILE_V=BV, BN=BN, BH=BH,
-                BK=BK, **_launch_kw(cfg))
-    return lse, spz, zt, out
+                TILE_SCALE=not row_c, ROW_SCALE=True, SUB_MU=sub, SPLIT=split, IEEE=ieee, TMA=tma, TILE_V=BV,
+                BN=BN, BH=BH, BK=BK, **_launch_kw(cfg))
+    return lse, spz, zt, out, bad
 
 
 def _dual_ws_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -527,6 +576,6 @@ def dual_loss(h_s, weight_s, h_t, weight_t, *, kind: str, beta: float = 0.5, tem
                                tiles, 0, inv_t, cap, float(beta), MODE=mode, **ew)
         _pw_kernel[(triton.cdiv(n, BN) * triton.cdiv(Hs, BH),)](
             g_in, g_ws, g_ws, w_out, grad[r0:r1], grad, n, Hs, V, tiles * BV, 0, weight_s.stride(0), Hs, 0, 1.0,
-            HAS_SCALE=False, SUB_MU=False, SPLIT=False, IEEE=ieee, TMA=tma, TILE_V=BV, BN=BN, BH=BH,
+            TILE_SCALE=False, ROW_SCALE=False, SUB_MU=False, SPLIT=False, IEEE=ieee, TMA=tma, TILE_V=BV, BN=BN, BH=BH,
             BK=BK, **_launch_kw(cfg))
     return loss, grad

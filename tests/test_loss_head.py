@@ -206,6 +206,39 @@ def test_kl_divergence_fp16_workspace(monkeypatch, kind, noise, cap):
     assert rel(g_ours, g_ref) <= 2 * rel(g_plain, g_ref)
 
 
+def test_row_shift_redo(monkeypatch):
+    """P is stored as e^(z − c_row) with c a sampled max. Rows whose c is off by more than the
+    safe window (true max − c > 60: P would overflow; < −30) are redone with per-tile
+    re-basing: a shift estimate that is wrong on purpose must not change any result."""
+    real = loss_head._row_shift
+    seen = []
+
+    def wrong(h, w_sample, inv_t):
+        c = real(h, w_sample, inv_t)
+        seen.append(len(c))
+        off = torch.zeros_like(c)
+        off[0::3], off[1::3] = -100.0, 80.0          # rows 0, 3, …: overflow; 1, 4, …: far above the max
+        return c + off
+
+    monkeypatch.setattr(loss_head, "_row_shift", wrong)
+    N, H, V, T = 97, 40, 4099, 2.0
+    h_t, W, y, g = inputs(N, H, V, 21)
+    h_s = (h_t + 0.5 * randn(N, H, generator=g)).requires_grad_(True)
+    st = ops.teacher_stats(h_t, W, y, temperature=T, impl="triton")
+    kl = ops.forward_kl(h_s, W, st, temperature=T, impl="triton")
+    (grad,) = torch.autograd.grad(kl.sum(), h_s)
+    assert seen, "the row-shift path was not taken"
+    logp = torch.log_softmax(logits64(h_t, W, T), -1)
+    h64 = h_s.detach().double().requires_grad_(True)
+    ref = (logp.exp() * (logp - torch.log_softmax(logits64(h64, W, T), -1))).sum(-1)
+    (g_ref,) = torch.autograd.grad(ref.sum(), h64)
+    close(st.mu, logp.exp() @ W.double())
+    close(st.lse, torch.logsumexp(logits64(h_t, W, T), -1))
+    close(st.logprob, logp.gather(1, y[:, None]).squeeze(1))
+    close(kl, ref.detach(), atol=1e-4)
+    close(grad, g_ref, atol=1e-5)
+
+
 def test_slab_rows():
     """Slabs: a multiple of BN, the workspace under its budget, at least one row block, no
     more rows than N rounded up (a 64 MiB statistics budget at V=128256 once gave 128-row slabs)."""
