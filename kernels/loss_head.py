@@ -3,9 +3,9 @@
 Rows are processed in slabs whose [rows, V] bf16 workspace stays under 256 MiB (1,024 rows
 at V=128256). Per slab:
   1. a tile kernel computes z = h·Wᵀ per [BN, BV] tile (fp32 accumulator), applies 1/T,
-     and writes per (row, vocab tile) statistics — tile max m, Σe^(z−m), Σe^(z−m)·z, the
-     target logit — and, when E_p[W] is wanted, P = e^(z − c_row) into the workspace (c: a
-     sampled row max, so that P needs no per-tile re-basing);
+     and writes per (row, vocab tile) statistics — tile max m, Σe^(z−m), Σe^(z−m)·z — and,
+     when E_p[W] is wanted, P = e^(z − c_row) into the workspace (c: a sampled row max, so
+     that P needs no per-tile re-basing); the target logit is a row dot product h·W[y];
   2. small torch ops merge the tile statistics: lse, Σp·z;
   3. one GEMM kernel computes P·W · e^(c − m)/l over the whole vocabulary and writes E_p[W]
      (teacher μ_t), or (E_p[W] − μ_t)/T (the student's ∂KL/∂h), once.
@@ -79,9 +79,9 @@ def _logit_tile(h_ptr, w_ptr, n0, v0, rn, rv, N, H, v_end, stride_hn, stride_wv,
 
 
 @triton.jit
-def _tile_stats_kernel(h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr, c_ptr,
+def _tile_stats_kernel(h_ptr, w_ptr, p_ptr, m_ptr, l_ptr, s_ptr, c_ptr,
                        N, H, v_start, v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t,
-                       HAS_TGT: tl.constexpr, WRITE_P: tl.constexpr, ROW_C: tl.constexpr, IEEE: tl.constexpr,
+                       WRITE_P: tl.constexpr, ROW_C: tl.constexpr, IEEE: tl.constexpr,
                        TMA: tl.constexpr, GROUP: tl.constexpr, PERSIST: tl.constexpr, NUM_PROGS: tl.constexpr,
                        TMA_STORE: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
                        WS: tl.constexpr = False):
@@ -93,21 +93,21 @@ def _tile_stats_kernel(h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr
     if PERSIST:
         for tile in tl.range(tl.program_id(0), tl.cdiv(N, BN) * n_tiles, NUM_PROGS, flatten=True,
                              warp_specialize=WS):
-            _tile_stats(tile, h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr, c_ptr, N, H, v_start,
-                        v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t, HAS_TGT, WRITE_P, ROW_C,
+            _tile_stats(tile, h_ptr, w_ptr, p_ptr, m_ptr, l_ptr, s_ptr, c_ptr, N, H, v_start,
+                        v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t, WRITE_P, ROW_C,
                         IEEE, TMA,
                         GROUP, TMA_STORE, BN, BV, BK, False)
     else:
-        _tile_stats(tl.program_id(0), h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr, c_ptr, N, H,
-                    v_start, v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t, HAS_TGT, WRITE_P,
+        _tile_stats(tl.program_id(0), h_ptr, w_ptr, p_ptr, m_ptr, l_ptr, s_ptr, c_ptr, N, H,
+                    v_start, v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t, WRITE_P,
                     ROW_C, IEEE, TMA,
                     GROUP, TMA_STORE, BN, BV, BK, WS)
 
 
 @triton.jit
-def _tile_stats(tile, h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr, c_ptr,
+def _tile_stats(tile, h_ptr, w_ptr, p_ptr, m_ptr, l_ptr, s_ptr, c_ptr,
                 N, H, v_start, v_end, n_tiles, stride_hn, stride_wv, stride_pn, stride_mn, inv_t,
-                HAS_TGT: tl.constexpr, WRITE_P: tl.constexpr, ROW_C: tl.constexpr, IEEE: tl.constexpr,
+                WRITE_P: tl.constexpr, ROW_C: tl.constexpr, IEEE: tl.constexpr,
                 TMA: tl.constexpr, GROUP: tl.constexpr, TMA_STORE: tl.constexpr,
                 BN: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr, WS: tl.constexpr):
     pid_n, pid_v = _grouped(tile, tl.cdiv(N, BN), n_tiles, GROUP)
@@ -125,12 +125,6 @@ def _tile_stats(tile, h_ptr, w_ptr, tgt_ptr, p_ptr, m_ptr, l_ptr, s_ptr, zt_ptr,
     tl.store(m_ptr + rn * stride_mn + pid_v, m, mask=row_ok)
     tl.store(l_ptr + rn * stride_mn + pid_v, l, mask=row_ok)
     tl.store(s_ptr + rn * stride_mn + pid_v, s, mask=row_ok)
-    if HAS_TGT:
-        t = tl.load(tgt_ptr + rn, mask=row_ok, other=-1)
-        hit = rv[None, :] == t[:, None]
-        zt = tl.sum(tl.where(hit, z, 0.0), 1)
-        found = tl.sum(hit.to(tl.int32), 1) > 0
-        tl.store(zt_ptr + rn, zt, mask=row_ok & found)
     if WRITE_P:   # the whole tile, zeros past the vocabulary: the P·W kernel reads whole k-blocks
         if ROW_C:   # one rounding of e^(z − c); rows with m − c > 60 are redone (see softmax_stats)
             c = tl.load(c_ptr + rn, mask=row_ok, other=0.0)
@@ -397,6 +391,13 @@ def _row_shift(h: torch.Tensor, w_sample: torch.Tensor, inv_t: float) -> torch.T
     return (h @ w_sample.t()).float().amax(1) * inv_t
 
 
+def _target_logit(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_t: float,
+                  rows: int = 2048) -> torch.Tensor:
+    """h [N, H], weight [V, H], targets [N] -> z_y = h·W[y]/T [N] fp32, in row slices."""
+    return torch.cat([(h[a:a + rows].float() * weight[targets[a:a + rows]].float()).sum(1)
+                      for a in range(0, h.shape[0], rows)]) * inv_t
+
+
 def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None, *,
                   temperature: float = 1.0, expect_w: bool = True, precise_w: bool = False,
                   minus: torch.Tensor | None = None, w_dtype: torch.dtype = torch.float32):
@@ -445,7 +446,10 @@ def _softmax_stats(h, weight, targets, temperature, expect_w, precise_w, minus, 
     h, weight = h.contiguous(), weight.contiguous()
     tiles = triton.cdiv(V, BV)
     lse, spz = _out(N, device=dev), _out(N, device=dev)
-    zt = torch.full((N,), float("nan"), device=dev) if targets is not None else None
+    # the target logit as a row dot product h·W[y]/T (fp32 from the same bf16 inputs), not a
+    # gather in the tile epilogue: its compare-select-sum over every 128×256 tile cost ~3 ms of
+    # token_logprob's ~27 at N=16384 (H100 profile)
+    zt = _target_logit(h, weight, targets, 1.0 / temperature) if targets is not None else None
     out = _out(N, H, device=dev, dtype=w_dtype) if expect_w else None
     bad = torch.zeros(N, dtype=torch.bool, device=dev) if row_c else None
     # 2,048 rows exactly: 2,069 (V // 2048 strided at V=128256) sent cuBLAS to an unaligned
@@ -474,10 +478,10 @@ def _softmax_stats(h, weight, targets, temperature, expect_w, precise_w, minus, 
         if cfg["PERSIST"]:
             n_prog = min(n_prog, _num_sms(dev))
         _tile_stats_kernel[(n_prog,)](
-            _desc(hs, [BN, BK]) if tma else hs, w_in, targets[r0:r1] if targets is not None else h,
-            p_store if expect_w else h, tile[0], tile[1], tile[2], zt[r0:r1] if zt is not None else h,
-            c if row_c else h, n, H, 0, V, tiles, H, weight.stride(0), tiles * BV, tiles, 1.0 / temperature,
-            HAS_TGT=targets is not None, WRITE_P=expect_w, ROW_C=row_c, IEEE=ieee, TMA=tma, PERSIST=cfg["PERSIST"],
+            _desc(hs, [BN, BK]) if tma else hs, w_in,
+            p_store if expect_w else h, tile[0], tile[1], tile[2], c if row_c else h, n, H, 0, V, tiles, H,
+            weight.stride(0), tiles * BV, tiles, 1.0 / temperature,
+            WRITE_P=expect_w, ROW_C=row_c, IEEE=ieee, TMA=tma, PERSIST=cfg["PERSIST"],
             NUM_PROGS=n_prog, TMA_STORE=tma_store, BN=BN, BV=BV, BK=BK, WS=cfg["WS"], **_launch_kw(cfg))
         m, l, s, scale = _merge(tile[0], tile[1], tile[2])
         lse[r0:r1] = m + torch.log(l)
