@@ -188,6 +188,38 @@ def _pw_kernel(p_ptr, sc_ptr, inv_l_ptr, w_ptr, o_ptr, mu_ptr, N, H, V,
     tl.store(o_ptr + rn[:, None] * stride_on + rh[None, :], acc.to(o_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _merge_kernel(tile_ptr, c_ptr, lse_ptr, spz_ptr, row_ptr, bad_ptr, scale_ptr, N, n_tiles, stride_q,
+                  ROW_C: tl.constexpr, WRITE_SCALE: tl.constexpr, BR: tl.constexpr, BT: tl.constexpr):
+    """Tile statistics [3, N, n_tiles] (tile max, Σe^(z−m), Σe^(z−m)·z) -> per row lse, Σp·z and
+    the P·W epilogue factor: e^(c − m)/l with bad = (m − c outside [−30, 60]) (ROW_C), or 1/l
+    and scale [N, n_tiles] = e^(m_tile − m) (WRITE_SCALE). One launch per slab: the ~20 small
+    torch ops it replaces took ~2 ms of forward_kl_step's ~47 at N=16384 (H100 profile)."""
+    rr = tl.program_id(0) * BR + tl.arange(0, BR)
+    rt = tl.arange(0, BT)
+    ok = rr < N
+    mask = ok[:, None] & (rt < n_tiles)[None, :]
+    off = rr[:, None] * n_tiles + rt[None, :]
+    tile_m = tl.load(tile_ptr + off, mask=mask, other=float("-inf"))
+    tile_l = tl.load(tile_ptr + stride_q + off, mask=mask, other=0.0)
+    tile_s = tl.load(tile_ptr + 2 * stride_q + off, mask=mask, other=0.0)
+    m = tl.where(ok, tl.max(tile_m, 1), 0.0)        # rows past N: finite, never stored
+    sc = tl.exp(tile_m - m[:, None])
+    l = tl.where(ok, tl.sum(sc * tile_l, 1), 1.0)
+    s = tl.sum(sc * tile_s, 1)
+    tl.store(lse_ptr + rr, m + tl.log(l), mask=ok)
+    tl.store(spz_ptr + rr, s / l, mask=ok)
+    if ROW_C:
+        shift = m - tl.load(c_ptr + rr, mask=ok, other=0.0)
+        tl.store(row_ptr + rr, tl.exp(-shift) / l, mask=ok)
+        good = (shift <= 60.0) & (shift >= -30.0)
+        tl.store(bad_ptr + rr, tl.where(good, 0, 1).to(tl.int8), mask=ok)
+    else:
+        tl.store(row_ptr + rr, 1.0 / l, mask=ok)
+    if WRITE_SCALE:
+        tl.store(scale_ptr + off, sc, mask=mask)
+
+
 # general path: two models ---------------------------------------------------------------
 @triton.jit
 def _dual_stats_kernel(hs_ptr, ws_ptr, ht_ptr, wt_ptr, out_ptr, u_ptr, d_ptr, N, Hs, Ht, v_start, v_end, n_tiles,
@@ -411,7 +443,10 @@ def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor |
     e^(c − m)/l in its epilogue. Rows where the sampled max falls short of the true one by more
     than 60 (P could overflow) are redone with per-tile re-basing (P = e^(z − m_tile), scaled
     in registers): found with one host sync per call, at the end. Under CUDA graph capture
-    (no sync possible) every row takes the per-tile path.
+    (no sync possible) every row takes the per-tile path, and IICL_LOSS_HEAD_ROW_SHIFT=0 forces
+    it: there the top token's weight is exactly 1.0 before the MMA, and E_p[W] comes out ~2×
+    closer to float64 (μ_t 8.1e-4 vs 1.6e-3 relative, H=4096, V=128256) for ~6 ms more at
+    N=16384 (the P·W GEMM 1.37× slower).
 
     precise_w: E_p[W] with P kept in fp32 and split into two bf16 products (3 GEMM-equivalents
     instead of 2): the teacher's μ_t enters the forward-KL value lse_s − h_s·μ_t/T − H_t, where
@@ -421,7 +456,7 @@ def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor |
     -> lse [N], sum_pz [N] (Σ p·z), z_target [N] or None (fp32), and E_p[W] [N, H] in w_dtype
     (or None without expect_w)."""
     capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
-    row_c = expect_w and not capturing
+    row_c = expect_w and not capturing and os.environ.get("IICL_LOSS_HEAD_ROW_SHIFT", "1") != "0"
     lse, spz, zt, out, bad = _softmax_stats(h, weight, targets, temperature, expect_w, precise_w, minus, w_dtype,
                                             row_c)
     if row_c and bool(bad.any()):
@@ -451,7 +486,7 @@ def _softmax_stats(h, weight, targets, temperature, expect_w, precise_w, minus, 
     # token_logprob's ~27 at N=16384 (H100 profile)
     zt = _target_logit(h, weight, targets, 1.0 / temperature) if targets is not None else None
     out = _out(N, H, device=dev, dtype=w_dtype) if expect_w else None
-    bad = torch.zeros(N, dtype=torch.bool, device=dev) if row_c else None
+    bad = torch.zeros(N, dtype=torch.int8, device=dev) if row_c else None
     # 2,048 rows exactly: 2,069 (V // 2048 strided at V=128256) sent cuBLAS to an unaligned
     # sm75 kernel, 0.3 ms a slab (4.7 of teacher_stats' 54 ms on an H100)
     w_sample = weight[::max(1, V // 2048)][:2048].contiguous() if row_c else None
@@ -483,23 +518,22 @@ def _softmax_stats(h, weight, targets, temperature, expect_w, precise_w, minus, 
             weight.stride(0), tiles * BV, tiles, 1.0 / temperature,
             WRITE_P=expect_w, ROW_C=row_c, IEEE=ieee, TMA=tma, PERSIST=cfg["PERSIST"],
             NUM_PROGS=n_prog, TMA_STORE=tma_store, BN=BN, BV=BV, BK=BK, WS=cfg["WS"], **_launch_kw(cfg))
-        m, l, s, scale = _merge(tile[0], tile[1], tile[2])
-        lse[r0:r1] = m + torch.log(l)
-        spz[r0:r1] = s / l
+        row = _out(n, device=dev)
+        tile_scale = expect_w and not row_c
+        scale = _out(n, tiles, device=dev) if tile_scale else row
+        bt = triton.next_power_of_2(tiles)
+        br = max(1, min(16, 4096 // bt))
+        _merge_kernel[(triton.cdiv(n, br),)](
+            tile, c if row_c else row, lse[r0:r1], spz[r0:r1], row, bad[r0:r1] if row_c else row, scale, n, tiles,
+            n * tiles, ROW_C=row_c, WRITE_SCALE=tile_scale, BR=br, BT=bt, num_warps=4)
         if expect_w:
-            if row_c:
-                shift = m - c
-                bad[r0:r1] = ~((shift <= 60.0) & (shift >= -30.0))
-                row = torch.exp(-shift) / l
-            else:
-                row = 1.0 / l
             sub = minus is not None
             _pw_kernel[(triton.cdiv(n, BN) * triton.cdiv(H, BH),)](
-                p_in, scale.contiguous(), row.contiguous(), w_out, out[r0:r1], minus[r0:r1] if sub else out,
+                p_in, scale, row, w_out, out[r0:r1], minus[r0:r1] if sub else out,
                 n, H, V, tiles * BV, tiles, weight.stride(0), H, H, 1.0 / temperature,
                 TILE_SCALE=not row_c, ROW_SCALE=True, SUB_MU=sub, SPLIT=split, IEEE=ieee, TMA=tma, TILE_V=BV,
                 BN=BN, BH=BH, BK=BK, **_launch_kw(cfg))
-    return lse, spz, zt, out, bad
+    return lse, spz, zt, out, None if bad is None else bad.bool()
 
 
 def _dual_ws_dtype(dtype: torch.dtype) -> torch.dtype:
