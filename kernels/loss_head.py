@@ -357,12 +357,16 @@ def _cfg(device: torch.device, dual: bool = False, ieee: bool = False, write_p: 
         elif write_p:
             # H100 sweeps (benchmarks/NOTES.md): 128×256 logit and output tiles, 8 warps. Passes
             # that write P: the persistent tile kernel with 3 stages (forward_kl_step 57.0 ms at
-            # N=16384 vs 60.0 one tile per program; a descriptor store of P: 67.8).
+            # N=16384 vs 60.0 one tile per program; a descriptor store of P: 67.8; after the
+            # row-shift P the four variants came within ±3 ms of each other, in no stable order).
+            # Triton's warp specialisation of the tile loop compiles on sm_90 but did not help
+            # (token_logprob 29.4 vs 29.6, forward_kl_step 61.7 vs 57.9 persistent).
             cfg = dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=3, GROUP=16, TMA=True, PERSIST=True,
                        TMA_STORE=False, WS=False)
         else:
-            # without P (token log-prob): one tile per program, 4 stages (29.6 ms vs 33.0 persistent)
-            cfg = dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=4, GROUP=16, TMA=True, PERSIST=False,
+            # without P (token log-prob): one tile per program, 3 stages (25.6 / 25.8 ms in two
+            # sweeps vs 26.6 / 26.4 with 4 stages, 26.3 / 27.7 persistent)
+            cfg = dict(BN=128, BV=256, BK=64, BH=256, num_warps=8, num_stages=3, GROUP=16, TMA=True, PERSIST=False,
                        TMA_STORE=False, WS=False)
     else:
         # interpreter: its cost is per program and per op, so few large blocks; the tests cut
@@ -492,6 +496,8 @@ def _softmax_stats(h, weight, targets, temperature, expect_w, precise_w, minus, 
     w_sample = weight[::max(1, V // 2048)][:2048].contiguous() if row_c else None
     split = precise_w and not ieee
     p_dtype = torch.float32 if split else h.dtype
+    if split:   # the fp32 P tile's store buffer: 4 stages of 128×256 tiles need 320 KiB of shared memory
+        cfg = {**cfg, "num_stages": min(cfg["num_stages"], 3)}
     if expect_w:
         rows = _slab(N, BN, tiles * BV * p_dtype.itemsize)
         p_ws = _out(rows, tiles * BV, device=dev, dtype=p_dtype)
