@@ -239,6 +239,26 @@ def test_row_shift_redo(monkeypatch):
     close(grad, g_ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("row_shift", ["1", "0"])
+def test_teacher_mu_precise_16bit(monkeypatch, row_shift):
+    """16-bit inputs (fp16 here: the interpreter has no bf16 GEMM): μ = E_p[W] against float64
+    is no worse than 2× the plain path's (16-bit P·W after an fp32 softmax); precise=True (fp32 P
+    split into two 16-bit products) at least 4× closer than the default; both P layouts."""
+    monkeypatch.setenv("IICL_LOSS_HEAD_ROW_SHIFT", row_shift)
+    N, H, V = 33, 64, 4099
+    g = torch.Generator().manual_seed(23)
+    h = torch.randn(N, H, generator=g).half().to(DEVICE)
+    W = (torch.randn(V, H, generator=g) * 3 / H ** 0.5).half().to(DEVICE)
+    ref = torch.softmax(logits64(h, W), -1) @ W.double()
+    plain = torch.softmax((h.float() @ W.float().t()), -1).half().float() @ W.float()
+    rel = lambda a: ((a.double() - ref).norm() / ref.norm()).item()
+    fast = rel(ops.teacher_stats(h, W, impl="triton").mu)
+    precise = rel(ops.teacher_stats(h, W, precise=True, impl="triton").mu)
+    print(f"row shift {row_shift}: μ error {fast:.1e}, precise {precise:.1e}, plain 16-bit {rel(plain):.1e}")
+    assert fast <= 2 * rel(plain)
+    assert precise <= fast / 4
+
+
 def test_slab_rows():
     """Slabs: a multiple of BN, the workspace under its budget, at least one row block, no
     more rows than N rounded up (a 64 MiB statistics budget at V=128256 once gave 128-row slabs)."""
