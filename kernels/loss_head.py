@@ -481,6 +481,11 @@ def _softmax_stats(h, weight, targets, temperature, expect_w, precise_w, minus, 
     dev = h.device
     ieee = h.dtype == torch.float32
     cfg = _cfg(dev, ieee=ieee, write_p=expect_w)
+    split = precise_w and not ieee
+    if split and dev.type == "cuda":
+        # fp32 P: the 128×256 fp32 tile's store buffer beside 3 pipeline stages asked for 272 KiB
+        # of shared memory (the H100 has 227): 128-wide vocabulary tiles, one per program
+        cfg = {**cfg, "BV": 128, "num_stages": min(cfg["num_stages"], 3), "PERSIST": False}
     BN, BV, BK, BH = cfg["BN"], cfg["BV"], cfg["BK"], cfg["BH"]
     h, weight = h.contiguous(), weight.contiguous()
     tiles = triton.cdiv(V, BV)
@@ -494,10 +499,7 @@ def _softmax_stats(h, weight, targets, temperature, expect_w, precise_w, minus, 
     # 2,048 rows exactly: 2,069 (V // 2048 strided at V=128256) sent cuBLAS to an unaligned
     # sm75 kernel, 0.3 ms a slab (4.7 of teacher_stats' 54 ms on an H100)
     w_sample = weight[::max(1, V // 2048)][:2048].contiguous() if row_c else None
-    split = precise_w and not ieee
     p_dtype = torch.float32 if split else h.dtype
-    if split:   # the fp32 P tile's store buffer: 4 stages of 128×256 tiles need 320 KiB of shared memory
-        cfg = {**cfg, "num_stages": min(cfg["num_stages"], 3)}
     if expect_w:
         rows = _slab(N, BN, tiles * BV * p_dtype.itemsize)
         p_ws = _out(rows, tiles * BV, device=dev, dtype=p_dtype)
