@@ -163,6 +163,27 @@ def test_kl_divergence_general(impl, N, H, V, kind, T, cap):
 
 
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+def test_kl_divergence_without_grad(kind):
+    """h_s without grad: forward / reverse KL from pass 1 alone (no workspace), JSD from its
+    value pass; values as the float64 reference."""
+    h_s, W_s, _, g = inputs(7, 24, 1000, 31)
+    h_t = randn(7, 32, generator=g)
+    W_t = randn(1000, 32, generator=g) * 0.6
+    loss = ops.kl_divergence(h_s, W_s, h_t, W_t, kind=kind, beta=0.3, temperature=2.0, softcap=4.0, impl="triton")
+    logq = torch.log_softmax(logits64(h_s, W_s, 2.0, 4.0), -1)
+    logp = torch.log_softmax(logits64(h_t, W_t, 2.0, 4.0), -1)
+    if kind == "forward":
+        ref = (logp.exp() * (logp - logq)).sum(-1)
+    elif kind == "reverse":
+        ref = (logq.exp() * (logq - logp)).sum(-1)
+    else:
+        m = (0.3 * logp.exp() + 0.7 * logq.exp()).log()
+        ref = 0.3 * (logp.exp() * (logp - m)).sum(-1) + 0.7 * (logq.exp() * (logq - m)).sum(-1)
+    assert not loss.requires_grad
+    close(loss, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("noise,cap", [(1.0, None), (0.01, None), (0.01, 4.0)])
 def test_kl_divergence_fp16_workspace(monkeypatch, kind, noise, cap):
     """bf16 models keep u = z_t − m_tile and δ = z_s − z_t in an fp16 workspace between the
