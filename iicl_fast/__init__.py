@@ -13,5 +13,6 @@ from .models import load_model
 from .retain import StreamingSession
 from .bank import BankAdamW, GraphedBankStep, LoraBank
 from .many import consolidate_many
+from .driver import stream
 
-__all__ = ["Config", "ConsolidationReport", "IICLError", "Memory", "StreamingSession", "LoraBank", "BankAdamW", "GraphedBankStep", "consolidate_many", "load_model", "__version__"]
+__all__ = ["Config", "ConsolidationReport", "IICLError", "Memory", "StreamingSession", "LoraBank", "BankAdamW", "GraphedBankStep", "consolidate_many", "load_model", "stream", "__version__"]

@@ -8,7 +8,7 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
-from .config import Config, IICLError
+from .config import PRESETS, Config, IICLError, check_fields, coerce
 
 
 def read_text_file(path: str) -> str:
@@ -43,13 +43,67 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def read_config_file(path: str) -> dict:
+    """Config fields from a JSON or TOML file (a flat table of field = value)."""
+    text = read_text_file(path)
+    if path.endswith(".toml"):
+        try:
+            import tomllib
+        except ImportError:                      # Python 3.10
+            raise IICLError(f"{path}: reading TOML needs Python >= 3.11; give the config as JSON") from None
+        try:
+            d = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise IICLError(f"{path} is not valid TOML: {e}") from None
+    else:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise IICLError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise IICLError(f"{path} must hold one table of Config fields")
+    check_fields(d)
+    return d
+
+
+def config_overrides(args) -> dict:
+    """Fields given on the command line: --config FILE, then each --set field=value, then
+    --chunk-tokens (later wins)."""
+    fields = dict(read_config_file(args.config)) if getattr(args, "config", None) else {}
+    for item in getattr(args, "set", None) or []:
+        if "=" not in item:
+            raise IICLError(f"--set {item!r}: write it as field=value")
+        k, v = item.split("=", 1)
+        fields[k.strip()] = v
+    if getattr(args, "chunk_tokens", None):
+        fields["chunk_tokens"] = args.chunk_tokens
+    check_fields(fields)
+    return {k: coerce(k, v) for k, v in fields.items()}
+
+
+def build_config(args, **extra) -> Config:
+    """The run's Config: --preset (default small), then the command line's overrides."""
+    return Config.preset(getattr(args, "preset", None) or "small", **{**extra, **config_overrides(args)})
+
+
+def model_kw(args) -> dict:
+    return dict(device=getattr(args, "device", "auto"), dtype=getattr(args, "dtype", "auto"))
+
+
+def log_config(cfg: Config, model) -> None:
+    dev = next(model.parameters())
+    log(f"config ({dev.device}, {str(dev.dtype).replace('torch.', '')}): " + json.dumps(cfg.to_dict()))
+
+
 def cmd_demo(args) -> int:
     from . import Memory, load_model
     doc, qs = demo_material()
     t = time.perf_counter()
-    model, tok = load_model(args.model)
+    cfg = build_config(args, seed=args.seed)              # bad flags fail before the model loads
+    model, tok = load_model(args.model, **model_kw(args))
     load_s = time.perf_counter() - t
-    mem = Memory(model, tok, Config(seed=args.seed))
+    log_config(cfg, model)
+    mem = Memory(model, tok, cfg)
     questions = [q["question"] for q in qs]
     t = time.perf_counter()
     before = mem.ask_many(questions)
@@ -84,18 +138,27 @@ def cmd_consolidate(args) -> int:
     texts = [read_text_file(f) for f in args.files]        # every file checked before any work
     if args.separate:
         return consolidate_separate(args, texts)
+    from .driver import stream
     out = Path(args.out)
     if out.exists() and not (out / "manifest.json").is_file():
         raise IICLError(f"{out} exists and is not a memory directory")
-    model, tok = load_model(args.model)
+    cfg = build_config(args)                             # bad flags fail before the model loads
+    model, tok = load_model(args.model, **model_kw(args))
     if out.exists():
-        mem = Memory.load(out, model, tok)          # continue it: its LoRA layout and config
+        mem = Memory.load(out, model, tok)          # continue it: its LoRA layout and config ...
+        given = config_overrides(args)
+        if args.preset:
+            given = {**PRESETS[args.preset], **given}
+        fixed = {k for k in ("lora_r", "lora_alpha", "target_modules") if k in given and given[k] != getattr(mem.config, k)}
+        if fixed:
+            raise IICLError(f"{out} holds an adapter with {', '.join(f'{k}={getattr(mem.config, k)!r}' for k in sorted(fixed))}: "
+                            "a continued memory keeps its LoRA layout")
+        mem.config = Config(**{**mem.config.to_dict(), **given})     # ... with the flags given now
     else:
-        mem = Memory(model, tok, Config())
-    if args.chunk_tokens:
-        mem.config.chunk_tokens = args.chunk_tokens
+        mem = Memory(model, tok, cfg)
+    log_config(mem.config, model)
     done = skipped = 0
-    for rep in mem.stream(texts, checkpoint_dir=out):
+    for rep in stream(mem, texts, checkpoint_dir=out):
         log(rep.summary())
         done += not rep.skipped
         skipped += rep.skipped
@@ -107,7 +170,8 @@ def consolidate_separate(args, texts: list[str]) -> int:
     """One memory per file at DIR/<file stem>/, all trained together (consolidate_many).
     A stem whose memory already holds exactly that file's chunks is skipped (resume)."""
     from . import consolidate_many, load_model
-    from .memory import MANIFEST, read_manifest, sha256_text, split_chunks
+    from .driver import split_chunks
+    from .memory import MANIFEST, read_manifest, sha256_text
     from .models import PromptFormat
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -118,11 +182,10 @@ def consolidate_separate(args, texts: list[str]) -> int:
         if st in seen:
             raise IICLError(f"{seen[st]} and {f} share the stem {st!r}: --separate writes one memory per stem")
         seen[st] = f
-    model, tok = load_model(args.model)
-    cfg = Config()
-    if args.chunk_tokens:
-        cfg.chunk_tokens = args.chunk_tokens
-    fmt = PromptFormat(tok)
+    cfg = build_config(args)
+    model, tok = load_model(args.model, **model_kw(args))
+    log_config(cfg, model)
+    fmt = PromptFormat(tok, model)
     todo = []
     for text, st in zip(texts, stems):
         d = out / st
@@ -154,9 +217,13 @@ def cmd_ask(args) -> int:
         raise IICLError("give a QUESTION or --questions FILE")
     context = read_text_file(args.context) if args.context else None
     if args.memory:
-        mem = Memory.load(args.memory) if args.model is None else Memory.load(args.memory, *load_model(args.model))
+        mem = (Memory.load(args.memory, **model_kw(args)) if args.model is None
+               else Memory.load(args.memory, *load_model(args.model, **model_kw(args))))
+        over = config_overrides(args)
+        if over:
+            mem.config = Config(**{**mem.config.to_dict(), **over})
     else:
-        mem = Memory(*load_model(args.model), Config(progress=False))
+        mem = Memory(*load_model(args.model, **model_kw(args)), build_config(args, progress=False))
     answers = mem.ask_many(questions, context=context)
     if args.questions:
         for q, a in zip(questions, answers):
@@ -179,7 +246,7 @@ def cmd_session_eval(args) -> int:
         read_jsonl(args.data)
     elif args.stream_tokens is None:
         raise IICLError("--task passkey needs --stream-tokens N")
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, **model_kw(args))
     kw = dict(policy=args.policy, cache=args.cache, trials=args.trials, decay=args.decay, sink=args.sink,
               recent=args.recent, progress=not args.quiet)
     if args.task == "passkey":
@@ -192,18 +259,30 @@ def cmd_session_eval(args) -> int:
     return 0
 
 
+def add_model_args(p, config: bool = True) -> None:
+    p.add_argument("--model", default=None, help="local HF model dir or .gguf (default: embedded SmolLM2-135M)")
+    p.add_argument("--device", default="auto", help="auto (CUDA where a GPU is present) | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on the CPU) | bf16 | fp16 | fp32")
+    if config:
+        p.add_argument("--preset", default=None,
+                       help="small (the embedded model on 2 CPU cores; default) | paper (InfiniteICL's setting)")
+        p.add_argument("--config", default=None, metavar="FILE", help="a JSON or TOML file of Config fields")
+        p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                       help="set one Config field (repeatable; wins over --config)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="iicl-fast", description="Consolidate long contexts into LoRA memories.")
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="consolidate a bundled fictional document and compare recall")
-    d.add_argument("--model", default=None, help="local HF model dir or .gguf (default: embedded SmolLM2-135M)")
+    add_model_args(d)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     d.set_defaults(func=cmd_demo)
     c = sub.add_parser("consolidate", help="consolidate FILEs, in order, into the memory at --out (or one each: --separate)")
     c.add_argument("files", nargs="+", metavar="FILE")
     c.add_argument("--out", required=True, metavar="DIR")
-    c.add_argument("--model", default=None)
+    add_model_args(c)
     c.add_argument("--chunk-tokens", type=int, default=None, metavar="N")
     c.add_argument("--separate", action="store_true",
                    help="one memory per FILE at DIR/<file stem>/, all trained together in one batched run")
@@ -213,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--questions", metavar="FILE", help="one question per line; prints JSON lines")
     a.add_argument("--memory", metavar="DIR")
     a.add_argument("--context", metavar="FILE", help="put this file's text in the window first")
-    a.add_argument("--model", default=None)
+    add_model_args(a)
     a.set_defaults(func=cmd_ask)
     e = sub.add_parser("session-eval", help="bounded-cache session (SirLLM) on passkey or multiple-choice data")
     e.add_argument("--task", choices=("passkey", "mc"), required=True)
@@ -226,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sink", type=int, default=4)
     e.add_argument("--recent", type=int, default=None, help="newest tokens always kept (default: cache/4)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--model", default=None)
+    add_model_args(e, config=False)
     e.add_argument("--verbose", action="store_true", help="passkey: include every trial in the JSON")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_session_eval)

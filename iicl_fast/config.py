@@ -26,7 +26,10 @@ class Config:
     max_response_tokens: int = 40
     elicit_temperature: float = 0.7
     elicit_top_p: float = 0.9
-    gen_batch_size: int = 16
+    gen_batch_size: int = 16      # rows decoded together (the prefix KV is copied per row today)
+    # benchmarks on random weights: every generation runs its full max tokens and question
+    # texts are kept as written (random weights never stop and write no "?")
+    fixed_lengths: bool = False
     # 3. path selection by ΔPPL = log P(r | C, q) − log P(r | q)
     select_ratio: float = 0.875    # keep the top ρ·N entries ...
     select_top_k: int | None = None  # ... or exactly the top k (wins over the ratio)
@@ -43,7 +46,13 @@ class Config:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     epochs: int = 4
-    batch_size: int = 8
+    batch_size: int = 8            # entries per optimizer step
+    # Micro-batches are sized by padded tokens, not by entries: a step's batch_size entries
+    # are length-sorted and split into micro-batches of at most train_tokens (gradients
+    # accumulated); the teacher / student / ΔPPL passes take pass_tokens a batch.
+    train_tokens: int = 4096
+    pass_tokens: int = 8192
+    gradient_checkpointing: bool = False   # recompute the student's activations in backward
     token_chunk: int = 256         # response tokens per loss slice: never tokens×vocab at once
     # Replay: up to this many kept entries of earlier chunks (a uniform sample, with their
     # teacher hidden states) are trained on again with each new chunk. Without it the
@@ -79,7 +88,8 @@ class Config:
         if self.n_queries + self.n_continuations == 0:
             raise IICLError("n_queries + n_continuations must be > 0")
         for name in ("max_query_tokens", "max_response_tokens", "gen_batch_size", "lora_r",
-                     "epochs", "batch_size", "token_chunk", "chunk_tokens", "answer_max_new_tokens"):
+                     "epochs", "batch_size", "train_tokens", "pass_tokens", "token_chunk", "chunk_tokens",
+                     "answer_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise IICLError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.replay_entries < 0:
@@ -88,13 +98,102 @@ class Config:
             raise IICLError(f"retain must be in [0, 1], got {self.retain}")
         if not 0.0 < self.retain_decay <= 1.0:
             raise IICLError(f"retain_decay must be in (0, 1], got {self.retain_decay}")
-        if self.temperature <= 0:
-            raise IICLError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("temperature", "elicit_temperature", "lr", "lora_alpha"):
+            if not getattr(self, name) > 0:
+                raise IICLError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 < self.elicit_top_p <= 1.0:
+            raise IICLError(f"elicit_top_p must be in (0, 1], got {self.elicit_top_p}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise IICLError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise IICLError("weight_decay and max_grad_norm must be >= 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        """From a manifest: fields this version does not know are ignored (older/newer memories)."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def preset(cls, name: str = "small", **overrides) -> "Config":
+        """A named setting (PRESETS) with fields overridden; unknown names or fields → IICLError."""
+        if name not in PRESETS:
+            raise IICLError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+        fields = {**PRESETS[name], **overrides}
+        check_fields(fields)
+        return cls(**{k: coerce(k, v) for k, v in fields.items()})
+
+
+def check_fields(d: dict) -> None:
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise IICLError(f"unknown Config field{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+
+
+_DEFAULTS = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+             for f in dataclasses.fields(Config)}
+
+
+def coerce(name: str, value):
+    """A user's value for field `name` (from JSON/TOML, or a --set string) as the field's type."""
+    default = _DEFAULTS[name]
+    text = isinstance(value, str)
+    try:
+        if name == "select_top_k":
+            if value is None or (text and value.strip().lower() in ("none", "null", "")):
+                return None
+            return _int(value)
+        if name == "target_modules":
+            if text:
+                return value if "," not in value and value == "all-linear" else [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, list) and all(isinstance(v, str) for v in value):
+                return value
+            raise ValueError
+        if isinstance(default, bool):
+            if text and value.strip().lower() in ("1", "true", "yes", "on"):
+                return True
+            if text and value.strip().lower() in ("0", "false", "no", "off"):
+                return False
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if isinstance(default, int):
+            return _int(value)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if isinstance(default, str):
+            if not text:
+                raise ValueError
+            return value
+    except (ValueError, TypeError):
+        raise IICLError(f"bad value for Config field {name}: {value!r} (expected {type(default).__name__}"
+                        f"{' or none' if name == 'select_top_k' else ''})") from None
+    return value
+
+
+def _int(value) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError
+    if isinstance(value, str):
+        return int(value.strip().replace("_", ""))
+    return int(value)
+
+
+# `small`: the embedded 135M model on 2 CPU cores (the defaults above).
+# `paper`: InfiniteICL's setting (arXiv 2504.01707): ~5,000-token chunks, 200 model-written
+# question→answer pairs and 200 open continuations of up to 512 tokens, the top 200 kept by
+# ΔPPL, LoRA with forward KL, 3 epochs. lr 1e-4 and r 16 are ours (usual for LoRA on an 8B
+# base), not taken from the paper; batch and token budgets are sized for one H200.
+PRESETS: dict[str, dict] = {
+    "small": {},
+    "paper": dict(chunk_tokens=5000, n_queries=200, n_continuations=200, max_query_tokens=64,
+                  max_response_tokens=512, select_top_k=200, loss="forward_kl", epochs=3, lora_r=16,
+                  lora_alpha=32, lr=1e-4, batch_size=16, gen_batch_size=64, train_tokens=16384,
+                  pass_tokens=32768, replay_entries=64),
+}

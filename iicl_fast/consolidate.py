@@ -10,10 +10,10 @@ from tqdm.auto import tqdm
 from . import reference
 from .config import Config
 from .elicit import Entry, elicit
-from .generation import lm_head
+from .generation import causal_lm, lm_head
 from .models import PromptFormat
 from .select import delta_ppl, select_by_ppl_gap
-from .teacher import HiddenSet, hidden_logprob, student_hidden, student_hidden_set, teacher_hidden
+from .teacher import HiddenSet, hidden_logprob, student_hidden, student_hidden_set, teacher_hidden, token_batches
 
 
 @dataclass
@@ -28,6 +28,7 @@ class ConsolidationReport:
     dppl_kept: float = float("nan")     # mean ΔPPL of kept entries (nats/token)
     dppl_dropped: float = float("nan")  # mean ΔPPL of dropped entries
     loss_per_epoch: list[float] = field(default_factory=list)
+    peak_gib: float = float("nan")     # peak GPU memory of the chunk (driver.stream, on CUDA)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -37,7 +38,7 @@ class ConsolidationReport:
         losses = " ".join(f"{x:.4f}" for x in self.loss_per_epoch)
         return (f"chunk {self.chunk_index} ({self.chunk_tokens} tokens): elicited {self.elicited}, kept "
                 f"{self.kept} (+{self.replayed} replayed); ΔPPL kept {self.dppl_kept:.3f} dropped {self.dppl_dropped:.3f}; "
-                f"loss/epoch {losses}; {secs}")
+                f"loss/epoch {losses}; {secs}" + ("" if self.peak_gib != self.peak_gib else f"; peak {self.peak_gib:.2f} GiB"))
 
 
 def _mean(x: torch.Tensor) -> float:
@@ -72,13 +73,26 @@ def hidden_loss(model, h_s, teacher: HiddenSet, rows: torch.Tensor, config: Conf
                                   token_chunk=config.token_chunk)
 
 
+def micro_batches(fmt: PromptFormat, entries: list[Entry], idx: list[int], max_tokens: int) -> list[list[int]]:
+    """A step's entries idx split into micro-batches of at most max_tokens padded tokens."""
+    lengths = [len(fmt.prompt(entries[i].query)) + len(entries[i].response) for i in idx]
+    return [[idx[j] for j in b] for b in token_batches(lengths, max_tokens)]
+
+
 def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, params: list[torch.Tensor],
-          config: Config) -> list[float]:
-    """LoRA training of the student (no chunk in view). -> mean loss per epoch."""
+          config: Config, *, seed: int | None = None) -> list[float]:
+    """LoRA training of the student (no chunk in view). -> mean loss per epoch.
+    seed: of the epochs' shuffles (config.seed + the chunk's index in consolidate_chunk).
+
+    A step takes batch_size entries (the loss is the mean over their response tokens) in
+    micro-batches of at most train_tokens padded tokens, gradients accumulated."""
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    rng = torch.Generator().manual_seed(config.seed)
+    rng = torch.Generator().manual_seed(config.seed if seed is None else seed)
     stats = loss_stats(model, teacher, config)
     losses = []
+    lm = causal_lm(model)
+    if config.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     bar = tqdm(total=config.epochs * len(entries), desc="train", disable=not config.progress, leave=False)
     try:
@@ -87,20 +101,24 @@ def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, pa
             total, count = 0.0, 0
             for s in range(0, len(order), config.batch_size):
                 idx = order[s: s + config.batch_size]
-                rows = teacher.rows(idx).to(teacher.h.device)
-                loss = entry_loss(model, fmt, [entries[i] for i in idx], teacher, rows, config, stats)
+                n_step = sum(len(entries[i].response) for i in idx)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                for mb in micro_batches(fmt, entries, idx, config.train_tokens):
+                    rows = teacher.rows(mb).to(teacher.h.device)
+                    loss = entry_loss(model, fmt, [entries[i] for i in mb], teacher, rows, config, stats)
+                    (loss * (rows.numel() / n_step)).backward()
+                    total += float(loss.detach()) * rows.numel()
+                    count += rows.numel()
                 if config.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 opt.step()
-                total += float(loss.detach()) * rows.numel()
-                count += rows.numel()
                 bar.update(len(idx))
             losses.append(total / max(count, 1))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
     finally:
         model.eval()
+        if config.gradient_checkpointing:
+            lm.gradient_checkpointing_disable()
         bar.close()
     return losses
 
@@ -142,7 +160,8 @@ def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.T
     t = time.perf_counter()
     train_entries, train_teacher = with_replay(kept_entries, teacher, replay)
     rep.replayed = len(train_entries) - len(kept_entries)
-    rep.loss_per_epoch = train(model, fmt, train_entries, train_teacher, params, config)
+    rep.loss_per_epoch = train(model, fmt, train_entries, train_teacher, params, config,
+                               seed=config.seed + chunk_index)
     rep.seconds["train"] = time.perf_counter() - t
     return rep, kept_entries, teacher
 
@@ -157,15 +176,16 @@ def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk
     """Elicit → teacher pass → select by ΔPPL. -> (report, kept entries, their teacher HiddenSet)."""
     rep = ConsolidationReport(chunk_index=chunk_index, chunk_tokens=len(fmt.encode(chunk)))
     t = time.perf_counter()
-    entries = elicit(model, fmt, chunk, config)
+    entries = elicit(model, fmt, chunk, config, chunk_index=chunk_index)
     rep.elicited = len(entries)
     rep.seconds["elicit"] = time.perf_counter() - t
     if not entries:
         return rep, [], None
 
     t = time.perf_counter()
-    teacher = teacher_hidden(model, fmt, chunk, entries, batch_size=config.batch_size, progress=config.progress)
-    student = student_hidden_set(model, fmt, entries, batch_size=config.batch_size)
+    teacher = teacher_hidden(model, fmt, chunk, entries, batch_size=config.gen_batch_size,
+                             max_tokens=config.pass_tokens, progress=config.progress)
+    student = student_hidden_set(model, fmt, entries, batch_size=config.gen_batch_size, max_tokens=config.pass_tokens)
     rep.seconds["teacher"] = time.perf_counter() - t
 
     t = time.perf_counter()

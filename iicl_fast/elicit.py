@@ -9,19 +9,24 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Config
-from .generation import generate
+from .generation import generate, sampling_generator
 from .models import PromptFormat
 
-# One question per sentence of C, in turn: a 135M model asked for "a question about the
-# text" wrote off-topic questions for ~half its samples; pointing it at a sentence gives
-# questions that cover every fact.
+# One question per sentence of C: a 135M model asked for "a question about the text" wrote
+# off-topic questions for ~half its samples; pointing it at a sentence gives questions that
+# cover every fact.
 QUESTION_PROMPT = 'Write one question that is answered by this sentence of the text: "{sentence}"'
+# Open prompts name the passage by its opening words, so that entries of different chunks
+# (kept together in the replay buffer) never share one query with conflicting targets.
 OPEN_PROMPTS = (
-    "Repeat the text word for word.",
-    "Summarize the text in a few sentences.",
-    "List the key facts of the text.",
-    "What is the text about?",
+    'Repeat the passage that begins "{opening}" word for word.',
+    'Summarize the passage that begins "{opening}" in a few sentences.',
+    'List the key facts of the passage that begins "{opening}".',
+    'What is the passage that begins "{opening}" about?',
 )
+SPAN_WORDS = 40        # text without sentence punctuation (code, tables, CJK) goes in spans of this many words
+OPENING_WORDS = 8      # at most this many quoted words open a continuation (a 300-word sentence put 134 in)
+CJK_SPAN_CHARS = 80    # a span of unbroken text with no spaces (CJK) is cut every this many characters
 
 
 @dataclass
@@ -32,9 +37,31 @@ class Entry:
     response: list[int]
 
 
+def _spans(part: str) -> list[str]:
+    words = part.split()
+    if len(words) == 1 and len(part) > CJK_SPAN_CHARS:
+        return [part[i: i + CJK_SPAN_CHARS] for i in range(0, len(part), CJK_SPAN_CHARS)]
+    return [" ".join(words[i: i + SPAN_WORDS]) for i in range(0, len(words), SPAN_WORDS)]
+
+
 def sentences(text: str) -> list[str]:
-    parts = re.split(r"(?<=[.!?])\s+|\n+", text.strip())
-    return [p.strip() for p in parts if len(p.strip().split()) >= 3] or [text.strip()]
+    """Sentences (or lines) of text with >= 3 words; longer runs without punctuation are cut
+    into spans of at most SPAN_WORDS words."""
+    parts = re.split(r"(?<=[.!?。！？])\s*|\n+", text.strip())
+    out = []
+    for p in parts:
+        p = p.strip()
+        if not p:
+            continue
+        for s in _spans(p):
+            if len(s.split()) >= 3 or len(s) >= 12:
+                out.append(s)
+    return out or [text.strip()[: CJK_SPAN_CHARS * 4]]
+
+
+def spread(n: int, m: int) -> list[int]:
+    """n indices into m items, evenly spread over all of them (each used n//m or n//m + 1 times)."""
+    return [(i * m) // n for i in range(n)] if m else []
 
 
 def clean_question(text: str) -> str | None:
@@ -47,41 +74,62 @@ def clean_question(text: str) -> str | None:
     return line if len(line.split()) >= 3 else None
 
 
+def _opening(sentence: str, cut: int) -> str:
+    words = sentence.split()
+    if len(words) == 1:                        # unspaced text: characters
+        return sentence[: max(2, min(cut * 2, len(sentence) * 2 // 3))]
+    return " ".join(words[:cut])
+
+
 def continuation_queries(chunk: str, n: int, rng: torch.Generator) -> list[str]:
     """Open-ended queries: continue a passage from a sentence's opening words (3 of 4),
-    recall / summary prompts (1 of 4). The student sees only the query, never C."""
+    recall / summary prompts naming the passage by its opening (1 of 4). Sentences are
+    spread evenly over the whole chunk. The student sees only the query, never C."""
     sents = sentences(chunk)
-    queries = []
+    n_open = n // 4
+    starts = spread(n - n_open, len(sents))
+    openers = spread(n_open, len(sents))
+    queries, a, b = [], 0, 0
     for i in range(n):
-        if i % 4 == 3:
-            queries.append(OPEN_PROMPTS[(i // 4) % len(OPEN_PROMPTS)])
+        if i % 4 == 3 and b < n_open:
+            s = sents[openers[b]]
+            queries.append(OPEN_PROMPTS[b % len(OPEN_PROMPTS)].format(opening=_opening(s, 6)))
+            b += 1
             continue
-        words = sents[(i - i // 4) % len(sents)].split()
-        cut = int(torch.randint(2, max(3, len(words) * 2 // 3) + 1, (1,), generator=rng))
-        queries.append(f'Continue the passage: "{" ".join(words[:cut])}"')
+        words = sents[starts[a]].split()
+        a += 1
+        hi = max(3, min(OPENING_WORDS, len(words) * 2 // 3))
+        cut = int(torch.randint(2, hi + 1, (1,), generator=rng))
+        queries.append(f'Continue the passage: "{_opening(" ".join(words), cut)}"')
     return queries
 
 
-def elicit(model, fmt: PromptFormat, chunk: str, config: Config) -> list[Entry]:
+def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index: int = 0) -> list:
     """-> the transfer set for one chunk: up to n_queries question→answer pairs (questions
-    deduplicated) and n_continuations continuations; empty responses dropped."""
-    rng = torch.Generator().manual_seed(config.seed)
+    deduplicated) and n_continuations continuations; empty responses dropped.
+
+    Random streams are seeded by config.seed + chunk_index: every chunk draws its own."""
+    device = next(model.parameters()).device
+    seed = config.seed + chunk_index
+    rng = torch.Generator().manual_seed(seed)                 # query construction (CPU)
     prefix = fmt.context_prefix(chunk)
     sample = dict(sample=True, temperature=config.elicit_temperature, top_p=config.elicit_top_p,
-                  batch_size=config.gen_batch_size, eos_id=fmt.eos_id, pad_id=fmt.pad_id,
-                  prefix=prefix, generator=rng)
+                  batch_size=config.gen_batch_size, stop_ids=fmt.stop_ids, pad_id=fmt.pad_id,
+                  prefix=prefix, generator=sampling_generator(device, seed))
     bar = tqdm(total=2 * config.n_queries + config.n_continuations, desc="elicit",
                disable=not config.progress, leave=False)
 
     questions: list[str] = []
     if config.n_queries:
         sents = sentences(chunk)
-        asks = [fmt.query(QUESTION_PROMPT.format(sentence=sents[i % len(sents)])) for i in range(config.n_queries)]
-        written = generate(model, asks, max_new_tokens=config.max_query_tokens, progress=bar, **sample)
+        asks = [fmt.query(QUESTION_PROMPT.format(sentence=sents[i])) for i in spread(config.n_queries, len(sents))]
+        written = generate(model, asks, max_new_tokens=config.max_query_tokens, progress=bar,
+                           min_new_tokens=config.max_query_tokens if config.fixed_lengths else 0, **sample)
         seen = set()
         for ids in written:
-            q = clean_question(fmt.tok.decode(ids, skip_special_tokens=True))
-            if q and q.lower() not in seen:
+            text = fmt.tok.decode(ids, skip_special_tokens=True)
+            q = text.strip().replace("\n", " ") or "?" if config.fixed_lengths else clean_question(text)
+            if q and (config.fixed_lengths or q.lower() not in seen):
                 seen.add(q.lower())
                 questions.append(q)
 
@@ -89,7 +137,8 @@ def elicit(model, fmt: PromptFormat, chunk: str, config: Config) -> list[Entry]:
     queries += [("continuation", q) for q in continuation_queries(chunk, config.n_continuations, rng)]
     bar.total = config.n_queries + len(queries)
     responses = generate(model, [fmt.query(q) for _, q in queries], max_new_tokens=config.max_response_tokens,
-                         progress=bar, **sample)
+                         progress=bar, min_new_tokens=config.max_response_tokens if config.fixed_lengths else 0,
+                         **sample)
     bar.close()
-    return [Entry(kind, q, r) for (kind, q), r in zip(queries, responses)
-            if any(t != fmt.eos_id for t in r)]
+    stops = set(fmt.stop_ids)
+    return [Entry(kind, q, r) for (kind, q), r in zip(queries, responses) if any(t not in stops for t in r)]

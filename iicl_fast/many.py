@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 from .bank import BankAdamW, LoraBank
 from .config import Config, IICLError
 from .consolidate import hidden_loss, loss_stats, prepare_chunk, with_replay
-from .memory import Memory, get_state_keys, sha256_text, split_chunks
+from .driver import split_chunks
+from .memory import Memory, get_state_keys, sha256_text
 from .teacher import student_hidden
 
 
@@ -61,7 +62,7 @@ def consolidate_many(model, tokenizer, texts: list[str], config: Config | None =
                 prepared[i] = prepare_chunk(peft_model, fmt, chunks[i][r], config, chunk_index=r)
             # a fresh optimizer per chunk, as Memory.consolidate's train() makes one per chunk
             opt = BankAdamW(bank, lr=config.lr, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
-            _train_bank(peft_model, fmt, bank, opt, mems, prepared, config)
+            _train_bank(peft_model, fmt, bank, opt, mems, prepared, config, seed=config.seed + r)
             _write_back(peft_model, bank, mems, docs)
             for i in docs:
                 rep, kept, teacher = prepared[i]
@@ -76,7 +77,7 @@ def consolidate_many(model, tokenizer, texts: list[str], config: Config | None =
     return mems
 
 
-def _train_bank(peft_model, fmt, bank, opt, mems, prepared, config):
+def _train_bank(peft_model, fmt, bank, opt, mems, prepared, config, *, seed: int):
     docs = [i for i in prepared if prepared[i][1]]
     data = {}
     for i in docs:
@@ -84,7 +85,7 @@ def _train_bank(peft_model, fmt, bank, opt, mems, prepared, config):
         entries, hs = with_replay(kept, teacher, mems[i].replay)
         rep.replayed = len(entries) - len(kept)
         data[i] = (entries, hs, loss_stats(peft_model, hs, config))
-    rngs = {i: torch.Generator().manual_seed(config.seed) for i in docs}
+    rngs = {i: torch.Generator().manual_seed(seed) for i in docs}     # as train() seeds chunk r
     t = time.perf_counter()
     bs = config.batch_size
     steps = max((math.ceil(len(data[i][0]) / bs) for i in docs), default=0)

@@ -12,10 +12,8 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import Config, IICLError
 from .consolidate import ConsolidationReport, concat, consolidate_chunk, subset
@@ -33,27 +31,6 @@ _names = itertools.count()
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def split_chunks(fmt: PromptFormat, text: str, chunk_tokens: int) -> list[str]:
-    """Split text into chunks of at most ~chunk_tokens tokens, at sentence or line ends where
-    possible; a sentence longer than a chunk is cut by tokens."""
-    units = [u for u in re.split(r"(?<=[.!?\n])\s+", text.strip()) if u.strip()]
-    chunks, cur, cur_n = [], [], 0
-    for u in units:
-        n = len(fmt.encode(u))
-        if n > chunk_tokens:
-            if cur:
-                chunks.append(" ".join(cur)); cur, cur_n = [], 0
-            ids = fmt.encode(u)
-            chunks += [fmt.tok.decode(ids[i: i + chunk_tokens]).strip() for i in range(0, len(ids), chunk_tokens)]
-            continue
-        if cur and cur_n + n > chunk_tokens:
-            chunks.append(" ".join(cur)); cur, cur_n = [], 0
-        cur.append(u.strip()); cur_n += n
-    if cur:
-        chunks.append(" ".join(cur))
-    return [c for c in chunks if c.strip()]
 
 
 def _versions() -> dict:
@@ -122,7 +99,7 @@ class Memory:
 
         self.config = config or Config()
         self.tokenizer = tokenizer
-        self.fmt = PromptFormat(tokenizer)
+        self.fmt = PromptFormat(tokenizer, model)
         self.name = f"mem{next(_names)}"
         self.chunks: list[dict] = []
         self.replay: tuple[list[Entry], HiddenSet | None] = ([], None)   # see Config.replay_entries
@@ -249,34 +226,15 @@ class Memory:
         self._activate()
         prompts = [self.prompt_ids(q, context=context) for q in questions]
         outs = generate(self.model, prompts, max_new_tokens=max_new_tokens or self.config.answer_max_new_tokens,
-                        eos_id=self.fmt.eos_id, pad_id=self.fmt.pad_id, sample=False,
+                        stop_ids=self.fmt.stop_ids, pad_id=self.fmt.pad_id, sample=False,
                         batch_size=self.config.gen_batch_size)
         return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
 
-    def stream(self, texts: str | Iterable[str], *, chunk_tokens: int | None = None,
-               checkpoint_dir: str | os.PathLike | None = None) -> Iterator[ConsolidationReport]:
-        """Consolidate a long text (or texts in order) chunk by chunk, each chunk one T_i.
-
-        With checkpoint_dir, the memory is saved after every chunk, and chunks the saved
-        manifest already records (same position, same sha256) are skipped: running the same
-        stream again resumes after the last saved chunk; a new stream continues the memory."""
-        texts = [texts] if isinstance(texts, str) else texts
-        chunk_tokens = chunk_tokens or self.config.chunk_tokens
-        if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not self.chunks:
-            self._restore(checkpoint_dir)
-        new = [c for t in texts for c in split_chunks(self.fmt, t, chunk_tokens)]
-        if not new:
-            raise IICLError("empty text: nothing to consolidate")
-        offset = align_chunks([c["sha256"] for c in self.chunks], [sha256_text(c) for c in new])
-        for j, chunk in enumerate(tqdm(new, desc="chunks", disable=not self.config.progress)):
-            idx = offset + j
-            if idx < len(self.chunks):
-                yield ConsolidationReport(chunk_index=idx, chunk_tokens=self.chunks[idx]["tokens"], skipped=True)
-                continue
-            rep = self.consolidate(chunk, chunk_index=idx)
-            if checkpoint_dir is not None:
-                self.save(checkpoint_dir)
-            yield rep
+    def stream(self, texts, *, chunk_tokens: int | None = None, checkpoint_dir=None):
+        """Consolidate a long text (or texts in order) chunk by chunk: iicl_fast.driver.stream
+        (the streaming loop lives there; this is a convenience alias)."""
+        from .driver import stream
+        return stream(self, texts, chunk_tokens=chunk_tokens, checkpoint_dir=checkpoint_dir)
 
     # -- disk -------------------------------------------------------------------------------
     def manifest(self) -> dict:
@@ -364,14 +322,16 @@ class Memory:
             self.retained_ids, self.retained_scores = ids, scores
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model=None, tokenizer=None, *, config: Config | None = None) -> "Memory":
-        """Load a saved memory. Without a model, the base model named in the manifest is loaded."""
+    def load(cls, path: str | os.PathLike, model=None, tokenizer=None, *, config: Config | None = None,
+             device="auto", dtype="auto") -> "Memory":
+        """Load a saved memory. Without a model, the base model named in the manifest is loaded
+        (on device / dtype, as load_model takes them)."""
         from peft import LoraConfig
 
         m = read_manifest(path)
         if model is None:
             model_id = m["base_model"].get("id")
-            model, tokenizer = load_model(None if model_id == DEFAULT_MODEL_ID else model_id)
+            model, tokenizer = load_model(None if model_id == DEFAULT_MODEL_ID else model_id, device=device, dtype=dtype)
         elif tokenizer is None:
             raise IICLError("Memory.load: give the tokenizer with the model")
         cfg = config or Config.from_dict(m.get("config", {}))
@@ -390,15 +350,3 @@ class Memory:
 def get_state_keys(mem: Memory) -> list[str]:
     from peft import get_peft_model_state_dict
     return list(get_peft_model_state_dict(mem.model, adapter_name=mem.name).keys())
-
-
-def align_chunks(recorded: list[str], new: list[str]) -> int:
-    """Where the new stream's chunk 0 sits in the recorded chunk list.
-
-    The first position o where every overlapping chunk agrees (resume of a stream, or of a
-    continuation); len(recorded) when the stream is new (a continuation of the memory)."""
-    for o in range(len(recorded)):
-        overlap = min(len(new), len(recorded) - o)
-        if recorded[o: o + overlap] == new[:overlap]:
-            return o
-    return len(recorded)

@@ -53,34 +53,74 @@ def resolve_model(name_or_path: str | None) -> tuple[str, Path, str | None]:
                     "(iicl_fast never downloads)")
 
 
-def load_model(name_or_path: str | None = None, *, device=None, dtype=None):
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device="auto") -> torch.device:
+    """"auto" → cuda where a GPU is present, else cpu; otherwise what torch.device takes."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise IICLError(f"unknown device {device!r}: give auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise IICLError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
+    return dev
+
+
+def resolve_dtype(dtype="auto", device: torch.device | None = None) -> torch.dtype:
+    """"auto" → bfloat16 on CUDA, float32 on the CPU; or a name (bf16, fp16, fp32, ...) or torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise IICLError(f"unknown dtype {dtype!r}: give auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(name_or_path: str | None = None, *, device="auto", dtype="auto"):
     """Load (model, tokenizer). None → the embedded SmolLM2-135M-Instruct GGUF.
 
-    Also takes a local Hugging Face model directory or a `.gguf` path; never the network."""
+    Also takes a local Hugging Face model directory or a `.gguf` path; never the network.
+    device "auto": CUDA where a GPU is present, else the CPU; dtype "auto": bf16 on CUDA,
+    fp32 on the CPU."""
     model_id, folder, gguf = resolve_model(name_or_path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    dtype = dtype or torch.float32
     kw = dict(gguf_file=gguf) if gguf else {}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kw)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dtype, **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dt, **kw)
     except (OSError, ValueError, KeyError) as e:
         raise IICLError(f"could not load model {name_or_path or model_id}: {str(e).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    if device is not None:
-        model.to(device)
+    model.to(dev)
     model.eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model._iicl_model_id = model_id
     model._iicl_file_sha256 = _sha256_file(folder / gguf) if gguf else None
     return model, tok
+
+
+def stop_ids(tok, model=None) -> list[int]:
+    """Every id that ends a turn: the tokenizer's eos and each of generation_config.eos_token_id
+    (Llama-3-Instruct ends turns with <|eot_id|>, Qwen with <|im_end|>)."""
+    ids = [tok.eos_token_id]
+    gc = getattr(model, "generation_config", None) if model is not None else None
+    eos = getattr(gc, "eos_token_id", None)
+    ids += list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    return sorted({int(i) for i in ids if i is not None})
 
 
 def fingerprint(model) -> str:
@@ -104,7 +144,7 @@ class PromptFormat:
 
     _MARK = "\u2063IICLCONTENT\u2063"
 
-    def __init__(self, tok):
+    def __init__(self, tok, model=None):
         self.tok = tok
         head, tail = "Question: ", "\nAnswer:"
         if getattr(tok, "chat_template", None):
@@ -115,6 +155,7 @@ class PromptFormat:
         self.head = self.encode(head)
         self.tail = self.encode(tail)
         self.eos_id = tok.eos_token_id
+        self.stop_ids = stop_ids(tok, model)      # generation stops on any of these
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def encode(self, text: str) -> list[int]:

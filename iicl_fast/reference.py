@@ -26,6 +26,7 @@ def _slices(n: int, token_chunk: int):
 @torch.no_grad()
 def token_logprob(h, weight, targets, *, bias=None, softcap=None, temperature=1.0, token_chunk=256):
     """-> log p(targets) [N] and entropy [N], fp32, no grad."""
+    weight = weight.float()        # once per call, not per slice (an 8B lm_head in fp32 is 2 GB)
     lp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
     ent = torch.empty_like(lp)
     for s, e in _slices(h.shape[0], token_chunk):
@@ -55,6 +56,7 @@ def distill_loss(kind, h_s, h_t, targets, weight, *, bias=None, softcap=None, te
     h_s [N, H] student hidden (differentiable), h_t [N, H] teacher hidden (frozen),
     targets [N] response token ids. Differentiable in h_s only."""
     n = h_s.shape[0]
+    weight = weight.detach().float()     # once per call, not per slice and again in recompute
     total = h_s.new_zeros((), dtype=torch.float32)
     for s, e in _slices(n, token_chunk):
         args = (kind, h_s[s:e], h_t[s:e] if h_t is not None else None, targets[s:e],

@@ -313,8 +313,8 @@ class StreamingSession:
 
     @torch.no_grad()
     def _next_logits(self) -> torch.Tensor:
-        from .reference import logits_of
-        return logits_of(self.last_h[None], self.weight, self.bias, self.softcap)[0]
+        from .generation import step_logits
+        return step_logits(self.last_h[None], self.weight, self.bias, self.softcap)[0]
 
     def _turn_ids(self, text: str, role: str | None) -> list[int]:
         if self.turns is None or role is None:

@@ -29,6 +29,36 @@ class HiddenSet:
         return torch.cat([torch.arange(self.offsets[e], self.offsets[e + 1]) for e in entries_idx])
 
 
+def token_batches(lengths: list[int], max_tokens: int, max_rows: int | None = None) -> list[list[int]]:
+    """Indices grouped into batches of at most max_tokens padded tokens (rows × longest row)
+    and max_rows rows, longest first, so that a batch pads little. A row longer than the
+    budget gets a batch of its own."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, cur, longest = [], [], 0
+    for i in order:
+        n = lengths[i]
+        if cur and (max(longest, n) * (len(cur) + 1) > max_tokens or (max_rows and len(cur) >= max_rows)):
+            batches.append(cur)
+            cur, longest = [], 0
+        cur.append(i)
+        longest = max(longest, n)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _in_order(parts: list[torch.Tensor], batches: list[list[int]], lengths: list[int]) -> torch.Tensor:
+    """Rows of per-batch results (entry by entry, in batch order) put back in entry order."""
+    flat = torch.cat(parts)
+    at, where = 0, {}
+    for b in batches:
+        for i in b:
+            where[i] = (at, lengths[i])
+            at += lengths[i]
+    idx = torch.cat([torch.arange(where[i][0], where[i][0] + where[i][1]) for i in range(len(lengths))])
+    return flat[idx.to(flat.device)]
+
+
 def _gather(hidden, seq_starts, lengths):
     """hidden [B, S, H]; entry b's response predicted by rows seq_starts[b]-1 ... +L-1."""
     return torch.cat([hidden[b, s - 1: s - 1 + n] for b, (s, n) in enumerate(zip(seq_starts, lengths))])
@@ -36,17 +66,23 @@ def _gather(hidden, seq_starts, lengths):
 
 @torch.no_grad()
 def teacher_hidden(model, fmt: PromptFormat, chunk: str, entries: list[Entry], *, batch_size=8,
-                   prefix_reuse=True, progress=False) -> HiddenSet:
-    """Hidden states of the model with the chunk in view, at every response position."""
+                   max_tokens: int | None = None, prefix_reuse=True, progress=False) -> HiddenSet:
+    """Hidden states of the model with the chunk in view, at every response position.
+
+    Batches hold at most batch_size entries and max_tokens padded suffix tokens ([q; r]; the
+    prefix KV is shared), longest first."""
     device = next(model.parameters()).device
     body = decoder(model)
     prefix = fmt.context_prefix(chunk)
     K = len(prefix)
     cache = prefix_cache(model, prefix) if prefix_reuse else None
-    hs, targets = [], []
-    for start in tqdm(range(0, len(entries), batch_size), desc="teacher", disable=not progress, leave=False):
-        batch = entries[start: start + batch_size]
-        suffixes = [fmt.query(e.query) + e.response for e in batch]
+    suffixes_all = [fmt.query(e.query) + e.response for e in entries]
+    lengths = [len(e.response) for e in entries]
+    batches = token_batches([len(x) for x in suffixes_all], max_tokens or 1 << 62, batch_size)
+    hs = []
+    for bidx in tqdm(batches, desc="teacher", disable=not progress, leave=False):
+        batch = [entries[i] for i in bidx]
+        suffixes = [suffixes_all[i] for i in bidx]
         starts = [len(s) - len(e.response) for s, e in zip(suffixes, batch)]
         if prefix_reuse:
             ids, mask = pad_right(suffixes, fmt.pad_id, device)
@@ -57,16 +93,22 @@ def teacher_hidden(model, fmt: PromptFormat, chunk: str, entries: list[Entry], *
             pos = torch.arange(K, K + S, device=device)
             hidden = body(input_ids=ids, attention_mask=full_mask, past_key_values=past,
                           position_ids=pos[None].expand(B, S), cache_position=pos, use_cache=True).last_hidden_state
+            del past
         else:
             ids, mask = pad_right([prefix + s for s in suffixes], fmt.pad_id, device)
             hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
             starts = [K + s for s in starts]
         hs.append(_gather(hidden, starts, [len(e.response) for e in batch]).float())
-        targets += [t for e in batch for t in e.response]
+        del hidden
+    targets = [t for e in entries for t in e.response]
+    return HiddenSet(_in_order(hs, batches, lengths), torch.tensor(targets, device=device), _offsets(entries))
+
+
+def _offsets(entries: list[Entry]) -> list[int]:
     offsets = [0]
     for e in entries:
         offsets.append(offsets[-1] + len(e.response))
-    return HiddenSet(torch.cat(hs), torch.tensor(targets, device=device), offsets)
+    return offsets
 
 
 def student_batch(fmt: PromptFormat, entries: list[Entry], device):
@@ -100,14 +142,13 @@ def hidden_logprob(model, hs: HiddenSet, temperature=1.0, token_chunk=256, impl=
 
 
 @torch.no_grad()
-def student_hidden_set(model, fmt, entries, batch_size=8) -> HiddenSet:
-    hs, targets = [], []
-    for start in range(0, len(entries), batch_size):
-        batch = entries[start: start + batch_size]
-        hs.append(student_hidden(model, fmt, batch).float())
-        targets += [t for e in batch for t in e.response]
-    offsets = [0]
-    for e in entries:
-        offsets.append(offsets[-1] + len(e.response))
+def student_hidden_set(model, fmt, entries, batch_size=8, max_tokens: int | None = None) -> HiddenSet:
+    """The student's hidden states (no chunk in view) at every response position, batches
+    sized as in teacher_hidden."""
+    lengths = [len(e.response) for e in entries]
+    batches = token_batches([len(fmt.prompt(e.query)) + len(e.response) for e in entries],
+                            max_tokens or 1 << 62, batch_size)
+    hs = [student_hidden(model, fmt, [entries[i] for i in b]).float() for b in batches]
     device = next(model.parameters()).device
-    return HiddenSet(torch.cat(hs), torch.tensor(targets, device=device), offsets)
+    targets = [t for e in entries for t in e.response]
+    return HiddenSet(_in_order(hs, batches, lengths), torch.tensor(targets, device=device), _offsets(entries))

@@ -6,7 +6,8 @@ import torch
 
 import iicl_fast
 from iicl_fast import memory as memory_mod
-from iicl_fast.memory import Memory, align_chunks, sha256_text, split_chunks
+from iicl_fast.driver import align_chunks, split_chunks
+from iicl_fast.memory import Memory, sha256_text
 from iicl_fast.models import PromptFormat
 
 from conftest import TINY_CONFIG, make_tiny
