@@ -194,6 +194,6 @@ PRESETS: dict[str, dict] = {
     "small": {},
     "paper": dict(chunk_tokens=5000, n_queries=200, n_continuations=200, max_query_tokens=64,
                   max_response_tokens=512, select_top_k=200, loss="forward_kl", epochs=3, lora_r=16,
-                  lora_alpha=32, lr=1e-4, batch_size=16, gen_batch_size=64, train_tokens=16384,
+                  lora_alpha=32, lr=1e-4, batch_size=16, gen_batch_size=400, train_tokens=16384,
                   pass_tokens=32768, replay_entries=64),
 }

@@ -29,6 +29,9 @@ class ConsolidationReport:
     dppl_dropped: float = float("nan")  # mean ΔPPL of dropped entries
     loss_per_epoch: list[float] = field(default_factory=list)
     peak_gib: float = float("nan")     # peak GPU memory of the chunk (driver.stream, on CUDA)
+    # work done, for floors and per-chunk records: rows generated, tokens decoded, teacher
+    # and student pass tokens, response tokens, tokens trained (all epochs)
+    work: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -39,6 +42,13 @@ class ConsolidationReport:
         return (f"chunk {self.chunk_index} ({self.chunk_tokens} tokens): elicited {self.elicited}, kept "
                 f"{self.kept} (+{self.replayed} replayed); ΔPPL kept {self.dppl_kept:.3f} dropped {self.dppl_dropped:.3f}; "
                 f"loss/epoch {losses}; {secs}" + ("" if self.peak_gib != self.peak_gib else f"; peak {self.peak_gib:.2f} GiB"))
+
+
+def _now(model) -> float:
+    """perf_counter after the device's queued work (phases are timed, not just launched)."""
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def _mean(x: torch.Tensor) -> float:
@@ -157,12 +167,13 @@ def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.T
     rep, kept_entries, teacher = prepare_chunk(model, fmt, chunk, config, chunk_index=chunk_index)
     if not kept_entries:
         return rep, [], None
-    t = time.perf_counter()
+    t = _now(model)
     train_entries, train_teacher = with_replay(kept_entries, teacher, replay)
     rep.replayed = len(train_entries) - len(kept_entries)
     rep.loss_per_epoch = train(model, fmt, train_entries, train_teacher, params, config,
                                seed=config.seed + chunk_index)
-    rep.seconds["train"] = time.perf_counter() - t
+    rep.seconds["train"] = _now(model) - t
+    rep.work["train_tokens"] = config.epochs * sum(len(fmt.prompt(e.query)) + len(e.response) for e in train_entries)
     return rep, kept_entries, teacher
 
 
@@ -175,20 +186,23 @@ def with_replay(kept: list[Entry], teacher: HiddenSet, replay):
 def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index: int = 0):
     """Elicit → teacher pass → select by ΔPPL. -> (report, kept entries, their teacher HiddenSet)."""
     rep = ConsolidationReport(chunk_index=chunk_index, chunk_tokens=len(fmt.encode(chunk)))
-    t = time.perf_counter()
+    t = _now(model)
     entries = elicit(model, fmt, chunk, config, chunk_index=chunk_index)
     rep.elicited = len(entries)
-    rep.seconds["elicit"] = time.perf_counter() - t
+    rep.seconds["elicit"] = _now(model) - t
     if not entries:
         return rep, [], None
 
-    t = time.perf_counter()
+    t = _now(model)
     teacher = teacher_hidden(model, fmt, chunk, entries, batch_size=config.gen_batch_size,
                              max_tokens=config.pass_tokens, progress=config.progress)
     student = student_hidden_set(model, fmt, entries, batch_size=config.gen_batch_size, max_tokens=config.pass_tokens)
-    rep.seconds["teacher"] = time.perf_counter() - t
+    rep.seconds["teacher"] = _now(model) - t
+    rep.work.update(response_tokens=sum(len(e.response) for e in entries),
+                    teacher_tokens=sum(len(fmt.query(e.query)) + len(e.response) for e in entries),
+                    student_tokens=sum(len(fmt.prompt(e.query)) + len(e.response) for e in entries))
 
-    t = time.perf_counter()
+    t = _now(model)
     impl = config.kernel_impl if config.loss_impl == "fused" else None
     gaps = delta_ppl(hidden_logprob(model, teacher, config.temperature, impl=impl),
                      hidden_logprob(model, student, config.temperature, impl=impl), teacher.offsets)
@@ -198,6 +212,7 @@ def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk
     rep.dppl_kept = _mean(gaps[keep])
     rep.dppl_dropped = _mean(gaps[dropped]) if dropped else float("nan")
     kept_entries = [entries[i] for i in keep]
+    rep.work["kept_response_tokens"] = sum(len(e.response) for e in kept_entries)
     teacher = subset(teacher, keep)
-    rep.seconds["select"] = time.perf_counter() - t
+    rep.seconds["select"] = _now(model) - t
     return rep, kept_entries, teacher

@@ -68,6 +68,29 @@ def sampling_generator(device, seed: int) -> torch.Generator:
     return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
 
 
+# Bisection steps of the nucleus threshold: the band left undecided is max p / 2^30 wide,
+# far under fp32's resolution of the probabilities themselves.
+NUCLEUS_STEPS = 30
+
+
+def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs [B, V] -> bool [B, V]: the smallest set of most likely tokens whose mass reaches
+    top_p (token i kept iff the mass of the tokens more likely than i is < top_p), found by
+    bisection on a probability threshold instead of sorting the vocabulary: a sort of
+    400 × 128,256 probabilities per decoding step cost more than the model's forward."""
+    lo = torch.zeros_like(probs[:, :1])
+    hi = probs.amax(-1, keepdim=True)           # mass above hi: 0 < top_p; above lo (0): 1 >= top_p
+    for _ in range(NUCLEUS_STEPS):
+        mid = (lo + hi) * 0.5
+        above = torch.where(probs > mid, probs, 0.0).sum(-1, keepdim=True)
+        small = above < top_p
+        hi = torch.where(small, mid, hi)
+        lo = torch.where(small, lo, mid)
+    # every x below the smallest kept probability has mass above it >= top_p, every x at or
+    # above it less: lo ends just below it
+    return probs > lo
+
+
 def next_token(logits, sample: bool, temperature: float, top_p: float, generator=None):
     """logits [B, V] fp32 -> token ids [B] (greedy, or nucleus sampling)."""
     if not sample:
@@ -77,11 +100,7 @@ def next_token(logits, sample: bool, temperature: float, top_p: float, generator
                          f"{logits.device}: make it with sampling_generator(logits.device, seed)")
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
-        p, idx = probs.sort(-1, descending=True)
-        keep = p.cumsum(-1) - p < top_p           # always keeps the most likely token
-        p = p * keep
-        choice = torch.multinomial(p, 1, generator=generator).squeeze(1)
-        return idx.gather(1, choice[:, None]).squeeze(1)
+        probs = probs * nucleus_mask(probs, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
@@ -102,31 +121,50 @@ STOP_CHECK_EVERY = 16
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int, sample: bool,
              eos_id: int | None = None, stop_ids=None, temperature: float = 1.0, top_p: float = 1.0,
              batch_size: int = 16, prefix: list[int] | None = None, generator=None, progress=None,
-             min_new_tokens: int = 0) -> list[list[int]]:
+             min_new_tokens: int = 0, cascade: bool | None = None) -> list[list[int]]:
     """Generate continuations of [prefix; prompt] for each token-id prompt.
 
     The shared prefix (e.g. the chunk) is encoded once; each batch copies its KV cache, so
     only the prompts' own tokens are recomputed. Prompts are left-padded after the prefix
     (the padding is masked and positions skip it). A row stops at the first of `stop_ids`
     (every end-of-turn id of the model; `eos_id` alone if not given) once it has
-    `min_new_tokens`. Tokens stay on the device until the batch ends. Returns each
+    `min_new_tokens`. Tokens stay on the device until the batch ends. cascade (default: on
+    CUDA) attends to one copy of the prefix KV (decode.py) instead of copying it per row.
+    Returns each
     continuation's ids up to and including its first stop id, if one came."""
     device = next(model.parameters()).device
     body = decoder(model)
-    weight, bias, softcap = lm_head(model)
     stops = _stop_tensor(stop_ids, eos_id, device)
-    cache0 = prefix_cache(model, prefix) if prefix else None
     K = len(prefix) if prefix else 0
+    if cascade is None:
+        cascade = device.type == "cuda"
+    if cascade and prefix:
+        from .decode import prefix_kv, shared_prefix
+        with shared_prefix(model, prefix_kv(model, prefix)):
+            return _generate(model, body, prompts, K, None, False, stops, max_new_tokens, pad_id, sample,
+                             temperature, top_p, batch_size, generator, progress, min_new_tokens)
+    cache0 = prefix_cache(model, prefix) if prefix else None
+    return _generate(model, body, prompts, K, cache0, bool(prefix), stops, max_new_tokens, pad_id, sample,
+                     temperature, top_p, batch_size, generator, progress, min_new_tokens)
+
+
+def _generate(model, body, prompts, K, cache0, copy_prefix, stops, max_new_tokens, pad_id, sample,
+              temperature, top_p, batch_size, generator, progress, min_new_tokens):
+    """The decoding loop; the prefix (K tokens) either copied per row from cache0 into the
+    batch's cache (copy_prefix) or attended through decode.shared_prefix (K > 0, no cache0)."""
+    device = next(model.parameters()).device
+    weight, bias, softcap = lm_head(model)
     out: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start: start + batch_size]
         ids, mask = pad_left(batch, pad_id, device)
         B = ids.shape[0]
         past = None
-        if cache0 is not None:
+        if copy_prefix:
             past = copy.deepcopy(cache0)
             past.batch_repeat_interleave(B)
-        attn = torch.cat([torch.ones(B, K, dtype=mask.dtype, device=device), mask], 1)
+        # the mask covers what the cache holds: the copied prefix, or only the rows' own tokens
+        attn = torch.cat([torch.ones(B, K if copy_prefix else 0, dtype=mask.dtype, device=device), mask], 1)
         pos = K + (mask.cumsum(1) - 1).clamp(min=0)
         res = body(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
         past, h = res.past_key_values, res.last_hidden_state[:, -1]

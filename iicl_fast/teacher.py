@@ -3,6 +3,7 @@ encoded once and its KV cache shared by every batch (prefix reuse). Only O(token
 is kept: the final hidden state at each position that predicts a response token."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -66,40 +67,56 @@ def _gather(hidden, seq_starts, lengths):
 
 @torch.no_grad()
 def teacher_hidden(model, fmt: PromptFormat, chunk: str, entries: list[Entry], *, batch_size=8,
-                   max_tokens: int | None = None, prefix_reuse=True, progress=False) -> HiddenSet:
+                   max_tokens: int | None = None, prefix_reuse=True, cascade: bool | None = None,
+                   progress=False) -> HiddenSet:
     """Hidden states of the model with the chunk in view, at every response position.
 
     Batches hold at most batch_size entries and max_tokens padded suffix tokens ([q; r]; the
-    prefix KV is shared), longest first."""
+    prefix KV is shared), longest first. cascade (default: on CUDA) keeps one copy of the
+    prefix KV for every row (decode.py) instead of copying it per row."""
     device = next(model.parameters()).device
     body = decoder(model)
     prefix = fmt.context_prefix(chunk)
     K = len(prefix)
-    cache = prefix_cache(model, prefix) if prefix_reuse else None
+    if cascade is None:
+        cascade = device.type == "cuda"
+    cascade = cascade and prefix_reuse
+    if cascade:
+        from .decode import prefix_kv, shared_prefix
+        ctx = shared_prefix(model, prefix_kv(model, prefix))
+    else:
+        ctx = contextlib.nullcontext()
+    cache = prefix_cache(model, prefix) if prefix_reuse and not cascade else None
     suffixes_all = [fmt.query(e.query) + e.response for e in entries]
     lengths = [len(e.response) for e in entries]
     batches = token_batches([len(x) for x in suffixes_all], max_tokens or 1 << 62, batch_size)
     hs = []
-    for bidx in tqdm(batches, desc="teacher", disable=not progress, leave=False):
-        batch = [entries[i] for i in bidx]
-        suffixes = [suffixes_all[i] for i in bidx]
-        starts = [len(s) - len(e.response) for s, e in zip(suffixes, batch)]
-        if prefix_reuse:
-            ids, mask = pad_right(suffixes, fmt.pad_id, device)
-            B, S = ids.shape
-            past = copy.deepcopy(cache)
-            past.batch_repeat_interleave(B)
-            full_mask = torch.cat([torch.ones(B, K, dtype=mask.dtype, device=device), mask], 1)
-            pos = torch.arange(K, K + S, device=device)
-            hidden = body(input_ids=ids, attention_mask=full_mask, past_key_values=past,
-                          position_ids=pos[None].expand(B, S), cache_position=pos, use_cache=True).last_hidden_state
-            del past
-        else:
-            ids, mask = pad_right([prefix + s for s in suffixes], fmt.pad_id, device)
-            hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
-            starts = [K + s for s in starts]
-        hs.append(_gather(hidden, starts, [len(e.response) for e in batch]).float())
-        del hidden
+    with ctx:
+        for bidx in tqdm(batches, desc="teacher", disable=not progress, leave=False):
+            batch = [entries[i] for i in bidx]
+            suffixes = [suffixes_all[i] for i in bidx]
+            starts = [len(s) - len(e.response) for s, e in zip(suffixes, batch)]
+            if cascade:                  # one copy of the prefix KV, attended through decode.py
+                ids, mask = pad_right(suffixes, fmt.pad_id, device)
+                B, S = ids.shape
+                hidden = body(input_ids=ids, attention_mask=mask, use_cache=False,
+                              position_ids=torch.arange(K, K + S, device=device)[None].expand(B, S)).last_hidden_state
+            elif prefix_reuse:
+                ids, mask = pad_right(suffixes, fmt.pad_id, device)
+                B, S = ids.shape
+                past = copy.deepcopy(cache)
+                past.batch_repeat_interleave(B)
+                full_mask = torch.cat([torch.ones(B, K, dtype=mask.dtype, device=device), mask], 1)
+                pos = torch.arange(K, K + S, device=device)
+                hidden = body(input_ids=ids, attention_mask=full_mask, past_key_values=past,
+                              position_ids=pos[None].expand(B, S), cache_position=pos, use_cache=True).last_hidden_state
+                del past
+            else:
+                ids, mask = pad_right([prefix + s for s in suffixes], fmt.pad_id, device)
+                hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+                starts = [K + s for s in starts]
+            hs.append(_gather(hidden, starts, [len(e.response) for e in batch]).float())
+            del hidden
     targets = [t for e in entries for t in e.response]
     return HiddenSet(_in_order(hs, batches, lengths), torch.tensor(targets, device=device), _offsets(entries))
 
@@ -123,7 +140,10 @@ def student_hidden(model, fmt: PromptFormat, entries: list[Entry]):
     """Differentiable student hidden states [N, H] at every response position."""
     device = next(model.parameters()).device
     ids, mask, starts = student_batch(fmt, entries, device)
-    hidden = decoder(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+    # Right padding: under causal attention no real token sees a pad, so no mask is passed,
+    # and SDPA takes its flash path with grouped KV heads (a padding mask sends it to a path
+    # that repeats every KV head per query head).
+    hidden = decoder(model)(input_ids=ids).last_hidden_state
     return _gather(hidden, starts, [len(e.response) for e in entries])
 
 

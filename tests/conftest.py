@@ -11,7 +11,11 @@ if not torch.cuda.is_available():   # Triton kernels run through its interpreter
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():
+    """The embedded model's tokenizer (IICL_TOKENIZER: a saved copy of it, for machines
+    without the model package, such as the GPU machine)."""
     from transformers import AutoTokenizer
+    if os.environ.get("IICL_TOKENIZER"):
+        return AutoTokenizer.from_pretrained(os.environ["IICL_TOKENIZER"])
     from iicl_fast.models import default_gguf_path
     path = default_gguf_path()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -19,10 +19,12 @@ def test_prefix_reuse_teacher_matches_full_forward(tiny):
     entries = [Entry("qa", "Who built it?", fmt.encode("Ada Lindqvist built it.") + [fmt.eos_id]),
                Entry("qa", "What does the keeper feed every single morning?", fmt.encode("Seven cats.")),
                Entry("continuation", "Continue", fmt.encode("The lamp burns whale oil and more text"))]
-    a = teacher_hidden(model, fmt, DOC, entries, batch_size=2, prefix_reuse=True)
+    a = teacher_hidden(model, fmt, DOC, entries, batch_size=2, prefix_reuse=True, cascade=False)
     b = teacher_hidden(model, fmt, DOC, entries, batch_size=3, prefix_reuse=False)
+    c = teacher_hidden(model, fmt, DOC, entries, batch_size=2, prefix_reuse=True, cascade=True)
     assert a.h.shape == (sum(len(e.response) for e in entries), 64)
     torch.testing.assert_close(a.h, b.h, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(c.h, b.h, rtol=1e-4, atol=1e-5)      # one prefix copy (decode.py)
     assert a.targets.tolist() == [t for e in entries for t in e.response]
     lengths = [len(e.response) for e in entries]
     assert a.offsets == b.offsets == [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
@@ -34,9 +36,11 @@ def test_generation_with_shared_prefix_matches_plain(tiny):
     prefix = fmt.context_prefix(DOC)
     queries = [fmt.query("Who built the lighthouse?"), fmt.query("Cats?"), fmt.query("Tell me about the lamp oil")]
     kw = dict(max_new_tokens=6, eos_id=fmt.eos_id, pad_id=fmt.pad_id, sample=False)
-    shared = generate(model, queries, prefix=prefix, batch_size=2, **kw)
+    shared = generate(model, queries, prefix=prefix, batch_size=2, cascade=False, **kw)
+    cascade = generate(model, queries, prefix=prefix, batch_size=3, cascade=True, **kw)   # one prefix copy
     plain = [generate(model, [prefix + q], batch_size=1, **kw)[0] for q in queries]
     assert shared == plain
+    assert cascade == plain
     # and against the model's own forward: greedy = argmax of the full-sequence logits
     seq = prefix + queries[0]
     for t in plain[0]:

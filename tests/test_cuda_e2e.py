@@ -1,0 +1,88 @@
+"""The consolidation loop on CUDA, end to end (skipped without a GPU; run on the GPU machine).
+
+IICL_MODEL: a .gguf file or model dir to use instead of the embedded model's package."""
+import json
+import os
+
+import pytest
+import torch
+
+import iicl_fast
+from iicl_fast import cli
+from iicl_fast.generation import generate, sampling_generator
+
+from conftest import TINY_CONFIG, make_tiny
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+MODEL = os.environ.get("IICL_MODEL")
+
+DOC = ("The lighthouse of Karsk was built in 1871 by Ada Lindqvist. Its lamp burns whale oil. "
+       "The keeper feeds seven grey cats every morning.")
+
+
+def test_sampling_on_cuda_and_per_chunk_seeds(smol_tokenizer):
+    """The sampler's generator lives on the logits' device; chunks draw their own streams."""
+    from iicl_fast.elicit import elicit
+    from iicl_fast.models import PromptFormat
+    tok = smol_tokenizer
+    model = make_tiny(tok).to("cuda", torch.bfloat16)
+    fmt = PromptFormat(tok, model)
+    cfg = iicl_fast.Config(**TINY_CONFIG)
+    a = elicit(model, fmt, DOC, cfg, chunk_index=0)
+    b = elicit(model, fmt, DOC, cfg, chunk_index=0)
+    c = elicit(model, fmt, DOC, cfg, chunk_index=1)
+    assert a and [e.response for e in a] == [e.response for e in b]
+    assert [e.response for e in a] != [e.response for e in c]
+    assert sampling_generator(torch.device("cuda"), 0).device.type == "cuda"
+
+
+def test_cascade_greedy_matches_copied_prefix_on_cuda(smol_tokenizer):
+    """Cascade attention (one prefix copy) against the per-row prefix copy, greedy, fp32 and bf16."""
+    from iicl_fast.models import PromptFormat
+    tok = smol_tokenizer
+    fmt = PromptFormat(tok)
+    prefix = fmt.context_prefix(DOC * 3)
+    qs = [fmt.query(q) for q in ("Who built the lighthouse?", "Cats?", "Tell me about the lamp oil of Karsk")]
+    kw = dict(max_new_tokens=12, eos_id=fmt.eos_id, pad_id=fmt.pad_id, sample=False, prefix=prefix, batch_size=3)
+    model = make_tiny(tok).to("cuda")
+    assert generate(model, qs, cascade=True, **kw) == generate(model, qs, cascade=False, **kw)
+
+
+def test_demo_recall_on_cuda_bf16(capsys):
+    argv = ["demo", "--json", "--device", "cuda", "--dtype", "bf16"] + (["--model", MODEL] if MODEL else [])
+    assert cli.main(argv) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    print(json.dumps({k: v for k, v in res.items() if k != "answers"}))
+    assert res["recall_consolidated"] >= res["recall_full_context"] - 1
+    assert res["recall_consolidated"] > res["recall_no_context"]
+    assert res["recall_full_context"] >= res["questions"] // 2
+
+
+def test_cli_consolidate_on_cuda_with_config_flags(tmp_path, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOC)
+    out = tmp_path / "mem"
+    argv = ["consolidate", str(doc), "--out", str(out), "--device", "cuda", "--preset", "small",
+            "--set", "epochs=2", "--set", "n_queries=8", "--set", "n_continuations=8"] + (["--model", MODEL] if MODEL else [])
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "config (cuda:0, bfloat16)" in err and '"epochs": 2' in err
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["config"]["epochs"] == 2 and len(man["chunks"]) == 1
+
+
+def test_flash_prefix_part_matches_the_plain_one():
+    """decode.attend_prefix through PyTorch's flash op (with its log-sum-exp) against the plain
+    fp32 softmax, at an odd prefix length and a GQA-stacked query count."""
+    from iicl_fast.decode import _flash_prefix, attend_prefix
+    torch.manual_seed(0)
+    q = torch.randn(8, 1001, 128, device="cuda", dtype=torch.bfloat16)
+    pk, pv = (torch.randn(8, 997, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    assert _flash_prefix(q, pk, pv, 128 ** -0.5) is not None
+    o1, l1 = attend_prefix(q, pk, pv, 128 ** -0.5, flash=True)
+    o2, l2 = attend_prefix(q, pk, pv, 128 ** -0.5, flash=False)
+    s = (q.double() @ pk.double().transpose(1, 2)) * 128 ** -0.5
+    ref_o, ref_l = torch.softmax(s, -1) @ pv.double(), torch.logsumexp(s, -1, keepdim=True)
+    for o, l in ((o1, l1), (o2, l2)):
+        assert (o.double() - ref_o).norm() / ref_o.norm() < 1e-2
+        assert (l.double() - ref_l).abs().max() < 1e-2

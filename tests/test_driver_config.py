@@ -1,0 +1,181 @@
+"""Issue 11 on the CPU: presets and user config, device/dtype resolution, the sampler's
+generator on the model's device, per-chunk seeds, elicitation spread over the whole chunk,
+every stop id, token-budget batching with gradient accumulation, the driver module."""
+import json
+import re
+
+import pytest
+import torch
+
+import iicl_fast
+from iicl_fast import Config, IICLError, cli
+from iicl_fast import elicit as elicit_mod
+from iicl_fast.elicit import OPENING_WORDS, continuation_queries, elicit, sentences, spread
+from iicl_fast.generation import generate
+from iicl_fast.models import PromptFormat, resolve_device, resolve_dtype
+from iicl_fast.teacher import token_batches
+
+from conftest import TINY_CONFIG, make_tiny
+
+DOC = ("The lighthouse of Karsk was built in 1871 by Ada Lindqvist. Its lamp burns whale oil. "
+       "The keeper feeds seven grey cats every morning.")
+
+
+def test_presets_and_overrides():
+    small, paper = Config.preset("small"), Config.preset("paper")
+    assert small == Config()
+    assert (paper.chunk_tokens, paper.n_queries, paper.n_continuations, paper.max_response_tokens) == (5000, 200, 200, 512)
+    assert (paper.select_top_k, paper.epochs, paper.loss) == (200, 3, "forward_kl")
+    assert Config.preset("paper", epochs="2", select_top_k="none").epochs == 2
+    with pytest.raises(IICLError, match="unknown preset 'huge'"):
+        Config.preset("huge")
+    with pytest.raises(IICLError, match="unknown Config field: lrr"):
+        Config.preset("small", lrr=1)
+    with pytest.raises(IICLError, match="bad value for Config field epochs: 'two'"):
+        Config.preset("small", epochs="two")
+    for field, value in [("lr", 0), ("elicit_temperature", -1.0), ("elicit_top_p", 1.5), ("lora_alpha", 0),
+                         ("train_tokens", 0), ("temperature", 0.0)]:
+        with pytest.raises(IICLError, match=field):
+            Config(**{field: value})
+
+
+def test_device_and_dtype_resolution():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("bf16") == torch.bfloat16
+    with pytest.raises(IICLError, match="unknown dtype 'fp7'"):
+        resolve_dtype("fp7")
+    with pytest.raises(IICLError, match="unknown device"):
+        resolve_device("tpu:x")
+    if not torch.cuda.is_available():
+        with pytest.raises(IICLError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+def test_sampler_generator_on_model_device_and_per_chunk_seeds(tiny, monkeypatch):
+    model, tok = tiny
+    fmt = PromptFormat(tok, model)
+    seen = []
+    real = elicit_mod.generate
+
+    def spy(*args, **kw):               # records what elicit hands the sampler, then runs it
+        seen.append((kw["generator"].device, [list(p) for p in args[1]]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(elicit_mod, "generate", spy)
+    cfg = Config(**TINY_CONFIG)
+    a = elicit(model, fmt, DOC, cfg, chunk_index=0)
+    b = elicit(model, fmt, DOC, cfg, chunk_index=0)
+    c = elicit(model, fmt, DOC, cfg, chunk_index=3)
+    assert all(dev == next(model.parameters()).device for dev, _ in seen)
+    assert [e.response for e in a] == [e.response for e in b]           # reproducible
+    assert [e.response for e in a] != [e.response for e in c]           # each chunk its own stream
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 50)
+    from iicl_fast.generation import next_token
+
+    class Elsewhere:                     # a generator of another device type is refused by name
+        device = torch.device("meta")
+    with pytest.raises(ValueError, match="generator is on meta"):
+        next_token(logits, True, 1.0, 1.0, Elsewhere())
+    assert next_token(logits, True, 1.0, 1.0, g).shape == (2,)
+
+
+def test_elicitation_covers_the_whole_chunk(tiny, monkeypatch):
+    model, tok = tiny
+    fmt = PromptFormat(tok, model)
+    chunk = " ".join(f"Fact number {i} says that item {i} is kept in box {i}." for i in range(60))
+    sents = sentences(chunk)
+    assert len(sents) == 60
+    asked = []
+    real = elicit_mod.generate
+    monkeypatch.setattr(elicit_mod, "generate", lambda *a, **k: (asked.append([tok.decode(p) for p in a[1]]), real(*a, **k))[1])
+    elicit(model, fmt, chunk, Config(**{**TINY_CONFIG, "n_queries": 40, "n_continuations": 24}))
+    q_sents = {i for i, s in enumerate(sents) for p in asked[0] if s in p}
+    assert len(q_sents) == 40 and min(q_sents) == 0 and max(q_sents) >= 57      # evenly spread, no repeats
+    conts = continuation_queries(chunk, 24, torch.Generator().manual_seed(0))
+    starts = {int(m.group(1)) for q in conts for m in [re.search(r"number (\d+)", q)] if m}
+    assert max(starts) >= 50 and min(starts) == 0
+    long = " ".join(["word"] * 300) + "."
+    assert all(len(q.split('"')[1].split()) <= OPENING_WORDS for q in continuation_queries(long, 8, torch.Generator()))
+    code = "\n".join("x = 1 + 2 * y" for _ in range(3)) + " " + " ".join(f"tok{i}" for i in range(500))
+    assert all(len(s.split()) <= 40 for s in sentences(code)) and len(sentences(code)) > 5
+    assert spread(4, 10) == [0, 2, 5, 7] and spread(12, 4) == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    # open prompts name their chunk, so replayed entries of two chunks never share a query
+    other = continuation_queries("Another story begins here with a dog. It barks at night loudly.", 24, torch.Generator())
+    assert not {q for q in conts if not q.startswith("Continue")} & set(other)
+
+
+def test_generation_stops_on_every_stop_id(tiny):
+    model, tok = tiny
+    fmt = PromptFormat(tok, model)
+    p = [fmt.query("Who built the lighthouse?")]
+    free = generate(model, p, max_new_tokens=6, pad_id=fmt.pad_id, eos_id=fmt.eos_id, sample=False)[0]
+    assert len(free) == 6 and fmt.eos_id not in free
+    stopped = generate(model, p, max_new_tokens=6, pad_id=fmt.pad_id, stop_ids=[fmt.eos_id, free[2]], sample=False)[0]
+    assert stopped == free[: free.index(free[2]) + 1]            # up to and including its first stop id
+    forced = generate(model, p, max_new_tokens=6, pad_id=fmt.pad_id, stop_ids=[free[0]], sample=False, min_new_tokens=6)[0]
+    assert len(forced) == 6 and free[0] not in forced
+    model.generation_config.eos_token_id = [fmt.eos_id, 7, 11]        # chat models end turns with several ids
+    assert PromptFormat(tok, model).stop_ids == sorted({fmt.eos_id, 7, 11})
+
+
+def test_token_batches_and_gradient_accumulation(smol_tokenizer):
+    lengths = [5, 50, 7, 48, 3, 20]
+    b = token_batches(lengths, 100)
+    assert sorted(i for x in b for i in x) == list(range(6))
+    assert all(max(lengths[i] for i in x) * len(x) <= 100 or len(x) == 1 for x in b)
+    assert b[0][0] == 1                                             # longest first
+    assert token_batches([500, 3], 100) == [[0], [1]]               # a row over the budget goes alone
+    assert all(len(x) <= 2 for x in token_batches([1] * 9, 100, max_rows=2))
+    tok = smol_tokenizer
+    curves, weights = [], []
+    for budget in (1 << 20, 40):                 # one micro-batch a step vs several (accumulated)
+        mem = iicl_fast.Memory(make_tiny(tok), tok, Config(**TINY_CONFIG, train_tokens=budget))
+        rep = mem.consolidate(DOC)
+        curves.append(rep.loss_per_epoch)
+        weights.append(torch.cat([p.detach().flatten() for p in mem.params]))
+    torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), rtol=1e-4, atol=1e-5)
+    moved = (weights[0] - torch.cat([p.detach().flatten() for p in iicl_fast.Memory(
+        make_tiny(tok), tok, Config(**TINY_CONFIG)).params])).norm()
+    assert (weights[0] - weights[1]).norm() <= 0.1 * moved
+
+
+def test_driver_stream_and_cli_config_flags(tiny_dir, tmp_path, capsys):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOC + " " + DOC.replace("Karsk", "Vell"))
+    cfgfile = tmp_path / "cfg.json"
+    cfgfile.write_text(json.dumps({**{k: v for k, v in TINY_CONFIG.items()}, "epochs": 3}))
+    toml = tmp_path / "cfg.toml"
+    toml.write_text("epochs = 1\nlr = 0.002\n")
+    out = tmp_path / "mem"
+    code = cli.main(["consolidate", str(doc), "--out", str(out), "--model", str(tiny_dir), "--device", "cpu",
+                     "--config", str(cfgfile), "--set", "epochs=2", "--chunk-tokens", "24"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "config (cpu, float32): " in err
+    printed = json.loads(err.split("config (cpu, float32): ")[1].splitlines()[0])
+    man = json.loads((out / "manifest.json").read_text())
+    assert printed == man["config"] and man["config"]["epochs"] == 2 and man["config"]["chunk_tokens"] == 24
+    assert len(man["chunks"]) >= 2 and [c["index"] for c in man["chunks"]] == list(range(len(man["chunks"])))
+    code = cli.main(["consolidate", str(doc), "--out", str(tmp_path / "m2"), "--model", str(tiny_dir),
+                     "--config", str(toml), "--set", "n_queries=2", "--set", "n_continuations=2",
+                     "--set", "max_response_tokens=4", "--set", "max_query_tokens=4", "--set", "progress=false"])
+    assert code == 0
+    m2 = json.loads((tmp_path / "m2" / "manifest.json").read_text())["config"]
+    assert (m2["epochs"], m2["lr"], m2["progress"]) == (1, 0.002, False)
+    for argv, msg in [(["--set", "epochs=zero"], "bad value for Config field epochs"),
+                      (["--set", "nope=1"], "unknown Config field: nope"),
+                      (["--set", "lr"], "write it as field=value"),
+                      (["--preset", "huge"], "unknown preset 'huge'"),
+                      (["--dtype", "fp7"], "unknown dtype 'fp7'"),
+                      (["--set", "lr=-1"], "lr must be > 0"),
+                      (["--config", str(tmp_path / "missing.json")], "no such file")]:
+        code = cli.main(["consolidate", str(doc), "--out", str(tmp_path / "bad"), "--model", str(tiny_dir), *argv])
+        err = capsys.readouterr().err
+        lines = [x for x in err.replace("\r", "\n").splitlines() if "error" in x.lower()]
+        assert code == 2 and len(lines) == 1 and msg in lines[0], (argv, err)
+        assert not (tmp_path / "bad").exists()
+    code = cli.main(["consolidate", str(doc), "--out", str(out), "--model", str(tiny_dir), "--set", "lora_r=8"])
+    assert code == 2 and "keeps its LoRA layout" in capsys.readouterr().err
