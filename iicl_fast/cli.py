@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -135,33 +136,38 @@ def cmd_demo(args) -> int:
 
 def cmd_consolidate(args) -> int:
     from . import Memory, load_model
+    from .driver import stream
+    from .memory import open_for_write
     texts = [read_text_file(f) for f in args.files]        # every file checked before any work
     if args.separate:
         return consolidate_separate(args, texts)
-    from .driver import stream
     out = Path(args.out)
-    if out.exists() and not (out / "manifest.json").is_file():
-        raise IICLError(f"{out} exists and is not a memory directory")
     cfg = build_config(args)                             # bad flags fail before the model loads
-    model, tok = load_model(args.model, **model_kw(args))
-    if out.exists():
-        mem = Memory.load(out, model, tok)          # continue it: its LoRA layout and config ...
-        given = config_overrides(args)
-        if args.preset:
-            given = {**PRESETS[args.preset], **given}
-        fixed = {k for k in ("lora_r", "lora_alpha", "target_modules") if k in given and given[k] != getattr(mem.config, k)}
-        if fixed:
-            raise IICLError(f"{out} holds an adapter with {', '.join(f'{k}={getattr(mem.config, k)!r}' for k in sorted(fixed))}: "
-                            "a continued memory keeps its LoRA layout")
-        mem.config = Config(**{**mem.config.to_dict(), **given})     # ... with the flags given now
-    else:
-        mem = Memory(model, tok, cfg)
-    log_config(mem.config, model)
-    done = skipped = 0
-    for rep in stream(mem, texts, checkpoint_dir=out):
-        log(rep.summary())
-        done += not rep.skipped
-        skipped += rep.skipped
+    if out.exists() and not out.is_dir():
+        raise IICLError(f"{out} exists and is not a memory directory")
+    with open_for_write(out):                            # locked; an interrupted save finished
+        if out.exists() and not (out / "manifest.json").is_file():
+            raise IICLError(f"{out} exists and is not a memory directory")
+        model, tok = load_model(args.model, **model_kw(args))
+        if out.exists():
+            mem = Memory.load(out, model, tok)          # continue it: its LoRA layout and config ...
+            given = config_overrides(args)
+            if args.preset:
+                given = {**PRESETS[args.preset], **given}
+            fixed = {k for k in ("lora_r", "lora_alpha", "target_modules") if k in given and given[k] != getattr(mem.config, k)}
+            if fixed:
+                raise IICLError(f"{out} holds an adapter with "
+                                f"{', '.join(f'{k}={getattr(mem.config, k)!r}' for k in sorted(fixed))}: "
+                                "a continued memory keeps its LoRA layout")
+            mem.config = Config(**{**mem.config.to_dict(), **given})     # ... with the flags given now
+        else:
+            mem = Memory(model, tok, cfg)
+        log_config(mem.config, model)
+        done = skipped = 0
+        for rep in stream(mem, texts, checkpoint_dir=out, log=log):
+            log(rep.summary())
+            done += not rep.skipped
+            skipped += rep.skipped
     log(f"memory {out}: {len(mem.chunks)} chunks ({done} consolidated now, {skipped} already there)")
     return 0
 
@@ -169,10 +175,7 @@ def cmd_consolidate(args) -> int:
 def consolidate_separate(args, texts: list[str]) -> int:
     """One memory per file at DIR/<file stem>/, all trained together (consolidate_many).
     A stem whose memory already holds exactly that file's chunks is skipped (resume)."""
-    from . import consolidate_many, load_model
-    from .driver import split_chunks
-    from .memory import MANIFEST, read_manifest, sha256_text
-    from .models import PromptFormat
+    from .memory import open_for_write
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise IICLError(f"{out} exists and is not a directory")
@@ -183,6 +186,17 @@ def consolidate_separate(args, texts: list[str]) -> int:
             raise IICLError(f"{seen[st]} and {f} share the stem {st!r}: --separate writes one memory per stem")
         seen[st] = f
     cfg = build_config(args)
+    with contextlib.ExitStack() as locks:
+        for st in stems:                                  # every memory locked before any work
+            locks.enter_context(open_for_write(out / st))
+        return _separate(args, texts, stems, cfg, out)
+
+
+def _separate(args, texts, stems, cfg, out) -> int:
+    from . import consolidate_many, load_model
+    from .driver import split_chunks
+    from .memory import MANIFEST, read_manifest, sha256_text
+    from .models import PromptFormat
     model, tok = load_model(args.model, **model_kw(args))
     log_config(cfg, model)
     fmt = PromptFormat(tok, model)

@@ -1,6 +1,8 @@
 """Phases 1–4 for one chunk: T_i : θ_{i-1} + C_i → θ_i."""
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -42,6 +44,12 @@ class ConsolidationReport:
         return (f"chunk {self.chunk_index} ({self.chunk_tokens} tokens): elicited {self.elicited}, kept "
                 f"{self.kept} (+{self.replayed} replayed); ΔPPL kept {self.dppl_kept:.3f} dropped {self.dppl_dropped:.3f}; "
                 f"loss/epoch {losses}; {secs}" + ("" if self.peak_gib != self.peak_gib else f"; peak {self.peak_gib:.2f} GiB"))
+
+
+def trace(phase: str, chunk_index: int) -> None:
+    """IICL_TRACE_PHASES=1: say on stderr when each phase starts (fault-injection tests read it)."""
+    if os.environ.get("IICL_TRACE_PHASES"):
+        print(f"[iicl phase] {phase} {chunk_index}", file=sys.stderr, flush=True)
 
 
 def _now(model) -> float:
@@ -167,6 +175,7 @@ def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.T
     rep, kept_entries, teacher = prepare_chunk(model, fmt, chunk, config, chunk_index=chunk_index)
     if not kept_entries:
         return rep, [], None
+    trace("train", chunk_index)
     t = _now(model)
     train_entries, train_teacher = with_replay(kept_entries, teacher, replay)
     rep.replayed = len(train_entries) - len(kept_entries)
@@ -186,6 +195,7 @@ def with_replay(kept: list[Entry], teacher: HiddenSet, replay):
 def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index: int = 0):
     """Elicit → teacher pass → select by ΔPPL. -> (report, kept entries, their teacher HiddenSet)."""
     rep = ConsolidationReport(chunk_index=chunk_index, chunk_tokens=len(fmt.encode(chunk)))
+    trace("elicit", chunk_index)
     t = _now(model)
     entries = elicit(model, fmt, chunk, config, chunk_index=chunk_index)
     rep.elicited = len(entries)
@@ -193,6 +203,7 @@ def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk
     if not entries:
         return rep, [], None
 
+    trace("teacher", chunk_index)
     t = _now(model)
     teacher = teacher_hidden(model, fmt, chunk, entries, batch_size=config.gen_batch_size,
                              max_tokens=config.pass_tokens, progress=config.progress)

@@ -8,6 +8,8 @@ Read top to bottom: split, align with what the checkpoint already holds, then pe
 consolidate → save → report."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import re
 import time
@@ -18,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import IICLError
-from .consolidate import ConsolidationReport
-from .memory import Memory, sha256_text
+from .consolidate import ConsolidationReport, trace
+from .memory import MANIFEST, Memory, open_for_write, sha256_text
 from .models import PromptFormat
 
 
@@ -44,47 +46,72 @@ def split_chunks(fmt: PromptFormat, text: str, chunk_tokens: int) -> list[str]:
     return [c for c in chunks if c.strip()]
 
 
-def align_chunks(recorded: list[str], new: list[str]) -> int:
-    """Where the new stream's chunk 0 sits in the recorded chunk list.
+def stream_id(texts: list[str], chunk_tokens: int) -> tuple[str, str]:
+    """-> (stream id, text id): the text is the sequence of texts; the stream is that text
+    chunked at chunk_tokens."""
+    text_id = hashlib.sha256("\0".join(sha256_text(t) for t in texts).encode()).hexdigest()
+    return hashlib.sha256(f"{text_id}|{chunk_tokens}".encode()).hexdigest()[:32], text_id
 
-    The first position o where every overlapping chunk agrees (resume of a stream, or of a
-    continuation); len(recorded) when the stream is new (a continuation of the memory)."""
-    for o in range(len(recorded)):
-        overlap = min(len(new), len(recorded) - o)
-        if recorded[o: o + overlap] == new[:overlap]:
-            return o
-    return len(recorded)
+
+def match_stream(mem: Memory, texts: list[str], chunk_tokens: int, shas: list[str], log=None) -> tuple[str, int]:
+    """-> (the stream's id, how many of its chunks the memory already holds).
+
+    The same texts at the same chunking resume their stream; the same texts at another
+    chunking are refused (they would be consolidated twice); other texts are a new stream,
+    appended (and said so in the log). Never aligned by a chunk's hash alone: a new stream
+    whose first chunk equals a recorded one is still new."""
+    sid, text_id = stream_id(texts, chunk_tokens)
+    if not any(s["id"] == sid for s in mem.streams):
+        other = [s for s in mem.streams if s["text_sha256"] == text_id]
+        if other:
+            raise IICLError(f"this memory holds the same text chunked at {other[0]['chunk_tokens']} tokens, not "
+                            f"{chunk_tokens}: resume with chunk_tokens={other[0]['chunk_tokens']} (another chunking "
+                            "would consolidate it twice)")
+        legacy = [c for c in mem.chunks if "stream" not in c]
+        if not mem.streams and legacy and [c["sha256"] for c in legacy] == shas[: len(legacy)]:
+            for j, c in enumerate(legacy):         # a memory saved before streams were recorded
+                c.update(stream=sid, position=j)
+        elif log is not None and mem.chunks:
+            log(f"new stream of {len(shas)} chunks, appended after the memory's {len(mem.chunks)} chunks")
+        mem.streams.append({"id": sid, "text_sha256": text_id, "chunk_tokens": chunk_tokens, "chunks": len(shas)})
+    done = [c for c in mem.chunks if c.get("stream") == sid]
+    if [c["sha256"] for c in done] != shas[: len(done)] or [c["position"] for c in done] != list(range(len(done))):
+        raise IICLError("the memory's record of this stream does not match its text: the manifest is corrupt")
+    return sid, len(done)
 
 
 def stream(mem: Memory, texts: str | Iterable[str], *, chunk_tokens: int | None = None,
-           checkpoint_dir: str | os.PathLike | None = None) -> Iterator[ConsolidationReport]:
+           checkpoint_dir: str | os.PathLike | None = None, log=None) -> Iterator[ConsolidationReport]:
     """Consolidate texts chunk by chunk into mem, each chunk one T_i (seeded seed + index).
 
-    With checkpoint_dir, the memory is saved after every chunk, and chunks the saved
-    manifest already records (same position, same sha256) are skipped: running the same
-    stream again resumes after the last saved chunk; a new stream continues the memory.
+    With checkpoint_dir (opened for writing: locked, an interrupted save recovered), the
+    memory is saved after every chunk, and running the same stream again resumes after its
+    last saved chunk; other texts are a new stream, appended (see match_stream).
     Each report carries the chunk's seconds per phase (plus "save") and peak GPU memory."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     chunk_tokens = chunk_tokens or mem.config.chunk_tokens
-    if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not mem.chunks:
-        mem._restore(checkpoint_dir)
     chunks = [c for t in texts for c in split_chunks(mem.fmt, t, chunk_tokens)]
     if not chunks:
         raise IICLError("empty text: nothing to consolidate")
-    offset = align_chunks([c["sha256"] for c in mem.chunks], [sha256_text(c) for c in chunks])
-    cuda = mem.params[0].is_cuda
-    for j, chunk in enumerate(tqdm(chunks, desc="chunks", disable=not mem.config.progress)):
-        idx = offset + j
-        if idx < len(mem.chunks):
-            yield ConsolidationReport(chunk_index=idx, chunk_tokens=mem.chunks[idx]["tokens"], skipped=True)
-            continue
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        rep = mem.consolidate(chunk, chunk_index=idx)
-        if checkpoint_dir is not None:
-            t = time.perf_counter()
-            mem.save(checkpoint_dir)
-            rep.seconds["save"] = time.perf_counter() - t
-        if cuda:
-            rep.peak_gib = torch.cuda.max_memory_allocated() / 2**30
-        yield rep
+    with open_for_write(checkpoint_dir) if checkpoint_dir is not None else contextlib.nullcontext():
+        if checkpoint_dir is not None and not mem.chunks and (Path(checkpoint_dir) / MANIFEST).is_file():
+            mem._restore(checkpoint_dir)
+        sid, done = match_stream(mem, texts, chunk_tokens, [sha256_text(c) for c in chunks], log)
+        recorded = [c for c in mem.chunks if c.get("stream") == sid]
+        cuda = mem.params[0].is_cuda
+        for j, chunk in enumerate(tqdm(chunks, desc="chunks", disable=not mem.config.progress)):
+            if j < done:
+                yield ConsolidationReport(chunk_index=recorded[j]["index"], chunk_tokens=recorded[j]["tokens"],
+                                          skipped=True)
+                continue
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            rep = mem.consolidate(chunk, chunk_index=len(mem.chunks), stream=sid, position=j)
+            if checkpoint_dir is not None:
+                trace("save", rep.chunk_index)
+                t = time.perf_counter()
+                mem.save(checkpoint_dir)
+                rep.seconds["save"] = time.perf_counter() - t
+            if cuda:
+                rep.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+            yield rep

@@ -1,6 +1,7 @@
 """Memory: a base model plus one LoRA adapter (long-term memory), saved atomically."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -41,27 +42,122 @@ def _versions() -> dict:
             "peft": peft.__version__}
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make the renames inside a directory durable (its entries, not only the files)."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fault_pause(where: str) -> None:
+    """Test hook (fault injection): IICL_FAULT_PAUSE=<seconds> sleeps at the named moments of
+    a save and says so on stderr, so that a kill can land exactly there."""
+    pause = os.environ.get("IICL_FAULT_PAUSE")
+    if pause:
+        import sys
+        import time
+        print(f"[iicl fault] {where}", file=sys.stderr, flush=True)
+        time.sleep(float(pause))
+
+
+def _old(path: Path) -> Path:
+    return path.with_name(path.name + ".old")
+
+
+def recover(path: Path) -> None:
+    """Finish a swap that a crash interrupted: if only path.old holds a complete memory, it
+    becomes path again; a path.old beside a complete path is stale and goes."""
+    path, old = Path(path), _old(Path(path))
+    if not path.exists() and (old / MANIFEST).is_file():
+        os.replace(old, path)
+        _fsync_dir(path.parent)
+    elif (path / MANIFEST).is_file() and old.exists():
+        shutil.rmtree(old)
+        _fsync_dir(path.parent)
+
+
 def atomic_write_dir(path: Path, write) -> None:
-    """Write a directory aside, then swap it in: path is always either the old or the new
-    memory (the old one waits at path.old until the swap is complete)."""
+    """Write a directory aside, then swap it in. At every moment one complete copy exists:
+    path, or (between the two renames) path.old, which recover() puts back. path.old is
+    removed only after the new path is in place and its parent directory fsynced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    old = path.with_name(path.name + ".old")
+    old = _old(path)
     try:
         write(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if old.exists():
-            shutil.rmtree(old)
+        _fsync_dir(tmp)
         if path.exists():
             os.replace(path, old)
+            _fault_pause("between renames")
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(path.parent)
+
+
+_HELD: dict[str, list] = {}      # lock path -> [fd, depth]: re-entrant within one process
+
+
+@contextlib.contextmanager
+def open_for_write(path: str | os.PathLike):
+    """The one way to write a memory directory: an exclusive lock (a second writer gets
+    IICLError naming it), an interrupted swap finished (recover), this directory's stale temp
+    folders of killed writers swept. Re-entrant in one process; the lock file goes at exit."""
+    import fcntl
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}.lock"
+    key = str(lock.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+    else:
+        while True:
+            fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise IICLError(f"another process is writing the memory at {path} (lock {lock})") from None
+            try:
+                same = os.stat(lock).st_ino == os.fstat(fd).st_ino   # not a lock file its last holder removed
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        _HELD[key] = [fd, 1]
+        try:
+            recover(path)
+            for stale in path.parent.glob(f".{path.name}.tmp-*"):     # killed writers' (we hold the lock)
+                shutil.rmtree(stale, ignore_errors=True)
+        except BaseException:
+            _release(key, lock)
+            raise
+    try:
+        yield path
+    finally:
+        _HELD[key][1] -= 1
+        if _HELD[key][1] == 0:
+            _release(key, lock)
+
+
+def _release(key: str, lock: Path) -> None:
+    fd = _HELD.pop(key)[0]
+    try:
+        os.unlink(lock)
+    except FileNotFoundError:
+        pass
+    os.close(fd)
 
 
 def memory_dir(path: Path) -> Path:
@@ -102,6 +198,7 @@ class Memory:
         self.fmt = PromptFormat(tokenizer, model)
         self.name = f"mem{next(_names)}"
         self.chunks: list[dict] = []
+        self.streams: list[dict] = []          # driver.stream: each stream's id, text and chunking
         self.replay: tuple[list[Entry], HiddenSet | None] = ([], None)   # see Config.replay_entries
         self.replay_seen = 0
         self.retained_ids: list[int] = []      # the retained window (Config.retain), in stream order
@@ -164,7 +261,8 @@ class Memory:
         self.replay = ([entries[i] for i in buf], subset(hs, buf))
 
     # -- the API ----------------------------------------------------------------------------
-    def consolidate(self, text: str, *, chunk_index: int | None = None) -> ConsolidationReport:
+    def consolidate(self, text: str, *, chunk_index: int | None = None, stream: str | None = None,
+                    position: int | None = None) -> ConsolidationReport:
         """One transformation T_i: θ_{i-1} + C_i → θ_i (text consolidated as one chunk)."""
         if not isinstance(text, str) or not text.strip():
             raise IICLError("empty text: nothing to consolidate")
@@ -175,7 +273,10 @@ class Memory:
         self._update_replay(kept, teacher, idx)
         if self.config.retain > 0:
             self._retain(text.strip())
-        self.chunks.append({"index": idx, "tokens": rep.chunk_tokens, "sha256": sha256_text(text.strip())})
+        rec = {"index": idx, "tokens": rep.chunk_tokens, "sha256": sha256_text(text.strip())}
+        if stream is not None:
+            rec.update(stream=stream, position=position)
+        self.chunks.append(rec)
         return rep
 
     @torch.no_grad()
@@ -230,16 +331,16 @@ class Memory:
                         batch_size=self.config.gen_batch_size)
         return [self.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
 
-    def stream(self, texts, *, chunk_tokens: int | None = None, checkpoint_dir=None):
+    def stream(self, texts, *, chunk_tokens: int | None = None, checkpoint_dir=None, log=None):
         """Consolidate a long text (or texts in order) chunk by chunk: iicl_fast.driver.stream
         (the streaming loop lives there; this is a convenience alias)."""
         from .driver import stream
-        return stream(self, texts, chunk_tokens=chunk_tokens, checkpoint_dir=checkpoint_dir)
+        return stream(self, texts, chunk_tokens=chunk_tokens, checkpoint_dir=checkpoint_dir, log=log)
 
     # -- disk -------------------------------------------------------------------------------
     def manifest(self) -> dict:
         return {"format": FORMAT, "base_model": self.base_info(), "config": self.config.to_dict(),
-                "chunks": self.chunks, "versions": _versions()}
+                "chunks": self.chunks, "streams": self.streams, "versions": _versions()}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the memory dir atomically: a peft adapter (adapter_config.json +
@@ -270,7 +371,8 @@ class Memory:
                                             encoding="utf-8")
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
-        atomic_write_dir(Path(path), write)
+        with open_for_write(path):
+            atomic_write_dir(Path(path), write)
 
     def _restore(self, path) -> None:
         """Replace this memory's adapter and chunk list with the saved one at path."""
@@ -297,6 +399,7 @@ class Memory:
         device = self.params[0].device
         set_peft_model_state_dict(self.model, {k: v.to(device) for k, v in state.items()}, adapter_name=self.name)
         self.chunks = list(m.get("chunks", []))
+        self.streams = list(m.get("streams", []))
         self.replay, self.replay_seen = ([], None), 0
         if (d / REPLAY).is_file():
             try:
@@ -308,6 +411,14 @@ class Memory:
                 raise IICLError(f"corrupt replay buffer in {d}: {e}") from None
             if len(hs.offsets) != len(entries) + 1 or hs.offsets[-1] != hs.h.shape[0]:
                 raise IICLError(f"corrupt replay buffer in {d}: sizes do not match")
+            V = self.base.get_input_embeddings().weight.shape[0]
+            H = self.base.get_input_embeddings().weight.shape[1]
+            if hs.h.dim() != 2 or hs.h.shape[1] != H:
+                raise IICLError(f"replay buffer in {d} has hidden width {tuple(hs.h.shape[1:])}, not this model's {H}")
+            if hs.targets.numel() and (int(hs.targets.min()) < 0 or int(hs.targets.max()) >= V):
+                raise IICLError(f"replay buffer in {d} has target ids outside this model's vocabulary of {V}")
+            if any(not 0 <= t < V for e in entries for t in e.response):
+                raise IICLError(f"replay buffer in {d} has response ids outside this model's vocabulary of {V}")
             self.replay, self.replay_seen = (entries, hs), int(r.get("seen", len(entries)))
         self.retained_ids, self.retained_scores = [], []
         if (d / RETAINED).is_file():
