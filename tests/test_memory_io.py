@@ -1,5 +1,8 @@
 """Memory on disk: format, atomic saves, resume bookkeeping, refusal of foreign memories."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -177,3 +180,59 @@ def test_replay_buffer_bounded_trained_and_saved(tiny, tmp_path):
     none = Memory(make_tiny(tok), tok, iicl_fast.Config(**{**TINY_CONFIG, "replay_entries": 0}))
     none.consolidate(DOCS[0])
     assert none.consolidate(DOCS[1]).replayed == 0 and none.replay[0] == []
+
+
+def test_interrupted_swap_resumes_and_streams_are_told_apart(tiny, tmp_path):
+    """The issue's path: DIR gone and DIR.old holding the N-chunk memory after a kill between
+    the renames. The rerun resumes from it (no chunk redone), sweeps a killed writer's temp
+    folder, and leaves nothing beside DIR."""
+    model, tok = tiny
+    cfg = iicl_fast.Config(**TINY_CONFIG)
+    text = " ".join(DOCS)
+    ck = tmp_path / "p" / "ck"
+    mem = Memory(model, tok, cfg)
+    stream = mem.stream(text, chunk_tokens=12, checkpoint_dir=ck)
+    next(stream), next(stream)
+    stream.close()
+    os.replace(ck, ck.with_name("ck.old"))                       # killed between the two renames
+    (tmp_path / "p" / ".ck.tmp-dead").mkdir()                    # and a killed writer's temp folder
+    again = Memory(make_tiny(tok), tok, cfg)
+    reps = list(again.stream(text, chunk_tokens=12, checkpoint_dir=ck))
+    assert [r.skipped for r in reps][:2] == [True, True] and not any(r.skipped for r in reps[2:])
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["ck"]
+    n = len(again.chunks)
+    # a new stream whose first chunk equals the last recorded one is appended, not skipped
+    last = split_chunks(again.fmt, text, 12)[-1]
+    third = Memory(make_tiny(tok), tok, cfg)
+    msgs = []
+    reps = list(third.stream(last, chunk_tokens=12, checkpoint_dir=ck, log=msgs.append))
+    assert [r.skipped for r in reps] == [False] and len(third.chunks) == n + 1
+    assert msgs and "new stream" in msgs[0]
+    # the same text at another chunking is refused, nothing written
+    before = (ck / "manifest.json").read_bytes()
+    with pytest.raises(iicl_fast.IICLError, match="chunked at 12 tokens, not 30"):
+        list(Memory(make_tiny(tok), tok, cfg).stream(text, chunk_tokens=30, checkpoint_dir=ck))
+    assert (ck / "manifest.json").read_bytes() == before
+    man = json.loads(before)
+    assert [s["chunk_tokens"] for s in man["streams"]] == [12, 12] and len(man["streams"][0]["id"]) == 32
+
+
+def test_second_writer_refused(tiny_dir, tmp_path):
+    """Two writers on one DIR: the second gets one line and exit 2, the first is untouched."""
+    out = tmp_path / "mem"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from iicl_fast.memory import open_for_write\n"
+        f"with open_for_write({str(out)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        doc = tmp_path / "d.txt"
+        doc.write_text("The mill of Orr grinds rye.")
+        proc = subprocess.run([sys.executable, "-m", "iicl_fast", "consolidate", str(doc), "--out", str(out),
+                               "--model", str(tiny_dir)], capture_output=True, text=True)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines()[-1].startswith("iicl-fast: error: another process is writing the memory at")
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
