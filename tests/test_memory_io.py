@@ -236,3 +236,22 @@ def test_second_writer_refused(tiny_dir, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_replay_buffer_checked_on_load(tiny, tmp_path):
+    """A replay buffer whose target ids leave the vocabulary, or whose hidden width is not the
+    model's, is refused with one line on load."""
+    from safetensors.torch import load_file, save_file
+    model, tok = tiny
+    mem = Memory(model, tok, iicl_fast.Config(**TINY_CONFIG))
+    mem.consolidate(DOCS[0])
+    mem.save(tmp_path / "m")
+    t = load_file(str(tmp_path / "m" / "replay.safetensors"))
+    for name, bad, msg in [("targets", t["targets"].clone().fill_(10 ** 6), "outside this model's vocabulary"),
+                           ("h", t["h"][:, :32].contiguous(), "hidden width")]:
+        d = tmp_path / f"bad_{name}"
+        import shutil
+        shutil.copytree(tmp_path / "m", d)
+        save_file({**t, name: bad}, str(d / "replay.safetensors"))
+        with pytest.raises(iicl_fast.IICLError, match=msg):
+            Memory.load(d, make_tiny(tok), tok)
