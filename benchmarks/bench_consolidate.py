@@ -206,25 +206,34 @@ def reference_chunk(model, tok, chunk, cfg, fraction):
                               rows, fraction)
     entries = [Entry(k, q, r) for (k, q), r in zip(queries, rs)]
     rep.seconds["elicit"] = s1 + s2
+    # the passes and training on a share of the entries, scaled by entries (same lengths)
+    n = len(entries) if fraction >= 1 else min(len(entries), max(8, math.ceil(fraction * 4 * len(entries))))
+    part = entries[:n]
     t = _now(pm)
-    teacher = teacher_hidden(pm, fmt, chunk, entries, batch_size=8, prefix_reuse=False)
-    student = student_hidden_set(pm, fmt, entries, batch_size=8)
-    rep.seconds["teacher"] = _now(pm) - t
+    teacher = teacher_hidden(pm, fmt, chunk, part, batch_size=8, prefix_reuse=False)
+    student = student_hidden_set(pm, fmt, part, batch_size=8)
+    rep.seconds["teacher"] = (_now(pm) - t) * len(entries) / n
     rep.work.update(response_tokens=sum(len(e.response) for e in entries),
                     teacher_tokens=sum(len(fmt.query(e.query)) + len(e.response) for e in entries),
                     student_tokens=sum(len(fmt.prompt(e.query)) + len(e.response) for e in entries))
     t = _now(pm)
     gaps = delta_ppl(hidden_logprob(pm, teacher), hidden_logprob(pm, student), teacher.offsets)
-    keep = select_by_ppl_gap(gaps, top_k=cfg.select_top_k)
-    kept, kt = [entries[i] for i in keep], subset_of(teacher, keep)
-    rep.seconds["select"] = _now(pm) - t
+    all_kept = cfg.select_top_k or math.ceil(cfg.select_ratio * len(entries))
+    k = min(n, max(1, round(all_kept * n / len(entries))))
+    keep = select_by_ppl_gap(gaps, top_k=k)
+    kept, kt = [part[i] for i in keep], subset_of(teacher, keep)
+    rep.seconds["select"] = (_now(pm) - t) * len(entries) / n
+    epochs = cfg.epochs if fraction >= 1 else 1
     t = _now(pm)
-    ref_cfg = Config(**{**cfg.to_dict(), "loss_impl": "reference", "train_tokens": 8192})
+    ref_cfg = Config(**{**cfg.to_dict(), "loss_impl": "reference", "train_tokens": 8192, "epochs": epochs})
     train(pm, fmt, kept, kt, params, ref_cfg)
-    rep.seconds["train"] = _now(pm) - t
-    rep.work["train_tokens"] = cfg.epochs * sum(len(fmt.prompt(e.query)) + len(e.response) for e in kept)
+    rep.seconds["train"] = (_now(pm) - t) * (cfg.epochs / epochs) * (all_kept / len(kept))
+    rep.work["train_tokens"] = cfg.epochs * round(sum(len(fmt.prompt(e.query)) + len(e.response) for e in kept)
+                                                  * all_kept / len(kept))
     pm.unload()
-    return rep, sum(len(e.response) for e in kept), {"elicit_batches_timed": [sc1, sc2], "fraction": fraction}
+    return rep, round(sum(len(e.response) for e in kept) * all_kept / len(kept)), {
+        "elicit_batches_timed": [sc1, sc2], "fraction": fraction, "passes_entries_timed": [n, len(entries)],
+        "train_timed": {"entries": len(kept), "of": all_kept, "epochs": epochs, "of_epochs": cfg.epochs}}
 
 
 def bench_8b(args):
@@ -254,7 +263,9 @@ def bench_8b(args):
         rep, kept_tokens, extra = reference_chunk(model, tok, chunk, cfg, args.fraction)
         wall = sum(rep.seconds.values())
         if args.fraction < 1:
-            extra["scaled_from"] = f"elicit: {extra['elicit_batches_timed']} batches timed of all, scaled linearly"
+            extra["scaled_from"] = (f"elicit: {extra['elicit_batches_timed']} (batches timed, of all); teacher and "
+                                    f"select: {extra['passes_entries_timed']} entries; train: {extra['train_timed']}; "
+                                    "each scaled linearly")
     fl = floors(model, K, cfg, rep, kept_tokens)
     r = row(args.impl, "8b_paper", rep.seconds, fl, wall, rep.chunk_tokens, compile_s, work=rep.work,
             elicited=rep.elicited, kept=rep.kept, **extra)
@@ -276,7 +287,7 @@ def bench_embedded(args):
         tot = {"none": 0, "full": 0, "consolidated": 0, "questions": 0}
         secs, walls = {}, 0.0
         torch.cuda.reset_peak_memory_stats()
-        for doc, qs in docs:
+        for d_i, (doc, qs) in enumerate(docs):
             mem = iicl_fast.Memory(model, tok, Config(seed=seed, progress=False))
             questions = [q for q, _ in qs]
             tot["none"] += recall(qs, mem.ask_many(questions))
@@ -286,6 +297,8 @@ def bench_embedded(args):
             walls += time.perf_counter() - t
             tot["consolidated"] += recall(qs, mem.ask_many(questions))
             tot["questions"] += len(qs)
+            print(f"seed {seed}: document {d_i + 1}/{len(docs)}, {tot['questions']} questions so far; "
+                  f"recall none/full/consolidated {tot['none']}/{tot['full']}/{tot['consolidated']}", flush=True)
             for k, v in rep.seconds.items():
                 secs[k] = secs.get(k, 0.0) + v
             mem.model.delete_adapter(mem.name)
