@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .bank import BankAdamW, LoraBank
 from .config import Config, IICLError
 from .consolidate import hidden_loss, loss_stats, prepare_chunk, with_replay
-from .driver import split_chunks
+from .driver import split_chunks, stream_id
 from .memory import Memory, get_state_keys, sha256_text
 from .teacher import student_hidden
 
@@ -70,7 +70,12 @@ def consolidate_many(model, tokenizer, texts: list[str], config: Config | None =
                 m._update_replay(kept, teacher, r)
                 if config.retain > 0:
                     m._retain(chunks[i][r])
-                m.chunks.append({"index": r, "tokens": rep.chunk_tokens, "sha256": sha256_text(chunks[i][r])})
+                if r == 0:     # each text is one stream, as driver.stream records it
+                    sid, text_id = stream_id([texts[i]], config.chunk_tokens)
+                    m.streams.append({"id": sid, "text_sha256": text_id, "chunk_tokens": config.chunk_tokens,
+                                      "chunks": len(chunks[i])})
+                m.chunks.append({"index": r, "tokens": rep.chunk_tokens, "sha256": sha256_text(chunks[i][r]),
+                                 "stream": m.streams[-1]["id"], "position": r})
                 m.report = rep
     finally:
         bank.remove()
