@@ -76,8 +76,8 @@ NUCLEUS_STEPS = 30
 def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """probs [B, V] -> bool [B, V]: the smallest set of most likely tokens whose mass reaches
     top_p (token i kept iff the mass of the tokens more likely than i is < top_p), found by
-    bisection on a probability threshold instead of sorting the vocabulary: a sort of
-    400 × 128,256 probabilities per decoding step cost more than the model's forward."""
+    bisection on a probability threshold instead of sorting the vocabulary (on CUDA: 400 ×
+    128,256 probabilities a step; elicitation 78.9 → 63.7 s with the other v2 changes)."""
     lo = torch.zeros_like(probs[:, :1])
     hi = probs.amax(-1, keepdim=True)           # mass above hi: 0 < top_p; above lo (0): 1 >= top_p
     for _ in range(NUCLEUS_STEPS):
@@ -99,8 +99,13 @@ def next_token(logits, sample: bool, temperature: float, top_p: float, generator
         raise ValueError(f"the sampling generator is on {generator.device} but the logits are on "
                          f"{logits.device}: make it with sampling_generator(logits.device, seed)")
     probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
+    if top_p < 1.0 and probs.is_cuda:
         probs = probs * nucleus_mask(probs, top_p)
+    elif top_p < 1.0:       # the CPU sorts: 30 bisection passes cost 3× a sort there (16 × 49,152)
+        p, idx = probs.sort(-1, descending=True)
+        keep = p.cumsum(-1) - p < top_p           # always keeps the most likely token
+        choice = torch.multinomial(p * keep, 1, generator=generator).squeeze(1)
+        return idx.gather(1, choice[:, None]).squeeze(1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 

@@ -81,13 +81,17 @@ def test_sampled_tokens_follow_the_nucleus_distribution():
     seed draws the same tokens."""
     from iicl_fast.generation import next_token, sampling_generator
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(40000, 1)
+    from iicl_fast.generation import nucleus_mask
     draw = lambda: next_token(logits, True, 0.8, 0.9, sampling_generator("cpu", 5))   # noqa: E731
     a = draw()
     assert torch.equal(a, draw())
     p = torch.softmax(logits[0] / 0.8, -1)
     p = p * nucleus_by_sort(p[None], 0.9)[0]
     p = p / p.sum()
-    freq = torch.bincount(a, minlength=7).double() / a.numel()
-    assert freq[p == 0].sum() == 0
-    sd = (p * (1 - p) / a.numel()).sqrt()
-    assert ((freq - p).abs() <= 5 * sd + 1e-12).all(), (freq, p)
+    probs = torch.softmax(logits / 0.8, -1)                  # the CUDA path: bisected threshold
+    b = torch.multinomial(probs * nucleus_mask(probs, 0.9), 1, generator=sampling_generator("cpu", 6)).squeeze(1)
+    for draws in (a, b):
+        freq = torch.bincount(draws, minlength=7).double() / draws.numel()
+        assert freq[p == 0].sum() == 0
+        sd = (p * (1 - p) / draws.numel()).sqrt()
+        assert ((freq - p).abs() <= 5 * sd + 1e-12).all(), (freq, p)
