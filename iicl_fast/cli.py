@@ -1,4 +1,4 @@
-"""iicl-fast: demo, consolidate, ask, session-eval. Errors: one line on stderr, exit code 2."""
+"""iicl-fast: demo, consolidate, ask, eval, session-eval. Errors: one line on stderr, exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -273,6 +273,39 @@ def cmd_session_eval(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from . import load_model
+    from .evaluation import ABLATIONS, SUITES, Sizes, run_suite, table, write_result
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    if args.suite != "all" and args.suite not in SUITES:
+        raise IICLError(f"unknown suite {args.suite!r}: choose one of {', '.join(SUITES)} or all")
+    variants = [v.strip() for v in args.ablations.split(",")] if args.ablations else None
+    for v in variants or []:
+        if v not in ABLATIONS:
+            raise IICLError(f"unknown ablation {v!r}: choose from {', '.join(ABLATIONS)}")
+    if args.seeds < 1:
+        raise IICLError(f"--seeds must be >= 1, got {args.seeds}")
+    sizes = Sizes.quick() if args.quick else Sizes()
+    for name in ("docs", "facts", "stream_chunks", "stream_seeds"):
+        v = getattr(args, name)
+        if v is not None:
+            least = 0 if name == "stream_seeds" else 1
+            if v < least:
+                raise IICLError(f"--{name.replace('_', '-')} must be >= {least}, got {v}")
+            setattr(sizes, name, v)
+    cfg = build_config(args)                             # bad flags fail before the model loads
+    model, tok = load_model(args.model, **model_kw(args))
+    log_config(cfg, model)
+    out = Path(args.out)
+    for suite in suites:
+        res = run_suite(suite, model, tok, cfg, seeds=range(args.seed, args.seed + args.seeds), sizes=sizes,
+                        variants=variants, progress=not args.quiet)
+        paths = write_result(res, out)
+        print(table(res), flush=True)
+        log("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def add_model_args(p, config: bool = True) -> None:
     p.add_argument("--model", default=None, help="local HF model dir or .gguf (default: embedded SmolLM2-135M)")
     p.add_argument("--device", default="auto", help="auto (CUDA where a GPU is present) | cpu | cuda | cuda:N")
@@ -308,6 +341,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--context", metavar="FILE", help="put this file's text in the window first")
     add_model_args(a)
     a.set_defaults(func=cmd_ask)
+    v = sub.add_parser("eval", help="the evaluation suite: recall, sequence, reasoning, skills, forgetting, ablations")
+    v.add_argument("--suite", required=True, metavar="NAME",
+                   help="recall | sequence | reasoning | skills | forgetting | ablations | all")
+    v.add_argument("--out", default="eval_results", metavar="DIR", help="where eval_<suite>.json/.png go")
+    v.add_argument("--seeds", type=int, default=3, metavar="K", help="document sets (seeds) per figure")
+    v.add_argument("--seed", type=int, default=0, help="the first seed")
+    v.add_argument("--quick", action="store_true", help="small sizes for the CPU (1 document, 3 facts, 3-chunk stream)")
+    v.add_argument("--docs", type=int, default=None, metavar="N", help="documents per seed (recall)")
+    v.add_argument("--facts", type=int, default=None, metavar="N", help="facts per document")
+    v.add_argument("--stream-chunks", type=int, default=None, metavar="N", help="chunks of the long stream")
+    v.add_argument("--stream-seeds", type=int, default=None, metavar="K", help="seeds of the long stream (default 1)")
+    v.add_argument("--ablations", default=None, metavar="A,B", help="only these ablations (default: all)")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_model_args(v)
+    v.set_defaults(func=cmd_eval)
     e = sub.add_parser("session-eval", help="bounded-cache session (SirLLM) on passkey or multiple-choice data")
     e.add_argument("--task", choices=("passkey", "mc"), required=True)
     e.add_argument("--stream-tokens", type=int, default=None, metavar="N", help="passkey: stream length")

@@ -9,7 +9,8 @@ class IICLError(Exception):
     """A problem with the user's input or files; the CLI prints it as one line, exit 2."""
 
 
-LOSSES = ("forward_kl", "reverse_kl", "seqkd")
+LOSSES = ("forward_kl", "reverse_kl", "seqkd", "jsd")
+SELECTIONS = ("ppl_gap", "random")
 LOSS_IMPLS = ("reference", "fused")
 
 
@@ -33,8 +34,13 @@ class Config:
     # 3. path selection by ΔPPL = log P(r | C, q) − log P(r | q)
     select_ratio: float = 0.875    # keep the top ρ·N entries ...
     select_top_k: int | None = None  # ... or exactly the top k (wins over the ratio)
+    selection: str = "ppl_gap"     # ppl_gap (top ΔPPL) | random (the same count, drawn at random: an ablation)
+    # Elicit and teach with the adapter off (the base model with the chunk in view) instead
+    # of with θ_{i-1}: the chunk's knowledge is in the chunk, and an adapter that has already
+    # absorbed earlier chunks writes and teaches worse (see benchmarks/NOTES.md, evaluation).
+    teacher_base: bool = False
     # 4. consolidation
-    loss: str = "forward_kl"       # forward_kl | reverse_kl | seqkd
+    loss: str = "forward_kl"       # forward_kl | reverse_kl | seqkd | jsd (β = 0.5)
     loss_impl: str = "fused"       # fused (iicl_fast.ops, loss-head identity) | reference (plain PyTorch)
     kernel_impl: str = "auto"      # for fused: auto (Triton on CUDA, torch on CPU) | triton | torch
     temperature: float = 1.0
@@ -74,6 +80,8 @@ class Config:
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise IICLError(f"unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
+        if self.selection not in SELECTIONS:
+            raise IICLError(f"unknown selection {self.selection!r}: choose one of {', '.join(SELECTIONS)}")
         if self.loss_impl not in LOSS_IMPLS:
             raise IICLError(f"unknown loss_impl {self.loss_impl!r}: choose one of {', '.join(LOSS_IMPLS)}")
         if self.kernel_impl not in ("auto", "triton", "torch"):

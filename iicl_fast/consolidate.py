@@ -1,6 +1,7 @@
 """Phases 1–4 for one chunk: T_i : θ_{i-1} + C_i → θ_i."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -14,7 +15,7 @@ from .config import Config
 from .elicit import Entry, elicit
 from .generation import causal_lm, lm_head
 from .models import PromptFormat
-from .select import delta_ppl, select_by_ppl_gap
+from .select import delta_ppl, select_by_ppl_gap, select_random
 from .teacher import HiddenSet, hidden_logprob, student_hidden, student_hidden_set, teacher_hidden, token_batches
 
 
@@ -83,7 +84,7 @@ def hidden_loss(model, h_s, teacher: HiddenSet, rows: torch.Tensor, config: Conf
         if config.loss == "seqkd":
             lp, _ = ops.token_logprob(h_s, weight, targets, temperature=config.temperature, impl=config.kernel_impl)
             return -lp.mean()
-        kind = "forward" if config.loss == "forward_kl" else "reverse"
+        kind = {"forward_kl": "forward", "reverse_kl": "reverse", "jsd": "jsd"}[config.loss]
         return ops.kl_divergence(h_s, weight, teacher.h[rows].to(h_s.dtype), weight, kind=kind, softcap=softcap,
                                  temperature=config.temperature, reduction="mean", impl=config.kernel_impl)
     return reference.distill_loss(config.loss, h_s, teacher.h[rows], targets, weight, bias=bias,
@@ -166,13 +167,14 @@ def concat(a: HiddenSet, b: HiddenSet) -> HiddenSet:
 
 
 def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.Tensor], config: Config,
-                      *, chunk_index: int = 0, replay=None):
+                      *, chunk_index: int = 0, replay=None, base_view=None):
     """Elicit → teacher pass → select by ΔPPL → train the LoRA params on the kept entries
     (plus `replay`: (entries, HiddenSet) kept from earlier chunks, trained on again so the
     new chunk does not overwrite them).
 
     -> (report, kept entries, their teacher HiddenSet)."""
-    rep, kept_entries, teacher = prepare_chunk(model, fmt, chunk, config, chunk_index=chunk_index)
+    rep, kept_entries, teacher = prepare_chunk(model, fmt, chunk, config, chunk_index=chunk_index,
+                                               base_view=base_view)
     if not kept_entries:
         return rep, [], None
     trace("train", chunk_index)
@@ -192,12 +194,18 @@ def with_replay(kept: list[Entry], teacher: HiddenSet, replay):
     return kept, teacher
 
 
-def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index: int = 0):
-    """Elicit → teacher pass → select by ΔPPL. -> (report, kept entries, their teacher HiddenSet)."""
+def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index: int = 0, base_view=None):
+    """Elicit → teacher pass → select by ΔPPL. -> (report, kept entries, their teacher HiddenSet).
+
+    base_view: with config.teacher_base, a context manager factory under which the model is
+    the base (adapter off, e.g. PeftModel.disable_adapter): elicitation and the teacher pass
+    run there, the student pass (ΔPPL's second term) with the adapter on."""
+    teach = base_view if (config.teacher_base and base_view is not None) else contextlib.nullcontext
     rep = ConsolidationReport(chunk_index=chunk_index, chunk_tokens=len(fmt.encode(chunk)))
     trace("elicit", chunk_index)
     t = _now(model)
-    entries = elicit(model, fmt, chunk, config, chunk_index=chunk_index)
+    with teach():
+        entries = elicit(model, fmt, chunk, config, chunk_index=chunk_index)
     rep.elicited = len(entries)
     rep.seconds["elicit"] = _now(model) - t
     if not entries:
@@ -205,8 +213,9 @@ def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk
 
     trace("teacher", chunk_index)
     t = _now(model)
-    teacher = teacher_hidden(model, fmt, chunk, entries, batch_size=config.gen_batch_size,
-                             max_tokens=config.pass_tokens, progress=config.progress)
+    with teach():
+        teacher = teacher_hidden(model, fmt, chunk, entries, batch_size=config.gen_batch_size,
+                                 max_tokens=config.pass_tokens, progress=config.progress)
     student = student_hidden_set(model, fmt, entries, batch_size=config.gen_batch_size, max_tokens=config.pass_tokens)
     rep.seconds["teacher"] = _now(model) - t
     rep.work.update(response_tokens=sum(len(e.response) for e in entries),
@@ -217,7 +226,11 @@ def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk
     impl = config.kernel_impl if config.loss_impl == "fused" else None
     gaps = delta_ppl(hidden_logprob(model, teacher, config.temperature, impl=impl),
                      hidden_logprob(model, student, config.temperature, impl=impl), teacher.offsets)
-    keep = select_by_ppl_gap(gaps, ratio=config.select_ratio, top_k=config.select_top_k)
+    if config.selection == "random":
+        keep = select_random(len(entries), ratio=config.select_ratio, top_k=config.select_top_k,
+                             seed=config.seed + chunk_index)
+    else:
+        keep = select_by_ppl_gap(gaps, ratio=config.select_ratio, top_k=config.select_top_k)
     dropped = sorted(set(range(len(entries))) - set(keep))
     rep.kept = len(keep)
     rep.dppl_kept = _mean(gaps[keep])

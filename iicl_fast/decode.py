@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from .config import IICLError
+
 IMPL = "iicl_cascade"
 _PREFIX: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 # Rows of the prefix part's score matrix [kv_heads, rows, K] in fp32 taken at a time:
@@ -42,10 +44,36 @@ def _layer_kv(cache, i: int):
 @torch.no_grad()
 def prefix_kv(model, prefix: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The prefix's keys and values per layer, [kv_heads, K, head_dim] each, computed once."""
-    from .generation import decoder
+    from .generation import cache_of, decoder
     device = next(model.parameters()).device
-    cache = decoder(model)(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+    cache = cache_of(decoder(model)(input_ids=torch.tensor([prefix], device=device), use_cache=True))
     return [tuple(t[0] for t in _layer_kv(cache, i)) for i in range(len(cache))]
+
+
+def cascade_unsupported(model) -> str | None:
+    """Why cascade attention cannot serve this model (None: it can). It computes plain
+    scaled-dot-product attention: an attention logit softcap (Gemma-2) or sliding-window
+    layers (Mistral, Gemma-2/3) need the model's own attention, so callers fall back to the
+    per-row cache path for them."""
+    from .generation import causal_lm
+    cfg = causal_lm(model).config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    if sliding_window(model):
+        return "sliding-window attention layers"
+    if getattr(cfg, "attn_logit_softcapping", None):
+        return "an attention logit softcap"
+    return None
+
+
+def sliding_window(model) -> bool:
+    """Whether any attention layer of model sees only a window of recent tokens."""
+    from .generation import causal_lm
+    cfg = causal_lm(model).config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return any("sliding" in t for t in types)
+    return bool(getattr(cfg, "sliding_window", None)) and getattr(cfg, "use_sliding_window", True)
 
 
 @contextlib.contextmanager
@@ -53,6 +81,9 @@ def shared_prefix(model, kv: list[tuple[torch.Tensor, torch.Tensor]]):
     """Inside: every attention layer of model attends to kv (positions 0..K-1) before the
     per-row cache; position ids of the rows' tokens must start at K."""
     from .generation import causal_lm
+    why = cascade_unsupported(model)
+    if why:
+        raise IICLError(f"cascade attention cannot serve {type(causal_lm(model)).__name__}: it has {why}")
     _register()
     cfgs = {id(c): c for c in (causal_lm(model).config, causal_lm(model).get_decoder().config)}.values()
     saved = [(c, c._attn_implementation) for c in cfgs]

@@ -16,6 +16,26 @@ def decoder(model):
     return causal_lm(model).get_decoder()
 
 
+def cache_kw(body, cache) -> dict:
+    """The KV-cache keyword of body.forward: `cache` from transformers 5.2x (`past_key_values`
+    is deprecated there, going in 5.40), `past_key_values` before (5.17 on the GPU machine)."""
+    fn = body.forward
+    names = _cache_names.get(type(body))
+    if names is None:
+        import inspect
+        names = _cache_names[type(body)] = "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+    return {names: cache}
+
+
+def cache_of(out):
+    """The KV cache of a model output, under either transformers' name."""
+    c = out.get("cache") if hasattr(out, "get") else None
+    return c if c is not None else out.past_key_values
+
+
+_cache_names: dict = {}
+
+
 def lm_head(model):
     """-> (weight [V, H], bias [V] or None, softcap or None) of the frozen output layer."""
     lm = causal_lm(model)
@@ -48,7 +68,7 @@ def pad_left(seqs: list[list[int]], pad_id: int, device=None):
 def prefix_cache(model, prefix: list[int]):
     """KV cache of a shared prefix (batch 1), computed once and copied per batch."""
     device = next(model.parameters()).device
-    return decoder(model)(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+    return cache_of(decoder(model)(input_ids=torch.tensor([prefix], device=device), use_cache=True))
 
 
 def step_logits(h, weight, bias=None, softcap=None):
@@ -142,12 +162,21 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: in
     stops = _stop_tensor(stop_ids, eos_id, device)
     K = len(prefix) if prefix else 0
     if cascade is None:
-        cascade = device.type == "cuda"
+        from .decode import cascade_unsupported
+        cascade = device.type == "cuda" and cascade_unsupported(model) is None
     if cascade and prefix:
         from .decode import prefix_kv, shared_prefix
         with shared_prefix(model, prefix_kv(model, prefix)):
             return _generate(model, body, prompts, K, None, False, stops, max_new_tokens, pad_id, sample,
                              temperature, top_p, batch_size, generator, progress, min_new_tokens)
+    if prefix and batch_size > 1 and len(prompts) > 1:
+        from .decode import sliding_window
+        if sliding_window(model):
+            # transformers' sliding-window cache layers do not take a prefix copied into a
+            # batch with left-padded rows after it (measured: Mistral and Gemma-3 rows got
+            # row 0's tokens); the prefix is recomputed per row instead: exact, slower.
+            return _generate(model, body, [prefix + p for p in prompts], 0, None, False, stops, max_new_tokens,
+                             pad_id, sample, temperature, top_p, batch_size, generator, progress, min_new_tokens)
     cache0 = prefix_cache(model, prefix) if prefix else None
     return _generate(model, body, prompts, K, cache0, bool(prefix), stops, max_new_tokens, pad_id, sample,
                      temperature, top_p, batch_size, generator, progress, min_new_tokens)
@@ -171,8 +200,8 @@ def _generate(model, body, prompts, K, cache0, copy_prefix, stops, max_new_token
         # the mask covers what the cache holds: the copied prefix, or only the rows' own tokens
         attn = torch.cat([torch.ones(B, K if copy_prefix else 0, dtype=mask.dtype, device=device), mask], 1)
         pos = K + (mask.cumsum(1) - 1).clamp(min=0)
-        res = body(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
-        past, h = res.past_key_values, res.last_hidden_state[:, -1]
+        res = body(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **cache_kw(body, past))
+        past, h = cache_of(res), res.last_hidden_state[:, -1]
         next_pos = K + mask.sum(1)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         toks = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=device)
@@ -187,8 +216,8 @@ def _generate(model, body, prompts, K, cache0, copy_prefix, stops, max_new_token
                 break
             attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], 1)
             res = body(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                       past_key_values=past, use_cache=True)
-            past, h = res.past_key_values, res.last_hidden_state[:, -1]
+                       use_cache=True, **cache_kw(body, past))
+            past, h = cache_of(res), res.last_hidden_state[:, -1]
             next_pos = next_pos + 1
         for row in toks.tolist():
             out.append([x for x in row if x >= 0])

@@ -269,7 +269,8 @@ class Memory:
         self._activate()
         idx = len(self.chunks) if chunk_index is None else chunk_index
         rep, kept, teacher = consolidate_chunk(self.model, self.fmt, text.strip(), self.params, self.config,
-                                               chunk_index=idx, replay=self.replay)
+                                               chunk_index=idx, replay=self.replay,
+                                               base_view=self.model.disable_adapter)
         self._update_replay(kept, teacher, idx)
         if self.config.retain > 0:
             self._retain(text.strip())

@@ -5,6 +5,8 @@ works in token slices of `token_chunk` rows, so at most token_chunk × V logits 
 time (autograd included: each slice is checkpointed and recomputed in backward)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -46,12 +48,15 @@ def _slice_loss(kind, h_s, h_t, targets, weight, bias, softcap, temperature):
         return (logp.exp() * (logp - logq)).sum()
     if kind == "reverse_kl":   # KL(p_student ‖ p_teacher)
         return (logq.exp() * (logq - logp)).sum()
+    if kind == "jsd":          # ½ KL(p_t ‖ m) + ½ KL(p_s ‖ m), m = ½ (p_t + p_s)
+        logm = torch.logaddexp(logp, logq) - math.log(2.0)
+        return 0.5 * ((logp.exp() * (logp - logm)).sum() + (logq.exp() * (logq - logm)).sum())
     raise ValueError(f"unknown loss {kind!r}")
 
 
 def distill_loss(kind, h_s, h_t, targets, weight, *, bias=None, softcap=None, temperature=1.0,
                  token_chunk=256):
-    """Mean over the N response tokens of forward KL / reverse KL / cross-entropy (seqkd).
+    """Mean over the N response tokens of forward KL / reverse KL / cross-entropy (seqkd) / JSD (β ½).
 
     h_s [N, H] student hidden (differentiable), h_t [N, H] teacher hidden (frozen),
     targets [N] response token ids. Differentiable in h_s only."""

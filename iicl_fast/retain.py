@@ -24,7 +24,7 @@ import contextlib
 import torch
 
 from .config import IICLError
-from .generation import causal_lm, decoder, lm_head
+from .generation import cache_kw, cache_of, causal_lm, decoder, lm_head
 
 POLICIES = ("entropy", "recent", "full")
 
@@ -90,6 +90,22 @@ def rotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
     k = keys.float()
     half = k.shape[-1] // 2
     return k * cos + torch.cat([-k[..., half:], k[..., :half]], -1) * sin
+
+
+def rerotation_unsupported(model) -> str | None:
+    """Why evicting tokens and re-rotating the kept keys to contiguous positions would not
+    equal recomputing them (None: it would). Sliding-window layers keep their own window;
+    a partial rotary dimension or per-layer RoPE bases rotate what `rotate` does not."""
+    from .decode import sliding_window
+    if sliding_window(model):
+        return "sliding-window attention layers"
+    lm = causal_lm(model)
+    cfg = getattr(lm.config, "text_config", None) or lm.config
+    if getattr(cfg, "partial_rotary_factor", 1.0) not in (None, 1.0):
+        return f"a partial rotary dimension (partial_rotary_factor {cfg.partial_rotary_factor})"
+    if getattr(cfg, "rope_local_base_freq", None):
+        return "per-layer RoPE bases (local and global)"
+    return None
 
 
 def _rope_inv_freq(model) -> torch.Tensor:
@@ -193,7 +209,11 @@ class StreamingSession:
         self.step = step if policy == "full" else max(1, min(step, recent))
         self.body = decoder(model)
         self.weight, self.bias, self.softcap = lm_head(model)
-        self.inv_freq = _rope_inv_freq(model)
+        why = rerotation_unsupported(model) if policy != "full" else None
+        if why:
+            raise IICLError(f"StreamingSession cannot evict from {type(causal_lm(model)).__name__}: it has {why} "
+                            "(policy 'full' keeps every token)")
+        self.inv_freq = _rope_inv_freq(model) if policy != "full" else None
         cfg = causal_lm(model).config
         self.max_positions = getattr(cfg, "max_position_embeddings", None)
         self.eos_id = tokenizer.eos_token_id
@@ -270,8 +290,8 @@ class StreamingSession:
         L, n = self.cache_tokens, piece.numel()
         pos = torch.arange(L, L + n)
         out = self.body(input_ids=piece[None].to(self.device), position_ids=pos[None].to(self.device),
-                        past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                        use_cache=True, **cache_kw(self.body, self.cache))
+        self.cache = cache_of(out)
         if self.policy != "full":
             if not self.key_master:
                 for layer in self.cache.layers:

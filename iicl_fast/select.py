@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import torch
 
@@ -23,3 +24,10 @@ def select_by_ppl_gap(gaps: torch.Tensor, *, ratio: float = 1.0, top_k: int | No
     k = max(0, min(E, k))
     order = sorted(range(E), key=lambda i: (-float(gaps[i]), i))
     return sorted(order[:k])
+
+
+def select_random(n: int, *, ratio: float = 1.0, top_k: int | None = None, seed: int = 0) -> list[int]:
+    """As many indices as select_by_ppl_gap keeps of n entries, drawn uniformly at random
+    (seeded), in their original order: the ablation that tells what ΔPPL ranking is worth."""
+    k = top_k if top_k is not None else math.ceil(ratio * n)
+    return sorted(random.Random(seed).sample(range(n), max(0, min(n, k))))

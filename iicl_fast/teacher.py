@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from . import reference
 from .elicit import Entry
-from .generation import decoder, lm_head, pad_right, prefix_cache
+from .generation import cache_kw, decoder, lm_head, pad_right, prefix_cache
 from .models import PromptFormat
 
 
@@ -79,7 +79,8 @@ def teacher_hidden(model, fmt: PromptFormat, chunk: str, entries: list[Entry], *
     prefix = fmt.context_prefix(chunk)
     K = len(prefix)
     if cascade is None:
-        cascade = device.type == "cuda"
+        from .decode import cascade_unsupported
+        cascade = device.type == "cuda" and cascade_unsupported(model) is None
     cascade = cascade and prefix_reuse
     if cascade:
         from .decode import prefix_kv, shared_prefix
@@ -108,8 +109,8 @@ def teacher_hidden(model, fmt: PromptFormat, chunk: str, entries: list[Entry], *
                 past.batch_repeat_interleave(B)
                 full_mask = torch.cat([torch.ones(B, K, dtype=mask.dtype, device=device), mask], 1)
                 pos = torch.arange(K, K + S, device=device)
-                hidden = body(input_ids=ids, attention_mask=full_mask, past_key_values=past,
-                              position_ids=pos[None].expand(B, S), cache_position=pos, use_cache=True).last_hidden_state
+                hidden = body(input_ids=ids, attention_mask=full_mask, position_ids=pos[None].expand(B, S),
+                              cache_position=pos, use_cache=True, **cache_kw(body, past)).last_hidden_state
                 del past
             else:
                 ids, mask = pad_right([prefix + s for s in suffixes], fmt.pad_id, device)

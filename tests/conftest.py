@@ -1,6 +1,11 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist (`-n N`) the workers share the cores: N workers of cores/N threads each
+# (the tiny-model tests are bound by Python overhead, not by GEMMs, so two single-threaded
+# workers on 2 cores finish the suite sooner than one process with 2 threads).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import pytest
 import torch

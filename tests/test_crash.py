@@ -81,7 +81,7 @@ def test_sigkill_anywhere_loses_nothing(tiny_dir, tmp_path, smol_tokenizer):
     landed, resumes = [], 0
     for k in range(20):
         targeted = k % 4 == 3
-        run = Run(command(doc, victim, tiny_dir), {**env, "IICL_FAULT_PAUSE": "0.5"} if targeted else env)
+        run = Run(command(doc, victim, tiny_dir), {**env, "IICL_FAULT_PAUSE": "10"} if targeted else env)
         if targeted:
             hit = run.wait_for("[iicl fault] between renames", 60)
         else:

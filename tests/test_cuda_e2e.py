@@ -86,3 +86,16 @@ def test_flash_prefix_part_matches_the_plain_one():
     for o, l in ((o1, l1), (o2, l2)):
         assert (o.double() - ref_o).norm() / ref_o.norm() < 1e-2
         assert (l.double() - ref_l).abs().max() < 1e-2
+
+
+def test_eval_suites_run_on_cuda(smol_tokenizer):
+    """Every evaluation suite, quick sizes, on CUDA in bf16 (the tiny model: the plumbing,
+    teacher_base's adapter switch and the JSD loss among the ablations)."""
+    from iicl_fast.evaluation import SUITES, Sizes, run_suite
+    model = make_tiny(smol_tokenizer).to("cuda", torch.bfloat16)
+    cfg = iicl_fast.Config(**{**TINY_CONFIG, "epochs": 1, "answer_max_new_tokens": 6})
+    for suite in SUITES:
+        res = run_suite(suite, model, smol_tokenizer, cfg, seeds=[0], sizes=Sizes.quick(), progress=False,
+                        variants=["default", "teacher_base", "loss_jsd", "select_random"])
+        assert res["device"].startswith("cuda") and res["dtype"] == "bfloat16"
+        assert res["results"]

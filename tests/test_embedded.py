@@ -75,7 +75,9 @@ def test_separate_memories_trained_together_each_recall_their_document(smol, tmp
         f = tmp_path / f"doc{k}.txt"
         f.write_text(doc)
         files.append(str(f))
-    assert cli.main(["consolidate", *files, "--out", str(tmp_path / "mems"), "--separate"]) == 0
+    # the transfer set of test_sequential_documents_first_still_recalled (CI time: 40 entries a document, not 64)
+    assert cli.main(["consolidate", *files, "--out", str(tmp_path / "mems"), "--separate",
+                     "--set", "n_queries=24", "--set", "n_continuations=16"]) == 0
     base = iicl_fast.Memory(model, tok, iicl_fast.Config(progress=False))
     results = []
     for k, (doc, qs) in enumerate(SEQUENTIAL_DOCS):

@@ -14,7 +14,8 @@ def test_wheel_contains_and_imports_everything(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert any(n.startswith("iicl_fast/_C") and n.endswith(".so") for n in names), "no compiled extension"
     for must in ["iicl_fast/__init__.py", "iicl_fast/cli.py", "iicl_fast/kernels/__init__.py",
-                 "iicl_fast/data/demo.txt", "iicl_fast/data/demo_questions.json"]:
+                 "iicl_fast/data/demo.txt", "iicl_fast/data/demo_questions.json",
+                 "iicl_fast/data/general_questions.json", "iicl_fast/data/heldout.txt", "iicl_fast/evaluation.py"]:
         assert must in names, must
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)

@@ -1,0 +1,84 @@
+"""The evaluation suite on one device -> benchmarks/results/eval_<suite>.json (+ .png where
+matplotlib is installed), with the device, versions and commit.
+
+    python benchmarks/eval_suite.py --suite all --seeds 3 --set gen_batch_size=64      # one GPU, minutes
+    python benchmarks/eval_suite.py --suite recall --quick --device cpu                  # the CPU
+
+Same sizes and flags as `iicl-fast eval` (iicl_fast/evaluation.py holds the suites); the
+commit is IICL_COMMIT when set (the GPU machine's copy of the tree has a stale git HEAD)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import iicl_fast
+from iicl_fast.cli import build_config, log_config, model_kw
+from iicl_fast.evaluation import SUITES, Sizes, run_suite, table, write_result
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def commit() -> str:
+    if os.environ.get("IICL_COMMIT"):
+        return os.environ["IICL_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--suite", default="all", help=" | ".join(SUITES) + " | all (or a comma list)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--docs", type=int, default=None)
+    ap.add_argument("--facts", type=int, default=None)
+    ap.add_argument("--stream-chunks", type=int, default=None)
+    ap.add_argument("--stream-seeds", type=int, default=None)
+    ap.add_argument("--ablations", default=None, help="comma list (default: all)")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--tag", default="", help="suffix of the result files (eval_<suite><tag>.json)")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args()
+    suites = list(SUITES) if args.suite == "all" else args.suite.split(",")
+    sizes = Sizes.quick() if args.quick else Sizes()
+    for name in ("docs", "facts", "stream_chunks", "stream_seeds"):
+        if getattr(args, name) is not None:
+            setattr(sizes, name, getattr(args, name))
+    variants = args.ablations.split(",") if args.ablations else None
+    cfg = build_config(args)
+    t = time.perf_counter()
+    model, tok = iicl_fast.load_model(args.model, **model_kw(args))
+    print(f"model loaded in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+    log_config(cfg, model)
+    dev = next(model.parameters()).device
+    meta = {"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__, "commit": commit(),
+            "model": args.model or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"}
+    for suite in suites:
+        res = {**run_suite(suite, model, tok, cfg, seeds=range(args.seed, args.seed + args.seeds), sizes=sizes,
+                           variants=variants), **meta}
+        write_result(res, Path(args.out), name=suite + args.tag)
+        print(table(res), flush=True)
+        print(json.dumps({"suite": suite + args.tag, "wall_s": res["wall_s"]}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

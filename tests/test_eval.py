@@ -1,0 +1,135 @@
+"""The evaluation suite: seeded documents, scoring, every suite's plumbing on the tiny model,
+the CLI, and a small recall slice on the embedded model (asserted)."""
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import TINY_CONFIG
+from iicl_fast import Config, Memory
+from iicl_fast.evaluation import (ABLATIONS, SUITES, Question, Sizes, correct, fictional_documents, heldout_nll,
+                                  reasoning_stream, run_suite, score, skill_documents, write_result)
+
+
+def test_documents_are_seeded_confusable_and_answerable():
+    a, b = fictional_documents(0, 3, 6), fictional_documents(0, 3, 6)
+    assert [d.text for d in a] == [d.text for d in b]                       # reproducible
+    assert a[0].text != fictional_documents(1, 1, 6)[0].text                 # a new seed is a new document
+    for d in a:
+        assert len(d.questions) >= 6
+        for q in d.questions:   # every accepted answer is written in its own document, and in no other
+            assert any(x in d.text for x in q.answers), (q, d.text)
+    kinds = [{s.split()[1] for s in d.text.split(". ")} for d in a]
+    assert kinds[0] & kinds[1]                                               # shared wording: confusable
+    chunks, qs = reasoning_stream(0, 4)
+    assert len(chunks) == 4 and len(qs) == 6
+    for q in qs:
+        if q.wrong:     # a comparison: both options, in different chunks
+            assert q.answers[0] in " ".join(chunks) and q.wrong[0] in " ".join(chunks)
+        else:           # two-hop: the answer only in the last chunk, the person only in the first
+            assert q.answers[0] in chunks[-1] and q.question.split(" was born")[0].split("was ")[-1]
+    for d in skill_documents(0):
+        for q in d.questions:
+            assert not any(x in d.text for x in q.answers)                   # new inputs, not the examples
+
+
+def test_correct_scores_answers_and_choices():
+    q = Question("Who founded Torholt?", ["Talsen"])
+    assert correct(q, "It was founded by Rhea talsen.") and not correct(q, "Rhea Bergard")
+    c = Question("Which is older, A or B?", ["Varstad"], ["Belford"])
+    assert correct(c, "The lighthouse of Varstad is older than the one of Belford.")
+    assert not correct(c, "Belford is older than Varstad.")
+    assert not correct(c, "Neither.")
+
+
+def test_every_suite_runs_on_the_tiny_model(tiny, tmp_path):
+    model, tok = tiny
+    cfg = Config(**{**TINY_CONFIG, "epochs": 1, "answer_max_new_tokens": 6})
+    sizes = Sizes.quick()
+    out = {}
+    for suite in SUITES:
+        res = run_suite(suite, model, tok, cfg, seeds=[0, 1] if suite == "recall" else [0], sizes=sizes,
+                        variants=["default", "loss_jsd", "select_random", "teacher_base"], progress=False)
+        paths = write_result(res, tmp_path)
+        assert json.loads(paths[0].read_text())["results"] == json.loads(json.dumps(res["results"]))
+        out[suite] = res["results"]
+    r = out["recall"]
+    assert len(r["full_context"]["values"]) == 2 and r["questions_per_seed"] >= 3
+    s = out["sequence"]
+    assert [len(row) for row in s["matrix"][0]] == [1, 2]                     # recall of every doc seen so far
+    assert len(s["first_chunk_by_chunks_since"]) == sizes.stream_chunks
+    assert s["forgetting"]["base_nll_per_token"] > 0
+    assert set(out["skills"]) == {"cipher", "units", "plural"}
+    assert set(out["ablations"]) == {"default", "loss_jsd", "select_random", "teacher_base"}
+    assert all(v["seconds_per_chunk"] > 0 for v in out["ablations"].values())
+    assert out["forgetting"]["base_nll_per_token"] > 0
+    assert len(model.__dict__["_iicl_peft"].peft_config) <= 1                 # finished memories dropped
+
+
+def test_heldout_nll_sees_the_adapter(tiny):
+    model, tok = tiny
+    mem = Memory(model, tok, Config(**TINY_CONFIG))
+    text = ["The town library opened its doors early on Saturdays, and the first people were nearly always the same."]
+    base = heldout_nll(mem, text, base=True)
+    assert heldout_nll(mem, text) == pytest.approx(base, rel=1e-6)            # LoRA B = 0: the base
+    with torch.no_grad():
+        for p in mem.params:
+            p.add_(0.05 * torch.randn_like(p))
+    assert abs(heldout_nll(mem, text) - base) > 1e-4
+    assert heldout_nll(mem, text, base=True) == pytest.approx(base, rel=1e-6)
+
+
+def test_teacher_base_elicits_and_teaches_with_the_adapter_off(tiny):
+    """teacher_base: the transfer set and teacher rows of chunk 2 are the base model's, not θ_1's."""
+    from iicl_fast.consolidate import prepare_chunk
+    model, tok = tiny
+    cfg = Config(**TINY_CONFIG)
+    mem = Memory(model, tok, replace(cfg, teacher_base=True))
+    with torch.no_grad():
+        for p in mem.params:
+            p.add_(0.5 * torch.randn_like(p))
+    doc = fictional_documents(0, 1, 3)[0].text
+    on = prepare_chunk(mem.model, mem.fmt, doc, cfg, chunk_index=1)
+    off = prepare_chunk(mem.model, mem.fmt, doc, replace(cfg, teacher_base=True), chunk_index=1,
+                        base_view=mem.model.disable_adapter)
+    with mem.model.disable_adapter():
+        base = prepare_chunk(mem.model, mem.fmt, doc, cfg, chunk_index=1)
+    assert [e.response for e in off[1]] == [e.response for e in base[1]]
+    assert [e.response for e in on[1]] != [e.response for e in base[1]]
+    torch.testing.assert_close(off[2].h, base[2].h)
+
+
+def test_ablation_configs_are_valid():
+    for name, over in ABLATIONS.items():
+        Config(**over)                      # every ablation is a valid Config
+    with pytest.raises(Exception, match="unknown selection"):
+        Config(selection="best")
+
+
+def test_cli_eval_quick_on_the_tiny_model(tiny_dir, tmp_path):
+    sets = [a for k, v in {**TINY_CONFIG, "epochs": 1, "progress": False}.items() for a in ("--set", f"{k}={v}")]
+    p = subprocess.run([sys.executable, "-m", "iicl_fast", "eval", "--suite", "reasoning", "--quick", "--seeds", "1",
+                        "--model", str(tiny_dir), "--device", "cpu", "--out", str(tmp_path), "--quiet"] + sets,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads((tmp_path / "eval_reasoning.json").read_text())
+    assert res["suite"] == "reasoning" and res["config"]["epochs"] == 1 and res["device"] == "cpu"
+    assert "reasoning (cpu, float32" in p.stdout
+    bad = subprocess.run([sys.executable, "-m", "iicl_fast", "eval", "--suite", "recall", "--set", "lr=-1",
+                          "--model", str(tiny_dir)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("iicl-fast: error: lr must be > 0")
+
+
+def test_recall_slice_on_the_embedded_model(smol):
+    """A small slice of the recall suite on the embedded model (a lighter transfer set than
+    the default, for CI's time): the documents are answerable with the document in the window
+    and not without it, and every setting is scored."""
+    model, tok = smol
+    cfg = Config(n_queries=16, n_continuations=8, epochs=3, progress=False)
+    res = run_suite("recall", model, tok, cfg, seeds=[0], sizes=Sizes(docs=1, facts=4), progress=False)["results"]
+    print(json.dumps(res))
+    assert res["full_context"]["mean"] >= 0.5 and res["no_context"]["mean"] <= 0.2, res
+    assert set(res) >= {"consolidated", "consolidated_retained", "consolidated_over_full", "seconds_per_chunk"}
