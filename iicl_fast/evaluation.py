@@ -276,8 +276,13 @@ def spread(values: list[float]) -> dict:
 
 
 def _drop(mem: Memory) -> None:
-    """Remove a finished memory's adapter from the shared base (a suite makes dozens)."""
-    mem.model.delete_adapter(mem.name)
+    """Remove a finished memory's adapter from the shared base (a suite makes dozens). The
+    last adapter stays (peft's model needs an active one: deleting it left `active_adapter`
+    naming a deleted adapter, and the next Memory on that base failed in get_base_model)."""
+    others = [n for n in mem.model.peft_config if n != mem.name]
+    if others:
+        mem.model.set_adapter(others[-1])
+        mem.model.delete_adapter(mem.name)
 
 
 def _consolidate(mem: Memory, texts: list[str]) -> list[float]:

@@ -94,23 +94,66 @@ def load_model(name_or_path: str | None = None, *, device="auto", dtype="auto"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    kw = dict(gguf_file=gguf) if gguf else {}
+    sha = _sha256_file(folder / gguf) if gguf else None
+    cached = gguf_cache_dir(sha) if gguf else None
+    from_cache = cached is not None and (cached / "config.json").is_file()
+    kw = dict(gguf_file=gguf) if gguf and not from_cache else {}
+    src = cached if from_cache else folder
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kw)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=dt, **kw)
+        tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True, **kw)
+        model = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, dtype=dt, **kw)
     except (OSError, ValueError, KeyError) as e:
         raise IICLError(f"could not load model {name_or_path or model_id}: {str(e).splitlines()[0]}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    if gguf and not from_cache and cached is not None and dt == torch.float32:   # the exact dequantised weights
+        _write_gguf_cache(model, tok, cached)
     model.to(dev)
     model.eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model._iicl_model_id = model_id
-    model._iicl_file_sha256 = _sha256_file(folder / gguf) if gguf else None
+    model._iicl_file_sha256 = sha
+    model._iicl_from_cache = from_cache
     return model, tok
+
+
+def gguf_cache_dir(sha: str) -> Path | None:
+    """Where the dequantised weights of the GGUF file with this sha256 are kept (a plain
+    Hugging Face model directory): dequantising takes 20-45 s on 2 cores, loading the
+    saved copy ~2 s. IICL_CACHE overrides ~/.cache/iicl_fast; IICL_CACHE=off disables it."""
+    root = os.environ.get("IICL_CACHE")
+    if root and root.lower() in ("off", "0", "none"):
+        return None
+    base = Path(root) if root else Path.home() / ".cache" / "iicl_fast"
+    return base / "gguf" / sha[:32]
+
+
+def _write_gguf_cache(model, tok, target: Path) -> None:
+    """Save the dequantised model beside the cache (temp dir, then one rename): a reader
+    sees a complete copy or none; two writers at once keep the first (the second's rename
+    fails and its temp dir goes). An unwritable cache only costs the next load its time."""
+    import shutil
+    import tempfile
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError:
+        return
+    try:   # transformers refuses save_pretrained on a GGUF-loaded model: config + weights by hand
+        from safetensors.torch import save_model
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        type(model.config).from_dict(cfg).save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))     # tied tensors written once
+        tok.save_pretrained(tmp)
+        os.rename(tmp, target)
+    except (OSError, ValueError, RuntimeError):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def stop_ids(tok, model=None) -> list[int]:

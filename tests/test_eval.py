@@ -66,7 +66,10 @@ def test_every_suite_runs_on_the_tiny_model(tiny, tmp_path):
     assert set(out["ablations"]) == {"default", "loss_jsd", "select_random", "teacher_base"}
     assert all(v["seconds_per_chunk"] > 0 for v in out["ablations"].values())
     assert out["forgetting"]["base_nll_per_token"] > 0
-    assert len(model.__dict__["_iicl_peft"].peft_config) <= 1                 # finished memories dropped
+    peft_model = model.__dict__["_iicl_peft"]
+    assert len(peft_model.peft_config) == 1                                  # finished memories dropped ...
+    assert peft_model.active_adapter in peft_model.peft_config               # ... and the base still usable
+    Memory(model, tok, cfg).base_info()
 
 
 def test_heldout_nll_sees_the_adapter(tiny):
@@ -128,8 +131,25 @@ def test_recall_slice_on_the_embedded_model(smol):
     the default, for CI's time): the documents are answerable with the document in the window
     and not without it, and every setting is scored."""
     model, tok = smol
-    cfg = Config(n_queries=16, n_continuations=8, epochs=3, progress=False)
+    cfg = Config(n_queries=8, n_continuations=4, epochs=2, progress=False)
     res = run_suite("recall", model, tok, cfg, seeds=[0], sizes=Sizes(docs=1, facts=4), progress=False)["results"]
     print(json.dumps(res))
     assert res["full_context"]["mean"] >= 0.5 and res["no_context"]["mean"] <= 0.2, res
     assert set(res) >= {"consolidated", "consolidated_retained", "consolidated_over_full", "seconds_per_chunk"}
+
+
+def test_gguf_cache_loads_the_same_model(tmp_path, monkeypatch):
+    """The dequantised embedded model is kept as a plain HF directory: the second load reads
+    it (seconds, not the 20-45 s of dequantising) and is the same model, tokenizer included."""
+    import iicl_fast
+    from iicl_fast.models import fingerprint
+    monkeypatch.setenv("IICL_CACHE", str(tmp_path))
+    m1, t1 = iicl_fast.load_model(device="cpu")
+    m2, t2 = iicl_fast.load_model(device="cpu")
+    assert not m1._iicl_from_cache and m2._iicl_from_cache
+    assert [p.name for p in (tmp_path / "gguf").iterdir()] == [m1._iicl_file_sha256[:32]]   # no temp dir left
+    assert fingerprint(m1) == fingerprint(m2) and m1._iicl_file_sha256 == m2._iicl_file_sha256
+    ids = t1("The lighthouse keeper feeds seven cats.")["input_ids"]
+    assert ids == t2("The lighthouse keeper feeds seven cats.")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(m1(torch.tensor([ids])).logits, m2(torch.tensor([ids])).logits, rtol=0, atol=0)
