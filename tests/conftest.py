@@ -60,22 +60,3 @@ def smol():
 TINY_CONFIG = dict(n_queries=4, n_continuations=4, max_query_tokens=8, max_response_tokens=8,
                    epochs=2, batch_size=4, progress=False, lora_r=4)
 
-
-# Longest first (measured worker-seconds on 2 cores, one thread each): under `-n 2` the
-# workers take tests in this order, so the four minutes-long tests start at once on both
-# workers instead of last on one (CI went 1,569 s of tests with them at the end of the list).
-_LONGEST_FIRST = [   # xdist's `--dist load` deals the first batch out in turn: worker 1 gets 1st, 3rd, ...
-    "test_sequential_documents_first_still_recalled",           # 564 s  -> worker 1
-    "test_separate_memories_trained_together_each_recall_their_document",   # ~500 s -> worker 2
-    "test_sigkill_anywhere_loses_nothing",                      # 257 s  -> worker 1
-    "test_demo_consolidation_recalls_without_context",          # 448 s  -> worker 2
-    "test_passkey_at_the_start_of_a_long_stream_survives_only_with_entropy",
-    "test_recall_slice_on_the_embedded_model",
-    "test_gguf_cache_loads_the_same_model",
-    "test_every_suite_runs_on_the_tiny_model",
-]
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda it: rank.get(it.originalname or it.name, len(rank)))   # stable: the rest keep their order
