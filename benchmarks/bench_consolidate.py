@@ -138,12 +138,13 @@ def warm_kernels(model) -> float:
     from iicl_fast.generation import lm_head
     t = time.perf_counter()
     w, _, _ = lm_head(model)
-    h = torch.randn(300, w.shape[1], device=w.device, dtype=w.dtype)
-    st = ops.teacher_stats(h, w)
-    y = torch.randint(0, w.shape[0], (300,), device=w.device)
-    ops.token_logprob(h, w, y)
-    hs = h.clone().requires_grad_(True)
-    ops.forward_kl(hs, w, st, reduction="mean").backward()
+    for n in (300, 512):               # Triton specialises integer arguments on divisibility by 16
+        h = torch.randn(n, w.shape[1], device=w.device, dtype=w.dtype)
+        st = ops.teacher_stats(h, w)
+        y = torch.randint(0, w.shape[0], (n,), device=w.device)
+        ops.token_logprob(h, w, y)
+        hs = h.clone().requires_grad_(True)
+        ops.forward_kl(hs, w, st, reduction="mean").backward()
     torch.cuda.synchronize()
     return time.perf_counter() - t
 
@@ -157,6 +158,9 @@ def row(impl, workload, rep_seconds, floor_s, wall, chunk_tokens, compile_s, **e
 
 
 def commit() -> str:
+    """IICL_COMMIT (the device machine's checkout reports a stale HEAD), else git's."""
+    if os.environ.get("IICL_COMMIT"):
+        return os.environ["IICL_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent).stdout.strip() or "unknown"

@@ -26,6 +26,9 @@ _PREFIX: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 # Rows of the prefix part's score matrix [kv_heads, rows, K] in fp32 taken at a time:
 # 8 heads × 16,384 × 5,000 × 4 B = 2.6 GB at the paper's chunk size.
 PREFIX_ROWS = 16384
+# The rows' own part through the flash op where it applies (_flash_suffix); False: always the
+# plain fp32 path (benchmarks compare both).
+FLASH_SUFFIX = True
 
 
 def _register() -> None:
@@ -145,6 +148,31 @@ def attend_prefix(q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, scale: fl
     return torch.cat(outs, 1), torch.cat(lses, 1)
 
 
+def _flash_suffix(query, key, value, scale):
+    """The rows' own part when they have no cache and no mask (the teacher pass: right-padded
+    rows, so under causal attention no real token sees a pad): causal flash attention with its
+    log-sum-exp. query [B, H, q, d], key / value [B, kvh, q, d] ->
+    (o [B, kvh, g*q, d] fp32, lse [B, kvh, g*q, 1]) in cascade_attention's layout, or None
+    where the flash op does not apply. The plain path materialises [B, kvh, g*q, q] fp32
+    scores: ~35 GB of traffic per layer for a 32K-token batch of 580-token rows."""
+    B, H, q, d = query.shape
+    if not (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and d <= 256):
+        return None
+    kvh = key.shape[1]
+    g = H // kvh
+    if g > 1:                          # the flash op wants as many KV heads as query heads
+        key = key[:, :, None].expand(B, kvh, g, q, d).reshape(B, H, q, d)
+        value = value[:, :, None].expand(B, kvh, g, q, d).reshape(B, H, q, d)
+    try:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False, scale=scale)
+    except (RuntimeError, NotImplementedError):
+        return None
+    out, lse = res[0], res[1]
+    if lse.shape != (B, H, q):
+        return None
+    return out.reshape(B, kvh, g * q, d).float(), lse.reshape(B, kvh, g * q, 1).float()
+
+
 def _suffix_mask(attention_mask, B: int, q: int, T: int, device) -> torch.Tensor:
     """-> bool [B, 1, q, T], True = visible (the masking utilities' mask, or causal)."""
     if attention_mask is None:
@@ -169,10 +197,14 @@ def cascade_attention(module, query, key, value, attention_mask, scaling=None, d
     o1 = o1.view(kvh, B, g * q, d).transpose(0, 1)
     lse1 = lse1.view(kvh, B, g * q, 1).transpose(0, 1)
     T = key.shape[2]
-    s2 = torch.matmul(qg, key.transpose(-1, -2)).float().mul_(scale)           # [B, kvh, g*q, T]
-    vis = _suffix_mask(attention_mask, B, q, T, query.device)                  # [B, 1, q, T]
-    s2 = s2.view(B, kvh, g, q, T).masked_fill_(~vis[:, :, None], -math.inf).view(B, kvh, g * q, T)
-    o2, lse2 = _partial(s2, value)
+    part = _flash_suffix(query, key, value, scale) if FLASH_SUFFIX and attention_mask is None and T == q else None
+    if part is not None:
+        o2, lse2 = part
+    else:
+        s2 = torch.matmul(qg, key.transpose(-1, -2)).float().mul_(scale)       # [B, kvh, g*q, T]
+        vis = _suffix_mask(attention_mask, B, q, T, query.device)              # [B, 1, q, T]
+        s2 = s2.view(B, kvh, g, q, T).masked_fill_(~vis[:, :, None], -math.inf).view(B, kvh, g * q, T)
+        o2, lse2 = _partial(s2, value)
     lse = torch.logaddexp(lse1, lse2)
     o = o1 * (lse1 - lse).exp() + o2 * (lse2 - lse).exp()
     return o.to(query.dtype).reshape(B, H, q, d).transpose(1, 2).contiguous(), None

@@ -98,9 +98,11 @@ def teacher_hidden(model, fmt: PromptFormat, chunk: str, entries: list[Entry], *
             suffixes = [suffixes_all[i] for i in bidx]
             starts = [len(s) - len(e.response) for s, e in zip(suffixes, batch)]
             if cascade:                  # one copy of the prefix KV, attended through decode.py
-                ids, mask = pad_right(suffixes, fmt.pad_id, device)
+                # right padding and no mask: under causal attention no real token sees a pad,
+                # and the rows' own part takes the flash op (decode._flash_suffix)
+                ids, _ = pad_right(suffixes, fmt.pad_id, device)
                 B, S = ids.shape
-                hidden = body(input_ids=ids, attention_mask=mask, use_cache=False,
+                hidden = body(input_ids=ids, use_cache=False,
                               position_ids=torch.arange(K, K + S, device=device)[None].expand(B, S)).last_hidden_state
             elif prefix_reuse:
                 ids, mask = pad_right(suffixes, fmt.pad_id, device)

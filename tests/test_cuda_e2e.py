@@ -99,3 +99,65 @@ def test_eval_suites_run_on_cuda(smol_tokenizer):
                         variants=["default", "teacher_base", "loss_jsd", "select_random"])
         assert res["device"].startswith("cuda") and res["dtype"] == "bfloat16"
         assert res["results"]
+
+
+def test_flash_suffix_part_matches_float64():
+    """cascade_attention with no cache and no mask (the teacher pass) takes the flash op for the
+    rows' own tokens; against float64 attention over [prefix; row] with a causal row part."""
+    import math
+    from iicl_fast.decode import _PREFIX, _flash_suffix, cascade_attention
+
+    class Layer:
+        layer_idx = 0
+    torch.manual_seed(0)
+    B, kvh, g, n, K, d = 3, 2, 4, 37, 101, 128
+    H = kvh * g
+    q = torch.randn(B, H, n, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, kvh, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    pk, pv = (torch.randn(kvh, K, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    assert _flash_suffix(q, k, v, d ** -0.5) is not None
+    prev = dict(_PREFIX)
+    _PREFIX.clear()
+    _PREFIX[0] = (pk, pv)
+    try:
+        out, _ = cascade_attention(Layer(), q, k, v, None, scaling=d ** -0.5)
+    finally:
+        _PREFIX.clear()
+        _PREFIX.update(prev)
+    kk = torch.cat([pk[None].expand(B, -1, -1, -1), k], 2).double().repeat_interleave(g, 1)
+    vv = torch.cat([pv[None].expand(B, -1, -1, -1), v], 2).double().repeat_interleave(g, 1)
+    s = q.double() @ kk.transpose(-1, -2) / math.sqrt(d)
+    vis = torch.cat([torch.ones(n, K, dtype=torch.bool, device="cuda"),
+                     torch.ones(n, n, dtype=torch.bool, device="cuda").tril()], 1)
+    ref = (torch.softmax(s.masked_fill(~vis, -math.inf), -1) @ vv).transpose(1, 2)
+    assert torch.isfinite(out).all()
+    assert (out.double() - ref).norm() / ref.norm() < 1e-2
+
+
+def test_fast_lora_on_cuda_bf16():
+    """iicl_fast.lora on CUDA in bf16 (mm with an fp32 result for the LoRA gradients), against
+    float64, forward and gradients, no worse than a small multiple of peft's own path."""
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_lora import float64_ref, peft_net, rel
+    from iicl_fast.lora import install
+    pm, layer = peft_net(200, 333, True)
+    pm.to("cuda")
+    x = torch.randn(3, 97, 200, device="cuda", dtype=torch.bfloat16)
+    c = torch.randn(3, 97, 333, device="cuda", dtype=torch.float64)
+    ref, xd, A64, B64 = float64_ref(layer, x)
+    (ref * c).sum().backward()
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+    def run():
+        A.grad = B.grad = None
+        xin = x.clone().requires_grad_(True)
+        y = pm(xin)
+        (y.double() * c).sum().backward()
+        return y, xin.grad, A.grad.clone(), B.grad.clone()
+    plain = run()
+    install(pm)
+    fast = run()
+    for got, want, base in zip(fast, (ref, xd.grad, A64.grad, B64.grad), plain):
+        err, err_plain = rel(got, want), rel(base, want)
+        assert err < 2e-2 and err <= max(4 * err_plain, 8e-3), (err, err_plain)

@@ -1,0 +1,147 @@
+"""Where a chunk's passes, training steps and decoding steps go on the 8B shape, A/B:
+peft's LoRA forward against iicl_fast.lora, and the teacher's suffix attention plain against
+flash (decode.FLASH_SUFFIX); then a torch.profiler table of one training step and one teacher
+batch of the fast variant.
+
+    python benchmarks/profile_consolidate.py --tokenizer DIR [--entries 96] [--out DIR]"""
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_consolidate import llama_8b, prose, warm_kernels  # noqa: E402
+import iicl_fast  # noqa: E402
+from iicl_fast import Config, decode, lora  # noqa: E402
+from iicl_fast.consolidate import loss_stats, subset, train  # noqa: E402
+from iicl_fast.elicit import Entry  # noqa: E402
+from iicl_fast.generation import cache_kw, cache_of, decoder, lm_head, next_token, sampling_generator, step_logits  # noqa: E402
+from iicl_fast.teacher import hidden_logprob, student_hidden_set, teacher_hidden  # noqa: E402
+
+
+def now():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def small_llama(device):
+    """--small: a 2-layer Llama of the same structure (a smoke run of this script on the CPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(device, torch.bfloat16).eval()
+
+
+def decode_steps(model, prefix, rows, steps):
+    """ms per decoding step (median) of `rows` rows after the shared prefix, cascade."""
+    body = decoder(model)
+    w, b, cap = lm_head(model)
+    g = sampling_generator(w.device, 0)
+    K = len(prefix)
+    with torch.no_grad(), decode.shared_prefix(model, decode.prefix_kv(model, prefix)):  # noqa: SIM117
+        dev = next(model.parameters()).device
+        ids = torch.randint(0, 49152, (rows, 16), device=dev)
+        res = body(input_ids=ids, position_ids=K + torch.arange(16, device=dev)[None].expand(rows, 16), use_cache=True)
+        past, h = cache_of(res), res.last_hidden_state[:, -1]
+        pos = torch.full((rows, 1), K + 16, device=dev)
+        times = []
+        for _ in range(steps):
+            t = now()
+            tok = next_token(step_logits(h, w, b, cap), True, 0.7, 0.9, g)
+            r = body(input_ids=tok[:, None], position_ids=pos, use_cache=True, **cache_kw(body, past))
+            past, pos, h = cache_of(r), pos + 1, r.last_hidden_state[:, -1]
+            times.append((now() - t) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--entries", type=int, default=96)
+    p.add_argument("--train-entries", type=int, default=48)
+    p.add_argument("--decode-rows", type=int, default=400)
+    p.add_argument("--out", default=".")
+    p.add_argument("--small", action="store_true", help="a 2-layer model on the CPU: a smoke run")
+    a = p.parse_args()
+    peak = (lambda: torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else (lambda: float("nan"))
+    reset = torch.cuda.reset_peak_memory_stats if torch.cuda.is_available() else (lambda: None)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(a.tokenizer)
+    model = small_llama("cpu") if a.small else llama_8b()
+    chunk = prose(5000, tok)
+    cfg = Config.preset("paper", progress=False, epochs=1)
+    mem = iicl_fast.Memory(model, tok, cfg)
+    fmt = mem.fmt
+    rnd = random.Random(0)
+    words = chunk.split()
+    entries = []
+    for i in range(a.entries):
+        s = rnd.randrange(len(words) - 60)
+        q = "Continue the passage: " + " ".join(words[s: s + rnd.randrange(8, 40)])
+        entries.append(Entry("continuation", q, [rnd.randrange(100, 49000) for _ in range(512)]))
+    prefix = fmt.context_prefix(chunk)
+    compile_s = 0.0 if a.small else warm_kernels(model)
+    res = {"compile_s": compile_s, "entries": a.entries}
+    for variant in ("peft", "fast", "peft", "fast"):          # twice, interleaved: the second pair counts
+        (lora.install if variant == "fast" else lora.uninstall)(mem.model)
+        decode.FLASH_SUFFIX = variant == "fast"
+        reset()
+        t = now()
+        th = teacher_hidden(mem.model, fmt, chunk, entries, batch_size=400, max_tokens=cfg.pass_tokens)
+        t_teacher = now() - t
+        t = now()
+        sh = student_hidden_set(mem.model, fmt, entries, batch_size=400, max_tokens=cfg.pass_tokens)
+        t_student = now() - t
+        t = now()
+        hidden_logprob(mem.model, th, impl="auto")
+        hidden_logprob(mem.model, sh, impl="auto")
+        t_select = now() - t
+        pass_peak = peak()
+        reset()
+        n = a.train_entries
+        sub = subset(th, list(range(n)))
+        t = now()
+        train(mem.model, fmt, entries[:n], sub, mem.params, cfg)
+        t_train = now() - t
+        train_peak = peak()
+        ms_step = decode_steps(mem.model, prefix, a.decode_rows, 12)
+        tokens_t = sum(len(fmt.query(e.query)) + len(e.response) for e in entries)
+        tokens_s = sum(len(fmt.prompt(e.query)) + len(e.response) for e in entries)
+        tokens_train = sum(len(fmt.prompt(e.query)) + len(e.response) for e in entries[:n])
+        P = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        r = {"teacher_s": t_teacher, "student_s": t_student, "select_s": t_select, "train_s": t_train,
+             "teacher_tflops": 2 * P * tokens_t / t_teacher / 1e12, "student_tflops": 2 * P * tokens_s / t_student / 1e12,
+             "train_tflops": 4 * P * tokens_train / t_train / 1e12, "pass_peak_gib": pass_peak,
+             "train_peak_gib": train_peak, "decode_ms_per_step": ms_step, "train_steps": -(-n // cfg.batch_size)}
+        print(variant, json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
+        res[variant] = r
+    # the fast variant's kernels, one training step and one teacher batch
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    sub = subset(th, list(range(min(16, len(entries)))))
+    with profile(activities=acts) as prof:
+        train(mem.model, fmt, entries[:16], sub, mem.params, cfg)
+        now()
+    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+    Path(a.out, "profile_train.txt").write_text(table)
+    print(table[:6000])
+    with profile(activities=acts) as prof:
+        teacher_hidden(mem.model, fmt, chunk, entries[:56], batch_size=400, max_tokens=cfg.pass_tokens)
+        now()
+    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+    Path(a.out, "profile_teacher.txt").write_text(table)
+    print(table[:4000])
+    Path(a.out, "profile_consolidate.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
