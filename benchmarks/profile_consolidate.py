@@ -1,7 +1,8 @@
 """Where a chunk's passes, training steps and decoding steps go on the 8B shape, A/B:
-peft's LoRA forward against iicl_fast.lora, and the teacher's suffix attention plain against
-flash (decode.FLASH_SUFFIX); then a torch.profiler table of one training step and one teacher
-batch of the fast variant.
+"plain" (peft's LoRA forward, transformers' RMSNorm and MLP, the teacher's suffix attention
+in plain fp32, the prefix part through the flash op) against "fast" (iicl_fast.lora,
+iicl_fast.layers, decode.FLASH_SUFFIX and CUDNN_PREFIX); both use the fused AdamW. Then a
+torch.profiler table of one training step and one teacher batch of the fast variant.
 
     python benchmarks/profile_consolidate.py --tokenizer DIR [--entries 96] [--out DIR]"""
 import argparse
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_consolidate import llama_8b, prose, warm_kernels  # noqa: E402
 import iicl_fast  # noqa: E402
-from iicl_fast import Config, decode, lora  # noqa: E402
+from iicl_fast import Config, decode, layers, lora  # noqa: E402
 from iicl_fast.consolidate import loss_stats, subset, train  # noqa: E402
 from iicl_fast.elicit import Entry  # noqa: E402
 from iicl_fast.generation import cache_kw, cache_of, decoder, lm_head, next_token, sampling_generator, step_logits  # noqa: E402
@@ -90,9 +91,11 @@ def main():
     prefix = fmt.context_prefix(chunk)
     compile_s = 0.0 if a.small else warm_kernels(model)
     res = {"compile_s": compile_s, "entries": a.entries}
-    for variant in ("peft", "fast", "peft", "fast"):          # twice, interleaved: the second pair counts
-        (lora.install if variant == "fast" else lora.uninstall)(mem.model)
-        decode.FLASH_SUFFIX = variant == "fast"
+    for variant in ("plain", "fast", "plain", "fast"):        # twice, interleaved: the second pair counts
+        fast = variant == "fast"
+        (lora.install if fast else lora.uninstall)(mem.model)
+        (layers.install if fast else layers.uninstall)(mem.model)
+        decode.FLASH_SUFFIX = decode.CUDNN_PREFIX = fast
         reset()
         t = now()
         th = teacher_hidden(mem.model, fmt, chunk, entries, batch_size=400, max_tokens=cfg.pass_tokens)

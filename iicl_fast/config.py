@@ -27,6 +27,10 @@ class Config:
     max_response_tokens: int = 40
     elicit_temperature: float = 0.7
     elicit_top_p: float = 0.9
+    # entries whose response is the chunk's own text (a passage's opening words as the query,
+    # that sentence and the next as the response, stop id appended): the teacher with the
+    # chunk in view scores text it can copy, so every fact's tokens are taught as written
+    source_entries: int = 0
     gen_batch_size: int = 16      # rows decoded together (the prefix KV is copied per row today)
     # benchmarks on random weights: every generation runs its full max tokens and question
     # texts are kept as written (random weights never stop and write no "?")
@@ -90,11 +94,11 @@ class Config:
             raise IICLError(f"select_ratio must be in (0, 1], got {self.select_ratio}")
         if self.select_top_k is not None and self.select_top_k < 1:
             raise IICLError(f"select_top_k must be >= 1, got {self.select_top_k}")
-        for name in ("n_queries", "n_continuations"):
+        for name in ("n_queries", "n_continuations", "source_entries"):
             if getattr(self, name) < 0:
                 raise IICLError(f"{name} must be >= 0")
-        if self.n_queries + self.n_continuations == 0:
-            raise IICLError("n_queries + n_continuations must be > 0")
+        if self.n_queries + self.n_continuations + self.source_entries == 0:
+            raise IICLError("n_queries + n_continuations + source_entries must be > 0")
         for name in ("max_query_tokens", "max_response_tokens", "gen_batch_size", "lora_r",
                      "epochs", "batch_size", "train_tokens", "pass_tokens", "token_chunk", "chunk_tokens",
                      "answer_max_new_tokens"):

@@ -105,7 +105,9 @@ def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, pa
 
     A step takes batch_size entries (the loss is the mean over their response tokens) in
     micro-batches of at most train_tokens padded tokens, gradients accumulated."""
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # fused on CUDA: one kernel over every LoRA tensor instead of a foreach chain (the 8B
+    # profile showed ~50 ms of optimizer time per step, 7 % of the step)
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=params[0].is_cuda)
     rng = torch.Generator().manual_seed(config.seed if seed is None else seed)
     stats = loss_stats(model, teacher, config)
     losses = []

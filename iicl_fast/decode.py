@@ -29,6 +29,7 @@ PREFIX_ROWS = 16384
 # The rows' own part through the flash op where it applies (_flash_suffix); False: always the
 # plain fp32 path (benchmarks compare both).
 FLASH_SUFFIX = True
+CUDNN_PREFIX = True          # the prefix part through cuDNN's attention where it checks out
 
 
 def _register() -> None:
@@ -116,11 +117,46 @@ def _partial(s: torch.Tensor, v: torch.Tensor):
     return o, lse
 
 
-def _flash_prefix(q, pk, pv, scale):
+# cuDNN's fused attention (wgmma on Hopper; PyTorch's own SDPA prefers it there) for the
+# prefix part, checked once per process against the flash op on a small input (its LSE
+# layout differs between releases); None: not checked yet.
+_CUDNN_OK: bool | None = None
+
+
+def _cudnn_prefix(q, pk, pv, scale):
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q[None].contiguous(), pk[None].contiguous(), pv[None].contiguous(), None, True, 0.0, False, False, scale=scale)
+    out, lse = res[0][0], res[1][0]
+    if lse.numel() != q.shape[0] * q.shape[1]:
+        raise RuntimeError("unexpected log-sum-exp shape")
+    return out.float(), lse.reshape(q.shape[0], q.shape[1], 1).float()
+
+
+def _cudnn_usable(q, pk, pv, scale) -> bool:
+    global _CUDNN_OK
+    if _CUDNN_OK is None:
+        try:
+            g = torch.Generator(device=q.device).manual_seed(0)
+            qs = torch.randn(2, 333, q.shape[-1], device=q.device, generator=g).to(q.dtype)
+            ks, vs = (torch.randn(2, 257, q.shape[-1], device=q.device, generator=g).to(q.dtype) for _ in range(2))
+            o1, l1 = _cudnn_prefix(qs, ks, vs, scale)
+            o2, l2 = _flash_prefix(qs, ks, vs, scale, cudnn=False)
+            _CUDNN_OK = bool((o1 - o2).abs().max() < 2e-2 and (l1 - l2).abs().max() < 2e-2)
+        except (RuntimeError, NotImplementedError, TypeError, AttributeError):
+            _CUDNN_OK = False
+    return _CUDNN_OK
+
+
+def _flash_prefix(q, pk, pv, scale, cudnn: bool = True):
     """The prefix part through PyTorch's flash-attention op, which returns its log-sum-exp
     (no mask: every query sees the whole prefix). None where it does not apply."""
     if not (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 256):
         return None
+    if cudnn and CUDNN_PREFIX and _cudnn_usable(q, pk, pv, scale):
+        try:
+            return _cudnn_prefix(q, pk, pv, scale)
+        except (RuntimeError, NotImplementedError):
+            pass
     try:
         res = torch.ops.aten._scaled_dot_product_flash_attention(
             q[None].contiguous(), pk[None].contiguous(), pv[None].contiguous(), 0.0, False, False, scale=scale)

@@ -104,6 +104,20 @@ def continuation_queries(chunk: str, n: int, rng: torch.Generator) -> list[str]:
     return queries
 
 
+def source_entries(fmt: PromptFormat, chunk: str, n: int, max_tokens: int) -> list[Entry]:
+    """n entries whose response is the chunk's own text: 'Continue the passage: "<opening>"'
+    with sentence i and i+1 as written (at most max_tokens, then the stop id). Sentences are
+    spread evenly over the whole chunk."""
+    sents = sentences(chunk)
+    out = []
+    for i in spread(n, len(sents)):
+        words = sents[i].split()
+        cut = max(2, min(OPENING_WORDS, len(words) // 2))
+        ids = fmt.encode(" ".join(sents[i: i + 2]))[: max_tokens - 1] + [fmt.stop_ids[0]]
+        out.append(Entry("source", f'Continue the passage: "{_opening(sents[i], cut)}"', ids))
+    return out
+
+
 def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index: int = 0) -> list:
     """-> the transfer set for one chunk: up to n_queries question→answer pairs (questions
     deduplicated) and n_continuations continuations; empty responses dropped.
@@ -136,9 +150,10 @@ def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index:
     queries = [("qa", q) for q in questions]
     queries += [("continuation", q) for q in continuation_queries(chunk, config.n_continuations, rng)]
     bar.total = config.n_queries + len(queries)
-    responses = generate(model, [fmt.query(q) for _, q in queries], max_new_tokens=config.max_response_tokens,
+    responses = [] if not queries else generate(model, [fmt.query(q) for _, q in queries], max_new_tokens=config.max_response_tokens,
                          progress=bar, min_new_tokens=config.max_response_tokens if config.fixed_lengths else 0,
                          **sample)
     bar.close()
     stops = set(fmt.stop_ids)
-    return [Entry(kind, q, r) for (kind, q), r in zip(queries, responses) if any(t not in stops for t in r)]
+    out = [Entry(kind, q, r) for (kind, q), r in zip(queries, responses) if any(t not in stops for t in r)]
+    return out + source_entries(fmt, chunk, config.source_entries, config.max_response_tokens)

@@ -221,8 +221,9 @@ class Memory:
                 self.model = get_peft_model(model, lora, adapter_name=self.name)
             self.model._iicl_fingerprint = base_fp
             model.__dict__["_iicl_peft"] = self.model     # not a submodule: no reference cycle in modules()
-        from .lora import install
-        install(self.model)
+        from . import layers, lora
+        lora.install(self.model)
+        layers.install(self.model)
         self.model.eval()
         self.params = [p for n, p in self.model.named_parameters() if f".{self.name}." in n]
         for p in self.params:

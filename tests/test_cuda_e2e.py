@@ -78,12 +78,15 @@ def test_flash_prefix_part_matches_the_plain_one():
     torch.manual_seed(0)
     q = torch.randn(8, 1001, 128, device="cuda", dtype=torch.bfloat16)
     pk, pv = (torch.randn(8, 997, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    from iicl_fast import decode
     assert _flash_prefix(q, pk, pv, 128 ** -0.5) is not None
-    o1, l1 = attend_prefix(q, pk, pv, 128 ** -0.5, flash=True)
+    o1, l1 = attend_prefix(q, pk, pv, 128 ** -0.5, flash=True)         # cuDNN where it checked out
     o2, l2 = attend_prefix(q, pk, pv, 128 ** -0.5, flash=False)
+    o3, l3 = _flash_prefix(q, pk, pv, 128 ** -0.5, cudnn=False)       # the flash op
+    print("cuDNN prefix part in use:", decode._CUDNN_OK)
     s = (q.double() @ pk.double().transpose(1, 2)) * 128 ** -0.5
     ref_o, ref_l = torch.softmax(s, -1) @ pv.double(), torch.logsumexp(s, -1, keepdim=True)
-    for o, l in ((o1, l1), (o2, l2)):
+    for o, l in ((o1, l1), (o2, l2), (o3, l3)):
         assert (o.double() - ref_o).norm() / ref_o.norm() < 1e-2
         assert (l.double() - ref_l).abs().max() < 1e-2
 
@@ -161,3 +164,40 @@ def test_fast_lora_on_cuda_bf16():
     for got, want, base in zip(fast, (ref, xd.grad, A64.grad, B64.grad), plain):
         err, err_plain = rel(got, want), rel(base, want)
         assert err < 2e-2 and err <= max(4 * err_plain, 8e-3), (err, err_plain)
+
+
+@pytest.mark.parametrize("n,h,inter", [(1, 4096, 14336), (97, 130, 37), (4099, 576, 1536)])
+def test_fused_layers_bf16_on_cuda(n, h, inter):
+    """kernels/rmsnorm.py and kernels/swiglu.py in bf16 (the interpreter truncates bf16 casts,
+    so bf16 is checked here): against float64, no worse than 2× transformers' own bf16 path."""
+    from iicl_fast.kernels.reference_rmsnorm import rmsnorm_ref
+    from iicl_fast.kernels.reference_swiglu import swiglu_ref
+    from iicl_fast.layers import rmsnorm, swiglu
+
+    def rel(a, b):
+        return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+    torch.manual_seed(n)
+    x = (torch.randn(n, h, device="cuda") * 3).to(torch.bfloat16).requires_grad_(True)
+    w = (1 + 0.3 * torch.randn(h, device="cuda")).to(torch.bfloat16)
+    dy = torch.randn(n, h, device="cuda").to(torch.bfloat16)
+    y = rmsnorm(x, w, 1e-5)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = rmsnorm_ref(x64, w, 1e-5, dtype=torch.float64)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    yp = rmsnorm_ref(x, w, 1e-5)
+    (dxp,) = torch.autograd.grad(yp, x, dy)
+    assert rel(y, y64) <= 2 * rel(yp, y64) and rel(dx, dx64) <= 2 * rel(dxp, dx64)
+    assert rel(y, yp) < 1e-2
+    g = (torch.randn(n, inter, device="cuda") * 3).to(torch.bfloat16).requires_grad_(True)
+    u = torch.randn(n, inter, device="cuda").to(torch.bfloat16).requires_grad_(True)
+    dh = torch.randn(n, inter, device="cuda").to(torch.bfloat16)
+    hh = swiglu(g, u)
+    dg, du = torch.autograd.grad(hh, (g, u), dh)
+    g64, u64 = g.detach().double().requires_grad_(True), u.detach().double().requires_grad_(True)
+    h64 = swiglu_ref(g64, u64)
+    dg64, du64 = torch.autograd.grad(h64, (g64, u64), dh.double())
+    hp = swiglu_ref(g, u)
+    dgp, dup = torch.autograd.grad(hp, (g, u), dh)
+    for ours, plain, truth in ((hh, hp, h64), (dg, dgp, dg64), (du, dup, du64)):
+        assert rel(ours, truth) <= 2 * rel(plain, truth)

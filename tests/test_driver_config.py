@@ -107,6 +107,26 @@ def test_elicitation_covers_the_whole_chunk(tiny, monkeypatch):
     assert not {q for q in conts if not q.startswith("Continue")} & set(other)
 
 
+def test_source_entries_are_the_chunks_own_text(tiny):
+    """Config.source_entries: responses are the chunk's sentences as written (then the stop
+    id), spread over the whole chunk, queries quoting only a sentence's opening words."""
+    from iicl_fast.elicit import source_entries
+    model, tok = tiny
+    fmt = PromptFormat(tok, model)
+    chunk = " ".join(f"Fact number {i} says that item {i} is kept in box {i}." for i in range(30))
+    sents = sentences(chunk)
+    ents = source_entries(fmt, chunk, 10, 64)
+    assert len(ents) == 10 and all(e.kind == "source" and e.response[-1] == fmt.stop_ids[0] for e in ents)
+    firsts = [int(re.search(r"number (\d+)", tok.decode(e.response)).group(1)) for e in ents]
+    assert firsts == [i * 30 // 10 for i in range(10)]                   # spread, in order
+    for e, i in zip(ents, firsts):
+        assert tok.decode(e.response[:-1]) == " ".join(sents[i: i + 2])   # as written
+        assert e.query.startswith("Continue the passage:") and sents[i] not in e.query
+    assert all(len(e.response) <= 8 for e in source_entries(fmt, chunk, 3, 8))
+    got = elicit(model, fmt, chunk, Config(**{**TINY_CONFIG, "n_queries": 0, "n_continuations": 0, "source_entries": 4}))
+    assert [e.kind for e in got] == ["source"] * 4
+
+
 def test_generation_stops_on_every_stop_id(tiny):
     model, tok = tiny
     fmt = PromptFormat(tok, model)

@@ -1,0 +1,79 @@
+"""RMSNorm of a frozen base model (Llama, Qwen2/3, Mistral, Phi-3), forward and backward in
+one pass over the rows each.
+
+transformers computes it as ~6 kernels over fp32 copies of the activations (to fp32, square,
+mean, rsqrt-multiply, back to 16 bits, times the weight), ~18 bytes per element each way;
+here one kernel reads the 16-bit row once and writes it once (and one more for backward).
+Measured on the 8B shape: benchmarks/NOTES.md.
+
+    y = w · round16(x · rstd),   rstd = 1 / sqrt(mean(x²) + eps)      (transformers' rounding)
+    ∂x = rstd · (g − n · mean(g · n)),   g = ∂y · w,   n = x · rstd      (w frozen: no ∂w)
+
+Reference beside it: reference_rmsnorm.py. Launchers take CUDA tensors, or CPU tensors
+under TRITON_INTERPRET=1 (the tests)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rmsnorm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, H, eps, stride_x, stride_y, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / H + eps)
+    n = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, (n * w).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _rmsnorm_bwd(x_ptr, w_ptr, dy_ptr, rstd_ptr, dx_ptr, H, stride_x, stride_dy, stride_dx, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + row)
+    n = x * rstd
+    g = dy * w
+    c = tl.sum(g * n, 0) / H
+    tl.store(dx_ptr + row * stride_dx + cols, (rstd * (g - n * c)).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """x [..., H] (16-bit or fp32), weight [H] (x's dtype) -> (y like x, rstd [N] fp32)."""
+    x2 = _rows(x)
+    N, H = x2.shape
+    y = torch.full_like(x2, float("nan"))
+    rstd = torch.full((N,), float("nan"), device=x.device, dtype=torch.float32)
+    block = triton.next_power_of_2(H)
+    if N:
+        _rmsnorm_fwd[(N,)](x2, weight, y, rstd, H, eps, x2.stride(0), y.stride(0), BLOCK=block, num_warps=_warps(block))
+    return y.view(x.shape), rstd
+
+
+def rmsnorm_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """-> ∂x like x (the weight is frozen)."""
+    x2, dy2 = _rows(x), _rows(dy.to(x.dtype))
+    N, H = x2.shape
+    dx = torch.full_like(x2, float("nan"))
+    block = triton.next_power_of_2(H)
+    if N:
+        _rmsnorm_bwd[(N,)](x2, weight, dy2, rstd, dx, H, x2.stride(0), dy2.stride(0), dx.stride(0), BLOCK=block,
+                           num_warps=_warps(block))
+    return dx.view(x.shape)

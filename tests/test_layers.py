@@ -1,0 +1,91 @@
+"""Fused RMSNorm and silu(gate)·up (kernels/rmsnorm.py, kernels/swiglu.py, iicl_fast.layers)
+under the Triton interpreter: against float64, forward and gradient, at odd shapes, no worse
+than a small multiple of transformers' own path in the same dtype; outputs NaN-poisoned by
+the launchers; and a tiny Llama with the layers installed against the plain one.
+
+fp16 and fp32 here: the interpreter truncates fp32 -> bf16 instead of rounding to nearest
+(2,092 of 4,096 values off by an ulp, checked), so bf16 is checked on the GPU
+(tests/test_cuda_e2e.py), where the cast rounds as transformers' does."""
+import pytest
+import torch
+
+from iicl_fast import layers
+from iicl_fast.kernels.reference_rmsnorm import rmsnorm_ref
+from iicl_fast.kernels.reference_swiglu import swiglu_ref
+from iicl_fast.kernels.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from iicl_fast.kernels.swiglu import swiglu_backward, swiglu_forward
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 37), (7, 64), (97, 130), (2, 3, 48)])
+def test_rmsnorm_matches_float64(shape, dtype):
+    g = torch.Generator().manual_seed(shape[0] * 31 + shape[-1])
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    w = (1 + 0.3 * torch.randn(shape[-1], generator=g)).to(dtype)
+    dy = torch.randn(*shape, generator=g).to(dtype)
+    eps = 1e-5
+    y, rstd = rmsnorm_forward(x, w, eps)
+    dx = rmsnorm_backward(x, w, rstd, dy)
+    assert y.shape == x.shape and dx.shape == x.shape and y.dtype == dtype
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+    # float64 truth and transformers' own path (same dtype), both with autograd
+    x64 = x.double().requires_grad_(True)
+    y64 = rmsnorm_ref(x64, w, eps, dtype=torch.float64)
+    (dx64,) = torch.autograd.grad(y64, x64, dy.double())
+    xp = x.clone().requires_grad_(True)
+    yp = rmsnorm_ref(xp, w, eps)
+    (dxp,) = torch.autograd.grad(yp, xp, dy)
+    assert rel(y, y64) <= max(2 * rel(yp, y64), 1e-6)
+    assert rel(dx, dx64) <= max(2 * rel(dxp, dx64), 1e-6)
+    if dtype == torch.float16:        # the same rounding as transformers: (nearly) equal outputs
+        assert rel(y, yp) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1,), (7, 33), (97, 130), (3, 2049)])
+def test_swiglu_matches_float64(shape, dtype):
+    gen = torch.Generator().manual_seed(sum(shape))
+    g = (torch.randn(*shape, generator=gen) * 3).to(dtype)
+    u = torch.randn(*shape, generator=gen).to(dtype)
+    dh = torch.randn(*shape, generator=gen).to(dtype)
+    h = swiglu_forward(g, u)
+    dg, du = swiglu_backward(g, u, dh)
+    for t in (h, dg, du):
+        assert t.shape == g.shape and t.dtype == dtype and torch.isfinite(t).all()
+    g64, u64 = g.double().requires_grad_(True), u.double().requires_grad_(True)
+    h64 = swiglu_ref(g64, u64)
+    dg64, du64 = torch.autograd.grad(h64, (g64, u64), dh.double())
+    gp, up = g.clone().requires_grad_(True), u.clone().requires_grad_(True)
+    hp = swiglu_ref(gp, up)
+    dgp, dup = torch.autograd.grad(hp, (gp, up), dh)
+    for ours, plain, truth in ((h, hp, h64), (dg, dgp, dg64), (du, dup, du64)):
+        assert rel(ours, truth) <= max(2 * rel(plain, truth), 1e-6), (rel(ours, truth), rel(plain, truth))
+
+
+def test_installed_layers_match_the_plain_model(smol_tokenizer, monkeypatch):
+    """A tiny bf16 Llama: logits and the input-embedding gradient with the fused layers
+    (forced onto the CPU through the interpreter) against transformers' own layers."""
+    from conftest import make_tiny
+    model = make_tiny(smol_tokenizer).to(torch.float16)
+    ids = torch.randint(0, 1000, (2, 11))
+    emb = model.get_input_embeddings()
+
+    def run():
+        emb.weight.grad = None
+        emb.weight.requires_grad_(True)
+        out = model(input_ids=ids).logits.float()
+        out.pow(2).mean().backward()
+        return out.detach(), emb.weight.grad.clone()
+
+    plain_out, plain_grad = run()
+    monkeypatch.setattr(layers, "ON_CPU", True)
+    assert layers.install(model) == 2 * 2 + 1 + 2       # 2 norms a layer + the final one, 2 MLPs
+    assert type(model.model.norm).__name__ == "FusedLlamaRMSNorm"
+    fused_out, fused_grad = run()
+    assert rel(fused_out, plain_out) < 2e-2 and rel(fused_grad, plain_grad) < 5e-2
+    assert layers.uninstall(model) == 7
