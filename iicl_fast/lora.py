@@ -78,17 +78,36 @@ class LoraLinearFn(torch.autograd.Function):
         return gx, None, None, gA, gB, None, None, None
 
 
+# Optimizer steps taken in this process (any torch optimizer): the fused AdamW updates its
+# parameters without bumping their version counters (checked: _version stays 0 after a fused
+# step), so version counters alone would keep a stale copy after training. On CUDA that
+# froze the model's output: a constant loss over epochs and nothing consolidated.
+_STEPS = [0]
+_HOOKED = []
+
+
+def _count_step(*_):
+    _STEPS[0] += 1
+
+
 def _half_weights(layer, name: str, dtype: torch.dtype):
-    """(A, s·B) of adapter `name` in dtype, recomputed only when A, B or s changed."""
+    """(A, s·B) of adapter `name` in dtype. With autograd on (training) cast on every call;
+    without (decoding, passes) cached until A or B changes (their version counters, and any
+    optimizer step in the process)."""
     A = layer.lora_A[name].weight
     B = layer.lora_B[name].weight
     s = layer.scaling[name]
-    key = (A.data_ptr(), A._version, B.data_ptr(), B._version, s, dtype)
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return A.detach().to(dtype), (B.detach() * s).to(dtype)
+    if not _HOOKED:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+        _HOOKED.append(register_optimizer_step_post_hook(_count_step))
+    key = (A.data_ptr(), A._version, B.data_ptr(), B._version, s, dtype, _STEPS[0])
     cache = layer.__dict__.setdefault("_iicl_half", {})
     hit = cache.get(name)
     if hit is None or hit[0] != key:
-        with torch.no_grad():
-            hit = cache[name] = (key, A.detach().to(dtype), (B.detach() * s).to(dtype))
+        hit = cache[name] = (key, A.detach().to(dtype), (B.detach() * s).to(dtype))
     return hit[1], hit[2]
 
 

@@ -201,3 +201,26 @@ def test_fused_layers_bf16_on_cuda(n, h, inter):
     dgp, dup = torch.autograd.grad(hp, (g, u), dh)
     for ours, plain, truth in ((hh, hp, h64), (dg, dgp, dg64), (du, dup, du64)):
         assert rel(ours, truth) <= 2 * rel(plain, truth)
+
+
+def test_training_moves_the_model_on_cuda_bf16(smol_tokenizer):
+    """Consolidation in bf16 on CUDA changes what the model computes: the loss falls over the
+    epochs, and after training the fast LoRA forward (cached bf16 copies) equals peft's own
+    forward from the trained fp32 weights. (A stale copy once kept the loss constant.)"""
+    from iicl_fast import lora
+    tok = smol_tokenizer
+    model = make_tiny(tok).to("cuda", torch.bfloat16)
+    mem = iicl_fast.Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "epochs": 3, "lr": 3e-3}))
+    probe = torch.tensor([mem.fmt.prompt("Who built the lighthouse?")], device="cuda")
+    with torch.no_grad():
+        before = mem.model(input_ids=probe).logits.float()
+    rep = mem.consolidate(DOC)
+    print("loss per epoch", rep.loss_per_epoch)
+    assert rep.loss_per_epoch[-1] < rep.loss_per_epoch[0]
+    with torch.no_grad():
+        fast = mem.model(input_ids=probe).logits.float()
+        lora.uninstall(mem.model)
+        plain = mem.model(input_ids=probe).logits.float()
+        lora.install(mem.model)
+    assert (fast - before).abs().max() > 1e-2
+    assert (fast - plain).norm() / plain.norm() < 2e-2

@@ -90,20 +90,28 @@ def test_fast_lora_no_grad_and_fallbacks():
         assert torch.equal(pm32(x32), before)
 
 
-def test_half_weights_follow_the_optimizer():
-    """The cached bf16 copies of A and s·B are redone after every optimizer step."""
+@pytest.mark.parametrize("make_opt", [lambda ps: torch.optim.SGD(ps, lr=0.5),
+                                      lambda ps: torch.optim.AdamW(ps, lr=0.05, fused=True)])
+def test_half_weights_follow_the_optimizer(make_opt):
+    """The bf16 copies of A and s·B follow every optimizer step, the fused AdamW's too (it
+    does not bump the parameters' version counters: a cache keyed on them alone kept the
+    first copy, and on CUDA the loss stayed constant over epochs)."""
     pm, layer = peft_net(16, 16, False)
     install(pm)
     params = [p for n, p in pm.named_parameters() if "lora_" in n]
-    opt = torch.optim.SGD(params, lr=0.5)
+    opt = make_opt(params)
     x = torch.randn(8, 16, dtype=torch.bfloat16)
+    losses = []
     for _ in range(3):
-        opt.zero_grad()
-        pm(x).float().pow(2).mean().backward()
-        opt.step()
-        with torch.no_grad():
+        with torch.no_grad():                 # a cached copy is made here ...
             ref, *_ = float64_ref(layer, x)
             assert rel(pm(x), ref) < 1e-2
+        opt.zero_grad()
+        loss = pm(x).float().pow(2).mean()    # ... and must not outlive the step below
+        loss.backward()
+        losses.append(float(loss))
+        opt.step()
+    assert len(set(losses)) == 3
 
 
 def test_lora_fn_gradcheck_in_float64():
