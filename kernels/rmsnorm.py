@@ -17,6 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
+POISON = False   # tests set this: every output a kernel must fully write starts as NaN
+
+
+def _like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan")) if POISON else torch.empty_like(t)
+
 
 @triton.jit
 def _rmsnorm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, H, eps, stride_x, stride_y, BLOCK: tl.constexpr):
@@ -59,8 +65,8 @@ def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
     """x [..., H] (16-bit or fp32), weight [H] (x's dtype) -> (y like x, rstd [N] fp32)."""
     x2 = _rows(x)
     N, H = x2.shape
-    y = torch.full_like(x2, float("nan"))
-    rstd = torch.full((N,), float("nan"), device=x.device, dtype=torch.float32)
+    y = _like(x2)
+    rstd = _like(torch.empty(N, device=x.device, dtype=torch.float32))
     block = triton.next_power_of_2(H)
     if N:
         _rmsnorm_fwd[(N,)](x2, weight, y, rstd, H, eps, x2.stride(0), y.stride(0), BLOCK=block, num_warps=_warps(block))
@@ -71,7 +77,7 @@ def rmsnorm_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, 
     """-> ∂x like x (the weight is frozen)."""
     x2, dy2 = _rows(x), _rows(dy.to(x.dtype))
     N, H = x2.shape
-    dx = torch.full_like(x2, float("nan"))
+    dx = _like(x2)
     block = triton.next_power_of_2(H)
     if N:
         _rmsnorm_bwd[(N,)](x2, weight, dy2, rstd, dx, H, x2.stride(0), dy2.stride(0), dx.stride(0), BLOCK=block,

@@ -14,6 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
+POISON = False   # tests set this: every output a kernel must fully write starts as NaN
+
+
+def _like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan")) if POISON else torch.empty_like(t)
+
 BLOCK = 2048
 
 
@@ -42,7 +48,7 @@ def _swiglu_bwd(g_ptr, u_ptr, dh_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
 def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """g, u [..., I] (same shape and dtype) -> silu(g) · u."""
     g, u = g.contiguous(), u.contiguous()
-    h = torch.full_like(g, float("nan"))
+    h = _like(g)
     n = g.numel()
     if n:
         _swiglu_fwd[(triton.cdiv(n, BLOCK),)](g, u, h, n, BLOCK=BLOCK, num_warps=8)
@@ -52,7 +58,7 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 def swiglu_backward(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor):
     """-> (∂g, ∂u) like g."""
     g, u, dh = g.contiguous(), u.contiguous(), dh.to(g.dtype).contiguous()
-    dg, du = torch.full_like(g, float("nan")), torch.full_like(g, float("nan"))
+    dg, du = _like(g), _like(g)
     n = g.numel()
     if n:
         _swiglu_bwd[(triton.cdiv(n, BLOCK),)](g, u, dh, dg, du, n, BLOCK=BLOCK, num_warps=8)

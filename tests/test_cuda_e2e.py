@@ -167,12 +167,15 @@ def test_fast_lora_on_cuda_bf16():
 
 
 @pytest.mark.parametrize("n,h,inter", [(1, 4096, 14336), (97, 130, 37), (4099, 576, 1536)])
-def test_fused_layers_bf16_on_cuda(n, h, inter):
+def test_fused_layers_bf16_on_cuda(n, h, inter, monkeypatch):
     """kernels/rmsnorm.py and kernels/swiglu.py in bf16 (the interpreter truncates bf16 casts,
     so bf16 is checked here): against float64, no worse than 2× transformers' own bf16 path."""
     from iicl_fast.kernels.reference_rmsnorm import rmsnorm_ref
     from iicl_fast.kernels.reference_swiglu import swiglu_ref
+    from iicl_fast.kernels import rmsnorm as k1, swiglu as k2
     from iicl_fast.layers import rmsnorm, swiglu
+    monkeypatch.setattr(k1, "POISON", True)
+    monkeypatch.setattr(k2, "POISON", True)
 
     def rel(a, b):
         return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
