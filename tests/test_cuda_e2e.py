@@ -142,7 +142,7 @@ def test_fast_lora_on_cuda_bf16():
     float64, forward and gradients, no worse than a small multiple of peft's own path."""
     import sys
     sys.path.insert(0, os.path.dirname(__file__))
-    from test_lora import float64_ref, peft_net, rel
+    from test_lora import float64_ref, outputs_and_grads, peft_net, rel
     from iicl_fast.lora import install
     pm, layer = peft_net(200, 333, True)
     pm.to("cuda")
@@ -150,17 +150,9 @@ def test_fast_lora_on_cuda_bf16():
     c = torch.randn(3, 97, 333, device="cuda", dtype=torch.float64)
     ref, xd, A64, B64 = float64_ref(layer, x)
     (ref * c).sum().backward()
-    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-
-    def run():
-        A.grad = B.grad = None
-        xin = x.clone().requires_grad_(True)
-        y = pm(xin)
-        (y.double() * c).sum().backward()
-        return y, xin.grad, A.grad.clone(), B.grad.clone()
-    plain = run()
+    plain = outputs_and_grads(pm, layer, x, c)
     install(pm)
-    fast = run()
+    fast = outputs_and_grads(pm, layer, x, c)
     for got, want, base in zip(fast, (ref, xd.grad, A64.grad, B64.grad), plain):
         err, err_plain = rel(got, want), rel(base, want)
         assert err < 2e-2 and err <= max(4 * err_plain, 8e-3), (err, err_plain)

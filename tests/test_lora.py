@@ -36,6 +36,16 @@ def float64_ref(layer, x):
     return y, xd, A, B
 
 
+def outputs_and_grads(pm, layer, x, c):
+    """y = pm(x) and the gradients of sum(y * c) in x, A and B."""
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    A.grad = B.grad = None
+    xin = x.clone().requires_grad_(True)
+    y = pm(xin)
+    (y.double() * c).sum().backward()
+    return y, xin.grad, A.grad.clone(), B.grad.clone()
+
+
 def rel(a, b):
     return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
@@ -48,19 +58,10 @@ def test_fast_lora_matches_float64_and_is_no_worse_than_peft(n, d_in, d_out, bia
     c = torch.randn(2, n, d_out, dtype=torch.float64)
     ref, xd, A64, B64 = float64_ref(layer, x)
     (ref * c).sum().backward()
-    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-
-    def run():
-        A.grad = B.grad = None
-        xin = x.clone().requires_grad_(True)
-        y = pm(xin)
-        (y.double() * c).sum().backward()
-        return y, xin.grad, A.grad.clone(), B.grad.clone()
-
-    plain = run()                      # peft's forward
+    plain = outputs_and_grads(pm, layer, x, c)          # peft's forward
     assert install(pm) == 1 and type(layer).__name__ == "FastLoraLinear"
     assert isinstance(layer, PeftLinear)
-    fast = run()
+    fast = outputs_and_grads(pm, layer, x, c)
     for got, want, base in zip(fast, (ref, xd.grad, A64.grad, B64.grad), plain):
         assert torch.isfinite(got).all()
         # the fast path computes in bf16 with fp32 accumulation, as autocast would; peft casts
