@@ -9,8 +9,14 @@ with the embedded model's tokenizer (no download). Each keeps its family's struc
     gemma3   q/k norm, local/global RoPE bases, sliding window layers
     phi3     fused qkv_proj and gate_up_proj
 """
+import os
+
 import torch
 import transformers as T
+
+# IICL_TEST_DEVICE=cuda runs the family tests on the GPU (fp32: the CUDA paths — cascade
+# attention, the Triton loss head — against the same assertions as on the CPU)
+DEVICE = os.environ.get("IICL_TEST_DEVICE", "cpu")
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
 
@@ -45,4 +51,4 @@ def make_family(name: str, tok, seed: int = 0):
     model = cls(family_config(name, tok)).eval()
     with torch.no_grad():     # random weights at init scale are near-uniform: sharpen the head
         model.get_output_embeddings().weight.mul_(8.0)
-    return model
+    return model.to(DEVICE)

@@ -13,7 +13,7 @@ import torch
 
 import iicl_fast
 from conftest import TINY_CONFIG
-from families import FAMILIES, make_family
+from families import DEVICE, FAMILIES, make_family
 from iicl_fast import IICLError
 from iicl_fast.consolidate import hidden_loss, loss_stats
 from iicl_fast.elicit import Entry
@@ -57,7 +57,7 @@ def test_consolidate_save_load(fam, smol_tokenizer, tmp_path):
     assert rep.elicited > 0 and rep.kept > 0
     assert all(torch.isfinite(torch.tensor(rep.loss_per_epoch)))
     assert any(float(p.abs().max()) > 0 for n, p in mem.model.named_parameters() if "lora_B" in n)
-    probe = torch.tensor([mem.fmt.prompt("Who built the red tower?")])
+    probe = torch.tensor([mem.fmt.prompt("Who built the red tower?")], device=DEVICE)
     with torch.no_grad():
         want = mem.model(input_ids=probe).logits
     mem.save(tmp_path / "mem")
@@ -88,7 +88,7 @@ def test_teacher_prefix_reuse_and_losses(fam, smol_tokenizer):
     _, bias, softcap = lm_head(model)
     torch.manual_seed(1)
     h_s = (a.h + 0.3 * torch.randn_like(a.h)).requires_grad_(True)
-    rows = torch.arange(a.h.shape[0])
+    rows = torch.arange(a.h.shape[0], device=a.h.device)
     got = {}
     for impl in ("fused", "reference"):
         cfg = iicl_fast.Config(**TINY_CONFIG, loss_impl=impl)
@@ -111,7 +111,7 @@ def test_generate_equals_transformers_greedy(fam, smol_tokenizer):
     ours = generate(model, queries, prefix=prefix, max_new_tokens=6, stop_ids=[-1], pad_id=fmt.pad_id,
                     sample=False, batch_size=2)
     for q, o in zip(queries, ours):
-        ids = torch.tensor([prefix + q])
+        ids = torch.tensor([prefix + q], device=DEVICE)
         hf = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                             eos_token_id=None, pad_token_id=fmt.pad_id)[0, ids.shape[1]:].tolist()
         assert o == hf
@@ -167,7 +167,7 @@ def test_bank_consolidates_documents_together(fam, smol_tokenizer):
     docs = [DOC, "The green mill of Olm was built in 1821 by Otto Berg. It grinds barley for the town."]
     mems = iicl_fast.consolidate_many(make_family(fam, tok), tok, docs, iicl_fast.Config(**{**TINY_CONFIG, "epochs": 1}))
     assert len(mems) == 2
-    probe = torch.tensor([mems[0].fmt.prompt("Who built the mill?")])
+    probe = torch.tensor([mems[0].fmt.prompt("Who built the mill?")], device=DEVICE)
     outs = []
     for m in mems:
         m._activate()
