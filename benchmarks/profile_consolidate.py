@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_consolidate import llama_8b, prose, warm_kernels  # noqa: E402
 import iicl_fast  # noqa: E402
 from iicl_fast import Config, decode, layers, lora  # noqa: E402
-from iicl_fast.consolidate import loss_stats, subset, train  # noqa: E402
+from iicl_fast.consolidate import subset, train  # noqa: E402
 from iicl_fast.elicit import Entry  # noqa: E402
 from iicl_fast.generation import cache_kw, cache_of, decoder, lm_head, next_token, sampling_generator, step_logits  # noqa: E402
 from iicl_fast.teacher import hidden_logprob, student_hidden_set, teacher_hidden  # noqa: E402

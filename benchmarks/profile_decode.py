@@ -1,9 +1,17 @@
-"""Where one decoding step's time goes: 8B shape, R rows after one shared prefix (cascade).
+"""Where one step of the static decoder goes: 8B shape, R rows after one shared prefix.
 
-    python benchmarks/profile_decode.py [--rows 400] [--prefix 5000] [--steps 20]"""
+    python benchmarks/profile_decode.py [--rows 400 64] [--prefix 5000] [--own 300] [--out FILE]
+
+Per row count: the captured step's replay time (CUDA events, cur held at prompt + own
+slots, i.e. mid-generation), the sampler's time on that step's logits, the floor, and the
+GPU time of one eager step by kernel family (torch.profiler; the graph replays the same
+kernels without the launch gaps)."""
+from __future__ import annotations
+
 import argparse
+import json
 import sys
-import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -11,55 +19,94 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_consolidate import llama_8b  # noqa: E402
-from iicl_fast.decode import prefix_kv, shared_prefix  # noqa: E402
-from iicl_fast.generation import decoder, lm_head, next_token, sampling_generator, step_logits  # noqa: E402
+from bench_generate import floor_ms, write_json  # noqa: E402
+from iicl_fast import layers  # noqa: E402
+from iicl_fast.decode import _dims, _Static, _static_mode, _Step, prefix_kv  # noqa: E402
+from iicl_fast.generation import decoder  # noqa: E402
+from iicl_fast.kernels.sampling import sample_top_p  # noqa: E402
+
+FAMILIES = (("gemm", ("gemm", "nvjet", "cutlass", "sm90", "cublas")), ("prefix attention", ("_prefix_kernel",)),
+            ("suffix attention", ("_suffix_kernel",)), ("merge", ("_merge_kernel",)), ("attention, one launch", ("_both_kernel",)), ("rope + cache write", ("rope_write",)), ("rmsnorm", ("rmsnorm",)),
+            ("silu·up", ("swiglu",)), ("cache write", ("index_copy", "indexcopy", "index_put")))
 
 
-def timed(fn, n):
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, keys in FAMILIES:
+        if any(k in low for k in keys):
+            return fam
+    return "other elementwise"
+
+
+def events(fn, n):
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
     a.record()
     for _ in range(n):
-        out = fn()
+        fn()
     b.record()
     torch.cuda.synchronize()
-    return a.elapsed_time(b) / n, out
+    return a.elapsed_time(b) / n
+
+
+def profile_rows(model, kv, R, K, own, P=40):
+    L, kvh, d = _dims(model)
+    S = P + own + 8
+    st = _Static(kv, [torch.zeros(R, kvh, S, d, device="cuda", dtype=torch.bfloat16) for _ in range(L)],
+                 [torch.zeros(R, kvh, S, d, device="cuda", dtype=torch.bfloat16) for _ in range(L)],
+                 torch.zeros(R, dtype=torch.int32, device="cuda"), True)
+    tok = torch.randint(10, 120000, (R,), device="cuda")
+    pos = torch.full((R,), K + P + own, device="cuda")
+    with torch.no_grad(), _static_mode(model, st):
+        ids = torch.randint(10, 120000, (R, P), device="cuda")
+        decoder(model)(input_ids=ids, position_ids=K + torch.arange(P, device="cuda")[None].expand(R, P), use_cache=False)
+        st.cur.fill_(P + own)
+        st.n = P + own
+        captured = _Step(model, st, R, True, None)
+        ms_graph = events(lambda: captured(tok, pos), 20)
+        z = captured(tok, pos).clone()
+        seed = torch.zeros(1, dtype=torch.long, device="cuda")
+        ms_sample = events(lambda: sample_top_p(z, seed, 0.7, 0.9), 20)
+        ms_argmax = events(lambda: z.argmax(-1), 20)
+        captured = None                          # frees the graph's pool before the eager step
+        eager = _Step(model, st, R, False, None)
+        eager(tok, pos)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                eager(tok, pos)
+            torch.cuda.synchronize()
+    fam, other = defaultdict(float), []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            fam[family(e.key)] += t / 3 / 1e3
+            if family(e.key) == "other elementwise":
+                other.append((round(t / 3 / 1e3, 3), e.count // 3, e.key[:90]))
+    res = {"rows": R, "prefix_tokens": K, "own_slots": P + own, "graph_step_ms": round(ms_graph, 2),
+           "sample_top_p_ms": round(ms_sample, 3), "argmax_ms": round(ms_argmax, 3),
+           "floor_ms": round(floor_ms(model, R, K, P + own, 0), 2),
+           "eager_step_gpu_ms_by_family": {k: round(v, 3) for k, v in sorted(fam.items(), key=lambda x: -x[1])},
+           "eager_step_gpu_ms": round(sum(fam.values()), 2), "other_top": sorted(other, reverse=True)[:12],
+           "device": torch.cuda.get_device_name()}
+    print(json.dumps(res), flush=True)
+    return res
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--rows", type=int, default=400)
+    p.add_argument("--rows", type=int, nargs="+", default=[400, 64])
     p.add_argument("--prefix", type=int, default=5000)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--own", type=int, default=300)
+    p.add_argument("--out", default=None)
     a = p.parse_args()
-    model = llama_8b()
-    body = decoder(model)
-    w, bias, cap = lm_head(model)
-    g = sampling_generator("cuda", 0)
-    prefix = torch.randint(0, 49152, (a.prefix,)).tolist()
-    with torch.no_grad(), shared_prefix(model, prefix_kv(model, prefix)):
-        ids = torch.randint(0, 49152, (a.rows, 16), device="cuda")
-        res = body(input_ids=ids, position_ids=a.prefix + torch.arange(16, device="cuda")[None].expand(a.rows, 16),
-                   use_cache=True)
-        past, h = res.past_key_values, res.last_hidden_state[:, -1]
-        tok = ids[:, -1]
-        pos = torch.full((a.rows, 1), a.prefix + 16, device="cuda")
-        fwd = []
-        for _ in range(a.steps):          # the cache grows: time each step, keep the median
-            t0 = time.perf_counter()
-            r = body(input_ids=tok[:, None], position_ids=pos, past_key_values=past, use_cache=True)
-            torch.cuda.synchronize()
-            fwd.append((time.perf_counter() - t0) * 1e3)
-            past, pos = r.past_key_values, pos + 1
-        h = r.last_hidden_state[:, -1]
-        t_logits, z = timed(lambda: step_logits(h, w, bias, cap), a.steps)
-        t_greedy, _ = timed(lambda: next_token(z, False, 1.0, 1.0), a.steps)
-        t_full, _ = timed(lambda: next_token(z, True, 0.7, 1.0, g), a.steps)
-        t_nucleus, _ = timed(lambda: next_token(z, True, 0.7, 0.9, g), a.steps)
-    fwd.sort()
-    floor = max(2 * sum(x.numel() for x in model.parameters()) / 4.3e12,
-                2 * a.rows * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) / 790e12) * 1e3
-    print(f"rows {a.rows} prefix {a.prefix}: forward {fwd[len(fwd) // 2]:.2f} ms (min {fwd[0]:.2f}), logits {t_logits:.2f}, "
-          f"argmax {t_greedy:.2f}, sample {t_full:.2f}, sample top-p {t_nucleus:.2f} ms; step floor {floor:.2f} ms")
+    model = llama_8b().requires_grad_(False)     # frozen, as Memory's base is (the fused norm wants it)
+    layers.install(model)
+    prefix = torch.randint(10, 120000, (a.prefix,)).tolist()
+    kv = prefix_kv(model, prefix)
+    res = [profile_rows(model, kv, R, a.prefix, a.own) for R in a.rows]
+    if a.out:
+        write_json(a.out, res)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 class IICLError(Exception):
@@ -31,7 +31,7 @@ class Config:
     # that sentence and the next as the response, stop id appended): the teacher with the
     # chunk in view scores text it can copy, so every fact's tokens are taught as written
     source_entries: int = 0
-    gen_batch_size: int = 16      # rows decoded together (the prefix KV is copied per row today)
+    gen_batch_size: int = 16      # rows decoded together (CUDA: one static batch after one prefix KV copy)
     # benchmarks on random weights: every generation runs its full max tokens and question
     # texts are kept as written (random weights never stop and write no "?")
     fixed_lengths: bool = False

@@ -89,20 +89,30 @@ def shared_prefix(model, kv: list[tuple[torch.Tensor, torch.Tensor]]):
     if why:
         raise IICLError(f"cascade attention cannot serve {type(causal_lm(model)).__name__}: it has {why}")
     _register()
-    cfgs = {id(c): c for c in (causal_lm(model).config, causal_lm(model).get_decoder().config)}.values()
-    saved = [(c, c._attn_implementation) for c in cfgs]
     prev = dict(_PREFIX)
     _PREFIX.clear()
     _PREFIX.update(dict(enumerate(kv)))
     try:
+        with _attention_implementation(model, IMPL):
+            yield
+    finally:
+        _PREFIX.clear()
+        _PREFIX.update(prev)
+
+
+@contextlib.contextmanager
+def _attention_implementation(model, name: str):
+    """Inside: model's attention layers call the attention function registered as name."""
+    from .generation import causal_lm
+    cfgs = {id(c): c for c in (causal_lm(model).config, causal_lm(model).get_decoder().config)}.values()
+    saved = [(c, c._attn_implementation) for c in cfgs]
+    try:
         for c, _ in saved:
-            c._attn_implementation = IMPL
+            c._attn_implementation = name
         yield
     finally:
         for c, impl in saved:
             c._attn_implementation = impl
-        _PREFIX.clear()
-        _PREFIX.update(prev)
 
 
 def _partial(s: torch.Tensor, v: torch.Tensor):
@@ -220,27 +230,352 @@ def _suffix_mask(attention_mask, B: int, q: int, T: int, device) -> torch.Tensor
     return m[..., -T:].expand(B, 1, q, T)
 
 
+def _attend(query, key, value, vis, prefix, scale):
+    """query [B, H, q, d]; the rows' own key / value [B, kvh, T, d] with vis bool [B, 1, q, T]
+    (True = visible; None: causal flash where it applies); prefix (pk, pv) [kvh, K, d] or None
+    -> [B, q, H, d] in query's dtype: the prefix part and the own part merged by log-sum-exps."""
+    B, H, q, d = query.shape
+    kvh = key.shape[1]
+    g = H // kvh
+    qg = query.reshape(B, kvh, g * q, d)
+    part = _flash_suffix(query, key, value, scale) if vis is None and FLASH_SUFFIX else None
+    if part is not None:
+        o2, lse2 = part
+    else:
+        T = key.shape[2]
+        if vis is None:
+            vis = _suffix_mask(None, B, q, T, query.device)
+        s2 = torch.matmul(qg, key.transpose(-1, -2)).float().mul_(scale)       # [B, kvh, g*q, T]
+        s2 = s2.view(B, kvh, g, q, T).masked_fill_(~vis[:, :, None], -math.inf).view(B, kvh, g * q, T)
+        o2, lse2 = _partial(s2, value)
+    if prefix is None:
+        o = o2
+    else:
+        pk, pv = prefix
+        o1, lse1 = attend_prefix(qg.transpose(0, 1).reshape(kvh, B * g * q, d), pk, pv, scale)
+        o1 = o1.view(kvh, B, g * q, d).transpose(0, 1)
+        lse1 = lse1.view(kvh, B, g * q, 1).transpose(0, 1)
+        lse = torch.logaddexp(lse1, lse2)
+        o = o1 * (lse1 - lse).exp() + o2 * (lse2 - lse).exp()
+    return o.to(query.dtype).reshape(B, H, q, d).transpose(1, 2).contiguous()
+
+
 def cascade_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: query [B, H, q, d]; key / value [B, kvh, T, d] the
     rows' own tokens (their cache); the shared prefix from shared_prefix. -> [B, q, H, d]."""
     B, H, q, d = query.shape
-    pk, pv = _PREFIX[module.layer_idx]
-    kvh = pk.shape[0]
-    g = H // kvh
     scale = scaling if scaling is not None else d ** -0.5
-    qg = query.reshape(B, kvh, g * q, d)
-    o1, lse1 = attend_prefix(qg.transpose(0, 1).reshape(kvh, B * g * q, d), pk, pv, scale)
-    o1 = o1.view(kvh, B, g * q, d).transpose(0, 1)
-    lse1 = lse1.view(kvh, B, g * q, 1).transpose(0, 1)
     T = key.shape[2]
-    part = _flash_suffix(query, key, value, scale) if FLASH_SUFFIX and attention_mask is None and T == q else None
-    if part is not None:
-        o2, lse2 = part
-    else:
-        s2 = torch.matmul(qg, key.transpose(-1, -2)).float().mul_(scale)       # [B, kvh, g*q, T]
-        vis = _suffix_mask(attention_mask, B, q, T, query.device)              # [B, 1, q, T]
-        s2 = s2.view(B, kvh, g, q, T).masked_fill_(~vis[:, :, None], -math.inf).view(B, kvh, g * q, T)
-        o2, lse2 = _partial(s2, value)
-    lse = torch.logaddexp(lse1, lse2)
-    o = o1 * (lse1 - lse).exp() + o2 * (lse2 - lse).exp()
-    return o.to(query.dtype).reshape(B, H, q, d).transpose(1, 2).contiguous(), None
+    vis = None if attention_mask is None and T == q else _suffix_mask(attention_mask, B, q, T, query.device)
+    return _attend(query, key, value, vis, _PREFIX[module.layer_idx], scale), None
+
+
+# --------------------------------------------------------------------------------------------
+# The static decoder: all rows of a batch in one preallocated cache, the step captured once.
+#
+# Each row's own tokens (its left-padded prompt, then what it generates) live in static
+# caches [B, kvh, S, d] per layer (S = longest prompt + max_new_tokens). Left padding puts
+# every row's next token in the same slot `cur`, a device scalar: a step writes its keys at
+# cur, the attention kernel (kernels/prefix_attention.cascade_decode) reads the shared prefix
+# and slots lo[b]..cur, and nothing in the step depends on a host value, so on CUDA it is
+# captured as a graph once per batch shape and replayed. Sampling runs on the device
+# (kernels/sampling.py, seeded from a device counter); the host asks whether every row has
+# stopped only every STOP_CHECK_EVERY steps, and then drops stopped rows from the batch once
+# at most COMPACT_BELOW of it is still going (one more capture, at the smaller shape).
+# --------------------------------------------------------------------------------------------
+
+STATIC_IMPL = "iicl_static"
+STOP_CHECK_EVERY = 16
+COMPACT_BELOW = 0.5
+GRAPHS = True           # False: eager steps on CUDA too (benchmarks compare; the CPU never captures)
+LLAMA_STEP = True       # False: Llama-like decoders also step through transformers' forward
+_STATIC: list = [None]  # the active _Static
+
+
+class _Static:
+    """What the static attention function reads: per-layer prefix (pk, pv) or None, per-layer
+    caches ks / vs [B, kvh, S, d], lo int32 [B] (each row's first real slot), cur int32 [1]
+    (the slot this call writes first), n (cur's value on the host, for the eager paths),
+    kernels (decoding steps through the Triton kernel; False: the plain path)."""
+
+    def __init__(self, prefix, ks, vs, lo, kernels):
+        self.prefix, self.ks, self.vs, self.lo, self.kernels = prefix, ks, vs, lo, kernels
+        self.cur = torch.zeros(1, dtype=torch.int32, device=lo.device)
+        self.n = 0
+        self.offsets = torch.arange(ks[0].shape[2], device=lo.device)
+
+
+def static_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function of the static decoder: writes key / value [B, kvh, q, d]
+    into the layer's cache at slots cur..cur+q-1, then attends to the prefix and to each
+    row's slots lo[b]..(its own slot) -> [B, q, H, d]."""
+    st = _STATIC[0]
+    i = module.layer_idx
+    ks, vs = st.ks[i], st.vs[i]
+    B, H, q, d = query.shape
+    scale = scaling if scaling is not None else d ** -0.5
+    slots = st.offsets[:q] + st.cur
+    ks.index_copy_(2, slots, key)
+    vs.index_copy_(2, slots, value)
+    prefix = st.prefix[i] if st.prefix is not None else None
+    if q == 1 and st.kernels:
+        from .kernels.prefix_attention import cascade_decode
+        pk, pv = prefix if prefix is not None else (None, None)
+        return cascade_decode(query[:, :, 0], pk, pv, ks, vs, st.lo, st.cur, scale)[:, None], None
+    T = st.n + q                                        # eager: the host knows cur
+    j = st.offsets[:T]
+    own = st.n + st.offsets[:q]
+    vis = (j[None, None, :] >= st.lo[:, None, None]) & (j[None, None, :] <= own[None, :, None])
+    return _attend(query, ks[:, :, :T], vs[:, :, :T], vis[:, None], prefix, scale), None
+
+
+def _no_mask(*args, **kwargs):
+    return None     # static_attention masks by lo / cur itself
+
+
+_MASK_FREE: list = []
+
+
+def _mask_free_for_unregistered() -> bool:
+    """Whether transformers builds no mask at all for an attention implementation with no
+    mask function registered. Registering one costs more than the mask: its preprocessing
+    asks the device whether position ids hold packed sequences (a host sync per forward)."""
+    if not _MASK_FREE:
+        import inspect
+
+        from transformers import masking_utils
+        fn = getattr(masking_utils, "_preprocess_mask_arguments", None)
+        _MASK_FREE.append(fn is not None and "_global_mapping" in inspect.getsource(fn))
+    return _MASK_FREE[0]
+
+
+@contextlib.contextmanager
+def _static_mode(model, st: _Static):
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(STATIC_IMPL, static_attention)
+    if not _mask_free_for_unregistered():
+        AttentionMaskInterface.register(STATIC_IMPL, _no_mask)
+    prev = _STATIC[0]
+    _STATIC[0] = st
+    try:
+        with _attention_implementation(model, STATIC_IMPL):
+            yield
+    finally:
+        _STATIC[0] = prev
+
+
+def _dims(model):
+    from .generation import causal_lm
+    cfg = causal_lm(model).config
+    cfg = getattr(cfg, "text_config", None) or cfg
+    heads = cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or heads, d
+
+
+_LLAMA_SOURCES: dict = {}
+
+
+def llama_like(body) -> bool:
+    """Whether body (a transformers decoder) computes exactly Llama's decoder: its model, layer
+    and attention forwards are Llama's (sources compared, class names aside), no q/k norms.
+    Then _llama_step runs a decoding step from its modules with fused glue."""
+    from transformers.models.llama import modeling_llama as m
+
+    from .layers import _source
+    if not all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return False
+    if not _LLAMA_SOURCES:
+        _LLAMA_SOURCES.update(model=_source(m.LlamaModel), layer=_source(m.LlamaDecoderLayer),
+                              attn=_source(m.LlamaAttention))
+    try:
+        if _source(type(body)) != _LLAMA_SOURCES["model"]:
+            return False
+        for layer in body.layers:
+            if (_source(type(layer)) != _LLAMA_SOURCES["layer"] or _source(type(layer.self_attn)) != _LLAMA_SOURCES["attn"]
+                    or getattr(layer.self_attn, "q_norm", None) is not None):
+                return False
+    except (OSError, TypeError):
+        return False
+    return True
+
+
+def _llama_step(body, st: _Static, tok, pos):
+    """One decoding step of a Llama-like decoder (llama_like), tok / pos [B] -> the final-normed
+    hidden states [B, hidden]. The modules (norms, projections with any LoRA, MLP) are the
+    model's own; between them one kernel rotates q and k and writes the caches
+    (kernels/rotary.py) and three do the attention (kernels/prefix_attention.cascade_decode):
+    ~16 kernels a layer where transformers' forward launched ~45 (measured: the small ones
+    were ~2.3 ms of a 9.2 ms step at 64 rows, more than the attention itself)."""
+    from .kernels.prefix_attention import cascade_decode
+    from .kernels.rotary import rope_write
+    B = tok.shape[0]
+    h = body.embed_tokens(tok)
+    cos, sin = body.rotary_emb(h[:, None], pos[:, None])
+    cos, sin = cos[:, 0], sin[:, 0]
+    for i, layer in enumerate(body.layers):
+        a = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = rope_write(a.q_proj(x), a.k_proj(x), a.v_proj(x), cos, sin, st.ks[i], st.vs[i], st.cur)
+        pk, pv = st.prefix[i] if st.prefix is not None else (None, None)
+        o = cascade_decode(q, pk, pv, st.ks[i], st.vs[i], st.lo, st.cur, a.scaling)
+        h = h + a.o_proj(o.view(B, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return body.norm(h)
+
+
+class _Step:
+    """One decoding step of the batch: tok [B] and pos [B] in -> fp32 logits [B, V]; on CUDA
+    (graphs) captured once and replayed, else run eagerly. Llama-like decoders with the
+    kernels on take _llama_step; others their own forward through static_attention."""
+
+    def __init__(self, model, st: _Static, B: int, graph: bool, pool):
+        from .generation import decoder, lm_head
+        self.body, self.head = decoder(model), lm_head(model)
+        self.st = st
+        self.llama = st.kernels and LLAMA_STEP and llama_like(self.body)
+        dev = st.lo.device
+        self.tok = torch.zeros(B, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(B, dtype=torch.long, device=dev)
+        self.graph = None
+        if graph:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):       # warm-up: compiles kernels, fills LoRA casts
+                self._run()                     # (it writes slot cur, which the replay rewrites)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.out = self._run()
+
+    def _run(self):
+        from .generation import step_logits
+        if self.llama:
+            h = _llama_step(self.body, self.st, self.tok, self.pos)
+        else:
+            h = self.body(input_ids=self.tok[:, None], position_ids=self.pos[:, None],
+                          use_cache=False).last_hidden_state[:, -1]
+        return step_logits(h, *self.head)
+
+    def __call__(self, tok, pos):
+        self.tok.copy_(tok)
+        self.pos.copy_(pos)
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.out
+
+
+def _choose(z, sample, temperature, top_p, seed, generator, kernels):
+    """fp32 logits [B, V] -> tokens [B] on the device: argmax, or a nucleus draw (the Triton
+    sampler advancing the device seed, or generation.next_token where kernels are off)."""
+    if not sample:
+        return z.argmax(-1)
+    if kernels:
+        from .kernels.sampling import sample_top_p
+        tok = sample_top_p(z, seed, temperature, top_p)
+        seed.add_(1)
+        return tok
+    from .generation import next_token
+    return next_token(z, True, temperature, top_p, generator)
+
+
+@torch.no_grad()
+def generate_static(model, prompts: list[list[int]], *, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None,
+                    max_new_tokens: int, pad_id: int, stops: torch.Tensor, sample: bool, temperature: float = 1.0,
+                    top_p: float = 1.0, generator=None, min_new_tokens: int = 0, progress=None,
+                    kernels: bool | None = None, graphs: bool | None = None, stats: dict | None = None) -> list[list[int]]:
+    """Continuations of [prefix; prompt] for each prompt, all rows in one batch (callers split
+    larger sets): prefix is prefix_kv's output (None: no shared prefix), stops the stop ids
+    (a device tensor). kernels (default: on CUDA) runs decoding steps' attention and sampling
+    through the Triton kernels; graphs (default: on CUDA) captures the step. stats (a dict,
+    for benchmarks: synchronises at phase ends) gets prefill_s, capture_s, decode_s (the
+    steps, captures included), steps and batch sizes. Returns each continuation's ids up to
+    and including its first stop id, if one came."""
+    from .generation import causal_lm, decoder, lm_head, pad_left, step_logits
+    device = next(model.parameters()).device
+    dtype = causal_lm(model).get_input_embeddings().weight.dtype
+    kernels = device.type == "cuda" if kernels is None else kernels
+    graphs = device.type == "cuda" and GRAPHS if graphs is None else graphs
+    L, kvh, d = _dims(model)
+    K = prefix[0][0].shape[1] if prefix else 0
+    ids, mask = pad_left(prompts, pad_id, device)
+    B, P = ids.shape
+    S = P + max_new_tokens
+    lengths = mask.sum(1)
+    st = _Static(prefix, [torch.zeros(B, kvh, S, d, device=device, dtype=dtype) for _ in range(L)],
+                 [torch.zeros(B, kvh, S, d, device=device, dtype=dtype) for _ in range(L)],
+                 (P - lengths).to(torch.int32), kernels)
+    seed = None
+    if sample and kernels:     # the draws' seed, itself drawn from the caller's generator
+        seed = torch.randint(0, 2 ** 62, (1,), device=device, generator=generator)
+    rows = torch.arange(B, device=device)                   # batch row -> prompt index
+    toks = torch.full((max_new_tokens, B), -1, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    pool = None   # each capture its own pool: reusing one after its graph was freed tripped an allocator assert
+    clock = _Clock(device, stats)
+    with _static_mode(model, st):
+        pos = K + (mask.cumsum(1) - 1).clamp(min=0)
+        h = decoder(model)(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[:, -1]
+        z = step_logits(h, *lm_head(model))
+        del h
+        st.cur.fill_(P)
+        st.n = P
+        next_pos = K + lengths
+        clock.lap("prefill_s")
+        step = None
+        for t in range(max_new_tokens):
+            if t < min_new_tokens:
+                z.index_fill_(1, stops, float("-inf"))
+            tok = _choose(z, sample, temperature, top_p, seed, generator, kernels)
+            toks[t].index_copy_(0, rows, torch.where(done, -1, tok))
+            done |= torch.isin(tok, stops)
+            if t + 1 == max_new_tokens:
+                break
+            if (t + 1) % STOP_CHECK_EVERY == 0:
+                live = int((~done).sum())
+                if live == 0:
+                    break
+                if live <= COMPACT_BELOW * done.numel():
+                    keep = (~done).nonzero().flatten()
+                    st.ks = [k.index_select(0, keep) for k in st.ks]
+                    st.vs = [v.index_select(0, keep) for v in st.vs]
+                    st.lo, rows, tok, next_pos, done = (x.index_select(0, keep) for x in (st.lo, rows, tok, next_pos, done))
+                    step = None
+            if step is None:
+                clock.lap("decode_s")
+                step = _Step(model, st, done.numel(), graphs, pool)
+                clock.lap("capture_s", batch=done.numel())
+            z = step(tok, next_pos)
+            st.cur.add_(1)
+            st.n += 1
+            next_pos = next_pos + 1
+        clock.lap("decode_s", steps=t + 1)
+    if progress is not None:
+        progress.update(B)
+    return [[x for x in row if x >= 0] for row in toks.t().tolist()]
+
+
+class _Clock:
+    """Phase times into a stats dict (None: does nothing, never synchronises)."""
+
+    def __init__(self, device, stats):
+        import time
+        self.time, self.device, self.stats = time.perf_counter, device, stats
+        self.t = self.time()
+        if stats is not None:
+            stats.update(prefill_s=0.0, capture_s=0.0, decode_s=0.0, steps=0, batches=[])
+
+    def lap(self, key, steps=None, batch=None):
+        if self.stats is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = self.time()
+        self.stats[key] += now - self.t
+        self.t = now
+        if steps is not None:
+            self.stats["steps"] = steps
+        if batch is not None:
+            self.stats["batches"].append(batch)

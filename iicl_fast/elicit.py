@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Config
+from .decode import cascade_unsupported, prefix_kv
 from .generation import generate, sampling_generator
 from .models import PromptFormat
 
@@ -127,9 +128,12 @@ def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index:
     seed = config.seed + chunk_index
     rng = torch.Generator().manual_seed(seed)                 # query construction (CPU)
     prefix = fmt.context_prefix(chunk)
+    kv = None
+    if device.type == "cuda" and cascade_unsupported(model) is None:
+        kv = prefix_kv(model, prefix)        # C encoded once for the questions and the answers
     sample = dict(sample=True, temperature=config.elicit_temperature, top_p=config.elicit_top_p,
                   batch_size=config.gen_batch_size, stop_ids=fmt.stop_ids, pad_id=fmt.pad_id,
-                  prefix=prefix, generator=sampling_generator(device, seed))
+                  prefix=prefix, prefix_kv=kv, generator=sampling_generator(device, seed))
     bar = tqdm(total=2 * config.n_queries + config.n_continuations, desc="elicit",
                disable=not config.progress, leave=False)
 

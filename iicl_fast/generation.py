@@ -146,27 +146,45 @@ STOP_CHECK_EVERY = 16
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int, sample: bool,
              eos_id: int | None = None, stop_ids=None, temperature: float = 1.0, top_p: float = 1.0,
              batch_size: int = 16, prefix: list[int] | None = None, generator=None, progress=None,
-             min_new_tokens: int = 0, cascade: bool | None = None) -> list[list[int]]:
+             min_new_tokens: int = 0, cascade: bool | None = None, static: bool | None = None,
+             prefix_kv=None) -> list[list[int]]:
     """Generate continuations of [prefix; prompt] for each token-id prompt.
 
-    The shared prefix (e.g. the chunk) is encoded once; each batch copies its KV cache, so
-    only the prompts' own tokens are recomputed. Prompts are left-padded after the prefix
-    (the padding is masked and positions skip it). A row stops at the first of `stop_ids`
-    (every end-of-turn id of the model; `eos_id` alone if not given) once it has
-    `min_new_tokens`. Tokens stay on the device until the batch ends. cascade (default: on
-    CUDA) attends to one copy of the prefix KV (decode.py) instead of copying it per row.
-    Returns each
+    static (default: on CUDA for models cascade attention serves): decode.generate_static —
+    batches of batch_size rows in preallocated caches after one copy of the prefix's KV,
+    the step captured as a CUDA graph, attention and sampling in Triton kernels. Otherwise
+    the plain loop: the shared prefix (e.g. the chunk) is encoded once and each batch copies
+    its KV cache (or, cascade, attends to one copy of it through decode.shared_prefix), so
+    only the prompts' own tokens are recomputed; prompts are left-padded after the prefix
+    (the padding is masked and positions skip it). prefix_kv: decode.prefix_kv(model, prefix)
+    computed by the caller, so that several calls on one prefix (questions, then answers)
+    encode it once. A row stops at the first of `stop_ids` (every end-of-turn id of the
+    model; `eos_id` alone if not given) once it has `min_new_tokens`. Returns each
     continuation's ids up to and including its first stop id, if one came."""
     device = next(model.parameters()).device
     body = decoder(model)
     stops = _stop_tensor(stop_ids, eos_id, device)
     K = len(prefix) if prefix else 0
+    from .decode import cascade_unsupported
+    served = device.type == "cuda" and cascade_unsupported(model) is None
+    if static is None:
+        static = served and cascade is None
     if cascade is None:
-        from .decode import cascade_unsupported
-        cascade = device.type == "cuda" and cascade_unsupported(model) is None
+        cascade = served
+    if static:
+        from .decode import generate_static
+        from .decode import prefix_kv as encode_prefix
+        kv = prefix_kv if prefix_kv is not None or not prefix else encode_prefix(model, prefix)
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), batch_size):
+            out += generate_static(model, prompts[start: start + batch_size], prefix=kv, max_new_tokens=max_new_tokens,
+                                   pad_id=pad_id, stops=stops, sample=sample, temperature=temperature, top_p=top_p,
+                                   generator=generator, min_new_tokens=min_new_tokens, progress=progress)
+        return out
     if cascade and prefix:
-        from .decode import prefix_kv, shared_prefix
-        with shared_prefix(model, prefix_kv(model, prefix)):
+        from .decode import prefix_kv as encode_prefix
+        from .decode import shared_prefix
+        with shared_prefix(model, prefix_kv if prefix_kv is not None else encode_prefix(model, prefix)):
             return _generate(model, body, prompts, K, None, False, stops, max_new_tokens, pad_id, sample,
                              temperature, top_p, batch_size, generator, progress, min_new_tokens)
     if prefix and batch_size > 1 and len(prompts) > 1:

@@ -8,7 +8,6 @@ import json
 import math
 import random
 import os
-import re
 import shutil
 import tempfile
 import warnings

@@ -1,4 +1,4 @@
-"""Decode attention over one shared prefix (the prefix part of cascade attention), GQA-aware.
+"""Decode attention over one shared prefix plus each row's own suffix (cascade attention), GQA.
 
 Every row of a chunk's elicitation batch attends to the same K prefix positions. For one KV
 head, all its query vectors — rows × group (query heads per KV head) × new positions — form
@@ -7,36 +7,109 @@ uses it for BLOCK_M query vectors (a GEMM, not M matrix-vector products): the pr
 once per row block instead of once per row and query head. The prefix is split into
 `split` ranges (flash-decoding) so that a few KV heads still fill the GPU; each (KV head,
 split, row block) program runs an online softmax over its range and writes its partial
-output and log-sum-exp, and the partials are merged by their log-sum-exps (as the suffix
-part is merged with this one in iicl_fast/decode.py).
+output and log-sum-exp.
+
+The suffix part (cascade_decode): each row's own keys live in a static cache
+[B, Hkv, S, d]; row b sees slots lo[b] .. cur (lo: its left padding; cur: a device scalar,
+the slot written this step, so a captured CUDA graph replays without a host sync). One
+program per (row, KV head, split) runs the same online softmax for the row's query group.
+A merge kernel combines the prefix and suffix partials by their log-sum-exps into the
+attention output in the query's dtype.
 
     o, lse = prefix_attention(q, k, v, scale)     # q [B, Hq, n, d], k/v [Hkv, K, d]
+    o = cascade_decode(q, pk, pv, ks, vs, lo, cur, scale)   # q [B, Hq, d] -> [B, Hq, d]
 
 Reference beside it: reference_prefix_attention.py. Launchers take CUDA tensors, or CPU
-tensors under TRITON_INTERPRET=1 (the tests). Not yet wired into decode.py: it has not run
-on a GPU (the torch/flash path stays the default there)."""
+tensors under TRITON_INTERPRET=1 (the tests)."""
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+POISON = False   # tests set this: every buffer a kernel must fully write starts as NaN
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Launch settings of the decode step's kernels, None: by batch size, as swept on the H200
+# (benchmarks/tune_decode_attention.py, 8B heads, 5,000-token prefix, 340 own slots; ms a layer):
+# prefix part at 64 rows (M = 256) 0.148 with 128×32 tiles, 0.162 with 64×32, 0.29 the worst;
+# at 400 rows (M = 1,600) 0.273 with 64×64, 3 stages; the suffix part 8 warps at 64 rows
+# (0.149 vs 0.289 with 2), 4 at 400 (0.268; 8 warps 0.308).
+PREFIX_CFG: dict | None = None
+# The prefix and suffix tiles in one launch (_both_kernel), so that compute-bound and
+# memory-bound tiles share the SMs; False: two launches, one after the other. Measured on the
+# H200 (tune_decode_attention.py, ms a layer with the merge): one launch 0.215 / 0.276 at 64 /
+# 400 rows, two launches 0.199 / 0.271: the overlap did not pay, two launches stay the default.
+ONE_LAUNCH = False
+SUFFIX_CFG: dict | None = None
+
+
+def _prefix_cfg(M: int) -> dict:
+    if PREFIX_CFG is not None:
+        return PREFIX_CFG
+    if M >= 1024:
+        return dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
+    return dict(block_m=128, block_n=32, num_warps=4, num_stages=3)
+
+
+def _suffix_cfg(programs: int) -> dict:
+    if SUFFIX_CFG is not None:
+        return SUFFIX_CFG
+    return dict(block_n=32, num_warps=4 if programs >= 1024 else 8, num_stages=3)
+SMS = 132        # H200 streaming multiprocessors: splits are chosen to fill about twice this
+
+
+def _buffer(shape, device, dtype=torch.float32):
+    return torch.full(shape, float("nan"), device=device, dtype=dtype) if POISON else \
+        torch.empty(shape, device=device, dtype=dtype)
+
 
 @triton.jit
-def _prefix_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, M, K, D, split_len, scale,
-                             stride_qh, stride_qm, stride_kh, stride_kn, stride_oh, stride_os, stride_om,
-                             stride_lh, stride_ls, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_D: tl.constexpr):
-    """One (KV head, prefix split, row block): online softmax of q·kᵀ·scale over the split's
-    positions -> partial o [BLOCK_M, D] (normalised) and its lse [BLOCK_M]."""
-    h = tl.program_id(0)
-    sp = tl.program_id(1)
-    mb = tl.program_id(2)
+def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a·b with fp32 accumulation: exact fp32 products for fp32 models (IEEE; tensor-core tf32
+    would change greedy tokens), the operands' own dtype (bf16 tensor cores) otherwise; under
+    the interpreter (UPCAST) in fp32, as its bf16 dot does not compute a product."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    elif UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _online_block(q, k_ptrs, v_ptrs, nmask, dmask, m_i, l_i, acc, scale, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One block of keys / values (pointers [BLOCK_N, BLOCK_D], rows past nmask ignored) into
+    the running (max m_i, normaliser l_i, unnormalised output acc) of q's online softmax.
+    Operands in the cache's dtype (bf16 on the tensor cores), accumulated in fp32."""
+    kt = tl.load(k_ptrs, mask=nmask[:, None] & dmask[None, :], other=0.0)
+    vt = tl.load(v_ptrs, mask=nmask[:, None] & dmask[None, :], other=0.0)
+    s = _dot(q, tl.trans(kt), IEEE, UPCAST) * scale
+    s = tl.where(nmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE, UPCAST)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _prefix_tile(h, sp, mb, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, M, K, D, GN, NQ, split_len, scale,
+                 stride_qb, stride_qh, stride_qn, stride_kh, stride_kn, stride_oh, stride_os, stride_om,
+                 stride_lh, stride_ls, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One (KV head h, prefix split sp, row block mb): online softmax of q·kᵀ·scale over the
+    split's positions -> partial o [BLOCK_M, D] (normalised) and its lse [BLOCK_M]. Query
+    vector m of KV head h is (row m // GN, query head h·G + (m % GN) // NQ, new position
+    m % NQ): read in place through q's strides (no gathered copy)."""
     rm = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
     dmask = rd < D
-    q = tl.load(q_ptr + h * stride_qh + rm[:, None] * stride_qm + rd[None, :],
-                mask=(rm[:, None] < M) & dmask[None, :], other=0.0).to(tl.float32)
+    r = rm % GN
+    q_off = (rm // GN) * stride_qb + (h * G + r // NQ) * stride_qh + (r % NQ) * stride_qn
+    q = tl.load(q_ptr + q_off[:, None] + rd[None, :], mask=(rm[:, None] < M) & dmask[None, :], other=0.0)
     start = sp * split_len
     end = tl.minimum(start + split_len, K)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -46,61 +119,269 @@ def _prefix_attention_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, M, K, D, split
         rn = n0 + tl.arange(0, BLOCK_N)
         nmask = rn < end
         kv_off = h * stride_kh + rn[:, None] * stride_kn + rd[None, :]
-        # read in the cache's dtype (bf16: half the bytes), computed in fp32
-        kt = tl.load(k_ptr + kv_off, mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        vt = tl.load(v_ptr + kv_off, mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(kt)).to(tl.float32) * scale
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p, vt)
-        m_i = m_new
+        m_i, l_i, acc = _online_block(q, k_ptr + kv_off, v_ptr + kv_off, nmask, dmask, m_i, l_i, acc, scale, IEEE, UPCAST)
     o = acc / l_i[:, None]
     tl.store(o_ptr + h * stride_oh + sp * stride_os + rm[:, None] * stride_om + rd[None, :], o,
              mask=(rm[:, None] < M) & dmask[None, :])
     tl.store(lse_ptr + h * stride_lh + sp * stride_ls + rm, m_i + tl.log(l_i), mask=rm < M)
 
 
-def _splits(K: int, n_kv: int, row_blocks: int, split_len: int | None) -> int:
-    """Prefix positions per split: enough programs to fill ~132 SMs twice, ranges of at
-    least 256 positions (shorter ones spend more on the merge than they save)."""
+@triton.jit
+def _prefix_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, M, K, D, GN, NQ, split_len, scale,
+                   stride_qb, stride_qh, stride_qn, stride_kh, stride_kn, stride_oh, stride_os, stride_om,
+                   stride_lh, stride_ls, G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    _prefix_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+                 M, K, D, GN, NQ, split_len, scale, stride_qb, stride_qh, stride_qn, stride_kh, stride_kn,
+                 stride_oh, stride_os, stride_om, stride_lh, stride_ls, G, BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
+
+
+@triton.jit
+def _suffix_tile(b, h, sp, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lo_ptr, cur_ptr, D, split_len, scale,
+                 stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+                 stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                 G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One (row b, KV head h, split sp): the row's G query heads against its own cached keys
+    in slots max(lo[b], split start) .. min(cur + 1, split end) -> partial o [G, D], lse [G]
+    (o 0 and lse -inf where the range is empty)."""
+    rg = tl.arange(0, BLOCK_G)
+    rd = tl.arange(0, BLOCK_D)
+    gmask = rg < G
+    dmask = rd < D
+    q = tl.load(q_ptr + b * stride_qb + (h * G + rg[:, None]) * stride_qh + rd[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    lo = tl.load(lo_ptr + b)
+    hi = tl.load(cur_ptr) + 1
+    start = tl.maximum(lo, sp * split_len)
+    end = tl.minimum(hi, (sp + 1) * split_len)
+    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        nmask = rn < end
+        kv_off = b * stride_kb + h * stride_kh + rn[:, None] * stride_kn + rd[None, :]
+        m_i, l_i, acc = _online_block(q, k_ptr + kv_off, v_ptr + kv_off, nmask, dmask, m_i, l_i, acc, scale, IEEE, UPCAST)
+    seen = l_i > 0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + sp * stride_os + rg[:, None] * D + rd[None, :], o,
+             mask=gmask[:, None] & dmask[None, :])
+    tl.store(lse_ptr + b * stride_lb + h * stride_lh + sp * G + rg, lse, mask=gmask)
+
+
+@triton.jit
+def _suffix_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lo_ptr, cur_ptr, D, split_len, scale,
+                   stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+                   stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                   G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    _suffix_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+                 lo_ptr, cur_ptr, D, split_len, scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+                 stride_ob, stride_oh, stride_os, stride_lb, stride_lh, G, BLOCK_G, BLOCK_N, BLOCK_D, IEEE, UPCAST)
+
+
+@triton.jit
+def _both_kernel(q_ptr, pk_ptr, pv_ptr, op_ptr, lp_ptr, M, K, D, GN, split_len, scale,
+                 stride_qb, stride_qh, stride_pkh, stride_pkn, stride_oph, stride_ops, stride_opm, stride_lph, stride_lps,
+                 NPS, NPM, ks_ptr, vs_ptr, os_ptr, ls_ptr, lo_ptr, cur_ptr, s_split_len, NSH, NSS,
+                 stride_kb, stride_kh, stride_kn, stride_osb, stride_osh, stride_oss, stride_lsb, stride_lsh,
+                 G: tl.constexpr, BLOCK_M: tl.constexpr, P_BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                 S_BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """The prefix tiles and the suffix tiles of one decoding step in one launch: programs
+    0 .. NP-1 are prefix tiles (compute-bound, launched first), the rest suffix tiles
+    (memory-bound), so the scheduler runs the two kinds side by side on the SMs instead of
+    one kernel after the other."""
+    pid = tl.program_id(0)
+    n_prefix = NSH * NPS * NPM                     # KV heads × prefix splits × row blocks
+    if pid < n_prefix:
+        h = pid // (NPS * NPM)
+        rest = pid % (NPS * NPM)
+        _prefix_tile(h, rest // NPM, rest % NPM, q_ptr, pk_ptr, pv_ptr, op_ptr, lp_ptr, M, K, D, GN, 1, split_len,
+                     scale, stride_qb, stride_qh, 0, stride_pkh, stride_pkn, stride_oph, stride_ops, stride_opm,
+                     stride_lph, stride_lps, G, BLOCK_M, P_BLOCK_N, BLOCK_D, IEEE, UPCAST)
+    else:
+        j = pid - n_prefix
+        b = j // (NSH * NSS)
+        rest = j % (NSH * NSS)
+        _suffix_tile(b, rest // NSS, rest % NSS, q_ptr, ks_ptr, vs_ptr, os_ptr, ls_ptr, lo_ptr, cur_ptr, D,
+                     s_split_len, scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+                     stride_osb, stride_osh, stride_oss, stride_lsb, stride_lsh, G, BLOCK_G, S_BLOCK_N, BLOCK_D,
+                     IEEE, UPCAST)
+
+
+@triton.jit
+def _merge_kernel(op_ptr, lp_ptr, os_ptr, ls_ptr, out_ptr, D, SP, SS,
+                  stride_oph, stride_ops, stride_lph, stride_lps,
+                  stride_osb, stride_osh, stride_oss, stride_lsb, stride_lsh, stride_outb,
+                  HKV: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One (row b, query head hq): the SP prefix partials and SS suffix partials merged by
+    their log-sum-exps -> out[b, hq, :] in out's dtype."""
+    b = tl.program_id(0)
+    hq = tl.program_id(1)
+    h = hq // G
+    gi = hq % G
+    rd = tl.arange(0, BLOCK_D)
+    dmask = rd < D
+    m = b * G + gi                                  # the query vector's index in the prefix partials
+    big = tl.full((), float("-inf"), tl.float32)
+    for s in range(0, SP):
+        big = tl.maximum(big, tl.load(lp_ptr + h * stride_lph + s * stride_lps + m))
+    for s in range(0, SS):
+        big = tl.maximum(big, tl.load(ls_ptr + b * stride_lsb + h * stride_lsh + s * G + gi))
+    big = tl.where(big == float("-inf"), 0.0, big)
+    den = tl.zeros((), tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for s in range(0, SP):
+        w = tl.exp(tl.load(lp_ptr + h * stride_lph + s * stride_lps + m) - big)
+        o = tl.load(op_ptr + h * stride_oph + s * stride_ops + m * D + rd, mask=dmask, other=0.0)
+        acc += w * o
+        den += w
+    for s in range(0, SS):
+        w = tl.exp(tl.load(ls_ptr + b * stride_lsb + h * stride_lsh + s * G + gi) - big)
+        o = tl.load(os_ptr + b * stride_osb + h * stride_osh + s * stride_oss + gi * D + rd, mask=dmask, other=0.0)
+        acc += w * o
+        den += w
+    tl.store(out_ptr + b * stride_outb + hq * D + rd, (acc / den).to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+def _split_len(K: int, programs: int, split_len: int | None, least: int = 256) -> int:
+    """Positions per split: enough programs to fill the SMs about twice, ranges of at least
+    `least` positions (shorter ones spend more on the merge than they save)."""
     if split_len is not None:
         return max(1, split_len)
-    want = max(1, (2 * 132) // max(1, n_kv * row_blocks))
-    return max(256, triton.cdiv(K, want))
+    want = max(1, (2 * SMS) // max(1, programs))
+    return max(least, triton.cdiv(K, want))
+
+
+def _prefix_grid(M: int, K: int, Hkv: int, block_m: int, split_len: int | None):
+    """-> (block_m, row blocks, positions per split, splits) of the prefix part."""
+    block_m = max(16, min(block_m, triton.next_power_of_2(M)))
+    row_blocks = triton.cdiv(M, block_m)
+    sl = _split_len(K, Hkv * row_blocks, split_len)
+    return block_m, row_blocks, sl, triton.cdiv(K, sl)          # every split non-empty
+
+
+def _prefix_partials(q, k, v, scale, B, g, n, block_m, block_n, split_len, num_warps=4, num_stages=2):
+    """q [B, Hq, n, d] (any strides with a unit last one), k/v [Hkv, K, d] ->
+    o [Hkv, S, M, d] fp32, lse [Hkv, S, M] fp32 with M = B·g·n (row-major over b, group, position)."""
+    Hkv, K, d = k.shape
+    M = B * g * n
+    k, v = k.contiguous(), v.contiguous()
+    block_m, row_blocks, sl, S = _prefix_grid(M, K, Hkv, block_m, split_len)
+    o_part = _buffer((Hkv, S, M, d), q.device)
+    lse_part = _buffer((Hkv, S, M), q.device)
+    _prefix_kernel[(Hkv, S, row_blocks)](
+        q, k, v, o_part, lse_part, M, K, d, g * n, n, sl, float(scale),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        G=g, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        IEEE=q.dtype == torch.float32, UPCAST=INTERPRET, num_warps=num_warps, num_stages=num_stages)
+    return o_part, lse_part
+
+
+def _check_q(q, k, want_dim, name):
+    if q.dim() != want_dim or k.dim() != 3:
+        shape = "[B, Hq, n, d]" if want_dim == 4 else "[B, Hq, d]"
+        raise ValueError(f"{name}: q must be {shape} and k, v [Hkv, K, d]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    d, (Hkv, K, dk) = q.shape[-1], k.shape
+    if dk != d or q.shape[1] % Hkv or K < 1:
+        raise ValueError(f"{name}: head dims {d}/{dk}, heads {q.shape[1]}/{Hkv} (Hq must be a multiple of Hkv), "
+                         f"prefix length {K} (must be >= 1)")
+    return q
 
 
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
                      block_m: int = 64, block_n: int = 64, split_len: int | None = None):
     """q [B, Hq, n, d] (n new positions per row), k/v [Hkv, K, d] (the shared prefix, K ≥ 1)
     -> (o [B, Hq, n, d] fp32, lse [B, Hq, n] fp32) of softmax(q·kᵀ·scale)·v over the prefix."""
-    if q.dim() != 4 or k.dim() != 3 or v.shape != k.shape:
-        raise ValueError(f"prefix_attention: q must be [B, Hq, n, d] and k, v [Hkv, K, d]; got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"prefix_attention: v {tuple(v.shape)} must have k's shape {tuple(k.shape)}")
+    q = _check_q(q, k, 4, "prefix_attention")
     B, Hq, n, d = q.shape
-    Hkv, K, dk = k.shape
-    if dk != d or Hq % Hkv or K < 1:
-        raise ValueError(f"prefix_attention: head dims {d}/{dk}, heads {Hq}/{Hkv} (Hq must be a multiple of Hkv), "
-                         f"prefix length {K} (must be >= 1)")
+    Hkv = k.shape[0]
     g = Hq // Hkv
-    M = B * g * n
-    # [B, Hkv, g, n, d] -> [Hkv, B·g·n, d]: every query vector of one KV head in one matrix
-    qm = q.reshape(B, Hkv, g, n, d).permute(1, 0, 2, 3, 4).reshape(Hkv, M, d).contiguous()
-    k, v = k.contiguous(), v.contiguous()
-    block_m = max(16, min(block_m, triton.next_power_of_2(M)))
-    row_blocks = triton.cdiv(M, block_m)
-    sl = _splits(K, Hkv, row_blocks, split_len)
-    S = triton.cdiv(K, sl)                                      # every split non-empty
-    o_part = torch.full((Hkv, S, M, d), float("nan"), dtype=torch.float32, device=q.device)
-    lse_part = torch.full((Hkv, S, M), float("nan"), dtype=torch.float32, device=q.device)
-    _prefix_attention_kernel[(Hkv, S, row_blocks)](
-        qm, k, v, o_part, lse_part, M, K, d, sl, float(scale),
-        qm.stride(0), qm.stride(1), k.stride(0), k.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)))
+    o_part, lse_part = _prefix_partials(q, k, v, scale, B, g, n, block_m, block_n, split_len)
     lse = torch.logsumexp(lse_part, 1)                          # [Hkv, M]
     o = (o_part * torch.exp(lse_part - lse[:, None]).unsqueeze(-1)).sum(1)
     o = o.reshape(Hkv, B, g, n, d).permute(1, 0, 2, 3, 4).reshape(B, Hq, n, d)
     return o, lse.reshape(Hkv, B, g, n).permute(1, 0, 2, 3).reshape(B, Hq, n)
+
+
+def cascade_decode(q: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | None, ks: torch.Tensor,
+                   vs: torch.Tensor, lo: torch.Tensor, cur: torch.Tensor, scale: float, *,
+                   split_len: int | None = None, suffix_split: int | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """One decoding step's attention: q [B, Hq, d] (one new position a row) against the shared
+    prefix pk/pv [Hkv, K, d] (None: no prefix) and the rows' own caches ks/vs [B, Hkv, S, d],
+    of which row b sees slots lo[b] .. cur[0] (lo int32 [B], cur int32 [1], both on q's
+    device) -> o [B, Hq, d] in q's dtype (written into `out` if given)."""
+    if ks.dim() != 4 or vs.shape != ks.shape or q.dim() != 3 or ks.shape[0] != q.shape[0]:
+        raise ValueError(f"cascade_decode: q must be [B, Hq, d] and ks, vs [B, Hkv, S, d]; got q {tuple(q.shape)}, "
+                         f"ks {tuple(ks.shape)}, vs {tuple(vs.shape)}")
+    if lo.shape != (q.shape[0],) or cur.numel() != 1 or lo.dtype != torch.int32 or cur.dtype != torch.int32:
+        raise ValueError(f"cascade_decode: lo must be int32 [B] and cur int32 [1]; got lo {lo.dtype} "
+                         f"{tuple(lo.shape)}, cur {cur.dtype} {tuple(cur.shape)}")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    B, Hq, d = q.shape
+    _, Hkv, S, dk = ks.shape
+    if dk != d or Hq % Hkv:
+        raise ValueError(f"cascade_decode: head dims {d}/{dk}, heads {Hq}/{Hkv} (Hq must be a multiple of Hkv)")
+    g = Hq // Hkv
+    bd = max(16, triton.next_power_of_2(d))
+    ieee = q.dtype == torch.float32
+    ks_, vs_ = ks, vs
+    if ks_.stride(-1) != 1 or vs_.stride() != ks_.stride():
+        ks_, vs_ = ks.contiguous(), vs.contiguous()
+    sl = _split_len(S, B * Hkv, suffix_split, least=128)
+    SS = triton.cdiv(S, sl)
+    o_s = _buffer((B, Hkv, SS, g, d), q.device)
+    l_s = _buffer((B, Hkv, SS, g), q.device)
+    suffix_args = (lo, cur, d, sl, float(scale), q.stride(0), q.stride(1), ks_.stride(0), ks_.stride(1), ks_.stride(2),
+                   o_s.stride(0), o_s.stride(1), o_s.stride(2), l_s.stride(0), l_s.stride(1))
+    bg = max(16, triton.next_power_of_2(g))
+    if pk is None:
+        o_p = torch.zeros((Hkv, 0, B * g, d), device=q.device)
+        l_p = torch.zeros((Hkv, 0, B * g), device=q.device)
+    elif pk.shape[0] != Hkv or pk.shape[2] != d or pv.shape != pk.shape:
+        raise ValueError(f"cascade_decode: prefix k/v must be [Hkv={Hkv}, K, d={d}]; got {tuple(pk.shape)}, "
+                         f"{tuple(pv.shape)}")
+    else:
+        pk, pv = pk.contiguous(), pv.contiguous()
+        M, K = B * g, pk.shape[1]
+        c = _prefix_cfg(M)
+        block_m, row_blocks, psl, SP = _prefix_grid(M, K, Hkv, c["block_m"], split_len)
+        o_p = _buffer((Hkv, SP, M, d), q.device)
+        l_p = _buffer((Hkv, SP, M), q.device)
+        if ONE_LAUNCH:
+            _both_kernel[(Hkv * SP * row_blocks + B * Hkv * SS,)](
+                q, pk, pv, o_p, l_p, M, K, d, g, psl, float(scale), q.stride(0), q.stride(1), pk.stride(0),
+                pk.stride(1), o_p.stride(0), o_p.stride(1), o_p.stride(2), l_p.stride(0), l_p.stride(1),
+                SP, row_blocks, ks_, vs_, o_s, l_s, lo, cur, sl, Hkv, SS, ks_.stride(0), ks_.stride(1), ks_.stride(2),
+                o_s.stride(0), o_s.stride(1), o_s.stride(2), l_s.stride(0), l_s.stride(1),
+                G=g, BLOCK_M=block_m, P_BLOCK_N=c["block_n"], BLOCK_G=bg, S_BLOCK_N=32, BLOCK_D=bd, IEEE=ieee,
+                UPCAST=INTERPRET, num_warps=c["num_warps"], num_stages=c["num_stages"])
+            suffix_args = None
+        else:
+            _prefix_kernel[(Hkv, SP, row_blocks)](
+                q, pk, pv, o_p, l_p, M, K, d, g, 1, psl, float(scale), q.stride(0), q.stride(1), 0, pk.stride(0),
+                pk.stride(1), o_p.stride(0), o_p.stride(1), o_p.stride(2), l_p.stride(0), l_p.stride(1),
+                G=g, BLOCK_M=block_m, BLOCK_N=c["block_n"], BLOCK_D=bd, IEEE=ieee, UPCAST=INTERPRET,
+                num_warps=c["num_warps"], num_stages=c["num_stages"])
+    if suffix_args is not None:
+        sc = _suffix_cfg(B * Hkv * SS)
+        _suffix_kernel[(B, Hkv, SS)](
+            q, ks_, vs_, o_s, l_s, *suffix_args, G=g, BLOCK_G=bg, BLOCK_N=sc["block_n"], BLOCK_D=bd, IEEE=ieee,
+            UPCAST=INTERPRET, num_warps=sc["num_warps"], num_stages=sc["num_stages"])
+    if out is None:
+        out = _buffer((B, Hq, d), q.device, q.dtype)
+    _merge_kernel[(B, Hq)](
+        o_p, l_p, o_s, l_s, out, d, o_p.shape[1], SS,
+        o_p.stride(0), o_p.stride(1), l_p.stride(0), l_p.stride(1),
+        o_s.stride(0), o_s.stride(1), o_s.stride(2), l_s.stride(0), l_s.stride(1), out.stride(0),
+        HKV=Hkv, G=g, BLOCK_D=bd)
+    return out

@@ -157,7 +157,7 @@ def test_masked_adamw_bad_ids():
 @pytest.mark.parametrize("impl", ["segmented", "bmm"])
 def test_lora_bank_routes_each_sequence_to_its_adapter_and_exports_a_memory(tiny, tmp_path, impl):
     import iicl_fast
-    from iicl_fast.bank import BankAdamW, LoraBank
+    from iicl_fast.bank import LoraBank
     model, tok = tiny
     ids = torch.tensor([tok("The lighthouse keeper feeds the cats", add_special_tokens=False)["input_ids"][:6],
                         tok("Seven grey cats sleep on the rocks", add_special_tokens=False)["input_ids"][:6]])

@@ -95,3 +95,85 @@ def test_sampled_tokens_follow_the_nucleus_distribution():
         assert freq[p == 0].sum() == 0
         sd = (p * (1 - p) / draws.numel()).sqrt()
         assert ((freq - p).abs() <= 5 * sd + 1e-12).all(), (freq, p)
+
+
+# --- the static decoder (decode.generate_static): one preallocated batch, kernels, compaction ---
+
+def _tiny_llama(vocab=97, heads=6, kv_heads=2, seed=0):
+    """A 2-layer Llama with group 3 (SmolLM2's) and weights large enough that greedy tokens vary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.fixture
+def static_kernels(monkeypatch):
+    """generate_static with its Triton kernels on (the interpreter here), stop checks every 4
+    steps and compaction as soon as one row has stopped."""
+    import iicl_fast.decode as D
+    orig = D.generate_static
+    monkeypatch.setattr(D, "generate_static", lambda *a, **k: orig(*a, kernels=True, **k))
+    monkeypatch.setattr(D, "STOP_CHECK_EVERY", 4)
+    monkeypatch.setattr(D, "COMPACT_BELOW", 0.9)
+
+
+@pytest.mark.parametrize("with_prefix", [True, False])
+def test_static_decoder_greedy_equals_the_plain_loop(static_kernels, with_prefix):
+    """fp32: the static decoder (kernels, a row that stops early, the batch compacted after it)
+    writes the same tokens as the plain loop with a copied prefix cache."""
+    from iicl_fast.generation import generate
+    model = _tiny_llama()
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(3, 97, (23,), generator=g).tolist() if with_prefix else None
+    qs = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (3, 7, 1, 5, 2)]
+    kw = dict(max_new_tokens=14, pad_id=0, sample=False, prefix=prefix, batch_size=4)
+    first = generate(model, qs, stop_ids=[10_000], static=False, **kw)     # no stop in the vocabulary
+    stop = first[1][2]                                        # row 1 stops at its third token
+    want = generate(model, qs, stop_ids=[stop], static=False, **kw)
+    got = generate(model, qs, stop_ids=[stop], static=True, **kw)
+    assert got == want
+    assert len(want[1]) <= 3 and max(len(r) for r in want) == 14
+
+
+def test_static_decoder_sampling_is_seeded(static_kernels):
+    from iicl_fast.generation import generate
+    model = _tiny_llama(seed=2)
+    prefix, qs = list(range(5, 20)), [[7, 8, 9], [10], [11, 12]]
+    kw = dict(max_new_tokens=8, pad_id=0, sample=True, temperature=0.9, top_p=0.9, prefix=prefix, stop_ids=[1],
+              static=True)
+    a = generate(model, qs, generator=torch.Generator().manual_seed(5), **kw)
+    b = generate(model, qs, generator=torch.Generator().manual_seed(5), **kw)
+    c = generate(model, qs, generator=torch.Generator().manual_seed(6), **kw)
+    assert a == b and a != c
+    assert all(len(r) == 8 or r[-1] == 1 for r in a)
+
+
+@pytest.mark.parametrize("llama_step", [True, False])
+def test_static_decoder_with_lora_takes_the_adapter(static_kernels, monkeypatch, llama_step):
+    """A peft LoRA model (adapter weights non-zero) through the Llama step built from its modules
+    (and through transformers' forward): the tokens of the plain loop, which differ from the
+    base model's."""
+    import iicl_fast.decode as D
+    from peft import LoraConfig, get_peft_model
+
+    from iicl_fast.generation import decoder, generate
+    monkeypatch.setattr(D, "LLAMA_STEP", llama_step)
+    model = get_peft_model(_tiny_llama(seed=3), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    assert D.llama_like(decoder(model))
+    qs, prefix = [[5, 6, 7, 8], [9, 10]], list(range(20, 31))
+    kw = dict(max_new_tokens=10, pad_id=0, sample=False, prefix=prefix, stop_ids=[10_000])
+    got = generate(model, qs, static=True, **kw)
+    assert got == generate(model, qs, static=False, **kw)
+    with model.disable_adapter():
+        assert got != generate(model, qs, static=False, **kw)

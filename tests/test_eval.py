@@ -11,7 +11,7 @@ import torch
 from conftest import TINY_CONFIG
 from iicl_fast import Config, Memory
 from iicl_fast.evaluation import (ABLATIONS, SUITES, Question, Sizes, correct, fictional_documents, heldout_nll,
-                                  reasoning_stream, run_suite, score, skill_documents, write_result)
+                                  reasoning_stream, run_suite, skill_documents, write_result)
 
 
 def test_documents_are_seeded_confusable_and_answerable():

@@ -8,8 +8,14 @@ import math
 import pytest
 import torch
 
-from iicl_fast.kernels.prefix_attention import prefix_attention
-from iicl_fast.kernels.reference_prefix_attention import prefix_attention_ref
+from iicl_fast.kernels import prefix_attention as pa
+from iicl_fast.kernels.prefix_attention import cascade_decode, prefix_attention
+from iicl_fast.kernels.reference_prefix_attention import cascade_decode_ref, prefix_attention_ref
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    monkeypatch.setattr(pa, "POISON", True)
 
 CASES = [  # B, Hq, Hkv, n, K, d, split_len
     (1, 4, 4, 1, 1, 16, None),       # one row, one prefix position, group 1
@@ -67,3 +73,70 @@ def test_bad_shapes_are_named():
         prefix_attention(q, k, k, 0.25)
     with pytest.raises(ValueError, match=r"q must be \[B, Hq, n, d\]"):
         prefix_attention(q[0], k, k, 0.25)
+
+
+DECODE_CASES = [  # B, Hq, Hkv, K (0: no prefix), S, d, prefix split, suffix split
+    (1, 4, 4, 1, 1, 16, None, None),        # one row, group 1, one prefix position, one own slot
+    (3, 8, 2, 97, 11, 32, 32, 4),           # group 4; prefix in 4 splits, suffix in 3
+    (2, 8, 1, 130, 40, 24, 64, None),       # group 8, d not a power of two
+    (5, 9, 3, 7, 9, 16, None, 5),           # group 3 (SmolLM2's), a 7-token prefix
+    (4, 8, 2, 0, 13, 16, None, None),       # no prefix at all (answers without a context)
+]
+
+
+@pytest.mark.parametrize("one_launch", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,Hq,Hkv,K,S,d,split_len,suffix_split", DECODE_CASES)
+def test_cascade_decode_matches_float64(B, Hq, Hkv, K, S, d, split_len, suffix_split, dtype, one_launch, monkeypatch):
+    """Rows of different suffix lengths (left padding lo[b]) and a current slot short of S:
+    slots past it hold garbage that must not be read. Prefix and suffix tiles in one launch
+    or in two."""
+    monkeypatch.setattr(pa, "ONE_LAUNCH", one_launch)
+    g = torch.Generator().manual_seed(B * 100 + S)
+    q = torch.randn(B, Hq, d, generator=g).to(dtype)
+    pk = torch.randn(Hkv, K, d, generator=g).to(dtype) if K else None
+    pv = torch.randn(Hkv, K, d, generator=g).to(dtype) if K else None
+    ks = torch.randn(B, Hkv, S, d, generator=g).to(dtype)
+    vs = torch.randn(B, Hkv, S, d, generator=g).to(dtype)
+    cur = torch.tensor([max(0, S - 3)], dtype=torch.int32)
+    lo = torch.randint(0, int(cur) + 1, (B,), generator=g).to(torch.int32)
+    ks[:, :, int(cur) + 1:] = float("nan")          # unwritten slots
+    vs[:, :, int(cur) + 1:] = float("nan")
+    scale = d ** -0.5
+    o = cascade_decode(q, pk, pv, ks, vs, lo, cur, scale, split_len=split_len, suffix_split=suffix_split)
+    assert o.shape == (B, Hq, d) and o.dtype == dtype and torch.isfinite(o).all()
+    clean = lambda t: torch.nan_to_num(t, nan=0.0)   # noqa: E731  the reference masks them out
+    o64 = cascade_decode_ref(q, pk, pv, clean(ks), clean(vs), lo, cur, scale)
+    ot = cascade_decode_ref(q, pk, pv, clean(ks), clean(vs), lo, cur, scale, dtype=dtype)   # plain, same dtype
+    err, err_t = (o.double() - o64).abs().max().item(), (ot.double() - o64).abs().max().item()
+    floor = 1e-5 if dtype == torch.float32 else 1e-3
+    assert err <= max(2 * err_t, floor), (err, err_t)
+
+
+def test_cascade_decode_sees_exactly_lo_to_cur():
+    """Moving cur by one slot or a row's lo by one changes that row's output (and only it)."""
+    g = torch.Generator().manual_seed(7)
+    B, H, S, d = 3, 2, 12, 16
+    q = torch.randn(B, H, d, generator=g)
+    ks, vs = torch.randn(B, H, S, d, generator=g), torch.randn(B, H, S, d, generator=g)
+    pk, pv = torch.randn(H, 5, d, generator=g), torch.randn(H, 5, d, generator=g)
+    lo = torch.tensor([0, 2, 4], dtype=torch.int32)
+    base = cascade_decode(q, pk, pv, ks, vs, lo, torch.tensor([8], dtype=torch.int32), 0.25)
+    more = cascade_decode(q, pk, pv, ks, vs, lo, torch.tensor([9], dtype=torch.int32), 0.25)
+    assert ((more - base).abs().amax((1, 2)) > 1e-4).all()
+    lo2 = lo.clone()
+    lo2[1] += 1
+    moved = cascade_decode(q, pk, pv, ks, vs, lo2, torch.tensor([8], dtype=torch.int32), 0.25)
+    diff = (moved - base).abs().amax((1, 2))
+    assert diff[1] > 1e-4 and diff[0] == 0 and diff[2] == 0
+
+
+def test_cascade_decode_bad_inputs_are_named():
+    q, ks = torch.randn(2, 4, 16), torch.randn(2, 2, 8, 16)
+    lo, cur = torch.zeros(2, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="lo must be int32"):
+        cascade_decode(q, None, None, ks, ks, lo.long(), cur, 0.25)
+    with pytest.raises(ValueError, match=r"ks, vs \[B, Hkv, S, d\]"):
+        cascade_decode(q, None, None, ks[0], ks[0], lo, cur, 0.25)
+    with pytest.raises(ValueError, match="prefix k/v"):
+        cascade_decode(q, torch.randn(3, 5, 16), torch.randn(3, 5, 16), ks, ks, lo, cur, 0.25)

@@ -1,0 +1,152 @@
+"""Decoding many rows after one shared prefix, 8B shape, one GPU: ms per step against the floor.
+
+    python benchmarks/bench_generate.py [--rows 64 200 400] [--new 128 512] [--prefix 5000]
+        [--baselines] [--out benchmarks/results/generate.json]
+
+Rows: iicl_fast (decode.generate_static: one prefix KV, static caches, CUDA-graph step,
+Triton attention and sampler), generate_today (the cascade path it replaces: per-row
+DynamicCache, eager steps), hf_generate (transformers generate over [C; q] rows, prefix
+recomputed per row, dynamic cache). Every row samples as elicitation does (T 0.7, top-p 0.9)
+and decodes exactly new_tokens (stop ids masked until then). ms_per_step = decoding time /
+steps: prefill (and for hf_generate, the per-row prefix) is timed apart, in prefill_s.
+
+Floor of a step: max(bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s) with bytes = every GEMM weight +
+one prefix KV + the rows' own KV at the step's mean length, FLOPs = 2 · rows · GEMM weights +
+4 · rows · hidden · layers · (prefix + mean own length) (QKᵀ and PV)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_consolidate import commit, linear_params, llama_8b  # noqa: E402
+from iicl_fast import layers  # noqa: E402
+from iicl_fast.decode import generate_static, prefix_kv  # noqa: E402
+from iicl_fast.generation import generate, sampling_generator  # noqa: E402
+
+STOP = 2
+SAMPLE = dict(sample=True, temperature=0.7, top_p=0.9)
+
+
+def floor_ms(model, rows, K, P, new) -> float:
+    c = model.config
+    d = c.hidden_size // c.num_attention_heads
+    kv_tok = 2 * c.num_hidden_layers * c.num_key_value_heads * d * 2          # bytes of one token's K and V
+    own = P + new / 2                                                         # mean own length over the steps
+    bytes_ = 2 * linear_params(model) + kv_tok * (K + rows * own)
+    flops = 2 * rows * linear_params(model) + 4 * rows * c.hidden_size * c.num_hidden_layers * (K + own)
+    return max(bytes_ / 4.3e12, flops / 790e12) * 1e3
+
+
+def write_json(path, obj) -> None:
+    """obj as JSON at path, through a temp file and a rename (never half-written)."""
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
+
+
+def prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, 120000, (int(torch.randint(20, 61, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def record(impl, rows, new, K, P, ms, floor, prefill_s, total_s, **extra):
+    r = {"impl": impl, "rows": rows, "new_tokens": new, "prefix_tokens": K, "prompt_tokens_max": P,
+         "ms_per_step": round(ms, 2), "floor_ms_per_step": round(floor, 2), "x_floor": round(ms / floor, 2),
+         "prefill_s": round(prefill_s, 2), "total_s": round(total_s, 2),
+         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "device": torch.cuda.get_device_name(),
+         "torch": torch.__version__, "commit": commit(), **extra}
+    print(json.dumps(r), flush=True)
+    return r
+
+
+def run_ours(model, prefix, qs, new, seed=0):
+    kv = prefix_kv(model, prefix)
+    stats = {}
+    t0 = time.perf_counter()
+    out = generate_static(model, qs, prefix=kv, max_new_tokens=new, pad_id=0, stops=torch.tensor([STOP], device="cuda"),
+                          generator=sampling_generator("cuda", seed), min_new_tokens=new, stats=stats, **SAMPLE)
+    torch.cuda.synchronize()
+    assert all(len(r) == new for r in out)
+    return stats, time.perf_counter() - t0
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, nargs="+", default=[64, 200, 400])
+    ap.add_argument("--new", type=int, nargs="+", default=[128, 512])
+    ap.add_argument("--prefix", type=int, default=5000)
+    ap.add_argument("--baselines", action="store_true", help="also generate_today and hf_generate at the first row count")
+    ap.add_argument("--baseline-new", type=int, default=128)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    model = llama_8b().requires_grad_(False)     # frozen, as Memory's base is (the fused norm wants it)
+    layers.install(model)
+    prefix = torch.randint(10, 120000, (a.prefix,), generator=torch.Generator().manual_seed(1)).tolist()
+    results = []
+    run_ours(model, prefix, prompts(8), 4)                       # compile the kernels once
+    for rows in a.rows:
+        qs = prompts(rows)
+        P = max(len(q) for q in qs)
+        for new in a.new:
+            torch.cuda.reset_peak_memory_stats()
+            st, total = run_ours(model, prefix, qs, new)
+            ms = st["decode_s"] * 1e3 / max(1, st["steps"] - 1)
+            results.append(record("iicl_fast", rows, new, a.prefix, P, ms, floor_ms(model, rows, a.prefix, P, new),
+                                  st["prefill_s"], total, capture_s=round(st["capture_s"], 2), batches=st["batches"]))
+    if a.baselines:
+        rows, new = a.rows[0], a.baseline_new
+        qs = prompts(rows)
+        P = max(len(q) for q in qs)
+        fl = floor_ms(model, rows, a.prefix, P, new)
+        kw = dict(pad_id=0, stop_ids=[STOP], batch_size=rows, **SAMPLE)
+        for impl, call in (("generate_today", lambda n: generate(model, qs, max_new_tokens=n, min_new_tokens=n, prefix=prefix,
+                                                                 cascade=True, generator=sampling_generator("cuda", 0), **kw)),):
+            torch.cuda.reset_peak_memory_stats()
+            t1 = timed(lambda: call(1))
+            tn = timed(lambda: call(new))
+            results.append(record(impl, rows, new, a.prefix, P, (tn - t1) * 1e3 / (new - 1), fl, t1, tn))
+        layers.uninstall(model)                                  # transformers as it ships
+        full = [prefix + q for q in qs]
+
+        def hf(n):
+            ids = torch.full((rows, max(map(len, full))), 0, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, s in enumerate(full):                         # left padding, as generate wants
+                ids[i, ids.shape[1] - len(s):] = torch.tensor(s)
+                mask[i, ids.shape[1] - len(s):] = 1
+            model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=True, temperature=0.7, top_p=0.9, pad_token_id=0, eos_token_id=STOP)
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            t1 = timed(lambda: hf(1))
+            tn = timed(lambda: hf(new))
+            results.append(record("hf_generate", rows, new, a.prefix, P, (tn - t1) * 1e3 / (new - 1), fl, t1, tn))
+        except torch.OutOfMemoryError as e:
+            print(json.dumps({"impl": "hf_generate", "rows": rows, "error": str(e).splitlines()[0]}))
+        torch.cuda.empty_cache()
+    if a.out:
+        path = Path(a.out)
+        old = json.loads(path.read_text()) if path.exists() else []
+        keep = [r for r in old if (r["impl"], r["rows"], r["new_tokens"]) not in
+                {(r["impl"], r["rows"], r["new_tokens"]) for r in results}]
+        write_json(path, keep + results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""Nucleus (top-p) sampling on the device without sorting the vocabulary: one program a row.
+
+The nucleus of a row is the smallest set of most likely tokens whose mass reaches top_p:
+token i is in it iff the mass of the tokens more likely than i is < top_p. It is an upper
+set (every token likelier than a member is a member), so rejection sampling is exact (the
+scheme FlashInfer's sorting-free sampler uses): draw a token from the distribution
+restricted to the tokens above a pivot (first pivot: none) by inverse CDF in vocabulary
+order; if the mass strictly above it is < top_p it is in the nucleus — accept; otherwise no
+token at or below it is, so it becomes the pivot and the draw repeats on what is above it.
+An accepted draw is distributed as the nucleus renormalised. Each round is two passes over
+the row (the draw, the check); the first pass finds the row's max and normaliser. A row
+needs more than one round with probability at most 1 - top_p.
+
+The draws come from Philox (tl.rand) keyed on a seed read from device memory and the row:
+the caller advances the seed every step, on the device, so a captured CUDA graph replays
+without a host sync and every step draws fresh numbers.
+
+    tok = sample_top_p(logits, seed, temperature=0.7, top_p=0.9)   # logits [B, V] -> [B] int64
+
+Reference beside it: reference_sampling.py (the exact nucleus distribution). Launchers take
+CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (the tests)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+POISON = False   # tests set this: the output starts as -1 (no token) so an unwritten row fails
+ROUNDS = 64      # after this many rejections a row takes its most likely token (always in the nucleus)
+
+
+@triton.jit
+def _top_p_kernel(z_ptr, out_ptr, seed_ptr, V, stride_z, inv_t, top_p,
+                  BLOCK_V: tl.constexpr, ROUNDS_: tl.constexpr, FULL: tl.constexpr):
+    """Row b: w_i = exp((z_i - max z) / T), W = Σ w; rounds of (draw under the pivot, check)."""
+    b = tl.program_id(0)
+    row = z_ptr + b * stride_z
+    rv = tl.arange(0, BLOCK_V)
+    # pass 1: max (and its first index) and the normaliser, online
+    m = tl.full((), float("-inf"), tl.float32)
+    arg = tl.zeros((), tl.int32)
+    for v0 in range(0, V, BLOCK_V):
+        z = tl.load(row + v0 + rv, mask=v0 + rv < V, other=float("-inf")).to(tl.float32)
+        bm = tl.max(z, 0)
+        bi = tl.min(tl.where(z == bm, v0 + rv, V), 0)
+        arg = tl.where(bm > m, bi, arg)
+        m = tl.maximum(m, bm)
+    W = tl.zeros((), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        z = tl.load(row + v0 + rv, mask=v0 + rv < V, other=float("-inf")).to(tl.float32)
+        W += tl.sum(tl.exp((z - m) * inv_t), 0)
+    seed = tl.load(seed_ptr)
+    pivot = tl.full((), -1.0, tl.float32)          # draw among w > pivot
+    Q = W                                          # their mass
+    tok = arg
+    r = 0
+    done = False
+    while (r < ROUNDS_) & (not done):
+        u = tl.rand(seed, b * ROUNDS_ + r)
+        target = u * Q
+        carry = tl.zeros((), tl.float32)
+        pick = tl.full((), -1, tl.int32)
+        last = tl.full((), -1, tl.int32)
+        for v0 in range(0, V, BLOCK_V):
+            z = tl.load(row + v0 + rv, mask=v0 + rv < V, other=float("-inf")).to(tl.float32)
+            w = tl.exp((z - m) * inv_t)
+            w = tl.where(w > pivot, w, 0.0)
+            cs = tl.cumsum(w, 0) + carry
+            first = tl.min(tl.where((cs > target) & (w > 0), v0 + rv, V), 0)
+            pick = tl.where((pick < 0) & (first < V), first, pick)
+            last = tl.maximum(last, tl.max(tl.where(w > 0, v0 + rv, -1), 0))
+            carry += tl.sum(w, 0)
+        pick = tl.where(pick < 0, last, pick)      # u·Q rounded past the last cumulative sum
+        w_pick = tl.exp((tl.load(row + pick).to(tl.float32) - m) * inv_t)
+        if FULL:
+            tok = pick
+            done = True
+        else:
+            above = tl.zeros((), tl.float32)
+            for v0 in range(0, V, BLOCK_V):
+                z = tl.load(row + v0 + rv, mask=v0 + rv < V, other=float("-inf")).to(tl.float32)
+                w = tl.exp((z - m) * inv_t)
+                above += tl.sum(tl.where(w > w_pick, w, 0.0), 0)
+            ok = above < top_p * W
+            tok = tl.where(ok, pick, tok)
+            done = ok
+            pivot = w_pick
+            Q = above
+        r += 1
+    tl.store(out_ptr + b, tok.to(tl.int64))
+
+
+def sample_top_p(logits: torch.Tensor, seed: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+                 *, block_v: int = 4096, out: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] (fp32 or bf16; -inf = never) -> token ids [B] int64 drawn from
+    softmax(logits / temperature) restricted to each row's top_p nucleus. seed: int64 [1] on
+    logits' device (the caller advances it between steps)."""
+    if logits.dim() != 2 or logits.shape[1] < 1:
+        raise ValueError(f"sample_top_p: logits must be [B, V]; got {tuple(logits.shape)}")
+    if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != logits.device:
+        raise ValueError(f"sample_top_p: seed must be one int64 on {logits.device}; got {seed.dtype} "
+                         f"{tuple(seed.shape)} on {seed.device}")
+    if not temperature > 0 or not 0 < top_p <= 1:
+        raise ValueError(f"sample_top_p: temperature must be > 0 and top_p in (0, 1]; got {temperature}, {top_p}")
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    B, V = logits.shape
+    if out is None:
+        out = torch.full((B,), -1, dtype=torch.int64, device=logits.device) if POISON else \
+            torch.empty(B, dtype=torch.int64, device=logits.device)
+    block = min(block_v, max(16, triton.next_power_of_2(V)))
+    _top_p_kernel[(B,)](logits, out, seed, V, logits.stride(0), 1.0 / float(temperature), float(top_p),
+                        BLOCK_V=block, ROUNDS_=ROUNDS, FULL=top_p >= 1.0, num_warps=8 if block >= 2048 else 4)
+    return out

@@ -1,0 +1,62 @@
+"""kernels/rotary.py (rotary embedding + cache write of one decoding step) under the Triton
+interpreter against float64 and against transformers' own apply_rotary_pos_emb: odd batch
+sizes, group 3, a head dim whose half is not a power of two, every other cache slot intact."""
+import pytest
+import torch
+
+from iicl_fast.kernels import rotary
+from iicl_fast.kernels.reference_rotary import rope_write_ref
+from iicl_fast.kernels.rotary import rope_write
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    monkeypatch.setattr(rotary, "POISON", True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,Hq,Hkv,d,S,cur", [(1, 4, 4, 16, 1, 0), (7, 9, 3, 64, 13, 5), (3, 8, 2, 24, 9, 8)])
+def test_rope_write_matches_float64(B, Hq, Hkv, d, S, cur, dtype):
+    g = torch.Generator().manual_seed(B * 10 + d)
+    q = torch.randn(B, Hq * d, generator=g).to(dtype)
+    k = torch.randn(B, Hkv * d, generator=g).to(dtype)
+    v = torch.randn(B, Hkv * d, generator=g).to(dtype)
+    ang = torch.rand(B, d // 2, generator=g) * 50
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    ks, vs = torch.randn(B, Hkv, S, d, generator=g).to(dtype), torch.randn(B, Hkv, S, d, generator=g).to(dtype)
+    ks0, vs0 = ks.clone(), vs.clone()
+    c = torch.tensor([cur], dtype=torch.int32)
+    out = rope_write(q, k, v, cos, sin, ks, vs, c)
+    want_q, want_k, want_v = rope_write_ref(q, k, v, cos, sin, ks0, vs0, c)
+    plain_q, _, _ = rope_write_ref(q, k, v, cos, sin, ks0, vs0, c, dtype=dtype)    # plain, same dtype
+    err, err_p = (out.double() - want_q).abs().max().item(), (plain_q.double() - want_q).abs().max().item()
+    assert out.shape == (B, Hq, d) and torch.isfinite(out).all()
+    assert err <= max(2 * err_p, 1e-6), (err, err_p)
+    tol = 2e-6 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(ks.double(), want_k, atol=tol, rtol=tol)
+    assert torch.equal(vs.double(), want_v)                   # v is copied, slot cur only
+    others = [i for i in range(S) if i != cur]
+    assert torch.equal(ks[:, :, others], ks0[:, :, others])
+
+
+def test_rope_write_equals_transformers_rotation():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    g = torch.Generator().manual_seed(0)
+    B, H, d = 5, 6, 32
+    q, k = torch.randn(B, H * d, generator=g), torch.randn(B, 2 * d, generator=g)
+    ang = torch.rand(B, d // 2, generator=g) * 9
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    ks = torch.zeros(B, 2, 4, d)
+    out = rope_write(q, k, k, cos, sin, ks, ks.clone(), torch.tensor([2], dtype=torch.int32))
+    hq, hk = apply_rotary_pos_emb(q.view(B, H, 1, d), k.view(B, 2, 1, d), cos[:, None], sin[:, None])
+    torch.testing.assert_close(out, hq[:, :, 0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ks[:, :, 2], hk[:, :, 0], atol=1e-6, rtol=1e-6)
+
+
+def test_bad_shapes_are_named():
+    ks = torch.zeros(2, 2, 4, 16)
+    cur = torch.zeros(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="cos and sin"):
+        rope_write(torch.zeros(2, 64), torch.zeros(2, 32), torch.zeros(2, 32), torch.zeros(2, 8), torch.zeros(2, 8), ks, ks, cur)
+    with pytest.raises(ValueError, match="k and v"):
+        rope_write(torch.zeros(2, 64), torch.zeros(2, 16), torch.zeros(2, 32), torch.zeros(2, 16), torch.zeros(2, 16), ks, ks, cur)
