@@ -273,6 +273,21 @@ def cmd_session_eval(args) -> int:
     return 0
 
 
+def cmd_stress(args) -> int:
+    from . import load_model
+    from .stress import essays, run_stress
+    if args.facts < 1 or args.tokens < 1000:
+        raise IICLError(f"--facts must be >= 1 and --tokens >= 1000; got {args.facts}, {args.tokens}")
+    essays()                                             # the haystack is there before the model loads
+    cfg = build_config(args, **({"chunk_tokens": args.chunk_tokens} if args.chunk_tokens else {}))
+    model, tok = load_model(args.model, **model_kw(args))
+    log_config(cfg, model)
+    res = run_stress(model, tok, cfg, args.out, tokens=args.tokens, facts=args.facts, seed=args.seed,
+                     max_chunks=args.max_chunks, max_minutes=args.max_minutes, full_context=not args.no_full_context)
+    print(json.dumps({k: v for k, v in res.items() if k != "memory_chunk_positions"}), flush=True)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from . import load_model
     from .evaluation import ABLATIONS, SUITES, Sizes, run_suite, table, write_result
@@ -312,7 +327,8 @@ def add_model_args(p, config: bool = True) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on the CPU) | bf16 | fp16 | fp32")
     if config:
         p.add_argument("--preset", default=None,
-                       help="small (the embedded model on 2 CPU cores; default) | paper (InfiniteICL's setting)")
+                       help="small (the embedded model on 2 CPU cores; default) | paper (InfiniteICL's setting) | "
+                            "stress (2M-token streams, embedded model, one GPU)")
         p.add_argument("--config", default=None, metavar="FILE", help="a JSON or TOML file of Config fields")
         p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                        help="set one Config field (repeatable; wins over --config)")
@@ -371,12 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--verbose", action="store_true", help="passkey: include every trial in the JSON")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_session_eval)
+    t = sub.add_parser("stress", help="a long stream of real prose with planted facts: consolidate it (resumable), "
+                                      "then recall by position")
+    t.add_argument("--tokens", type=int, default=2_000_000, help="stream length in tokens")
+    t.add_argument("--out", required=True, metavar="DIR", help="run directory (the same command resumes it)")
+    t.add_argument("--facts", type=int, default=100, metavar="K", help="planted facts, evenly spread")
+    t.add_argument("--chunk-tokens", type=int, default=None, metavar="N")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-chunks", type=int, default=None, metavar="N", help="stop (resumable) after N chunks this run")
+    t.add_argument("--max-minutes", type=float, default=None, metavar="M", help="stop (resumable) after M minutes this run")
+    t.add_argument("--no-full-context", action="store_true", help="skip asking each fact with its own chunk in view")
+    add_model_args(t)
+    t.set_defaults(func=cmd_stress)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("chunk_tokens", "stream_tokens", "trials", "cache"):
+    for name in ("chunk_tokens", "stream_tokens", "trials", "cache", "max_chunks"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             print(f"iicl-fast: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)

@@ -208,4 +208,10 @@ PRESETS: dict[str, dict] = {
                   max_response_tokens=512, select_top_k=200, loss="forward_kl", epochs=3, lora_r=16,
                   lora_alpha=32, lr=1e-4, batch_size=16, gen_batch_size=400, train_tokens=16384,
                   pass_tokens=32768, replay_entries=64),
+    # `stress`: 2M-token streams with the embedded model on one GPU (iicl-fast stress). Sized
+    # by estimate for ~30 minutes on an H200 (~490 chunks of 4,096 tokens at ~3.5 s each), not
+    # yet run at 2M: fewer, shorter transfer-set rows than `small`, one epoch, a replay buffer
+    # so early chunks keep being trained.
+    "stress": dict(chunk_tokens=4096, n_queries=16, n_continuations=16, max_query_tokens=32,
+                   max_response_tokens=48, epochs=1, gen_batch_size=64, replay_entries=64),
 }

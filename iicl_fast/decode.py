@@ -287,6 +287,10 @@ def cascade_attention(module, query, key, value, attention_mask, scaling=None, d
 STATIC_IMPL = "iicl_static"
 STOP_CHECK_EVERY = 16
 COMPACT_BELOW = 0.5
+# Prompt tokens per prefill forward: 400 rows of 60 at once put 28.0 GiB at peak on the 8B
+# shape, 0.8 over weights + KV + 10 % (benchmarks/NOTES.md); 8,192 keep the MLP's activations
+# under 0.7 GB and the GEMMs large.
+PREFILL_TOKENS = 8192
 GRAPHS = True           # False: eager steps on CUDA too (benchmarks compare; the CPU never captures)
 LLAMA_STEP = True       # False: Llama-like decoders also step through transformers' forward
 _STATIC: list = [None]  # the active _Static
@@ -517,9 +521,16 @@ def generate_static(model, prompts: list[list[int]], *, prefix: list[tuple[torch
     clock = _Clock(device, stats)
     with _static_mode(model, st):
         pos = K + (mask.cumsum(1) - 1).clamp(min=0)
-        h = decoder(model)(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[:, -1]
-        z = step_logits(h, *lm_head(model))
-        del h
+        zs = []
+        rows_at_once = max(1, PREFILL_TOKENS // P)
+        for s in range(0, B, rows_at_once):      # prompts in slices of rows: views of the caches
+            e = min(B, s + rows_at_once)
+            part = _Static(prefix, [k[s:e] for k in st.ks], [v[s:e] for v in st.vs], st.lo[s:e], kernels)
+            with _static_mode(model, part):
+                h = decoder(model)(input_ids=ids[s:e], position_ids=pos[s:e], use_cache=False).last_hidden_state[:, -1]
+            zs.append(step_logits(h, *lm_head(model)))
+        z = zs[0] if len(zs) == 1 else torch.cat(zs)
+        del h, zs
         st.cur.fill_(P)
         st.n = P
         next_pos = K + lengths

@@ -81,13 +81,14 @@ def match_stream(mem: Memory, texts: list[str], chunk_tokens: int, shas: list[st
 
 
 def stream(mem: Memory, texts: str | Iterable[str], *, chunk_tokens: int | None = None,
-           checkpoint_dir: str | os.PathLike | None = None, log=None) -> Iterator[ConsolidationReport]:
+           checkpoint_dir: str | os.PathLike | None = None, log=None, on_chunk=None) -> Iterator[ConsolidationReport]:
     """Consolidate texts chunk by chunk into mem, each chunk one T_i (seeded seed + index).
 
     With checkpoint_dir (opened for writing: locked, an interrupted save recovered), the
     memory is saved after every chunk, and running the same stream again resumes after its
     last saved chunk; other texts are a new stream, appended (see match_stream).
-    Each report carries the chunk's seconds per phase (plus "save") and peak GPU memory."""
+    Each report carries the chunk's seconds per phase (plus "save") and peak GPU memory.
+    on_chunk(j) is called before chunk j (its position in the stream) is consolidated."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     chunk_tokens = chunk_tokens or mem.config.chunk_tokens
     chunks = [c for t in texts for c in split_chunks(mem.fmt, t, chunk_tokens)]
@@ -104,6 +105,8 @@ def stream(mem: Memory, texts: str | Iterable[str], *, chunk_tokens: int | None 
                 yield ConsolidationReport(chunk_index=recorded[j]["index"], chunk_tokens=recorded[j]["tokens"],
                                           skipped=True)
                 continue
+            if on_chunk is not None:
+                on_chunk(j)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             rep = mem.consolidate(chunk, chunk_index=len(mem.chunks), stream=sid, position=j)

@@ -122,6 +122,7 @@ def static_kernels(monkeypatch):
     monkeypatch.setattr(D, "generate_static", lambda *a, **k: orig(*a, kernels=True, **k))
     monkeypatch.setattr(D, "STOP_CHECK_EVERY", 4)
     monkeypatch.setattr(D, "COMPACT_BELOW", 0.9)
+    monkeypatch.setattr(D, "PREFILL_TOKENS", 16)          # prompts prefilled in slices of rows
 
 
 @pytest.mark.parametrize("with_prefix", [True, False])
