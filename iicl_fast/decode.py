@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 
@@ -29,7 +30,8 @@ PREFIX_ROWS = 16384
 # The rows' own part through the flash op where it applies (_flash_suffix); False: always the
 # plain fp32 path (benchmarks compare both).
 FLASH_SUFFIX = True
-CUDNN_PREFIX = True          # the prefix part through cuDNN's attention where it checks out
+# the prefix part of the passes through cuDNN's attention where it checks out (IICL_CUDNN_PREFIX=0: off)
+CUDNN_PREFIX = os.environ.get("IICL_CUDNN_PREFIX", "1") != "0"
 
 
 def _register() -> None:
@@ -291,7 +293,8 @@ COMPACT_BELOW = 0.5
 # shape, 0.8 over weights + KV + 10 % (benchmarks/NOTES.md); 8,192 keep the MLP's activations
 # under 0.7 GB and the GEMMs large.
 PREFILL_TOKENS = 8192
-GRAPHS = True           # False: eager steps on CUDA too (benchmarks compare; the CPU never captures)
+# False (IICL_DECODE_GRAPHS=0): eager steps on CUDA too (benchmarks compare; the CPU never captures)
+GRAPHS = os.environ.get("IICL_DECODE_GRAPHS", "1") != "0"
 LLAMA_STEP = True       # False: Llama-like decoders also step through transformers' forward
 _STATIC: list = [None]  # the active _Static
 
