@@ -505,6 +505,7 @@ def generate_static(model, prompts: list[list[int]], *, prefix: list[tuple[torch
     dtype = causal_lm(model).get_input_embeddings().weight.dtype
     kernels = device.type == "cuda" if kernels is None else kernels
     graphs = device.type == "cuda" and GRAPHS if graphs is None else graphs
+    graphs = graphs and kernels        # the plain attention path reads cur from the host: never captured
     L, kvh, d = _dims(model)
     K = prefix[0][0].shape[1] if prefix else 0
     ids, mask = pad_left(prompts, pad_id, device)
