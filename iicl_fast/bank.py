@@ -14,6 +14,7 @@ import torch
 
 from ._ext import available, ext
 from .config import IICLError
+from .graphs import capture, warm_up
 
 
 def segmented_lora_loop(x, A, B, offsets, adapter_ids, scale: float):
@@ -374,22 +375,17 @@ class GraphedBankStep:
         self.ids = self._check_ids(adapter_ids).to(dev)
         self.mask = torch.zeros(bank.n, dtype=torch.bool, device=dev)
         self.params = bank.parameters()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):       # compiles kernels, sets up cuBLAS: not allowed in capture
-            for _ in range(warmup):
-                self._grad()
-        torch.cuda.current_stream().wait_stream(side)
+        warm_up(self._grad, warmup, device=dev)   # compiles kernels, sets up cuBLAS: not allowed in capture
         # two graphs, so that benchmarks can time the gradient and the update apart. The
         # gradients are allocated inside the first (autograd hands its fresh tensors to .grad:
         # no zeroing and no accumulation pass over the bank, 5 GB at 256 adapters of a 135M
         # model) and keep their addresses on every replay; the update's slot table is built
         # from them before the second capture.
         self.graph_grad, self.graph_update = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph_grad):
+        with capture(self.graph_grad, device=dev):
             self.loss = self._grad()
         opt.step(active=torch.zeros(bank.n, dtype=torch.bool, device=dev))   # builds the slot table; moves nothing
-        with torch.cuda.graph(self.graph_update, pool=self.graph_grad.pool()):
+        with capture(self.graph_update, self.graph_grad.pool(), device=dev):
             self._update()
 
     def _check_ids(self, adapter_ids) -> torch.Tensor:

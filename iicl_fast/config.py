@@ -11,6 +11,7 @@ class IICLError(Exception):
 
 LOSSES = ("forward_kl", "reverse_kl", "seqkd", "jsd")
 SELECTIONS = ("ppl_gap", "random")
+REPLAY_POLICIES = ("reservoir", "ppl_gap")
 LOSS_IMPLS = ("reference", "fused")
 
 
@@ -69,6 +70,11 @@ class Config:
     # 135M model lost the first of two documents (recall 2/2 -> 0/2) while learning the
     # second. Bounded, so memory stays constant over a stream. 0 disables.
     replay_entries: int = 32
+    # Which entries the buffer keeps: "reservoir" (a uniform sample of every kept entry so
+    # far) or "ppl_gap" (the replay_entries of highest ΔPPL so far: the knowledge the base
+    # model can least reconstruct without its chunk, e.g. a planted code, ranked 0th and 5th of
+    # 96 source entries of its 4,096-token chunk by the embedded model).
+    replay_policy: str = "reservoir"
     # 5. retain (short-term memory, SirLLM): after each consolidated chunk the top `retain`
     # fraction of its tokens by surprisal (older retained tokens' scores × retain_decay per
     # chunk) stay in the window as a prefix for `ask`. 0 keeps nothing.
@@ -106,6 +112,8 @@ class Config:
                 raise IICLError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.replay_entries < 0:
             raise IICLError(f"replay_entries must be >= 0, got {self.replay_entries}")
+        if self.replay_policy not in REPLAY_POLICIES:
+            raise IICLError(f"unknown replay_policy {self.replay_policy!r}: choose one of {', '.join(REPLAY_POLICIES)}")
         if not 0.0 <= self.retain <= 1.0:
             raise IICLError(f"retain must be in [0, 1], got {self.retain}")
         if not 0.0 < self.retain_decay <= 1.0:
@@ -208,10 +216,14 @@ PRESETS: dict[str, dict] = {
                   max_response_tokens=512, select_top_k=200, loss="forward_kl", epochs=3, lora_r=16,
                   lora_alpha=32, lr=1e-4, batch_size=16, gen_batch_size=400, train_tokens=16384,
                   pass_tokens=32768, replay_entries=64),
-    # `stress`: 2M-token streams with the embedded model on one GPU (iicl-fast stress). Sized
-    # by estimate for ~30 minutes on an H200 (~490 chunks of 4,096 tokens at ~3.5 s each), not
-    # yet run at 2M: fewer, shorter transfer-set rows than `small`, one epoch, a replay buffer
-    # so early chunks keep being trained.
-    "stress": dict(chunk_tokens=4096, n_queries=16, n_continuations=16, max_query_tokens=32,
-                   max_response_tokens=48, epochs=1, gen_batch_size=64, replay_entries=64),
+    # `stress`: 2M-token streams with the embedded model on one GPU (iicl-fast stress), sized
+    # for the H200 time one session has (README, "stress"): 7,168-token chunks (the model's
+    # 8,192 positions hold a chunk, its question and answer), 16 questions and 16
+    # continuations of <= 48 tokens, and every sentence pair of the chunk as a source entry;
+    # the top 48 by ΔPPL are trained once with the 96 highest-ΔPPL entries of the stream so
+    # far (replay_policy ppl_gap), 32 a step; elicitation and the teacher on the base model
+    # (teacher_base: 0.37/0.34 recall after 3 documents vs 0.19/0.12 default, NOTES.md).
+    "stress": dict(chunk_tokens=7168, n_queries=16, n_continuations=16, max_query_tokens=32,
+                   max_response_tokens=48, source_entries=256, select_top_k=48, teacher_base=True, epochs=1,
+                   batch_size=32, gen_batch_size=64, replay_entries=96, replay_policy="ppl_gap"),
 }

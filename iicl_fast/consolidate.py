@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -233,6 +234,8 @@ def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk
                              seed=config.seed + chunk_index)
     else:
         keep = select_by_ppl_gap(gaps, ratio=config.select_ratio, top_k=config.select_top_k)
+    for e, g in zip(entries, gaps.tolist()):
+        e.dppl = g if math.isfinite(g) else None
     dropped = sorted(set(range(len(entries))) - set(keep))
     rep.kept = len(keep)
     rep.dppl_kept = _mean(gaps[keep])

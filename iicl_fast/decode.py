@@ -21,6 +21,7 @@ import os
 import torch
 
 from .config import IICLError
+from .graphs import capture, warm_up
 
 IMPL = "iicl_cascade"
 _PREFIX: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -447,13 +448,9 @@ class _Step:
         self.pos = torch.zeros(B, dtype=torch.long, device=dev)
         self.graph = None
         if graph:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):       # warm-up: compiles kernels, fills LoRA casts
-                self._run()                     # (it writes slot cur, which the replay rewrites)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
+            warm_up(self._run, device=dev)      # compiles kernels, fills LoRA casts (it writes
+            self.graph = torch.cuda.CUDAGraph()  # slot cur, which the replay rewrites)
+            with capture(self.graph, pool, device=dev):
                 self.out = self._run()
 
     def _run(self):

@@ -33,9 +33,10 @@ CJK_SPAN_CHARS = 80    # a span of unbroken text with no spaces (CJK) is cut eve
 @dataclass
 class Entry:
     """One transfer-set entry: the query the student sees and the response ids [L]."""
-    kind: str            # "qa" | "continuation"
+    kind: str            # "qa" | "continuation" | "source"
     query: str
     response: list[int]
+    dppl: float | None = None   # its ΔPPL once selection has scored it (replay_policy "ppl_gap")
 
 
 def _spans(part: str) -> list[str]:
@@ -107,11 +108,13 @@ def continuation_queries(chunk: str, n: int, rng: torch.Generator) -> list[str]:
 
 def source_entries(fmt: PromptFormat, chunk: str, n: int, max_tokens: int) -> list[Entry]:
     """n entries whose response is the chunk's own text: 'Continue the passage: "<opening>"'
-    with sentence i and i+1 as written (at most max_tokens, then the stop id). Sentences are
-    spread evenly over the whole chunk."""
+    with sentence i and i+1 as written (at most max_tokens, then the stop id). The pairs
+    (sentences 0-1, 2-3, ...) are spread evenly over the whole chunk; n at least half the
+    sentence count: every pair once, so every sentence of the chunk is taught as written."""
     sents = sentences(chunk)
+    pairs = (len(sents) + 1) // 2
     out = []
-    for i in spread(n, len(sents)):
+    for i in (2 * j for j in spread(min(n, pairs), pairs)):
         words = sents[i].split()
         cut = max(2, min(OPENING_WORDS, len(words) // 2))
         ids = fmt.encode(" ".join(sents[i: i + 2]))[: max_tokens - 1] + [fmt.stop_ids[0]]

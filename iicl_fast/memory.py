@@ -243,23 +243,31 @@ class Memory:
         self.model.set_adapter(self.name)
 
     def _update_replay(self, kept: list[Entry], teacher, chunk_index: int) -> None:
-        """Reservoir sampling: every kept entry seen so far is in the buffer with equal chance."""
+        """replay_policy "reservoir": every kept entry seen so far is in the buffer with equal
+        chance; "ppl_gap": the buffer holds the replay_entries of highest ΔPPL seen so far
+        (ties: the older entry stays)."""
         k = self.config.replay_entries
         if k == 0 or not kept:
             return
         old, old_hs = self.replay
         entries = old + kept
         hs = teacher if old_hs is None else concat(old_hs, teacher)
-        rng = random.Random(self.config.seed * 1_000_003 + chunk_index)
-        buf = list(range(len(old)))
-        for i in range(len(old), len(entries)):
-            self.replay_seen += 1
-            if len(buf) < k:
-                buf.append(i)
-            else:
-                j = rng.randrange(self.replay_seen)
-                if j < k:
-                    buf[j] = i
+        self.replay_seen += len(kept)
+        if self.config.replay_policy == "ppl_gap":
+            score = [e.dppl if e.dppl is not None else -math.inf for e in entries]
+            buf = sorted(sorted(range(len(entries)), key=lambda i: -score[i])[:k])
+        else:
+            rng = random.Random(self.config.seed * 1_000_003 + chunk_index)
+            buf = list(range(len(old)))
+            seen = self.replay_seen - len(kept)
+            for i in range(len(old), len(entries)):
+                seen += 1
+                if len(buf) < k:
+                    buf.append(i)
+                else:
+                    j = rng.randrange(seen)
+                    if j < k:
+                        buf[j] = i
         self.replay = ([entries[i] for i in buf], subset(hs, buf))
 
     # -- the API ----------------------------------------------------------------------------

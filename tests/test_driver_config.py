@@ -118,7 +118,9 @@ def test_source_entries_are_the_chunks_own_text(tiny):
     ents = source_entries(fmt, chunk, 10, 64)
     assert len(ents) == 10 and all(e.kind == "source" and e.response[-1] == fmt.stop_ids[0] for e in ents)
     firsts = [int(re.search(r"number (\d+)", tok.decode(e.response)).group(1)) for e in ents]
-    assert firsts == [i * 30 // 10 for i in range(10)]                   # spread, in order
+    assert firsts == [2 * (i * 15 // 10) for i in range(10)]             # pairs spread, in order
+    every = source_entries(fmt, chunk, 100, 64)                           # n >= pairs: each pair once
+    assert [tok.decode(e.response[:-1]) for e in every] == [" ".join(sents[i: i + 2]) for i in range(0, 30, 2)]
     for e, i in zip(ents, firsts):
         assert tok.decode(e.response[:-1]) == " ".join(sents[i: i + 2])   # as written
         assert e.query.startswith("Continue the passage:") and sents[i] not in e.query

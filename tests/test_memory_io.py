@@ -182,6 +182,32 @@ def test_replay_buffer_bounded_trained_and_saved(tiny, tmp_path):
     assert none.consolidate(DOCS[1]).replayed == 0 and none.replay[0] == []
 
 
+def test_replay_by_ppl_gap_keeps_the_highest_gaps_of_the_stream(tiny, tmp_path, monkeypatch):
+    """replay_policy "ppl_gap": after each chunk the buffer holds the replay_entries kept
+    entries of highest ΔPPL seen so far, with their scores saved and loaded."""
+    model, tok = tiny
+    kept = []
+    real = memory_mod.consolidate_chunk
+
+    def spy(*a, **k):          # the real phases; records what each chunk kept
+        rep, entries, teacher = real(*a, **k)
+        kept.extend(entries)
+        return rep, entries, teacher
+
+    monkeypatch.setattr(memory_mod, "consolidate_chunk", spy)
+    mem = Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "replay_entries": 3, "replay_policy": "ppl_gap"}))
+    for doc in DOCS[:2]:
+        mem.consolidate(doc)
+        assert all(e.dppl is not None for e in kept)
+        top = sorted((e.dppl for e in kept), reverse=True)[:3]
+        assert sorted((e.dppl for e in mem.replay[0]), reverse=True) == top
+    mem.save(tmp_path / "m")
+    back = Memory.load(tmp_path / "m", make_tiny(tok), tok)
+    assert [e.dppl for e in back.replay[0]] == [e.dppl for e in mem.replay[0]]
+    with pytest.raises(iicl_fast.IICLError, match="replay_policy"):
+        iicl_fast.Config(replay_policy="newest")
+
+
 def test_interrupted_swap_resumes_and_streams_are_told_apart(tiny, tmp_path):
     """The issue's path: DIR gone and DIR.old holding the N-chunk memory after a kill between
     the renames. The rerun resumes from it (no chunk redone), sweeps a killed writer's temp
