@@ -5,7 +5,7 @@ after gc.collect), then groups the blocks still allocated at the end by the code
 allocated them (torch.cuda.memory history, Python frames). A stress run on the H200 grew
 ~63 MB a chunk (benchmarks/NOTES.md, eighth session); this names the allocation site.
 
-    python benchmarks/check_stress_memory.py [--chunks 6] [--top 12]"""
+    python benchmarks/check_stress_memory.py [--chunks 6] [--sites [--top 12]] [--phases] [--no-cudnn]"""
 import argparse
 import collections
 import gc
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from iicl_fast import Config, Memory  # noqa: E402
 from iicl_fast.driver import stream  # noqa: E402
 from iicl_fast.models import PromptFormat  # noqa: E402
-from iicl_fast.stress import build_stream  # noqa: E402
+from iicl_fast.stress import _rss_gib, build_stream  # noqa: E402
 
 
 def load(tok_dir: str, device: str):
@@ -55,14 +55,40 @@ def sites(top: int) -> None:
         print(f"  {size / 2**20:9.1f} MiB  {count[key]:5d} blocks  {key}")
 
 
+PHASE_PEAKS: dict = {}
+
+
+def _phase_peaks():
+    """Peak allocated memory per phase (consolidate.trace marks each phase's start; select
+    falls under "teacher"): this script only."""
+    import iicl_fast.consolidate as C
+    import iicl_fast.driver as Dr
+    state = {"phase": None}
+
+    def mark(phase, chunk_index):
+        torch.cuda.synchronize()
+        if state["phase"] is not None:
+            PHASE_PEAKS[state["phase"]] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+        state["phase"] = phase
+    C.trace = Dr.trace = mark
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--chunks", type=int, default=6)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--tokenizer", default=os.environ.get("IICL_TOKENIZER", ".bench/tok"))
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script")
+    ap.add_argument("--sites", action="store_true", help="record allocations; at the end, what is allocated by site")
+    ap.add_argument("--phases", action="store_true", help="peak per phase (then 'peak' is the save phase's)")
+    ap.add_argument("--no-cudnn", action="store_true", help="attention never through cuDNN (SDPA and the prefix part)")
     ap.add_argument("--set", action="append", default=[], help="field=value of the stress preset")
     a = ap.parse_args()
+    if a.no_cudnn:
+        import iicl_fast.decode as D
+        D.CUDNN_PREFIX = False
+        torch.backends.cuda.enable_cudnn_sdp(False)
     model, tok, random_weights = load(a.tokenizer, a.device)
     cuda = a.device == "cuda"
     over = dict(kv.split("=", 1) for kv in a.set)
@@ -70,8 +96,10 @@ def main():
     mem = Memory(model, tok, cfg)
     fmt = PromptFormat(tok, model)
     text, _ = build_stream(fmt.encode, cfg.chunk_tokens * a.chunks, 2, seed=0)
-    if cuda:
+    if cuda and a.sites:
         torch.cuda.memory._record_memory_history(max_entries=200_000)
+    if cuda and a.phases:
+        _phase_peaks()
     for rep in stream(mem, text):
         if not cuda:
             print(f"chunk {rep.chunk_index}: " + " ".join(f"{k} {v:.2f}" for k, v in rep.seconds.items()))
@@ -79,9 +107,10 @@ def main():
         alloc = torch.cuda.memory_allocated() / 2**20
         gc.collect()
         print(f"chunk {rep.chunk_index}: peak {rep.peak_gib:.3f} GiB, allocated {alloc:.1f} MiB, after gc.collect "
-              f"{torch.cuda.memory_allocated() / 2**20:.1f} MiB; seconds "
-              + " ".join(f"{k} {v:.2f}" for k, v in rep.seconds.items()), flush=True)
-    if cuda:
+              f"{torch.cuda.memory_allocated() / 2**20:.1f} MiB, RSS {_rss_gib():.3f} GiB; seconds "
+              + " ".join(f"{k} {v:.2f}" for k, v in rep.seconds.items())
+              + "; peak GiB by phase " + " ".join(f"{k} {v:.3f}" for k, v in PHASE_PEAKS.items()), flush=True)
+    if cuda and a.sites:
         sites(a.top)
 
 

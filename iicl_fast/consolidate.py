@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from . import reference
 from .config import Config
+from .decode import without_cudnn_sdpa
 from .elicit import Entry, elicit
 from .generation import causal_lm, lm_head
 from .models import PromptFormat
@@ -113,8 +114,11 @@ def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, pa
     stats = loss_stats(model, teacher, config)
     losses = []
     lm = causal_lm(model)
-    if config.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.gradient_checkpointing:      # transformers >= 5.2x names it activation checkpointing
+        if hasattr(lm, "activation_checkpointing_enable"):
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     bar = tqdm(total=config.epochs * len(entries), desc="train", disable=not config.progress, leave=False)
     try:
@@ -140,7 +144,7 @@ def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, pa
     finally:
         model.eval()
         if config.gradient_checkpointing:
-            lm.gradient_checkpointing_disable()
+            (getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable)()
         bar.close()
     return losses
 
@@ -169,6 +173,7 @@ def concat(a: HiddenSet, b: HiddenSet) -> HiddenSet:
                      a.offsets + [a.offsets[-1] + o for o in b.offsets[1:]])
 
 
+@without_cudnn_sdpa
 def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.Tensor], config: Config,
                       *, chunk_index: int = 0, replay=None, base_view=None):
     """Elicit → teacher pass → select by ΔPPL → train the LoRA params on the kept entries

@@ -15,6 +15,7 @@ Used by generation.generate on CUDA; the CPU keeps the plain path (tests compare
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 
@@ -31,8 +32,38 @@ PREFIX_ROWS = 16384
 # The rows' own part through the flash op where it applies (_flash_suffix); False: always the
 # plain fp32 path (benchmarks compare both).
 FLASH_SUFFIX = True
-# the prefix part of the passes through cuDNN's attention where it checks out (IICL_CUDNN_PREFIX=0: off)
-CUDNN_PREFIX = os.environ.get("IICL_CUDNN_PREFIX", "1") != "0"
+# cuDNN attention: PyTorch keeps one cuDNN plan per input shape, never evicted
+# (pytorch/pytorch#190388), and builds one for every new shape. In a stream every chunk has
+# its own length: on the H200 a stress stream's process grew ~23 MB of host memory a chunk
+# with cuDNN and ~2 MB without, and its phases paid a plan build a chunk (teacher 0.9–1.4 s
+# vs 0.55–0.9 s; benchmarks/check_stress_memory.py --no-cudnn). So both are off by default:
+# the prefix part of the passes through cuDNN (IICL_CUDNN_PREFIX=1: on, where it checks out;
+# it served fixed-shape benchmarks) and cuDNN among the SDPA backends of the library's own
+# passes (sdpa_backends; IICL_CUDNN_SDPA=1 leaves PyTorch's choice alone).
+CUDNN_PREFIX = os.environ.get("IICL_CUDNN_PREFIX", "0") == "1"
+CUDNN_SDPA = os.environ.get("IICL_CUDNN_SDPA", "0") == "1"
+
+
+def sdpa_backends():
+    """A context in which scaled_dot_product_attention picks among the backends enabled now,
+    cuDNN's excepted (see CUDNN_SDPA)."""
+    if CUDNN_SDPA or not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    b = torch.backends.cuda
+    keep = [k for k, on in ((SDPBackend.FLASH_ATTENTION, b.flash_sdp_enabled()),
+                            (SDPBackend.EFFICIENT_ATTENTION, b.mem_efficient_sdp_enabled()),
+                            (SDPBackend.MATH, b.math_sdp_enabled())) if on]
+    return sdpa_kernel(keep or [SDPBackend.MATH])
+
+
+def without_cudnn_sdpa(fn):
+    """fn run inside sdpa_backends() (a decorator for the library's entry points)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with sdpa_backends():
+            return fn(*args, **kwargs)
+    return run
 
 
 def _register() -> None:

@@ -5,6 +5,8 @@ import copy
 
 import torch
 
+from .decode import without_cudnn_sdpa
+
 
 def causal_lm(model):
     """The HF *ForCausalLM under a peft wrapper (LoRA layers stay injected in it)."""
@@ -143,6 +145,7 @@ STOP_CHECK_EVERY = 16
 
 
 @torch.no_grad()
+@without_cudnn_sdpa
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: int, sample: bool,
              eos_id: int | None = None, stop_ids=None, temperature: float = 1.0, top_p: float = 1.0,
              batch_size: int = 16, prefix: list[int] | None = None, generator=None, progress=None,

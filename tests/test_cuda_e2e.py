@@ -306,6 +306,18 @@ def test_captures_leave_no_memory_behind(smol_tokenizer):
     assert after[1] == after[2] == after[3], after
 
 
+def test_library_passes_keep_cudnn_attention_off():
+    """decode.sdpa_backends: cuDNN attention off inside (its per-shape plans are never freed),
+    the caller's backend settings back after."""
+    from iicl_fast.decode import sdpa_backends
+    before = torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()
+    with sdpa_backends():
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled() == before[1]
+        q = torch.randn(1, 2, 37, 64, device="cuda", dtype=torch.bfloat16)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled()) == before
+
+
 def test_static_greedy_matches_transformers_on_the_embedded_model():
     """fp32: every row's greedy tokens equal transformers' generate; bf16: the rate of rows
     that diverge is printed (the issue's figure), not asserted."""

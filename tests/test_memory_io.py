@@ -281,3 +281,30 @@ def test_replay_buffer_checked_on_load(tiny, tmp_path):
         save_file({**t, name: bad}, str(d / "replay.safetensors"))
         with pytest.raises(iicl_fast.IICLError, match=msg):
             Memory.load(d, make_tiny(tok), tok)
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(smol_tokenizer):
+    """Config.gradient_checkpointing (the stress preset's: a chunk's peak memory no longer
+    scales with the activations of its longest step) recomputes activations in backward and
+    ends with the adapter trained without it, loss curve and weights."""
+    out, saved = [], []
+    for ckpt in (False, True):
+        mem = Memory(make_tiny(smol_tokenizer), smol_tokenizer,
+                     iicl_fast.Config(**{**TINY_CONFIG, "gradient_checkpointing": ckpt}))
+        n = [0]
+
+        def pack(t):            # what autograd keeps for backward (a checkpointed layer keeps its own)
+            n[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            rep = mem.consolidate(DOCS[0])
+        out.append((rep.loss_per_epoch, [p.detach().clone() for p in mem.params]))
+        saved.append(n[0])
+    assert 0 < saved[1] < 0.5 * saved[0], saved
+    (l0, p0), (l1, p1) = out
+    assert l0 == pytest.approx(l1, rel=1e-4)
+    assert any(not torch.equal(a, b) for a, b in zip(p0, Memory(make_tiny(smol_tokenizer), smol_tokenizer,
+                                                                   iicl_fast.Config(**TINY_CONFIG)).params))
+    for a, b in zip(p0, p1):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
