@@ -2,6 +2,7 @@
 # The GPU machine, one call at a time (benchmarks/NOTES.md: what each call measured).
 #   common: wheels into /tmp/site, kernels linked as iicl_fast.kernels, the tokenizer in .bench/tok
 #   gguf1 / gguf2: the embedded model's GGUF in two parts over two consecutive calls, joined in /tmp
+#   the 2M-token stress run: benchmarks/stress_2m.sh (its steps, and its state back in $OUT)
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 IICL_TOKENIZER=$PWD/.bench/tok
 export TOKENIZERS_PARALLELISM=false
