@@ -67,7 +67,7 @@ def _phase_peaks():
 
     def mark(phase, chunk_index):
         torch.cuda.synchronize()
-        if state["phase"] is not None:
+        if state["phase"] is not None and phase != "elicit":     # the driver resets between chunks
             PHASE_PEAKS[state["phase"]] = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
         state["phase"] = phase
@@ -81,7 +81,7 @@ def main():
     ap.add_argument("--tokenizer", default=os.environ.get("IICL_TOKENIZER", ".bench/tok"))
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script")
     ap.add_argument("--sites", action="store_true", help="record allocations; at the end, what is allocated by site")
-    ap.add_argument("--phases", action="store_true", help="peak per phase (then 'peak' is the save phase's)")
+    ap.add_argument("--phases", action="store_true", help="peak per phase (then 'peak' is the last phase's: train)")
     ap.add_argument("--no-cudnn", action="store_true", help="attention never through cuDNN (SDPA and the prefix part)")
     ap.add_argument("--set", action="append", default=[], help="field=value of the stress preset")
     a = ap.parse_args()
@@ -104,6 +104,8 @@ def main():
         if not cuda:
             print(f"chunk {rep.chunk_index}: " + " ".join(f"{k} {v:.2f}" for k, v in rep.seconds.items()))
             continue
+        if a.phases:
+            PHASE_PEAKS["train"] = rep.peak_gib        # the last phase (no checkpoint: no save)
         alloc = torch.cuda.memory_allocated() / 2**20
         gc.collect()
         print(f"chunk {rep.chunk_index}: peak {rep.peak_gib:.3f} GiB, allocated {alloc:.1f} MiB, after gc.collect "
