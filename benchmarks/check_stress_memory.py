@@ -84,6 +84,9 @@ def main():
     ap.add_argument("--phases", action="store_true", help="peak per phase (then 'peak' is the last phase's: train)")
     ap.add_argument("--no-cudnn", action="store_true", help="attention never through cuDNN (SDPA and the prefix part)")
     ap.add_argument("--set", action="append", default=[], help="field=value of the stress preset")
+    ap.add_argument("--stop-after", type=int, help="end the process after this many chunks (with --checkpoint)")
+    ap.add_argument("--checkpoint", help="save after every chunk into this folder; run again to resume from it "
+                    "(a resumed process's first chunk against the steady state)")
     a = ap.parse_args()
     if a.no_cudnn:
         import iicl_fast.decode as D
@@ -100,18 +103,31 @@ def main():
         torch.cuda.memory._record_memory_history(max_entries=200_000)
     if cuda and a.phases:
         _phase_peaks()
-    for rep in stream(mem, text):
+    start, stop = {}, False
+
+    def on_chunk(j):
+        if cuda:
+            start[j] = torch.cuda.memory_allocated() / 2**20
+    for rep in stream(mem, text, checkpoint_dir=a.checkpoint, on_chunk=on_chunk):
+        if rep.skipped:
+            continue
+        if a.stop_after is not None and rep.chunk_index + 1 >= a.stop_after:
+            stop = True
         if not cuda:
             print(f"chunk {rep.chunk_index}: " + " ".join(f"{k} {v:.2f}" for k, v in rep.seconds.items()))
+            if stop:
+                break
             continue
-        if a.phases:
+        if a.phases and not a.checkpoint:
             PHASE_PEAKS["train"] = rep.peak_gib        # the last phase (no checkpoint: no save)
         alloc = torch.cuda.memory_allocated() / 2**20
         gc.collect()
-        print(f"chunk {rep.chunk_index}: peak {rep.peak_gib:.3f} GiB, allocated {alloc:.1f} MiB, after gc.collect "
+        print(f"chunk {rep.chunk_index}: allocated at its start {start.get(rep.chunk_index, float('nan')):.1f} MiB, peak {rep.peak_gib:.3f} GiB, allocated {alloc:.1f} MiB, after gc.collect "
               f"{torch.cuda.memory_allocated() / 2**20:.1f} MiB, RSS {_rss_gib():.3f} GiB; seconds "
               + " ".join(f"{k} {v:.2f}" for k, v in rep.seconds.items())
               + "; peak GiB by phase " + " ".join(f"{k} {v:.3f}" for k, v in PHASE_PEAKS.items()), flush=True)
+        if stop:
+            break
     if cuda and a.sites:
         sites(a.top)
 

@@ -7,9 +7,9 @@
 #   bash benchmarks/stress_2m.sh rest 560      run (resuming) to the end and the evaluation
 #
 # The run lives in /tmp/s2m, which survives only while the machine is warm (30 s after a
-# call). After every step its state (memory/, chunks.jsonl, runs.json; the stream is rebuilt
-# from its seed) goes to $OUT/s2m_state as parts of < 16 MiB: if the machine was given back,
-# copy them to .bench/s2m_state here and carry that folder in the call after the GGUF's two
+# call). After every step its state (memory/, chunks.jsonl, runs.json, the stream) goes to
+# $OUT/s2m_state as parts of < 16 MiB: if the machine was given back, copy them to
+# .bench/s2m_state here and carry that folder in the call after the GGUF's two
 # (the three calls within 30 s of each other), and the run resumes from it.
 set -uo pipefail
 RUN=${STRESS_RUN:-/tmp/s2m}
@@ -29,7 +29,7 @@ echo "stress $1 $2: rc=$?"
 grep -v -i "warn" /tmp/stress_run.log | tr '\r' '\n' | grep -v "^\s*$" | tail -n 3
 tail -n 1 "$RUN/chunks.jsonl"; cat "$RUN/runs.json"; echo
 mkdir -p "$OUT/s2m_state" "$OUT/stress_2m"
-tar -c -C "$RUN" memory chunks.jsonl runs.json 2>/dev/null | split -b 15m - "$OUT/s2m_state/state.tar.part"
+tar -c -C "$RUN" memory chunks.jsonl runs.json stream.json stream.txt 2>/dev/null | split -b 15m - "$OUT/s2m_state/state.tar.part"
 for f in chunks.jsonl runs.json results.json stress_memory.png stress_recall.png; do
   [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/stress_2m/"
 done

@@ -224,8 +224,8 @@ PRESETS: dict[str, dict] = {
     # far (replay_policy ppl_gap), 32 a step; elicitation and the teacher on the base model
     # (teacher_base: 0.37/0.34 recall after 3 documents vs 0.19/0.12 default, NOTES.md).
     # Activations recomputed in backward: without, a chunk's peak was its longest training
-    # step's activations (1.65–2.18 GiB over 170 chunks on the H200, max/min 1.32; the other
-    # phases peaked at <= 0.7 GiB).
+    # step's activations (1.65–2.18 GiB over 170 chunks on the H200, max/min 1.32); with,
+    # 0.697–0.702 GiB over the 2M run's steady chunks (benchmarks/results/stress_2m.json).
     "stress": dict(chunk_tokens=7168, n_queries=16, n_continuations=16, max_query_tokens=32,
                    max_response_tokens=48, source_entries=256, select_top_k=48, teacher_base=True, epochs=1,
                    batch_size=32, gen_batch_size=64, replay_entries=96, replay_policy="ppl_gap",

@@ -143,6 +143,8 @@ def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, pa
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
     finally:
         model.eval()
+        for p in params:      # the last step's gradients would otherwise stay allocated until the next chunk
+            p.grad = None
         if config.gradient_checkpointing:
             (getattr(lm, "activation_checkpointing_disable", None) or lm.gradient_checkpointing_disable)()
         bar.close()

@@ -201,3 +201,42 @@ def test_driver_stream_and_cli_config_flags(tiny_dir, tmp_path, capsys):
         assert not (tmp_path / "bad").exists()
     code = cli.main(["consolidate", str(doc), "--out", str(out), "--model", str(tiny_dir), "--set", "lora_r=8"])
     assert code == 2 and "keeps its LoRA layout" in capsys.readouterr().err
+
+
+def test_tokenizer_without_pad_token_and_either_padding_side(tiny):
+    """Rows are padded by the library, not the tokenizer: with no pad token the pad is eos,
+    and the tokenizer's padding_side changes nothing. Each row of a batch of different
+    lengths decodes as it does alone."""
+    import copy
+    model, tok = tiny
+    prompts = ["Who built the lighthouse?", "Why?", "Name the harbour town in the third story of the book."]
+    alone = [generate(model, [PromptFormat(tok, model).query(q)], max_new_tokens=5, pad_id=tok.eos_token_id,
+                      stop_ids=[-1], sample=False)[0] for q in prompts]
+    for side in ("left", "right"):
+        t = copy.deepcopy(tok)
+        t.pad_token = None
+        t.padding_side = side
+        assert t.pad_token_id is None
+        fmt = PromptFormat(t, model)
+        assert fmt.pad_id == t.eos_token_id
+        rows = [fmt.query(q) for q in prompts]
+        assert len({len(r) for r in rows}) == 3
+        assert generate(model, rows, max_new_tokens=5, pad_id=fmt.pad_id, stop_ids=[-1], sample=False) == alone
+
+
+def test_chat_template_that_rewrites_the_message_falls_back_to_plain_lines(tiny):
+    """A template that does not render the message verbatim (here it lower-cases it) cannot
+    be split around the question: PromptFormat uses plain Question:/Answer: lines, and the
+    chunk stays an exact token prefix of the teacher's prompt."""
+    import copy
+    model, tok = tiny
+    t = copy.deepcopy(tok)
+    t.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | lower }}<|im_end|>\n" \
+                      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    fmt = PromptFormat(t, model)
+    assert fmt.head == fmt.encode("Question: ") and fmt.tail == fmt.encode("\nAnswer:")
+    chunk, q = "The keeper of the lighthouse was Ada Brun.", "Who kept the lighthouse?"
+    full = fmt.prompt(q, context=chunk)
+    assert full[: len(fmt.context_prefix(chunk))] == fmt.context_prefix(chunk)
+    assert full == fmt.context_prefix(chunk) + fmt.query(q)
+    assert PromptFormat(tok, model).head != fmt.head           # the verbatim template is used as is

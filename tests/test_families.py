@@ -140,7 +140,8 @@ def test_streaming_session_evicts_exactly_or_refuses(fam, smol_tokenizer):
     assert sess.evicted > 0 and sess.cache_tokens == 23
     from iicl_fast.generation import cache_of, decoder
     with torch.no_grad():
-        fresh = cache_of(decoder(model)(input_ids=sess.ids[None], use_cache=True)).layers[0]
+        ids = sess.ids[None].to(next(model.parameters()).device)      # the session keeps its ids on the CPU
+        fresh = cache_of(decoder(model)(input_ids=ids, use_cache=True)).layers[0]
     kept = sess.cache.layers[0]
     assert kept.keys.shape == fresh.keys.shape
     torch.testing.assert_close(kept.keys.float(), fresh.keys.float(), rtol=1e-4, atol=1e-4)

@@ -301,6 +301,9 @@ def test_gradient_checkpointing_trains_the_same_adapter(smol_tokenizer):
             rep = mem.consolidate(DOCS[0])
         out.append((rep.loss_per_epoch, [p.detach().clone() for p in mem.params]))
         saved.append(n[0])
+        # the last step's gradients are dead once a chunk is trained: kept, they were 19 MB of
+        # every later chunk's elicitation and teacher pass on the H200 (stress preset)
+        assert all(p.grad is None for p in mem.params)
     assert 0 < saved[1] < 0.5 * saved[0], saved
     (l0, p0), (l1, p1) = out
     assert l0 == pytest.approx(l1, rel=1e-4)
