@@ -29,8 +29,10 @@ class Config:
     elicit_temperature: float = 0.7
     elicit_top_p: float = 0.9
     # entries whose response is the chunk's own text (a passage's opening words as the query,
-    # that sentence and the next as the response, stop id appended): the teacher with the
-    # chunk in view scores text it can copy, so every fact's tokens are taught as written
+    # whole consecutive sentences packed up to max_response_tokens as the response, stop id
+    # appended): the teacher with the chunk in view scores text it can copy, so every fact's
+    # tokens are taught as written (all of them once source_entries >= the chunk's units:
+    # ~155 for a 7,168-token chunk of the essays at 48 tokens)
     source_entries: int = 0
     gen_batch_size: int = 16      # rows decoded together (CUDA: one static batch after one prefix KV copy)
     # benchmarks on random weights: every generation runs its full max tokens and question
@@ -219,7 +221,7 @@ PRESETS: dict[str, dict] = {
     # `stress`: 2M-token streams with the embedded model on one GPU (iicl-fast stress), sized
     # for the H200 time one session has (README, "stress"): 7,168-token chunks (the model's
     # 8,192 positions hold a chunk, its question and answer), 16 questions and 16
-    # continuations of <= 48 tokens, and every sentence pair of the chunk as a source entry;
+    # continuations of <= 48 tokens, and the whole chunk as source entries (~155 units of <= 48 tokens);
     # the top 48 by ΔPPL are trained once with the 96 highest-ΔPPL entries of the stream so
     # far (replay_policy ppl_gap), 32 a step; elicitation and the teacher on the base model
     # (teacher_base: 0.37/0.34 recall after 3 documents vs 0.19/0.12 default, NOTES.md).

@@ -108,23 +108,36 @@ def test_elicitation_covers_the_whole_chunk(tiny, monkeypatch):
 
 
 def test_source_entries_are_the_chunks_own_text(tiny):
-    """Config.source_entries: responses are the chunk's sentences as written (then the stop
-    id), spread over the whole chunk, queries quoting only a sentence's opening words."""
-    from iicl_fast.elicit import source_entries
+    """Config.source_entries: responses are the chunk's sentences as written, packed whole up to
+    max_tokens - 1 tokens (then the stop id), spread over the whole chunk, queries quoting only
+    a unit's opening words; with n >= the unit count every sentence is in exactly one entry."""
+    from iicl_fast.elicit import source_entries, source_units
     model, tok = tiny
     fmt = PromptFormat(tok, model)
     chunk = " ".join(f"Fact number {i} says that item {i} is kept in box {i}." for i in range(30))
     sents = sentences(chunk)
-    ents = source_entries(fmt, chunk, 10, 64)
-    assert len(ents) == 10 and all(e.kind == "source" and e.response[-1] == fmt.stop_ids[0] for e in ents)
+    units = source_units(fmt, sents, 63)
+    assert 5 < len(units) < 30 and all(len(ids) <= 63 for _, ids in units)
+    every = source_entries(fmt, chunk, 100, 64)                           # n >= units: each unit once
+    assert len(every) == len(units)
+    assert all(e.kind == "source" and e.response[-1] == fmt.stop_ids[0] and len(e.response) <= 64 for e in every)
+    assert " ".join(tok.decode(e.response[:-1]) for e in every) == " ".join(sents)   # every sentence, whole, in order
+    ents = source_entries(fmt, chunk, 4, 64)
     firsts = [int(re.search(r"number (\d+)", tok.decode(e.response)).group(1)) for e in ents]
-    assert firsts == [2 * (i * 15 // 10) for i in range(10)]             # pairs spread, in order
-    every = source_entries(fmt, chunk, 100, 64)                           # n >= pairs: each pair once
-    assert [tok.decode(e.response[:-1]) for e in every] == [" ".join(sents[i: i + 2]) for i in range(0, 30, 2)]
+    assert firsts == [units[i * len(units) // 4][0] for i in range(4)]   # spread, in order
     for e, i in zip(ents, firsts):
-        assert tok.decode(e.response[:-1]) == " ".join(sents[i: i + 2])   # as written
+        assert tok.decode(e.response[:-1]).startswith(sents[i])          # as written, from a sentence's start
         assert e.query.startswith("Continue the passage:") and sents[i] not in e.query
-    assert all(len(e.response) <= 8 for e in source_entries(fmt, chunk, 3, 8))
+    # a fact after a sentence that nearly fills a unit is taught whole (pairs cut at max_tokens lost it)
+    long = "The committee met on many long afternoons to argue about the colour of the new bicycle shed roof again."
+    fact = "The vault code of the amber heron room is 4721."
+    got = [tok.decode(e.response[:-1]) for e in source_entries(fmt, f"{long} {fact} Then it rained.", 10, 32)]
+    assert any(fact in g for g in got) and " ".join(got) == f"{long} {fact} Then it rained."
+    # a sentence longer than a unit is cut into pieces that together are the sentence
+    huge = " ".join(f"word{i}" for i in range(30)) + "."     # one sentence (< SPAN_WORDS words)
+    pieces = source_entries(fmt, huge, 100, 16)
+    assert len(pieces) > 1 and all(len(e.response) <= 16 for e in pieces)
+    assert fmt.encode(huge) == [t for e in pieces for t in e.response[:-1]]
     got = elicit(model, fmt, chunk, Config(**{**TINY_CONFIG, "n_queries": 0, "n_continuations": 0, "source_entries": 4}))
     assert [e.kind for e in got] == ["source"] * 4
 
