@@ -9,6 +9,7 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
+from . import dist
 from .config import PRESETS, Config, IICLError, check_fields, coerce
 
 
@@ -41,7 +42,8 @@ def recall(questions: list[dict], answers: list[str]) -> int:
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if dist.is_main():                                    # several ranks (torchrun): rank 0 speaks
+        print(msg, file=sys.stderr, flush=True)
 
 
 def read_config_file(path: str) -> dict:
@@ -84,7 +86,9 @@ def config_overrides(args) -> dict:
 
 def build_config(args, **extra) -> Config:
     """The run's Config: --preset (default small), then the command line's overrides."""
-    return Config.preset(getattr(args, "preset", None) or "small", **{**extra, **config_overrides(args)})
+    cfg = Config.preset(getattr(args, "preset", None) or "small", **{**extra, **config_overrides(args)})
+    cfg.progress = cfg.progress and dist.is_main()        # several ranks: one progress bar, rank 0's
+    return cfg
 
 
 def model_kw(args) -> dict:
@@ -140,12 +144,15 @@ def cmd_consolidate(args) -> int:
     from .memory import open_for_write
     texts = [read_text_file(f) for f in args.files]        # every file checked before any work
     if args.separate:
+        if dist.active():
+            raise IICLError("--separate with several processes is not built yet: run it as one process")
         return consolidate_separate(args, texts)
     out = Path(args.out)
     cfg = build_config(args)                             # bad flags fail before the model loads
     if out.exists() and not out.is_dir():
         raise IICLError(f"{out} exists and is not a memory directory")
     with open_for_write(out):                            # locked; an interrupted save finished
+        dist.barrier()                                   # (by rank 0, before any rank reads it)
         if out.exists() and not (out / "manifest.json").is_file():
             raise IICLError(f"{out} exists and is not a memory directory")
         model, tok = load_model(args.model, **model_kw(args))
@@ -160,6 +167,7 @@ def cmd_consolidate(args) -> int:
                                 f"{', '.join(f'{k}={getattr(mem.config, k)!r}' for k in sorted(fixed))}: "
                                 "a continued memory keeps its LoRA layout")
             mem.config = Config(**{**mem.config.to_dict(), **given})     # ... with the flags given now
+            mem.config.progress = mem.config.progress and dist.is_main()
         else:
             mem = Memory(model, tok, cfg)
         log_config(mem.config, model)
@@ -284,7 +292,8 @@ def cmd_stress(args) -> int:
     log_config(cfg, model)
     res = run_stress(model, tok, cfg, args.out, tokens=args.tokens, facts=args.facts, seed=args.seed,
                      max_chunks=args.max_chunks, max_minutes=args.max_minutes, full_context=not args.no_full_context)
-    print(json.dumps({k: v for k, v in res.items() if k != "memory_chunk_positions"}), flush=True)
+    if dist.is_main():
+        print(json.dumps({k: v for k, v in res.items() if k != "memory_chunk_positions"}), flush=True)
     return 0
 
 
@@ -410,9 +419,11 @@ def main(argv=None) -> int:
             print(f"iicl-fast: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
     try:
+        dist.init_from_env(getattr(args, "device", "auto"))   # torchrun: one of several processes
         return args.func(args)
     except IICLError as e:
-        print(f"iicl-fast: error: {e}", file=sys.stderr)
+        who = f"rank {dist.rank()}: " if dist.active() else ""
+        print(f"iicl-fast: error: {who}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("iicl-fast: interrupted (the last saved memory is intact)", file=sys.stderr)

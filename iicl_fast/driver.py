@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from . import dist
 from .config import IICLError
 from .consolidate import ConsolidationReport, trace
 from .memory import MANIFEST, Memory, open_for_write, sha256_text
@@ -95,6 +96,7 @@ def stream(mem: Memory, texts: str | Iterable[str], *, chunk_tokens: int | None 
     if not chunks:
         raise IICLError("empty text: nothing to consolidate")
     with open_for_write(checkpoint_dir) if checkpoint_dir is not None else contextlib.nullcontext():
+        dist.barrier()          # several ranks: rank 0 has finished an interrupted save before any reads
         if checkpoint_dir is not None and not mem.chunks and (Path(checkpoint_dir) / MANIFEST).is_file():
             mem._restore(checkpoint_dir)
         sid, done = match_stream(mem, texts, chunk_tokens, [sha256_text(c) for c in chunks], log)

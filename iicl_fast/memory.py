@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import dist
 from .config import Config, IICLError
 from .consolidate import ConsolidationReport, concat, consolidate_chunk, subset
 from .elicit import Entry
@@ -111,8 +112,13 @@ _HELD: dict[str, list] = {}      # lock path -> [fd, depth]: re-entrant within o
 def open_for_write(path: str | os.PathLike):
     """The one way to write a memory directory: an exclusive lock (a second writer gets
     IICLError naming it), an interrupted swap finished (recover), this directory's stale temp
-    folders of killed writers swept. Re-entrant in one process; the lock file goes at exit."""
+    folders of killed writers swept. Re-entrant in one process; the lock file goes at exit.
+    Under torch.distributed only rank 0 writes: the other ranks pass through without the
+    lock (iicl_fast.dist)."""
     import fcntl
+    if dist.active() and not dist.is_main():
+        yield Path(path)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.parent / f".{path.name}.lock"
@@ -382,8 +388,10 @@ class Memory:
                                             encoding="utf-8")
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
-        with open_for_write(path):
-            atomic_write_dir(Path(path), write)
+        if dist.is_main():                   # several ranks: rank 0 writes, the others wait for it
+            with open_for_write(path):
+                atomic_write_dir(Path(path), write)
+        dist.barrier()
 
     def _restore(self, path) -> None:
         """Replace this memory's adapter and chunk list with the saved one at path."""

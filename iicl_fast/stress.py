@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from . import dist
 from .config import Config, IICLError
 from .memory import MANIFEST, Memory
 from .models import PromptFormat
@@ -92,6 +93,8 @@ def build_stream(encode, tokens: int, n_facts: int, seed: int = 0) -> tuple[str,
 
 
 def _write(path: Path, text: str) -> None:
+    if not dist.is_main():                    # several ranks (torchrun): rank 0 writes the run's files
+        return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
@@ -121,6 +124,8 @@ def _records(path: Path) -> list[dict]:
 
 
 def _append(path: Path, rec: dict) -> None:
+    if not dist.is_main():
+        return
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
         f.flush()
@@ -145,6 +150,8 @@ def run_stress(model, tok, cfg: Config, out, *, tokens: int = 2_000_000, facts: 
     in the window (full_context). Stops early, resumable, after max_chunks chunks or
     max_minutes of this run. -> the results dict ({"complete": False, ...} when stopped early)."""
     from .driver import split_chunks, stream
+    if not dist.is_main():                     # several ranks: rank 0 speaks
+        log = lambda *a, **k: None  # noqa: E731
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fmt = PromptFormat(tok, model)
@@ -252,6 +259,8 @@ def _evaluate(mem: Memory, meta: dict, chunks: list[str], out: Path, spec: dict,
 def _plots(res: dict, recs: list[dict], out: Path) -> list[Path]:
     """stress_memory.png (peak GPU memory, RSS and seconds per chunk) and stress_recall.png
     (recall by position decile against no memory and full context); [] without matplotlib."""
+    if not dist.is_main():
+        return []
     try:
         import matplotlib
         matplotlib.use("Agg")

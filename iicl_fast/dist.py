@@ -1,0 +1,115 @@
+"""Several processes on one chunk (torchrun, torch.distributed): data parallel training.
+
+    torchrun --nproc-per-node N -m iicl_fast consolidate doc.txt --out mem
+
+Every rank holds the base model and the same adapter (seeded alike). Rank 0's transfer set
+and selection are sent to every rank, so all train on the same entries; each optimizer
+step's entries are dealt out over the ranks (entries i, i + N, ... to rank i), each rank
+back-propagates its share weighted by the step's whole token count, and the LoRA gradients
+are summed over the ranks (one all-reduce of one flat buffer a step) before clipping and
+AdamW: every rank ends every step with the same adapter weights, equal to one process's up
+to the order of float sums. Rank 0 writes checkpoints (the others wait at a barrier), every
+rank resumes from them. Without an initialised process group (or with one process) every
+function here is the identity of a single process.
+
+The backend is gloo on the CPU (the tests run two processes here) and NCCL on GPUs, one GPU
+a rank (LOCAL_RANK). NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and the like are set
+before the group starts): it can take a shared host's GPUs out of service."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as tdist
+
+# NVLink SHARP / multicast off in this process and any it starts (see the module docstring)
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def active() -> bool:
+    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def world() -> int:
+    return tdist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return tdist.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device: str = "auto") -> bool:
+    """Start the process group torchrun describes (WORLD_SIZE > 1 in the environment), once:
+    NCCL with one GPU a rank (cuda:LOCAL_RANK made current) where the device is CUDA, else
+    gloo. -> whether this process is one of several."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not tdist.is_available():
+        return False
+    if tdist.is_initialized():
+        return active()
+    for k, v in NO_MULTICAST.items():
+        os.environ[k] = v
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    # a rank that dies leaves the others in a collective: torchrun ends them; the timeout
+    # bounds a hang where nothing does
+    tdist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    return active()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def shard(items: list) -> list:
+    """This rank's share of items: items[rank::world]."""
+    return items[rank()::world()] if active() else items
+
+
+def broadcast(obj):
+    """Rank 0's obj on every rank (a picklable Python object between our own processes)."""
+    if not active():
+        return obj
+    box = [obj if is_main() else None]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Sum the .grad of params over the ranks, in place (a missing grad counts as zeros: a
+    rank dealt no entry in a step still joins the sum)."""
+    if not active():
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+    dev = _device()
+    flat = flat.to(dev)
+    tdist.all_reduce(flat)
+    flat = flat.to(params[0].device)
+    at = 0
+    for p in params:
+        n = p.numel()
+        g = flat[at: at + n].view_as(p).to(p.dtype)
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.copy_(g)
+        at += n
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Python floats summed over the ranks (float64)."""
+    if not active():
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    tdist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if active():
+        tdist.barrier()
