@@ -208,6 +208,32 @@ def with_replay(kept: list[Entry], teacher: HiddenSet, replay):
     return kept, teacher
 
 
+def sharded_hidden(model, entries: list[Entry], compute) -> HiddenSet:
+    """compute(entries) -> HiddenSet, run on this rank's share of the entries (e, e + W, ...)
+    and gathered: every rank ends with the whole set in entry order (one process: compute)."""
+    if not dist.active():
+        return compute(entries)
+    W, r = dist.world(), dist.rank()
+    device = next(model.parameters()).device
+    mine = entries[r::W]
+    if mine:
+        h = compute(mine).h
+    else:                                  # fewer entries than ranks
+        h = torch.zeros(0, lm_head(model)[0].shape[1], dtype=torch.float32, device=device)
+    parts = dist.all_gather_rows(h)
+    at = [0] * W
+    rows = []
+    for i, e in enumerate(entries):        # entry i is the (i // W)-th of rank i % W
+        k = i % W
+        rows.append(parts[k][at[k]: at[k] + len(e.response)])
+        at[k] += len(e.response)
+    offsets = [0]
+    for e in entries:
+        offsets.append(offsets[-1] + len(e.response))
+    targets = torch.tensor([t for e in entries for t in e.response], device=device)
+    return HiddenSet(torch.cat(rows), targets, offsets)
+
+
 def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index: int = 0, base_view=None):
     """Elicit → teacher pass → select by ΔPPL. -> (report, kept entries, their teacher HiddenSet).
 
@@ -228,10 +254,12 @@ def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk
 
     trace("teacher", chunk_index)
     t = _now(model)
-    with teach():
-        teacher = teacher_hidden(model, fmt, chunk, entries, batch_size=config.gen_batch_size,
-                                 max_tokens=config.pass_tokens, progress=config.progress)
-    student = student_hidden_set(model, fmt, entries, batch_size=config.gen_batch_size, max_tokens=config.pass_tokens)
+    with teach():                            # several ranks: each takes a share of the entries
+        teacher = sharded_hidden(model, entries, lambda es: teacher_hidden(
+            model, fmt, chunk, es, batch_size=config.gen_batch_size, max_tokens=config.pass_tokens,
+            progress=config.progress))
+    student = sharded_hidden(model, entries, lambda es: student_hidden_set(
+        model, fmt, es, batch_size=config.gen_batch_size, max_tokens=config.pass_tokens))
     rep.seconds["teacher"] = _now(model) - t
     rep.work.update(response_tokens=sum(len(e.response) for e in entries),
                     teacher_tokens=sum(len(fmt.query(e.query)) + len(e.response) for e in entries),

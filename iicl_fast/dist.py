@@ -3,7 +3,9 @@
     torchrun --nproc-per-node N -m iicl_fast consolidate doc.txt --out mem
 
 Every rank holds the base model and the same adapter (seeded alike). Rank 0's transfer set
-and selection are sent to every rank, so all train on the same entries; each optimizer
+is sent to every rank; the teacher and student passes run on every W-th entry and are
+gathered (consolidate.sharded_hidden); rank 0's ΔPPL scores are sent to every rank, so all
+select and replay the same entries; each optimizer
 step's entries are dealt out over the ranks (entries i, i + N, ... to rank i), each rank
 back-propagates its share weighted by the step's whole token count, and the LoRA gradients
 are summed over the ranks (one all-reduce of one flat buffer a step) before clipping and
@@ -99,6 +101,23 @@ def all_reduce_grads(params: list[torch.Tensor]) -> None:
         else:
             p.grad.copy_(g)
         at += n
+
+
+def all_gather_rows(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's t [n_rank, ...] (n may differ by rank; the trailing shape and dtype may
+    not), on every rank, on t's device, in rank order."""
+    if not active():
+        return [t]
+    dev = _device()
+    n = torch.tensor([t.shape[0]], device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(world())]
+    tdist.all_gather(sizes, n)
+    sizes = [int(x) for x in sizes]
+    buf = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=dev)
+    buf[: t.shape[0]] = t.to(dev)
+    parts = [torch.empty_like(buf) for _ in range(world())]
+    tdist.all_gather(parts, buf)
+    return [p[:k].to(t.device) for p, k in zip(parts, sizes)]
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

@@ -142,7 +142,8 @@ def _helpers(rank: int, init: str, out: str):
         dist.all_reduce_grads(p)
         res = {"shard": dist.shard(items), "g0": p[0].grad.tolist(), "g1": p[1].grad.tolist(),
                "sum": dist.all_reduce_sum([rank + 0.5, 1.0]), "bcast": dist.broadcast({"from": rank}),
-               "world": dist.world(), "main": dist.is_main()}
+               "world": dist.world(), "main": dist.is_main(),
+               "rows": [t.tolist() for t in dist.all_gather_rows(torch.full((rank + 1, 2), float(rank)))]}
         Path(out, f"{rank}.json").write_text(json.dumps(res))
     finally:
         tdist.destroy_process_group()
@@ -159,6 +160,7 @@ def test_dist_helpers_on_two_ranks(tmp_path):
     assert r0["sum"] == r1["sum"] == [2.0, 2.0]
     assert r0["bcast"] == r1["bcast"] == {"from": 0}
     assert (r0["world"], r0["main"], r1["main"]) == (2, True, False)
+    assert r0["rows"] == r1["rows"] == [[[0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]]     # sizes differ by rank
 
 
 def test_separate_under_several_ranks_is_refused_in_one_line(tiny_dir, tmp_path):
@@ -185,3 +187,37 @@ def test_stress_under_two_ranks_writes_each_record_once(tiny_dir, tmp_path):
     assert sorted(r["index"] for r in recs if r["event"] == "start") == list(range(n))   # one writer
     assert sorted(r["index"] for r in recs if r["event"] == "end") == list(range(n))
     assert json.loads((out / "runs.json").read_text()) == {"runs": 1, "killed_mid_chunk": 0}
+
+
+def _teacher_rows(rank: int, init: str, out: str, model_dir: str):
+    from iicl_fast.consolidate import sharded_hidden
+    from iicl_fast.elicit import source_entries
+    from iicl_fast.models import PromptFormat, load_model
+    from iicl_fast.teacher import teacher_hidden
+    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        model, tok = load_model(model_dir, device="cpu")
+        fmt = PromptFormat(tok, model)
+        entries = source_entries(fmt, DOC, 5, 12)                    # 5 entries: 3 on rank 0, 2 on rank 1
+        hs = sharded_hidden(model, entries, lambda es: teacher_hidden(model, fmt, DOC, es, batch_size=2))
+        torch.save({"h": hs.h, "targets": hs.targets, "offsets": torch.tensor(hs.offsets)}, Path(out, f"t{rank}.pt"))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_sharded_teacher_pass_equals_one_process(tiny_dir, tmp_path):
+    """Each rank takes every other entry; the gathered rows are one process's, in entry order."""
+    from iicl_fast.elicit import source_entries
+    from iicl_fast.models import PromptFormat, load_model
+    from iicl_fast.teacher import teacher_hidden
+    mp.spawn(_teacher_rows, args=(f"file://{tmp_path / 'rv'}", str(tmp_path), str(tiny_dir)), nprocs=2, join=True)
+    model, tok = load_model(str(tiny_dir), device="cpu")
+    fmt = PromptFormat(tok, model)
+    entries = source_entries(fmt, DOC, 5, 12)
+    ref = teacher_hidden(model, fmt, DOC, entries, batch_size=2)
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"t{r}.pt")
+        assert got["offsets"].tolist() == ref.offsets and torch.equal(got["targets"], ref.targets)
+        torch.testing.assert_close(got["h"], ref.h, rtol=1e-5, atol=1e-5)
+        per_entry = [got["h"][a:b] for a, b in zip(ref.offsets[:-1], ref.offsets[1:])]
+        assert not torch.allclose(per_entry[0][:1], per_entry[1][:1])     # rows differ by entry: order checked
