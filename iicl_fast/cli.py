@@ -144,8 +144,6 @@ def cmd_consolidate(args) -> int:
     from .memory import open_for_write
     texts = [read_text_file(f) for f in args.files]        # every file checked before any work
     if args.separate:
-        if dist.active():
-            raise IICLError("--separate with several processes is not built yet: run it as one process")
         return consolidate_separate(args, texts)
     out = Path(args.out)
     cfg = build_config(args)                             # bad flags fail before the model loads
@@ -182,8 +180,8 @@ def cmd_consolidate(args) -> int:
 
 def consolidate_separate(args, texts: list[str]) -> int:
     """One memory per file at DIR/<file stem>/, all trained together (consolidate_many).
-    A stem whose memory already holds exactly that file's chunks is skipped (resume)."""
-    from .memory import open_for_write
+    A stem whose memory already holds exactly that file's chunks is skipped (resume). Under
+    several ranks each takes every W-th file (its own memories, its own bank)."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise IICLError(f"{out} exists and is not a directory")
@@ -193,7 +191,22 @@ def consolidate_separate(args, texts: list[str]) -> int:
         if st in seen:
             raise IICLError(f"{seen[st]} and {f} share the stem {st!r}: --separate writes one memory per stem")
         seen[st] = f
-    cfg = build_config(args)
+    cfg = build_config(args)                              # (progress bars: rank 0's)
+    if dist.active():            # several ranks: each takes every W-th document, its own memories
+        mine = dist.shard(list(range(len(texts))))
+        with dist.local():
+            done = _separate_locked(args, cfg, [texts[i] for i in mine], [stems[i] for i in mine], out) if mine else 0
+        total = dist.all_reduce_sum([float(done), float(len(mine))])
+        log(f"{int(total[0])} memories written under {out} by {dist.world()} ranks "
+            f"({int(total[1] - total[0])} already there)")
+        return 0
+    done = _separate_locked(args, cfg, texts, stems, out)
+    log(f"{done} memories written under {out} ({len(stems) - done} already there)")
+    return 0
+
+
+def _separate_locked(args, cfg, texts, stems, out) -> int:
+    from .memory import open_for_write
     with contextlib.ExitStack() as locks:
         for st in stems:                                  # every memory locked before any work
             locks.enter_context(open_for_write(out / st))
@@ -225,8 +238,7 @@ def _separate(args, texts, stems, cfg, out) -> int:
         for mem, (_, st) in zip(mems, todo):
             mem.save(out / st)
             log(f"{out / st}: {mem.report.summary()}")
-    log(f"{len(todo)} memories written under {out} ({len(stems) - len(todo)} already there)")
-    return 0
+    return len(todo)
 
 
 def cmd_ask(args) -> int:

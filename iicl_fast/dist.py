@@ -19,6 +19,7 @@ a rank (LOCAL_RANK). NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and the like
 before the group starts): it can take a shared host's GPUs out of service."""
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 
@@ -29,8 +30,23 @@ import torch.distributed as tdist
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+_LOCAL = 0
+
+
 def active() -> bool:
-    return tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+    return not _LOCAL and tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def local():
+    """Inside, this process works alone (every function here is one process's): for work that
+    differs by rank, such as --separate's share of the documents, each rank its own memories."""
+    global _LOCAL
+    _LOCAL += 1
+    try:
+        yield
+    finally:
+        _LOCAL -= 1
 
 
 def world() -> int:

@@ -163,11 +163,23 @@ def test_dist_helpers_on_two_ranks(tmp_path):
     assert r0["rows"] == r1["rows"] == [[[0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]]     # sizes differ by rank
 
 
-def test_separate_under_several_ranks_is_refused_in_one_line(tiny_dir, tmp_path):
-    doc = tmp_path / "a.txt"
-    doc.write_text(DOC)
-    rc, err = run(command(doc, tmp_path / "sep", tiny_dir, 2) + ["--separate"])
-    assert rc != 0 and "--separate with several processes is not built yet" in err
+def test_separate_documents_are_dealt_out_over_the_ranks(tiny_dir, tmp_path):
+    """--separate under 2 ranks: each rank consolidates every other document into its own
+    memories; each memory equals the one-process run's (a bank trains each adapter as alone)."""
+    docs = []
+    for i, part in enumerate(DOC.split(". ")[:3]):
+        docs.append(tmp_path / f"doc{i}.txt")
+        docs[-1].write_text(part + ".")
+    for d, ranks in ((tmp_path / "one", 1), (tmp_path / "two", 2)):
+        argv = command(docs[0], d, tiny_dir, ranks, chunk_tokens=200) + ["--separate"]
+        argv[argv.index(str(docs[0])) + 1: argv.index(str(docs[0])) + 1] = [str(x) for x in docs[1:]]
+        rc, err = run(argv)
+        assert rc == 0, err[-2000:]
+    assert "3 memories written" in err and "by 2 ranks" in err
+    for i in range(3):
+        assert_same_adapter(adapter(tmp_path / "one" / f"doc{i}"), adapter(tmp_path / "two" / f"doc{i}"), 1e-3)
+    rc, err = run(argv)                                                 # again: every memory already there
+    assert rc == 0 and "0 memories written" in err and "(3 already there)" in err
 
 
 def test_stress_under_two_ranks_writes_each_record_once(tiny_dir, tmp_path):
