@@ -72,11 +72,12 @@ def init_from_env(device: str = "auto") -> bool:
     for k, v in NO_MULTICAST.items():
         os.environ[k] = v
     cuda = device != "cpu" and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if cuda:          # (ranks > GPUs only with IICL_DIST_BACKEND=gloo: ranks share a GPU, for tests)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    backend = os.environ.get("IICL_DIST_BACKEND") or ("nccl" if cuda else "gloo")
     # a rank that dies leaves the others in a collective: torchrun ends them; the timeout
     # bounds a hang where nothing does
-    tdist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    tdist.init_process_group(backend, timeout=timedelta(minutes=30))
     return active()
 
 
