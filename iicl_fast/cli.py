@@ -43,7 +43,8 @@ def recall(questions: list[dict], answers: list[str]) -> int:
 
 def log(msg: str) -> None:
     if dist.is_main():                                    # several ranks (torchrun): rank 0 speaks
-        print(msg, file=sys.stderr, flush=True)
+        sys.stderr.write(msg + "\n")                      # one write (print writes the newline apart,
+        sys.stderr.flush()                               # and another rank's line lands between)
 
 
 def read_config_file(path: str) -> dict:

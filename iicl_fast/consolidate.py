@@ -52,7 +52,8 @@ class ConsolidationReport:
 def trace(phase: str, chunk_index: int) -> None:
     """IICL_TRACE_PHASES=1: say on stderr when each phase starts (fault-injection tests read it)."""
     if os.environ.get("IICL_TRACE_PHASES"):
-        print(f"[iicl phase] {phase} {chunk_index}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"[iicl phase] {phase} {chunk_index}\n")   # one write: ranks' lines never interleave
+        sys.stderr.flush()
 
 
 def _now(model) -> float:
