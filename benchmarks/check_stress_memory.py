@@ -5,7 +5,8 @@ after gc.collect), then groups the blocks still allocated at the end by the code
 allocated them (torch.cuda.memory history, Python frames). A stress run on the H200 grew
 ~63 MB a chunk (benchmarks/NOTES.md, eighth session); this names the allocation site.
 
-    python benchmarks/check_stress_memory.py [--chunks 6] [--sites [--top 12]] [--phases] [--no-cudnn]"""
+    python benchmarks/check_stress_memory.py [--chunks 6] [--sites [--top 12]] [--no-cudnn]
+        [--checkpoint DIR --stop-after N]   (IICL_TOUCH_WORKSPACES=0: without the workspace warm-up)"""
 import argparse
 import collections
 import gc
@@ -55,25 +56,6 @@ def sites(top: int) -> None:
         print(f"  {size / 2**20:9.1f} MiB  {count[key]:5d} blocks  {key}")
 
 
-PHASE_PEAKS: dict = {}
-
-
-def _phase_peaks():
-    """Peak allocated memory per phase (consolidate.trace marks each phase's start; select
-    falls under "teacher"): this script only."""
-    import iicl_fast.consolidate as C
-    import iicl_fast.driver as Dr
-    state = {"phase": None}
-
-    def mark(phase, chunk_index):
-        torch.cuda.synchronize()
-        if state["phase"] is not None and phase != "elicit":     # the driver resets between chunks
-            PHASE_PEAKS[state["phase"]] = torch.cuda.max_memory_allocated() / 2**30
-        torch.cuda.reset_peak_memory_stats()
-        state["phase"] = phase
-    C.trace = Dr.trace = mark
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--chunks", type=int, default=6)
@@ -81,7 +63,6 @@ def main():
     ap.add_argument("--tokenizer", default=os.environ.get("IICL_TOKENIZER", ".bench/tok"))
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script")
     ap.add_argument("--sites", action="store_true", help="record allocations; at the end, what is allocated by site")
-    ap.add_argument("--phases", action="store_true", help="peak per phase (then 'peak' is the last phase's: train)")
     ap.add_argument("--no-cudnn", action="store_true", help="attention never through cuDNN (SDPA and the prefix part)")
     ap.add_argument("--set", action="append", default=[], help="field=value of the stress preset")
     ap.add_argument("--stop-after", type=int, help="end the process after this many chunks (with --checkpoint)")
@@ -101,8 +82,6 @@ def main():
     text, _ = build_stream(fmt.encode, cfg.chunk_tokens * a.chunks, 2, seed=0)
     if cuda and a.sites:
         torch.cuda.memory._record_memory_history(max_entries=200_000)
-    if cuda and a.phases:
-        _phase_peaks()
     start, stop = {}, False
 
     def on_chunk(j):
@@ -118,14 +97,12 @@ def main():
             if stop:
                 break
             continue
-        if a.phases and not a.checkpoint:
-            PHASE_PEAKS["train"] = rep.peak_gib        # the last phase (no checkpoint: no save)
         alloc = torch.cuda.memory_allocated() / 2**20
         gc.collect()
         print(f"chunk {rep.chunk_index}: allocated at its start {start.get(rep.chunk_index, float('nan')):.1f} MiB, peak {rep.peak_gib:.3f} GiB, allocated {alloc:.1f} MiB, after gc.collect "
               f"{torch.cuda.memory_allocated() / 2**20:.1f} MiB, RSS {_rss_gib():.3f} GiB; seconds "
               + " ".join(f"{k} {v:.2f}" for k, v in rep.seconds.items())
-              + "; peak GiB by phase " + " ".join(f"{k} {v:.3f}" for k, v in PHASE_PEAKS.items()), flush=True)
+              + "; peak GiB by phase " + " ".join(f"{k} {v:.3f}" for k, v in rep.peak_gib_phase.items()), flush=True)
         if stop:
             break
     if cuda and a.sites:

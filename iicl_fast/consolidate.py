@@ -34,6 +34,8 @@ class ConsolidationReport:
     dppl_dropped: float = float("nan")  # mean ΔPPL of dropped entries
     loss_per_epoch: list[float] = field(default_factory=list)
     peak_gib: float = float("nan")     # peak GPU memory of the chunk (driver.stream, on CUDA)
+    # on CUDA: peak allocated GiB of each phase (the peak counter is reset at every phase's end)
+    peak_gib_phase: dict[str, float] = field(default_factory=dict)
     # work done, for floors and per-chunk records: rows generated, tokens decoded, teacher
     # and student pass tokens, response tokens, tokens trained (all epochs)
     work: dict[str, int] = field(default_factory=dict)
@@ -61,6 +63,13 @@ def _now(model) -> float:
     if next(model.parameters()).is_cuda:
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def phase_peak(rep: ConsolidationReport, phase: str, device: torch.device) -> None:
+    """On CUDA: the phase's peak allocated memory into rep, then the counter reset for the next."""
+    if device.type == "cuda":
+        rep.peak_gib_phase[phase] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def _mean(x: torch.Tensor) -> float:
@@ -199,6 +208,7 @@ def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.T
     rep.loss_per_epoch = train(model, fmt, train_entries, train_teacher, params, config,
                                seed=config.seed + chunk_index)
     rep.seconds["train"] = _now(model) - t
+    phase_peak(rep, "train", params[0].device)
     rep.work["train_tokens"] = config.epochs * sum(len(fmt.prompt(e.query)) + len(e.response) for e in train_entries)
     return rep, kept_entries, teacher
 
@@ -250,6 +260,8 @@ def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk
     entries = dist.broadcast(entries)        # several ranks: rank 0's transfer set on all of them
     rep.elicited = len(entries)
     rep.seconds["elicit"] = _now(model) - t
+    device = next(model.parameters()).device
+    phase_peak(rep, "elicit", device)
     if not entries:
         return rep, [], None
 
@@ -262,6 +274,7 @@ def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk
     student = sharded_hidden(model, entries, lambda es: student_hidden_set(
         model, fmt, es, batch_size=config.gen_batch_size, max_tokens=config.pass_tokens))
     rep.seconds["teacher"] = _now(model) - t
+    phase_peak(rep, "teacher", device)
     rep.work.update(response_tokens=sum(len(e.response) for e in entries),
                     teacher_tokens=sum(len(fmt.query(e.query)) + len(e.response) for e in entries),
                     student_tokens=sum(len(fmt.prompt(e.query)) + len(e.response) for e in entries))
@@ -287,4 +300,5 @@ def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk
     rep.work["kept_response_tokens"] = sum(len(e.response) for e in kept_entries)
     teacher = subset(teacher, keep)
     rep.seconds["select"] = _now(model) - t
+    phase_peak(rep, "select", device)
     return rep, kept_entries, teacher

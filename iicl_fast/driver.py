@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .config import IICLError
-from .consolidate import ConsolidationReport, trace
+from .consolidate import ConsolidationReport, phase_peak, trace
+from .graphs import touch_workspaces
 from .memory import MANIFEST, Memory, open_for_write, sha256_text
 from .models import PromptFormat
 
@@ -102,6 +103,8 @@ def stream(mem: Memory, texts: str | Iterable[str], *, chunk_tokens: int | None 
         sid, done = match_stream(mem, texts, chunk_tokens, [sha256_text(c) for c in chunks], log)
         recorded = [c for c in mem.chunks if c.get("stream") == sid]
         cuda = mem.params[0].is_cuda
+        if cuda and os.environ.get("IICL_TOUCH_WORKSPACES", "1") != "0":   # =0: for an A/B of it only
+            touch_workspaces(mem.params[0].device)
         for j, chunk in enumerate(tqdm(chunks, desc="chunks", disable=not mem.config.progress)):
             if j < done:
                 yield ConsolidationReport(chunk_index=recorded[j]["index"], chunk_tokens=recorded[j]["tokens"],
@@ -110,7 +113,7 @@ def stream(mem: Memory, texts: str | Iterable[str], *, chunk_tokens: int | None 
             if on_chunk is not None:
                 on_chunk(j)
             if cuda:
-                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.reset_peak_memory_stats(mem.params[0].device)
             rep = mem.consolidate(chunk, chunk_index=len(mem.chunks), stream=sid, position=j)
             if checkpoint_dir is not None:
                 trace("save", rep.chunk_index)
@@ -118,5 +121,6 @@ def stream(mem: Memory, texts: str | Iterable[str], *, chunk_tokens: int | None 
                 mem.save(checkpoint_dir)
                 rep.seconds["save"] = time.perf_counter() - t
             if cuda:
-                rep.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+                phase_peak(rep, "save", mem.params[0].device)
+                rep.peak_gib = max(rep.peak_gib_phase.values())
             yield rep

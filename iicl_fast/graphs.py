@@ -39,3 +39,22 @@ def warm_up(fn, times: int = 1, device=None):
 def capture(graph: torch.cuda.CUDAGraph, pool=None, device=None):
     """torch.cuda.graph(graph, pool) on the side stream (a context manager)."""
     return torch.cuda.graph(graph, pool=pool, stream=side_stream(device))
+
+
+def touch_workspaces(device=None) -> None:
+    """Allocate now the cuBLAS workspaces a stream's chunks will hold for the rest of the
+    process: one per (handle, stream), handles being per thread, and backward runs on the
+    autograd engine's own thread. Without this the first chunk of a process (a fresh run's
+    or a resumed one's) peaked ~32 MiB below every later chunk (chunks 60 and 142 of the
+    second 2M run: 0.650 and 0.649 GiB against 0.678-0.684), which alone broke max/min ≤ 1.05
+    (benchmarks/NOTES.md, eleventh session).
+
+    Each dtype the passes use, forward on the current and the side stream, forward and
+    backward (through the autograd thread) on the current stream."""
+    dev = torch.device("cuda", torch.cuda.current_device() if device is None else torch.device(device).index)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        a = torch.ones(64, 64, device=dev, dtype=dtype, requires_grad=True)
+        bias = torch.zeros(64, device=dev, dtype=dtype)
+        (torch.addmm(bias, a, a) @ a).sum().backward()        # addmm: the cuBLASLt path
+        warm_up(lambda: torch.addmm(bias, a.detach(), a.detach()) @ a.detach(), device=dev)
+    torch.cuda.synchronize(dev)

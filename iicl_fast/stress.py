@@ -205,6 +205,7 @@ def run_stress(model, tok, cfg: Config, out, *, tokens: int = 2_000_000, facts: 
         _append(log_path, {
             "event": "end", "index": rep.chunk_index, "tokens": rep.chunk_tokens, "seconds": rep.seconds,
             "wall_s": round(sum(rep.seconds.values()), 3), "peak_gib": None if rep.peak_gib != rep.peak_gib else round(rep.peak_gib, 3),
+            "peak_gib_phase": {k: round(v, 3) for k, v in rep.peak_gib_phase.items()},
             "rss_gib": round(_rss_gib(), 3), "adapter_bytes": sum(p.numel() * p.element_size() for p in mem.params),
             "replay_entries": len(mem.replay[0]),
             "replay_bytes": 0 if hs is None else hs.h.numel() * hs.h.element_size() + hs.targets.numel() * 8,

@@ -335,3 +335,52 @@ def test_static_greedy_matches_transformers_on_the_embedded_model():
         with open(os.path.join(os.environ["IICL_RESULTS"], "greedy_equality.json"), "w") as f:
             json.dump(res, f, indent=1)
     assert res[0]["rows_identical"] == res[0]["rows"], res[0]
+
+
+_WORKSPACE_PROBE = """
+import sys, torch
+from iicl_fast.graphs import touch_workspaces, warm_up
+if sys.argv[1] == "touch":
+    touch_workspaces()
+before = torch.cuda.memory_allocated()
+a = torch.randn(300, 200, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+w = torch.randn(200, 100, device="cuda", dtype=torch.bfloat16)
+(a @ w).float().square().sum().backward()
+warm_up(lambda: a.detach() @ w)
+del a, w
+torch.cuda.synchronize()
+print(torch.cuda.memory_allocated() - before)
+"""
+
+
+@pytest.mark.parametrize("touch", [True, False])
+def test_touched_workspaces_leave_nothing_for_a_first_chunk(touch):
+    """After graphs.touch_workspaces, a fresh process's matmuls forward, backward (autograd's
+    thread: its own cuBLAS handle) and on the side stream allocate nothing that stays; without
+    it they leave workspaces behind (that is what made a resumed process's first chunk peak
+    ~32 MiB below the others)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _WORKSPACE_PROBE, "touch" if touch else "plain"],
+                         capture_output=True, text=True, check=True)
+    left = int(out.stdout.split()[-1])
+    if touch:
+        assert left == 0, left
+    else:
+        assert left >= 2**20, left
+
+
+def test_stream_reports_peak_memory_by_phase(smol_tokenizer, tmp_path):
+    """A stream on CUDA reports each chunk's peak per phase (elicit, teacher, select, train,
+    save), the chunk's peak being the largest, every one above the weights' own bytes."""
+    from iicl_fast.driver import stream
+    tok = smol_tokenizer
+    model = make_tiny(tok).to("cuda", torch.bfloat16)
+    mem = iicl_fast.Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "chunk_tokens": 40}))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    reps = [r for r in stream(mem, DOC + " " + DOC.replace("Karsk", "Vell"), checkpoint_dir=tmp_path / "m")]
+    assert len(reps) >= 2
+    for r in reps:
+        assert set(r.peak_gib_phase) == {"elicit", "teacher", "select", "train", "save"}, r.peak_gib_phase
+        assert r.peak_gib == max(r.peak_gib_phase.values())
+        assert min(r.peak_gib_phase.values()) > weights
