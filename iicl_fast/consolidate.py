@@ -77,6 +77,15 @@ def _mean(x: torch.Tensor) -> float:
     return float(x.mean()) if x.numel() else float("nan")
 
 
+# Rows per call of the fused loss head in training (teacher stats and forward KL). Its
+# kernel's [rows, V] bf16 workspace grows with the rows up to 256 MiB (2,688 rows at V=49,152):
+# the stress stream's chunk 1, whose replay buffer was half full (~2,200 rows), peaked at
+# 0.632 GiB against 0.678-0.684 for every later chunk (>= 2,688 rows), and max/min missed 1.05.
+# In pieces of 512 rows (48 MiB at V=49,152) nearly every call reaches the same workspace; at
+# the 8B shape (V=128,256) the kernel's own slab is 1,024 rows.
+LOSS_ROWS = 512
+
+
 def entry_loss(model, fmt, batch: list[Entry], teacher: HiddenSet, rows: torch.Tensor, config: Config,
                teacher_stats=None):
     """Mean loss over a micro-batch's response tokens (differentiable in the LoRA weights)."""
@@ -90,9 +99,13 @@ def hidden_loss(model, h_s, teacher: HiddenSet, rows: torch.Tensor, config: Conf
     if config.loss_impl == "fused":
         from . import ops
         if config.loss == "forward_kl" and bias is None and softcap is None:
-            st = ops.TeacherStats(*(None if t is None else t[rows] for t in teacher_stats))
-            return ops.forward_kl(h_s, weight, st, temperature=config.temperature, reduction="mean",
-                                  impl=config.kernel_impl)
+            total = 0.0
+            for a in range(0, len(rows), LOSS_ROWS):       # see LOSS_ROWS
+                r = rows[a: a + LOSS_ROWS]
+                st = ops.TeacherStats(*(None if t is None else t[r] for t in teacher_stats))
+                total = total + ops.forward_kl(h_s[a: a + LOSS_ROWS], weight, st, temperature=config.temperature,
+                                               reduction="sum", impl=config.kernel_impl)
+            return total / len(rows)
         if config.loss == "seqkd":
             lp, _ = ops.token_logprob(h_s, weight, targets, temperature=config.temperature, impl=config.kernel_impl)
             return -lp.mean()
@@ -171,8 +184,9 @@ def loss_stats(model, teacher: HiddenSet, config: Config):
         return None
     from . import ops
     weight, _, _ = lm_head(model)
-    st = ops.teacher_stats(teacher.h.to(weight.dtype), weight, temperature=config.temperature, impl=config.kernel_impl)
-    return (st.lse, st.entropy, st.mu, None)
+    parts = [ops.teacher_stats(teacher.h[a: a + LOSS_ROWS].to(weight.dtype), weight, temperature=config.temperature,
+                               impl=config.kernel_impl) for a in range(0, len(teacher.h), LOSS_ROWS)]
+    return tuple(torch.cat([getattr(p, k) for p in parts]) for k in ("lse", "entropy", "mu")) + (None,)
 
 
 def subset(hs: HiddenSet, idx: list[int]) -> HiddenSet:

@@ -99,3 +99,32 @@ def test_fused_and_reference_losses_agree(smol_tokenizer):
         assert (a.elicited, a.kept) == (b.elicited, b.kept)
         assert abs(a.dppl_kept - b.dppl_kept) < 1e-4
         torch.testing.assert_close(torch.tensor(a.loss_per_epoch), torch.tensor(b.loss_per_epoch), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_forward_kl_in_row_pieces_equals_one_call(smol_tokenizer, monkeypatch):
+    """Training's loss head runs in pieces of LOSS_ROWS rows (so its workspace is the same for
+    every chunk): teacher stats, loss and gradient equal one call over all rows."""
+    from conftest import make_tiny
+    from iicl_fast import consolidate as C
+    from iicl_fast.teacher import HiddenSet
+    model = make_tiny(smol_tokenizer)
+    H = model.config.hidden_size
+    g = torch.Generator().manual_seed(3)
+    teacher = HiddenSet(torch.randn(23, H, generator=g), torch.randint(0, 1000, (23,), generator=g), [0, 9, 23])
+    rows = torch.tensor([13, 2, 7, 22, 0, 5, 11, 19, 3, 8, 16])
+    h_s = torch.randn(len(rows), H, generator=g)
+    cfg = iicl_fast.Config(**TINY_CONFIG, loss="forward_kl", loss_impl="fused")
+    out = {}
+    for pieces in (10 ** 9, 4):
+        monkeypatch.setattr(C, "LOSS_ROWS", pieces)
+        stats = C.loss_stats(model, teacher, cfg)
+        h = h_s.clone().requires_grad_()
+        loss = C.hidden_loss(model, h, teacher, rows, cfg, stats)
+        loss.backward()
+        out[pieces] = (stats, loss.detach(), h.grad)
+    (s1, l1, g1), (s2, l2, g2) = out[10 ** 9], out[4]
+    for a, b in zip(s1[:3], s2[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-8)
+    assert l1 > 0 and g1.abs().max() > 0
