@@ -227,7 +227,7 @@ PRESETS: dict[str, dict] = {
     # (teacher_base: 0.37/0.34 recall after 3 documents vs 0.19/0.12 default, NOTES.md).
     # Activations recomputed in backward: without, a chunk's peak was its longest training
     # step's activations (1.65–2.18 GiB over 170 chunks on the H200, max/min 1.32); with,
-    # 0.697–0.702 GiB over the 2M run's steady chunks (benchmarks/results/stress_2m.json).
+    # 0.620–0.649 GiB over a 2M run's chunks after the first (benchmarks/results/stress_2m.json).
     "stress": dict(chunk_tokens=7168, n_queries=16, n_continuations=16, max_query_tokens=32,
                    max_response_tokens=48, source_entries=256, select_top_k=48, teacher_base=True, epochs=1,
                    batch_size=32, gen_batch_size=64, replay_entries=96, replay_policy="ppl_gap",
