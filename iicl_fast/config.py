@@ -34,7 +34,9 @@ class Config:
     # tokens are taught as written (all of them once source_entries >= the chunk's units:
     # ~155 for a 7,168-token chunk of the essays at 48 tokens)
     source_entries: int = 0
-    gen_batch_size: int = 16      # rows decoded together (CUDA: one static batch after one prefix KV copy)
+    # rows decoded together (CUDA: one static batch after one prefix KV copy); draws are keyed
+    # by row, so it changes the speed, not the transfer set
+    gen_batch_size: int = 16
     # benchmarks on random weights: every generation runs its full max tokens and question
     # texts are kept as written (random weights never stop and write no "?")
     fixed_lengths: bool = False

@@ -271,7 +271,9 @@ def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk
     t = _now(model)
     with teach():
         entries = elicit(model, fmt, chunk, config, chunk_index=chunk_index)
-    entries = dist.broadcast(entries)        # several ranks: rank 0's transfer set on all of them
+    # several ranks: each decoded its share of the rows and gathered the set (elicit); rank 0's
+    # copy is sent to all, so that no difference in the text-side steps can split the ranks
+    entries = dist.broadcast(entries)
     rep.elicited = len(entries)
     rep.seconds["elicit"] = _now(model) - t
     device = next(model.parameters()).device

@@ -502,17 +502,20 @@ class _Step:
         return self.out
 
 
-def _choose(z, sample, temperature, top_p, seed, generator, kernels):
+def _choose(z, sample, temperature, top_p, seed, generator, kernels, keys=None, keyed=None):
     """fp32 logits [B, V] -> tokens [B] on the device: argmax, or a nucleus draw (the Triton
-    sampler advancing the device seed, or generation.next_token where kernels are off)."""
+    sampler advancing the device seed, or generation.next_token where kernels are off).
+    keys [B]: the rows' draw keys (keyed sampling); keyed: (seed, step) for the plain path."""
     if not sample:
         return z.argmax(-1)
     if kernels:
         from .kernels.sampling import sample_top_p
-        tok = sample_top_p(z, seed, temperature, top_p)
+        tok = sample_top_p(z, seed, temperature, top_p, keys=keys)
         seed.add_(1)
         return tok
-    from .generation import next_token
+    from .generation import keyed_next_token, next_token
+    if keys is not None:
+        return keyed_next_token(z, temperature, top_p, keyed[0], keys.tolist(), keyed[1]).to(z.device)
     return next_token(z, True, temperature, top_p, generator)
 
 
@@ -520,14 +523,16 @@ def _choose(z, sample, temperature, top_p, seed, generator, kernels):
 def generate_static(model, prompts: list[list[int]], *, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None,
                     max_new_tokens: int, pad_id: int, stops: torch.Tensor, sample: bool, temperature: float = 1.0,
                     top_p: float = 1.0, generator=None, min_new_tokens: int = 0, progress=None,
-                    kernels: bool | None = None, graphs: bool | None = None, stats: dict | None = None) -> list[list[int]]:
+                    kernels: bool | None = None, graphs: bool | None = None, stats: dict | None = None,
+                    keyed_seed: int | None = None, row_keys: list[int] | None = None) -> list[list[int]]:
     """Continuations of [prefix; prompt] for each prompt, all rows in one batch (callers split
     larger sets): prefix is prefix_kv's output (None: no shared prefix), stops the stop ids
     (a device tensor). kernels (default: on CUDA) runs decoding steps' attention and sampling
     through the Triton kernels; graphs (default: on CUDA) captures the step. stats (a dict,
     for benchmarks: synchronises at phase ends) gets prefill_s, capture_s, decode_s (the
     steps, captures included), steps and batch sizes. Returns each continuation's ids up to
-    and including its first stop id, if one came."""
+    and including its first stop id, if one came. keyed_seed, row_keys: draws keyed by row
+    (generation.generate)."""
     from .generation import causal_lm, decoder, lm_head, pad_left, step_logits
     device = next(model.parameters()).device
     dtype = causal_lm(model).get_input_embeddings().weight.dtype
@@ -543,8 +548,11 @@ def generate_static(model, prompts: list[list[int]], *, prefix: list[tuple[torch
     st = _Static(prefix, [torch.zeros(B, kvh, S, d, device=device, dtype=dtype) for _ in range(L)],
                  [torch.zeros(B, kvh, S, d, device=device, dtype=dtype) for _ in range(L)],
                  (P - lengths).to(torch.int32), kernels)
-    seed = None
-    if sample and kernels:     # the draws' seed, itself drawn from the caller's generator
+    seed = keys = None
+    if sample and keyed_seed is not None:
+        keys = torch.tensor(list(range(B)) if row_keys is None else row_keys, dtype=torch.int64, device=device)
+        seed = torch.tensor([keyed_seed % 2 ** 62], dtype=torch.int64, device=device)
+    elif sample and kernels:     # the draws' seed, itself drawn from the caller's generator
         seed = torch.randint(0, 2 ** 62, (1,), device=device, generator=generator)
     rows = torch.arange(B, device=device)                   # batch row -> prompt index
     toks = torch.full((max_new_tokens, B), -1, dtype=torch.long, device=device)
@@ -571,7 +579,8 @@ def generate_static(model, prompts: list[list[int]], *, prefix: list[tuple[torch
         for t in range(max_new_tokens):
             if t < min_new_tokens:
                 z.index_fill_(1, stops, float("-inf"))
-            tok = _choose(z, sample, temperature, top_p, seed, generator, kernels)
+            tok = _choose(z, sample, temperature, top_p, seed, generator, kernels,
+                          None if keys is None else keys.index_select(0, rows), (keyed_seed, t))
             toks[t].index_copy_(0, rows, torch.where(done, -1, tok))
             done |= torch.isin(tok, stops)
             if t + 1 == max_new_tokens:

@@ -90,6 +90,17 @@ def shard(items: list) -> list:
     return items[rank()::world()] if active() else items
 
 
+def gather_shards(mine: list, n: int) -> list:
+    """The whole list of n items from every rank's shard(range(n)) results, in item order
+    (item i is the (i // W)-th of rank i % W); one process: mine."""
+    if not active():
+        return mine
+    parts = [None] * world()
+    tdist.all_gather_object(parts, mine)
+    W = world()
+    return [parts[i % W][i // W] for i in range(n)]
+
+
 def broadcast(obj):
     """Rank 0's obj on every rank (a picklable Python object between our own processes)."""
     if not active():

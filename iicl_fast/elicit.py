@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from . import dist
 from .config import Config
 from .decode import cascade_unsupported, prefix_kv
-from .generation import generate, sampling_generator
+from .generation import generate
 from .models import PromptFormat
 
 # One question per sentence of C: a 135M model asked for "a question about the text" wrote
@@ -150,7 +151,10 @@ def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index:
     """-> the transfer set for one chunk: up to n_queries question→answer pairs (questions
     deduplicated) and n_continuations continuations; empty responses dropped.
 
-    Random streams are seeded by config.seed + chunk_index: every chunk draws its own."""
+    Random streams are seeded by config.seed + chunk_index: every chunk draws its own. The
+    draws are keyed by row (generation.generate's keyed_seed): a transfer set does not depend
+    on gen_batch_size, and under torch.distributed each rank generates every W-th row of each
+    phase and the rows are gathered — the set one process would make."""
     device = next(model.parameters()).device
     seed = config.seed + chunk_index
     rng = torch.Generator().manual_seed(seed)                 # query construction (CPU)
@@ -160,7 +164,14 @@ def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index:
         kv = prefix_kv(model, prefix)        # C encoded once for the questions and the answers
     sample = dict(sample=True, temperature=config.elicit_temperature, top_p=config.elicit_top_p,
                   batch_size=config.gen_batch_size, stop_ids=fmt.stop_ids, pad_id=fmt.pad_id,
-                  prefix=prefix, prefix_kv=kv, generator=sampling_generator(device, seed))
+                  prefix=prefix, prefix_kv=kv)
+
+    def sharded(prompts: list[list[int]], phase: int, **kw) -> list[list[int]]:
+        """Continuations of prompts, rows keyed by their index; each rank its share."""
+        keys = dist.shard(list(range(len(prompts))))
+        mine = generate(model, [prompts[k] for k in keys], keyed_seed=seed * 1_000_003 + phase, row_keys=keys,
+                        **kw, **sample) if keys else []
+        return dist.gather_shards(mine, len(prompts))
     bar = tqdm(total=2 * config.n_queries + config.n_continuations, desc="elicit",
                disable=not config.progress, leave=False)
 
@@ -168,8 +179,8 @@ def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index:
     if config.n_queries:
         sents = sentences(chunk)
         asks = [fmt.query(QUESTION_PROMPT.format(sentence=sents[i])) for i in spread(config.n_queries, len(sents))]
-        written = generate(model, asks, max_new_tokens=config.max_query_tokens, progress=bar,
-                           min_new_tokens=config.max_query_tokens if config.fixed_lengths else 0, **sample)
+        written = sharded(asks, 0, max_new_tokens=config.max_query_tokens, progress=bar,
+                          min_new_tokens=config.max_query_tokens if config.fixed_lengths else 0)
         seen = set()
         for ids in written:
             text = fmt.tok.decode(ids, skip_special_tokens=True)
@@ -181,9 +192,9 @@ def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index:
     queries = [("qa", q) for q in questions]
     queries += [("continuation", q) for q in continuation_queries(chunk, config.n_continuations, rng)]
     bar.total = config.n_queries + len(queries)
-    responses = [] if not queries else generate(model, [fmt.query(q) for _, q in queries], max_new_tokens=config.max_response_tokens,
-                         progress=bar, min_new_tokens=config.max_response_tokens if config.fixed_lengths else 0,
-                         **sample)
+    responses = [] if not queries else sharded([fmt.query(q) for _, q in queries], 1,
+                                               max_new_tokens=config.max_response_tokens, progress=bar,
+                                               min_new_tokens=config.max_response_tokens if config.fixed_lengths else 0)
     bar.close()
     stops = set(fmt.stop_ids)
     out = [Entry(kind, q, r) for (kind, q), r in zip(queries, responses) if any(t not in stops for t in r)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import random
 
 import torch
 
@@ -131,6 +132,27 @@ def next_token(logits, sample: bool, temperature: float, top_p: float, generator
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+def keyed_uniforms(seed: int, keys, step: int) -> torch.Tensor:
+    """float64 [B] in (0, 1): row b's uniform for this step, a function of (seed, keys[b],
+    step) alone (SHA-512 seeding of Python's Mersenne Twister), so a row draws the same in any
+    batch, order or process."""
+    return torch.tensor([random.Random(f"{seed}:{int(k)}:{step}").random() for k in keys], dtype=torch.float64)
+
+
+def keyed_next_token(logits, temperature: float, top_p: float, seed: int, keys, step: int):
+    """logits [B, V] fp32 -> token ids [B]: nucleus draws by inverse CDF (most likely token
+    first) at keyed_uniforms(seed, keys, step). The CPU's counterpart of the Triton sampler's
+    keyed rows (kernels/sampling.py); the two draw different numbers."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    p, idx = probs.sort(-1, descending=True)
+    if top_p < 1.0:
+        p = p * (p.cumsum(-1) - p < top_p)        # always keeps the most likely token
+    cdf = p.cumsum(-1)
+    u = keyed_uniforms(seed, keys, step).to(cdf.device) * cdf[:, -1]
+    pick = torch.searchsorted(cdf, u[:, None]).clamp(max=cdf.shape[1] - 1)
+    return idx.gather(1, pick).squeeze(1)
+
+
 def _stop_tensor(stop_ids, eos_id, device) -> torch.Tensor:
     ids = [eos_id] if stop_ids is None else list(stop_ids)
     ids = [int(i) for i in ids if i is not None]
@@ -150,7 +172,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: in
              eos_id: int | None = None, stop_ids=None, temperature: float = 1.0, top_p: float = 1.0,
              batch_size: int = 16, prefix: list[int] | None = None, generator=None, progress=None,
              min_new_tokens: int = 0, cascade: bool | None = None, static: bool | None = None,
-             prefix_kv=None) -> list[list[int]]:
+             prefix_kv=None, keyed_seed: int | None = None, row_keys: list[int] | None = None) -> list[list[int]]:
     """Generate continuations of [prefix; prompt] for each token-id prompt.
 
     static (default: on CUDA for models cascade attention serves): decode.generate_static —
@@ -163,8 +185,17 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: in
     computed by the caller, so that several calls on one prefix (questions, then answers)
     encode it once. A row stops at the first of `stop_ids` (every end-of-turn id of the
     model; `eos_id` alone if not given) once it has `min_new_tokens`. Returns each
-    continuation's ids up to and including its first stop id, if one came."""
+    continuation's ids up to and including its first stop id, if one came.
+
+    keyed_seed (sampling): draws keyed by (keyed_seed, row key, step) instead of a generator's
+    stream, row_keys[i] (default i, < 2^24) the key of prompts[i]: a row's continuation is then
+    the same in any batch size, order or share of prompts (several ranks)."""
     device = next(model.parameters()).device
+    if keyed_seed is not None and row_keys is None:
+        row_keys = list(range(len(prompts)))
+    if keyed_seed is not None and (len(row_keys) != len(prompts) or not all(0 <= k < 2 ** 24 for k in row_keys)):
+        raise ValueError(f"row_keys: one key in [0, 2^24) a prompt; got {len(row_keys)} for {len(prompts)} prompts")
+    keyed = dict(keyed_seed=keyed_seed, row_keys=row_keys)
     body = decoder(model)
     stops = _stop_tensor(stop_ids, eos_id, device)
     K = len(prefix) if prefix else 0
@@ -182,14 +213,16 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: in
         for start in range(0, len(prompts), batch_size):
             out += generate_static(model, prompts[start: start + batch_size], prefix=kv, max_new_tokens=max_new_tokens,
                                    pad_id=pad_id, stops=stops, sample=sample, temperature=temperature, top_p=top_p,
-                                   generator=generator, min_new_tokens=min_new_tokens, progress=progress)
+                                   generator=generator, min_new_tokens=min_new_tokens, progress=progress,
+                                   keyed_seed=keyed_seed,
+                                   row_keys=None if row_keys is None else row_keys[start: start + batch_size])
         return out
     if cascade and prefix:
         from .decode import prefix_kv as encode_prefix
         from .decode import shared_prefix
         with shared_prefix(model, prefix_kv if prefix_kv is not None else encode_prefix(model, prefix)):
             return _generate(model, body, prompts, K, None, False, stops, max_new_tokens, pad_id, sample,
-                             temperature, top_p, batch_size, generator, progress, min_new_tokens)
+                             temperature, top_p, batch_size, generator, progress, min_new_tokens, **keyed)
     if prefix and batch_size > 1 and len(prompts) > 1:
         from .decode import sliding_window
         if sliding_window(model):
@@ -197,14 +230,15 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: in
             # batch with left-padded rows after it (measured: Mistral and Gemma-3 rows got
             # row 0's tokens); the prefix is recomputed per row instead: exact, slower.
             return _generate(model, body, [prefix + p for p in prompts], 0, None, False, stops, max_new_tokens,
-                             pad_id, sample, temperature, top_p, batch_size, generator, progress, min_new_tokens)
+                             pad_id, sample, temperature, top_p, batch_size, generator, progress, min_new_tokens,
+                             **keyed)
     cache0 = prefix_cache(model, prefix) if prefix else None
     return _generate(model, body, prompts, K, cache0, bool(prefix), stops, max_new_tokens, pad_id, sample,
-                     temperature, top_p, batch_size, generator, progress, min_new_tokens)
+                     temperature, top_p, batch_size, generator, progress, min_new_tokens, **keyed)
 
 
 def _generate(model, body, prompts, K, cache0, copy_prefix, stops, max_new_tokens, pad_id, sample,
-              temperature, top_p, batch_size, generator, progress, min_new_tokens):
+              temperature, top_p, batch_size, generator, progress, min_new_tokens, keyed_seed=None, row_keys=None):
     """The decoding loop; the prefix (K tokens) either copied per row from cache0 into the
     batch's cache (copy_prefix) or attended through decode.shared_prefix (K > 0, no cache0)."""
     device = next(model.parameters()).device
@@ -230,7 +264,10 @@ def _generate(model, body, prompts, K, cache0, copy_prefix, stops, max_new_token
             z = step_logits(h, weight, bias, softcap)
             if t < min_new_tokens:
                 z.index_fill_(1, stops, float("-inf"))
-            tok = next_token(z, sample, temperature, top_p, generator)
+            if sample and keyed_seed is not None:
+                tok = keyed_next_token(z, temperature, top_p, keyed_seed, row_keys[start: start + B], t).to(device)
+            else:
+                tok = next_token(z, sample, temperature, top_p, generator)
             toks[:, t] = torch.where(done, -1, tok)
             done |= torch.isin(tok, stops)
             if t + 1 == max_new_tokens or ((t + 1) % STOP_CHECK_EVERY == 0 and bool(done.all())):

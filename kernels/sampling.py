@@ -30,10 +30,15 @@ ROUNDS = 64      # after this many rejections a row takes its most likely token 
 
 
 @triton.jit
-def _top_p_kernel(z_ptr, out_ptr, seed_ptr, V, stride_z, inv_t, top_p,
-                  BLOCK_V: tl.constexpr, ROUNDS_: tl.constexpr, FULL: tl.constexpr):
-    """Row b: w_i = exp((z_i - max z) / T), W = Σ w; rounds of (draw under the pivot, check)."""
+def _top_p_kernel(z_ptr, out_ptr, seed_ptr, keys_ptr, V, stride_z, inv_t, top_p,
+                  BLOCK_V: tl.constexpr, ROUNDS_: tl.constexpr, FULL: tl.constexpr, KEYS: tl.constexpr):
+    """Row b: w_i = exp((z_i - max z) / T), W = Σ w; rounds of (draw under the pivot, check).
+    The draws are keyed on keys[b] (KEYS) or on b."""
     b = tl.program_id(0)
+    if KEYS:
+        key = tl.load(keys_ptr + b).to(tl.int32)
+    else:
+        key = b
     row = z_ptr + b * stride_z
     rv = tl.arange(0, BLOCK_V)
     # pass 1: max (and its first index) and the normaliser, online
@@ -56,7 +61,7 @@ def _top_p_kernel(z_ptr, out_ptr, seed_ptr, V, stride_z, inv_t, top_p,
     r = 0
     done = False
     while (r < ROUNDS_) & (not done):
-        u = tl.rand(seed, b * ROUNDS_ + r)
+        u = tl.rand(seed, key * ROUNDS_ + r)
         target = u * Q
         carry = tl.zeros((), tl.float32)
         pick = tl.full((), -1, tl.int32)
@@ -91,10 +96,12 @@ def _top_p_kernel(z_ptr, out_ptr, seed_ptr, V, stride_z, inv_t, top_p,
 
 
 def sample_top_p(logits: torch.Tensor, seed: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-                 *, block_v: int = 4096, out: torch.Tensor | None = None) -> torch.Tensor:
+                 *, keys: torch.Tensor | None = None, block_v: int = 4096, out: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B, V] (fp32 or bf16; -inf = never) -> token ids [B] int64 drawn from
     softmax(logits / temperature) restricted to each row's top_p nucleus. seed: int64 [1] on
-    logits' device (the caller advances it between steps)."""
+    logits' device (the caller advances it between steps). keys: int64 [B] in [0, 2^24) on the
+    same device, or None (= the row indices): row b's draws depend on (seed, keys[b]) only, so
+    a row draws the same numbers in any batch, order or process."""
     if logits.dim() != 2 or logits.shape[1] < 1:
         raise ValueError(f"sample_top_p: logits must be [B, V]; got {tuple(logits.shape)}")
     if seed.numel() != 1 or seed.dtype != torch.int64 or seed.device != logits.device:
@@ -105,10 +112,14 @@ def sample_top_p(logits: torch.Tensor, seed: torch.Tensor, temperature: float = 
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     B, V = logits.shape
+    if keys is not None and (keys.shape != (B,) or keys.dtype != torch.int64 or keys.device != logits.device):
+        raise ValueError(f"sample_top_p: keys must be int64 [{B}] on {logits.device}; got {keys.dtype} "
+                         f"{tuple(keys.shape)} on {keys.device}")
     if out is None:
         out = torch.full((B,), -1, dtype=torch.int64, device=logits.device) if POISON else \
             torch.empty(B, dtype=torch.int64, device=logits.device)
     block = min(block_v, max(16, triton.next_power_of_2(V)))
-    _top_p_kernel[(B,)](logits, out, seed, V, logits.stride(0), 1.0 / float(temperature), float(top_p),
-                        BLOCK_V=block, ROUNDS_=ROUNDS, FULL=top_p >= 1.0, num_warps=8 if block >= 2048 else 4)
+    _top_p_kernel[(B,)](logits, out, seed, seed if keys is None else keys, V, logits.stride(0), 1.0 / float(temperature),
+                        float(top_p), BLOCK_V=block, ROUNDS_=ROUNDS, FULL=top_p >= 1.0, KEYS=keys is not None,
+                        num_warps=8 if block >= 2048 else 4)
     return out

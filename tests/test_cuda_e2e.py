@@ -34,6 +34,12 @@ def test_sampling_on_cuda_and_per_chunk_seeds(smol_tokenizer):
     assert a and [e.response for e in a] == [e.response for e in b]
     assert [e.response for e in a] != [e.response for e in c]
     assert sampling_generator(torch.device("cuda"), 0).device.type == "cuda"
+    # draws keyed by row (the Triton sampler's keys): one row at a time, the same set (fp32:
+    # batch shapes change no sampled token)
+    m32 = make_tiny(tok).to("cuda")
+    one = elicit(m32, fmt, DOC, iicl_fast.Config(**{**TINY_CONFIG, "gen_batch_size": 1}), chunk_index=0)
+    many = elicit(m32, fmt, DOC, iicl_fast.Config(**{**TINY_CONFIG, "gen_batch_size": 16}), chunk_index=0)
+    assert one and [(e.query, e.response) for e in one] == [(e.query, e.response) for e in many]
 
 
 def test_cascade_greedy_matches_copied_prefix_on_cuda(smol_tokenizer):

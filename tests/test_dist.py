@@ -258,3 +258,60 @@ def test_sharded_teacher_pass_equals_one_process(tiny_dir, tmp_path):
         torch.testing.assert_close(got["h"], ref.h, rtol=1e-5, atol=1e-5)
         per_entry = [got["h"][a:b] for a, b in zip(ref.offsets[:-1], ref.offsets[1:])]
         assert not torch.allclose(per_entry[0][:1], per_entry[1][:1])     # rows differ by entry: order checked
+
+
+def _elicited(rank: int, init: str, out: str, model_dir: str):
+    import iicl_fast.elicit as E
+    from iicl_fast import Config
+    from iicl_fast.models import PromptFormat, load_model
+    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        model, tok = load_model(model_dir, device="cpu")
+        rows, real = [], E.generate
+
+        def counting(m, prompts, **kw):            # the rows this rank decodes
+            rows.append(kw["row_keys"])
+            return real(m, prompts, **kw)
+        E.generate = counting
+        es = E.elicit(model, PromptFormat(tok, model), DOC, Config(**{**TINY_CONFIG, "source_entries": 0}), chunk_index=2)
+        Path(out, f"e{rank}.json").write_text(json.dumps({"entries": [[e.kind, e.query, e.response] for e in es],
+                                                          "rows": rows}))
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_sharded_elicitation_equals_one_process(tiny_dir, tmp_path):
+    """Under 2 ranks each decodes every other row of each phase (draws keyed by row) and the
+    gathered transfer set is the one a single process samples."""
+    from iicl_fast import Config
+    from iicl_fast.elicit import elicit
+    from iicl_fast.models import PromptFormat, load_model
+    mp.spawn(_elicited, args=(f"file://{tmp_path / 'rv'}", str(tmp_path), str(tiny_dir)), nprocs=2, join=True)
+    model, tok = load_model(str(tiny_dir), device="cpu")
+    ref = elicit(model, PromptFormat(tok, model), DOC, Config(**{**TINY_CONFIG, "source_entries": 0}), chunk_index=2)
+    r0, r1 = (json.loads((tmp_path / f"e{r}.json").read_text()) for r in (0, 1))
+    assert len(ref) >= 4 and r0["entries"] == r1["entries"] == [[e.kind, e.query, e.response] for e in ref]
+    for ph in range(2):                        # questions, then answers: rows 0, 2, 4.. and 1, 3, ..
+        assert r0["rows"][ph] == list(range(0, len(r0["rows"][ph]) * 2, 2))[: len(r0["rows"][ph])]
+        assert r1["rows"][ph] == [k + 1 for k in r0["rows"][ph]][: len(r1["rows"][ph])]
+        assert len(r0["rows"][ph]) - len(r1["rows"][ph]) in (0, 1)
+
+
+def test_bench_multi_gpu_runs_on_two_cpu_ranks(tiny_dir, tmp_path):
+    """benchmarks/bench_multi_gpu.py's plumbing (gloo, the tiny workload): one chunk and
+    --separate on 1 and 2 ranks, efficiencies against 1, a count above the devices recorded
+    as not run."""
+    out = tmp_path / "mg.json"
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_multi_gpu.py"
+    with one_torchrun_at_a_time():
+        p = subprocess.run([sys.executable, str(bench), "--device", "cpu", "--workload", "tiny", "--tokenizer",
+                            str(tiny_dir), "--gpus", "1", "2", "4096", "--docs", "3", "--out", str(out)],
+                           capture_output=True, text=True, env=env(), timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    chunk = {r["gpus"]: r for r in rows if r["mode"] == "chunk"}
+    sep = {r["gpus"]: r for r in rows if r["mode"] == "separate"}
+    assert set(chunk) == {1, 2, 4096} and "not_run" in chunk[4096] and set(sep) == {1, 2}
+    assert chunk[1]["elicited"] == chunk[2]["elicited"] > 0 and chunk[1]["efficiency"] == 1.0
+    assert set(chunk[2]["seconds"]) == {"elicit", "teacher", "select", "train"} and chunk[2]["efficiency"] > 0
+    assert sep[2]["docs"] == 3 and sep[2]["docs_per_s"] > 0 and sep[2]["efficiency"] > 0

@@ -60,7 +60,7 @@ def test_sampler_generator_on_model_device_and_per_chunk_seeds(tiny, monkeypatch
     real = elicit_mod.generate
 
     def spy(*args, **kw):               # records what elicit hands the sampler, then runs it
-        seen.append((kw["generator"].device, [list(p) for p in args[1]]))
+        seen.append((kw["keyed_seed"], kw["row_keys"]))
         return real(*args, **kw)
 
     monkeypatch.setattr(elicit_mod, "generate", spy)
@@ -68,9 +68,14 @@ def test_sampler_generator_on_model_device_and_per_chunk_seeds(tiny, monkeypatch
     a = elicit(model, fmt, DOC, cfg, chunk_index=0)
     b = elicit(model, fmt, DOC, cfg, chunk_index=0)
     c = elicit(model, fmt, DOC, cfg, chunk_index=3)
-    assert all(dev == next(model.parameters()).device for dev, _ in seen)
     assert [e.response for e in a] == [e.response for e in b]           # reproducible
     assert [e.response for e in a] != [e.response for e in c]           # each chunk its own stream
+    seeds = [s for s, _ in seen]
+    assert seeds[:2] == seeds[2:4] and len(set(seeds[:2] + seeds[4:])) == 4   # per chunk and phase
+    assert all(keys == list(range(len(keys))) for _, keys in seen)       # one process: every row
+    # the transfer set does not depend on how many rows decode at once
+    d = elicit(model, fmt, DOC, Config(**{**TINY_CONFIG, "gen_batch_size": 1}), chunk_index=0)
+    assert [(e.query, e.response) for e in d] == [(e.query, e.response) for e in a]
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 50)
     from iicl_fast.generation import next_token

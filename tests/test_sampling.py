@@ -51,6 +51,25 @@ def test_seed_reproduces_and_changes_draws():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_keyed_rows_draw_the_same_in_any_order():
+    """keys: a row's draw depends on its key, not on its place in the batch (a row sharded to
+    another process, or compacted, draws what it would have drawn); without keys, rows with
+    equal logits differ by index."""
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(9, 53, generator=g)
+    keys = torch.tensor([5, 0, 17, 3, 1000, 8, 2, 77, 41])
+    a = sample_top_p(z, torch.tensor([7]), 1.0, 0.9, keys=keys)
+    perm = torch.tensor([4, 8, 0, 2, 7, 1, 6, 3, 5])
+    b = sample_top_p(z[perm], torch.tensor([7]), 1.0, 0.9, keys=keys[perm])
+    assert torch.equal(a[perm], b)
+    part = sample_top_p(z[2:5], torch.tensor([7]), 1.0, 0.9, keys=keys[2:5])      # a shard
+    assert torch.equal(part, a[2:5])
+    same = z[:1].expand(8, -1).contiguous()                 # equal rows, distinct keys: not one draw
+    assert len(set(sample_top_p(same, torch.tensor([7]), 1.5, 1.0, keys=torch.arange(8) * 3).tolist())) > 1
+    with pytest.raises(ValueError, match="keys must be int64"):
+        sample_top_p(z, torch.tensor([7]), keys=keys[:3])
+
+
 def test_one_token_vocab_and_a_peaked_row():
     assert sample_top_p(torch.zeros(3, 1), torch.tensor([0]), 1.0, 0.9).tolist() == [0, 0, 0]
     z = torch.full((2, 97), -30.0)
