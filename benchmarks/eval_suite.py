@@ -20,8 +20,8 @@ import torch
 import transformers
 
 import iicl_fast
-from iicl_fast.cli import build_config, log_config, model_kw
-from iicl_fast.evaluation import SUITES, Sizes, run_suite, table, write_result
+from iicl_fast.cli import ablation_rows, build_config, log_config, model_kw
+from iicl_fast.evaluation import ABLATIONS, SUITES, Sizes, run_suite, table, write_result
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--stream-chunks", type=int, default=None)
     ap.add_argument("--stream-seeds", type=int, default=None)
     ap.add_argument("--ablations", default=None, help="comma list (default: all)")
+    ap.add_argument("--variant", action="append", default=[], help="NAME:field=value,... an extra ablation row")
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
@@ -61,7 +62,7 @@ def main() -> int:
     for name in ("docs", "facts", "stream_chunks", "stream_seeds"):
         if getattr(args, name) is not None:
             setattr(sizes, name, getattr(args, name))
-    variants = args.ablations.split(",") if args.ablations else None
+    variants = ablation_rows(args.ablations, args.variant)
     cfg = build_config(args)
     t = time.perf_counter()
     model, tok = iicl_fast.load_model(args.model, **model_kw(args))
@@ -71,10 +72,22 @@ def main() -> int:
     meta = {"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__, "commit": commit(),
             "model": args.model or "embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"}
+    seeds = range(args.seed, args.seed + args.seeds)
     for suite in suites:
-        res = {**run_suite(suite, model, tok, cfg, seeds=range(args.seed, args.seed + args.seeds), sizes=sizes,
-                           variants=variants), **meta}
-        write_result(res, Path(args.out), name=suite + args.tag)
+        if suite == "ablations":      # row by row, the file rewritten after each (a cut-off call keeps its rows)
+            res = None
+            for name, over in (variants or ablation_rows(",".join(ABLATIONS), [])).items():
+                part = run_suite(suite, model, tok, cfg, seeds=seeds, sizes=sizes, variants={name: over})
+                if res is None:
+                    res = {**part, **meta}
+                else:
+                    res["results"].update(part["results"])
+                    res["wall_s"] = round(res["wall_s"] + part["wall_s"], 1)
+                write_result(res, Path(args.out), name=suite + args.tag)
+                print(json.dumps({name: part["results"][name]}), flush=True)
+        else:
+            res = {**run_suite(suite, model, tok, cfg, seeds=seeds, sizes=sizes), **meta}
+            write_result(res, Path(args.out), name=suite + args.tag)
         print(table(res), flush=True)
         print(json.dumps({"suite": suite + args.tag, "wall_s": res["wall_s"]}), flush=True)
     return 0

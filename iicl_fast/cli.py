@@ -310,16 +310,30 @@ def cmd_stress(args) -> int:
     return 0
 
 
+def ablation_rows(names: str | None, adhoc: list[str]) -> dict | None:
+    """--ablations A,B and --variant NAME:field=value,... -> the ablation rows to run
+    ({name: overrides}; None = every ABLATIONS row). Bad names or fields -> IICLError."""
+    from .evaluation import ABLATIONS, parse_variant
+    if not names and not adhoc:
+        return None
+    rows = {}
+    for name in (v.strip() for v in (names or "").split(",") if v.strip()):
+        if name not in ABLATIONS:
+            raise IICLError(f"unknown ablation {name!r}: choose from {', '.join(ABLATIONS)}")
+        rows[name] = ABLATIONS[name]
+    for text in adhoc:
+        name, over = parse_variant(text)
+        rows[name] = over
+    return rows
+
+
 def cmd_eval(args) -> int:
     from . import load_model
-    from .evaluation import ABLATIONS, SUITES, Sizes, run_suite, table, write_result
+    from .evaluation import SUITES, Sizes, run_suite, table, write_result
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     if args.suite != "all" and args.suite not in SUITES:
         raise IICLError(f"unknown suite {args.suite!r}: choose one of {', '.join(SUITES)} or all")
-    variants = [v.strip() for v in args.ablations.split(",")] if args.ablations else None
-    for v in variants or []:
-        if v not in ABLATIONS:
-            raise IICLError(f"unknown ablation {v!r}: choose from {', '.join(ABLATIONS)}")
+    variants = ablation_rows(args.ablations, args.variant)
     if args.seeds < 1:
         raise IICLError(f"--seeds must be >= 1, got {args.seeds}")
     sizes = Sizes.quick() if args.quick else Sizes()
@@ -391,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--stream-chunks", type=int, default=None, metavar="N", help="chunks of the long stream")
     v.add_argument("--stream-seeds", type=int, default=None, metavar="K", help="seeds of the long stream (default 1)")
     v.add_argument("--ablations", default=None, metavar="A,B", help="only these ablations (default: all)")
+    v.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=V,...",
+                   help="an extra ablation row: the config with these fields changed (repeatable)")
     v.add_argument("--quiet", action="store_true", help="no progress bar")
     add_model_args(v)
     v.set_defaults(func=cmd_eval)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, IICLError
+from .config import Config, IICLError, check_fields, coerce
 from .memory import Memory
 
 SUITES = ("recall", "sequence", "reasoning", "skills", "forgetting", "ablations")
@@ -493,12 +493,38 @@ ABLATIONS: dict[str, dict] = {
 }
 
 
-def suite_ablations(model, tok, cfg: Config, seeds, sizes: Sizes, bar, variants=None) -> dict:
-    out = {}
-    for name in variants or ABLATIONS:
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'NAME:field=value,field=value' (an ad-hoc ablation row: the run's config with these
+    fields changed) -> (NAME, overrides); bad fields or values -> IICLError naming them."""
+    name, sep, body = text.partition(":")
+    if not sep or not name.strip() or not body.strip():
+        raise IICLError(f"bad --variant {text!r}: expected NAME:field=value[,field=value]")
+    over = {}
+    for item in body.split(","):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise IICLError(f"bad --variant {text!r}: {item!r} is not field=value")
+        over[key.strip()] = value.strip()
+    check_fields(over)
+    return name.strip(), {k: coerce(k, v) for k, v in over.items()}
+
+
+def _variant_table(variants) -> dict[str, dict]:
+    """variants: None (every ABLATIONS row), names of ABLATIONS rows, or {name: overrides}."""
+    if variants is None:
+        return dict(ABLATIONS)
+    if isinstance(variants, dict):
+        return dict(variants)
+    for name in variants:
         if name not in ABLATIONS:
             raise IICLError(f"unknown ablation {name!r}: choose from {', '.join(ABLATIONS)}")
-        vcfg = replace(cfg, **ABLATIONS[name])
+    return {name: ABLATIONS[name] for name in variants}
+
+
+def suite_ablations(model, tok, cfg: Config, seeds, sizes: Sizes, bar, variants=None) -> dict:
+    out = {}
+    for name, overrides in _variant_table(variants).items():
+        vcfg = replace(cfg, **overrides)
         just, final, secs = [], [], []
         for seed in seeds:
             docs = fictional_documents(100 + seed, sizes.sequence_docs, sizes.facts)
@@ -508,7 +534,7 @@ def suite_ablations(model, tok, cfg: Config, seeds, sizes: Sizes, bar, variants=
             final.append(sum(m[-1]) / len(m[-1]))
             secs += run["seconds"]
             bar.update()
-        out[name] = {"overrides": ABLATIONS[name], "just_after_recall": spread(just), "final_recall": spread(final),
+        out[name] = {"overrides": overrides, "just_after_recall": spread(just), "final_recall": spread(final),
                      "seconds_per_chunk": round(statistics.fmean(secs), 2)}
     return out
 
@@ -517,7 +543,7 @@ def _units(suite: str, seeds, sizes: Sizes, variants) -> int:
     """Progress-bar steps of a suite."""
     n = len(seeds)
     return {"recall": n * sizes.docs, "sequence": n + min(n, sizes.stream_seeds), "reasoning": n, "skills": 3 * n, "forgetting": n,
-            "ablations": n * len(variants or ABLATIONS)}[suite]
+            "ablations": n * len(_variant_table(variants))}[suite]
 
 
 def run_suite(suite: str, model, tok, cfg: Config, *, seeds=(0,), sizes: Sizes | None = None,

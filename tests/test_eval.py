@@ -112,6 +112,28 @@ def test_ablation_configs_are_valid():
         Config(selection="best")
 
 
+def test_variants_parse_and_name_bad_fields(tiny, tmp_path):
+    """--variant NAME:field=value,...: an ad-hoc ablation row with coerced values; a bad field
+    or value is one IICLError naming it."""
+    from iicl_fast.cli import ablation_rows
+    from iicl_fast.config import IICLError
+    from iicl_fast.evaluation import parse_variant
+    assert parse_variant("tb:teacher_base=true,lr=2e-3, source_entries=16") == (
+        "tb", {"teacher_base": True, "lr": 2e-3, "source_entries": 16})
+    rows = ablation_rows("default,loss_jsd", ["fast:epochs=1"])
+    assert rows == {"default": {}, "loss_jsd": {"loss": "jsd"}, "fast": {"epochs": 1}}
+    assert ablation_rows(None, []) is None
+    for bad, msg in (("x:nope=1", "unknown Config field: nope"), ("x:epochs=two", "bad value for Config field epochs"),
+                     ("x", "expected NAME:field=value"), ("x:epochs", "is not field=value")):
+        with pytest.raises(IICLError, match=msg):
+            parse_variant(bad)
+    model, tok = tiny
+    cfg = Config(**{**TINY_CONFIG, "epochs": 2, "answer_max_new_tokens": 6})
+    res = run_suite("ablations", model, tok, cfg, seeds=[0], sizes=Sizes.quick(), progress=False,
+                    variants={"one_epoch": {"epochs": 1}})["results"]
+    assert list(res) == ["one_epoch"] and res["one_epoch"]["overrides"] == {"epochs": 1}
+
+
 def test_cli_eval_quick_on_the_tiny_model(tiny_dir, tmp_path):
     sets = [a for k, v in {**TINY_CONFIG, "epochs": 1, "progress": False}.items() for a in ("--set", f"{k}={v}")]
     p = subprocess.run([sys.executable, "-m", "iicl_fast", "eval", "--suite", "reasoning", "--quick", "--seeds", "1",
@@ -124,6 +146,9 @@ def test_cli_eval_quick_on_the_tiny_model(tiny_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "iicl_fast", "eval", "--suite", "recall", "--set", "lr=-1",
                           "--model", str(tiny_dir)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("iicl-fast: error: lr must be > 0")
+    bad = subprocess.run([sys.executable, "-m", "iicl_fast", "eval", "--suite", "ablations", "--variant", "x:lr=fast",
+                          "--model", str(tiny_dir)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "bad value for Config field lr" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_recall_slice_on_the_embedded_model(smol):
