@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from . import dist, reference
 from .config import Config
 from .decode import without_cudnn_sdpa
-from .elicit import Entry, elicit
+from .elicit import Entry, anchor_entries, elicit
 from .generation import causal_lm, lm_head
 from .models import PromptFormat
 from .select import delta_ppl, select_by_ppl_gap, select_random
@@ -30,6 +30,7 @@ class ConsolidationReport:
     elicited: int = 0
     kept: int = 0
     replayed: int = 0              # entries of earlier chunks trained on again
+    anchored: int = 0              # anchor entries (general prompts, the base as teacher) trained on
     dppl_kept: float = float("nan")     # mean ΔPPL of kept entries (nats/token)
     dppl_dropped: float = float("nan")  # mean ΔPPL of dropped entries
     loss_per_epoch: list[float] = field(default_factory=list)
@@ -215,16 +216,36 @@ def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.T
                                                base_view=base_view)
     if not kept_entries:
         return rep, [], None
+    if config.anchor_entries:
+        t = _now(model)
+        anchors = anchor_set(model, fmt, config, chunk_index, base_view)
+        rep.anchored = len(anchors[0])
+        rep.seconds["elicit"] += _now(model) - t          # anchors are elicited and taught outside the chunk
     trace("train", chunk_index)
     t = _now(model)
     train_entries, train_teacher = with_replay(kept_entries, teacher, replay)
     rep.replayed = len(train_entries) - len(kept_entries)
+    if rep.anchored:
+        train_entries, train_teacher = train_entries + anchors[0], concat(train_teacher, anchors[1])
     rep.loss_per_epoch = train(model, fmt, train_entries, train_teacher, params, config,
                                seed=config.seed + chunk_index)
     rep.seconds["train"] = _now(model) - t
     phase_peak(rep, "train", params[0].device)
     rep.work["train_tokens"] = config.epochs * sum(len(fmt.prompt(e.query)) + len(e.response) for e in train_entries)
     return rep, kept_entries, teacher
+
+
+def anchor_set(model, fmt: PromptFormat, config: Config, chunk_index: int, base_view=None):
+    """-> (anchor entries, their teacher HiddenSet): general prompts answered by the base
+    (under base_view; without one, by θ_{i-1}) with no chunk in view, and the hidden states of
+    that same pass as the teacher. Not kept for replay: each chunk takes the next prompts."""
+    with (base_view or contextlib.nullcontext)():
+        entries = dist.broadcast(anchor_entries(model, fmt, config, chunk_index=chunk_index))
+        if not entries:
+            return [], None
+        hs = sharded_hidden(model, entries, lambda es: student_hidden_set(
+            model, fmt, es, batch_size=config.gen_batch_size, max_tokens=config.pass_tokens))
+    return entries, hs
 
 
 def with_replay(kept: list[Entry], teacher: HiddenSet, replay):

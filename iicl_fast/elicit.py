@@ -2,8 +2,10 @@
 set: questions about C answered with C in view, and open-ended C-grounded continuations."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from importlib.resources import files
 
 import torch
 from tqdm.auto import tqdm
@@ -34,7 +36,7 @@ CJK_SPAN_CHARS = 80    # a span of unbroken text with no spaces (CJK) is cut eve
 @dataclass
 class Entry:
     """One transfer-set entry: the query the student sees and the response ids [L]."""
-    kind: str            # "qa" | "continuation" | "source"
+    kind: str            # "qa" | "continuation" | "source" | "anchor"
     query: str
     response: list[int]
     dppl: float | None = None   # its ΔPPL once selection has scored it (replay_policy "ppl_gap")
@@ -199,3 +201,24 @@ def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index:
     stops = set(fmt.stop_ids)
     out = [Entry(kind, q, r) for (kind, q), r in zip(queries, responses) if any(t not in stops for t in r)]
     return out + source_entries(fmt, chunk, config.source_entries, config.max_response_tokens)
+
+
+def anchor_prompts() -> list[str]:
+    """The bundled general prompts of anchor entries (none of them is asked by the evaluation
+    suite's general questions)."""
+    return json.loads(files("iicl_fast").joinpath("data/anchor_prompts.json").read_text(encoding="utf-8"))
+
+
+def anchor_entries(model, fmt: PromptFormat, config: Config, *, chunk_index: int = 0) -> list[Entry]:
+    """config.anchor_entries general prompts, taken in turn from the bundled list (chunk i
+    starts where chunk i-1 stopped), each answered greedily by `model` as the caller hands it
+    over (the base: adapter off) with no chunk in the window. Their teacher is that model too,
+    so training on them holds the student's answers to everything else where they were."""
+    prompts = anchor_prompts()
+    n = min(config.anchor_entries, len(prompts))
+    start = chunk_index * n
+    queries = [prompts[(start + i) % len(prompts)] for i in range(n)]
+    answers = generate(model, [fmt.prompt(q) for q in queries], max_new_tokens=config.max_response_tokens,
+                       pad_id=fmt.pad_id, sample=False, stop_ids=fmt.stop_ids, batch_size=config.gen_batch_size)
+    stops = set(fmt.stop_ids)
+    return [Entry("anchor", q, r) for q, r in zip(queries, answers) if any(t not in stops for t in r)]

@@ -44,6 +44,9 @@ COLOURS = ["crimson", "teal", "amber", "violet", "ochre", "silver", "emerald", "
 OBJECTS = ["north vault", "river gate", "archive door", "signal tower", "harbour chest", "mill lock", "bell cellar"]
 ANIMALS = ["goat", "mare", "hound", "falcon", "cat", "ox", "heron", "mule"]
 PETS = ["Pip", "Brindle", "Smoke", "Tansy", "Moss", "Juniper", "Clove", "Rusk", "Sorrel", "Wick"]
+# once PETS are all used (a 20-chunk stream of 6 facts holds ~15 pets): names of two syllables
+PET_A = ["Bram", "Dob", "Fen", "Lum", "Nib", "Quill", "Tib", "Wren", "Hob", "Mab", "Pell", "Sket"]
+PET_B = ["kin", "let", "bo", "sy", "per", "by", "wick", "ling"]
 THINGS = ["bridge", "mill", "chapel", "tower", "granary", "lighthouse"]
 PROVINCES = ["Aldmark", "Ravensey", "Thornvale", "Kessgard", "Mirrowen", "Dunhollow", "Scarra", "Velmont"]
 
@@ -92,6 +95,15 @@ class Bank:
     def pick(self, pool):
         return self._fresh(lambda: self.rng.choice(pool))
 
+    def pet(self):
+        """A pet's name, never repeated: PETS first (the draws of documents with up to 10 pets
+        are as before), then two-syllable names (the suite's 20-chunk streams need ~15; the
+        bank of 10 alone ended the sequence suite at its default size)."""
+        if any(p not in self.used for p in PETS):
+            return self.pick(PETS)
+        r = self.rng
+        return self._fresh(lambda: r.choice(PET_A) + r.choice(PET_B))
+
     def year(self):
         return str(self.rng.randrange(1510, 1990))
 
@@ -132,7 +144,7 @@ def fact(bank: Bank, kind: str) -> tuple[str, list[Question]]:
         p, t = bank.person(), bank.town()
         return f"{p} was born in {t}.", [Question(f"Where was {p} born?", [t])]
     if kind == "pet":
-        p, a, n = bank.person(), r.choice(ANIMALS), bank.pick(PETS)
+        p, a, n = bank.person(), r.choice(ANIMALS), bank.pet()
         return (f"{p} owns a {a} named {n}.",
                 [Question(f"What is the name of {p}'s {a}?", [n]), Question(f"Who owns the {a} named {n}?", [_surname(p)])])
     raise ValueError(kind)
@@ -489,7 +501,9 @@ ABLATIONS: dict[str, dict] = {
     "qa_only": {"n_continuations": 0},
     "continuations_only": {"n_queries": 0},
     "retain_0.1": {"retain": 0.1},
-    "teacher_base": {"teacher_base": True},
+    "teacher_adapted": {"teacher_base": False},      # elicit and teach with θ_{i-1} (the default before)
+    "source_off": {"source_entries": 0},
+    "anchors_off": {"anchor_entries": 0},             # no general prompts held at the base (forgetting)
 }
 
 

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from .bank import BankAdamW, LoraBank
 from .config import Config, IICLError
-from .consolidate import hidden_loss, loss_stats, prepare_chunk, with_replay
+from .consolidate import anchor_set, concat, hidden_loss, loss_stats, prepare_chunk, with_replay
 from .driver import split_chunks, stream_id
 from .memory import Memory, get_state_keys, sha256_text
 from .teacher import student_hidden
@@ -59,10 +59,13 @@ def consolidate_many(model, tokenizer, texts: list[str], config: Config | None =
             prepared = {}
             for i in tqdm(docs, desc=f"round {r}: elicit, teacher, select", disable=not config.progress):
                 mems[i]._activate()          # its adapter so far (fresh: the base model), as consolidate does
-                prepared[i] = prepare_chunk(peft_model, fmt, chunks[i][r], config, chunk_index=r)
+                prepared[i] = prepare_chunk(peft_model, fmt, chunks[i][r], config, chunk_index=r,
+                                            base_view=peft_model.disable_adapter)
+            # anchors depend on the round only (the base answers round r's prompts): one set for all
+            anchors = anchor_set(peft_model, fmt, config, r, peft_model.disable_adapter) if config.anchor_entries else None
             # a fresh optimizer per chunk, as Memory.consolidate's train() makes one per chunk
             opt = BankAdamW(bank, lr=config.lr, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
-            _train_bank(peft_model, fmt, bank, opt, mems, prepared, config, seed=config.seed + r)
+            _train_bank(peft_model, fmt, bank, opt, mems, prepared, config, seed=config.seed + r, anchors=anchors)
             _write_back(peft_model, bank, mems, docs)
             for i in docs:
                 rep, kept, teacher = prepared[i]
@@ -82,13 +85,16 @@ def consolidate_many(model, tokenizer, texts: list[str], config: Config | None =
     return mems
 
 
-def _train_bank(peft_model, fmt, bank, opt, mems, prepared, config, *, seed: int):
+def _train_bank(peft_model, fmt, bank, opt, mems, prepared, config, *, seed: int, anchors=None):
     docs = [i for i in prepared if prepared[i][1]]
     data = {}
     for i in docs:
         rep, kept, teacher = prepared[i]
         entries, hs = with_replay(kept, teacher, mems[i].replay)
         rep.replayed = len(entries) - len(kept)
+        if anchors and anchors[0]:                      # as consolidate_chunk: after the replayed entries
+            entries, hs = entries + anchors[0], concat(hs, anchors[1])
+            rep.anchored = len(anchors[0])
         data[i] = (entries, hs, loss_stats(peft_model, hs, config))
     rngs = {i: torch.Generator().manual_seed(seed) for i in docs}     # as train() seeds chunk r
     t = time.perf_counter()

@@ -99,13 +99,13 @@ def test_flash_prefix_part_matches_the_plain_one():
 
 def test_eval_suites_run_on_cuda(smol_tokenizer):
     """Every evaluation suite, quick sizes, on CUDA in bf16 (the tiny model: the plumbing,
-    teacher_base's adapter switch and the JSD loss among the ablations)."""
+    teacher_adapted's adapter switch and the JSD loss among the ablations)."""
     from iicl_fast.evaluation import SUITES, Sizes, run_suite
     model = make_tiny(smol_tokenizer).to("cuda", torch.bfloat16)
     cfg = iicl_fast.Config(**{**TINY_CONFIG, "epochs": 1, "answer_max_new_tokens": 6})
     for suite in SUITES:
         res = run_suite(suite, model, smol_tokenizer, cfg, seeds=[0], sizes=Sizes.quick(), progress=False,
-                        variants=["default", "teacher_base", "loss_jsd", "select_random"])
+                        variants=["default", "teacher_adapted", "loss_jsd", "select_random"])
         assert res["device"].startswith("cuda") and res["dtype"] == "bfloat16"
         assert res["results"]
 

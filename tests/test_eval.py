@@ -36,6 +36,23 @@ def test_documents_are_seeded_confusable_and_answerable():
             assert not any(x in d.text for x in q.answers)                   # new inputs, not the examples
 
 
+def test_documents_fill_the_default_suite_sizes():
+    """The suites' streams at their default sizes (20 chunks of 6 facts, seeds 200+ and 300+)
+    draw fresh entities throughout: the 10 pet names alone ran out at the 15th pet."""
+    from iicl_fast.evaluation import PETS
+    sizes = Sizes()
+    for seed in (200, 201, 202, 300, 301, 302):
+        docs = fictional_documents(seed, sizes.stream_chunks, sizes.facts)
+        assert len(docs) == sizes.stream_chunks
+        pets = [q.answers[0] for d in docs for q in d.questions if q.question.startswith("What is the name of")]
+        assert len(pets) > len(PETS) and len(set(pets)) == len(pets)
+        for d in docs:
+            for q in d.questions:
+                assert any(x in d.text for x in q.answers)
+    # documents with up to 10 pets are drawn as before the fallback existed
+    assert fictional_documents(100, 3, 6)[0].text.startswith(fictional_documents(100, 1, 6)[0].text)
+
+
 def test_correct_scores_answers_and_choices():
     q = Question("Who founded Torholt?", ["Talsen"])
     assert correct(q, "It was founded by Rhea talsen.") and not correct(q, "Rhea Bergard")
@@ -52,7 +69,7 @@ def test_every_suite_runs_on_the_tiny_model(tiny, tmp_path):
     out = {}
     for suite in SUITES:
         res = run_suite(suite, model, tok, cfg, seeds=[0, 1] if suite == "recall" else [0], sizes=sizes,
-                        variants=["default", "loss_jsd", "select_random", "teacher_base"], progress=False)
+                        variants=["default", "loss_jsd", "select_random", "teacher_adapted"], progress=False)
         paths = write_result(res, tmp_path)
         assert json.loads(paths[0].read_text())["results"] == json.loads(json.dumps(res["results"]))
         out[suite] = res["results"]
@@ -63,7 +80,7 @@ def test_every_suite_runs_on_the_tiny_model(tiny, tmp_path):
     assert len(s["first_chunk_by_chunks_since"]) == sizes.stream_chunks
     assert s["forgetting"]["base_nll_per_token"] > 0
     assert set(out["skills"]) == {"cipher", "units", "plural"}
-    assert set(out["ablations"]) == {"default", "loss_jsd", "select_random", "teacher_base"}
+    assert set(out["ablations"]) == {"default", "loss_jsd", "select_random", "teacher_adapted"}
     assert all(v["seconds_per_chunk"] > 0 for v in out["ablations"].values())
     assert out["forgetting"]["base_nll_per_token"] > 0
     peft_model = model.__dict__["_iicl_peft"]

@@ -1,0 +1,61 @@
+"""Anchor entries (Config.anchor_entries): general prompts answered by the base without the
+chunk, the base's own distribution as the teacher, trained beside the chunk's entries."""
+import torch
+
+from conftest import TINY_CONFIG, make_tiny
+from iicl_fast import Config, Memory
+from iicl_fast.elicit import anchor_entries, anchor_prompts
+from iicl_fast.evaluation import fictional_documents, general_questions
+from iicl_fast.generation import generate
+from iicl_fast.models import PromptFormat
+
+DOC = fictional_documents(7, 1, 4)[0].text
+
+
+def test_anchor_prompts_rotate_and_are_not_the_eval_questions(tiny):
+    model, tok = tiny
+    fmt = PromptFormat(tok, model)
+    prompts = anchor_prompts()
+    asked = {q.question.lower() for q in general_questions()}
+    assert len(set(prompts)) == len(prompts) >= 32 and not asked & {p.lower() for p in prompts}
+    cfg = Config(**{**TINY_CONFIG, "anchor_entries": 5})
+    e0, e1 = anchor_entries(model, fmt, cfg, chunk_index=0), anchor_entries(model, fmt, cfg, chunk_index=1)
+    assert [e.query for e in e0] == prompts[:5] and [e.query for e in e1] == prompts[5:10]
+    assert all(e.kind == "anchor" for e in e0)
+    last = anchor_entries(model, fmt, cfg, chunk_index=len(prompts) // 5)     # wraps around the list
+    assert [e.query for e in last] == [prompts[(len(prompts) // 5 * 5 + i) % len(prompts)] for i in range(5)]
+    greedy = generate(model, [fmt.prompt(q) for q in prompts[:5]], max_new_tokens=cfg.max_response_tokens,
+                      pad_id=fmt.pad_id, sample=False, stop_ids=fmt.stop_ids)
+    assert [e.response for e in e0] == greedy                             # the model's own answers, no chunk
+
+
+def _kl_to_base(mem: Memory, fmt: PromptFormat, entries) -> float:
+    """Mean KL(base || student) over the response tokens of entries, no chunk in view."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for e in entries:
+            p = fmt.prompt(e.query)
+            ids = torch.tensor([p + e.response])
+            s = mem.model(input_ids=ids).logits[0, len(p) - 1: -1].float().log_softmax(-1)
+            with mem.model.disable_adapter():
+                b = mem.model(input_ids=ids).logits[0, len(p) - 1: -1].float().log_softmax(-1)
+            total += float((b.exp() * (b - s)).sum())
+            n += len(e.response)
+    return total / n
+
+
+def test_anchors_hold_the_student_near_the_base_on_general_prompts(smol_tokenizer):
+    """A chunk trained hard (lr 2e-2) moves the tiny model's answers to general prompts; the
+    same chunk with anchors on those prompts moves them less, and the report counts them."""
+    tok = smol_tokenizer
+    base = dict(TINY_CONFIG, lr=2e-2, epochs=4, replay_entries=0, source_entries=0)
+    kl = {}
+    for n in (0, 8):
+        model = make_tiny(tok)
+        mem = Memory(model, tok, Config(**base, anchor_entries=n))
+        rep = mem.consolidate(DOC)
+        assert rep.anchored == n and rep.seconds["elicit"] > 0
+        with mem.model.disable_adapter():
+            probe = anchor_entries(mem.model, mem.fmt, Config(**base, anchor_entries=8), chunk_index=0)
+        kl[n] = _kl_to_base(mem, mem.fmt, probe)
+    assert kl[0] > 0.0 and kl[8] < 0.5 * kl[0], kl
