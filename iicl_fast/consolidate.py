@@ -124,10 +124,33 @@ def micro_batches(fmt: PromptFormat, entries: list[Entry], idx: list[int], max_t
     return [[idx[j] for j in b] for b in token_batches(lengths, max_tokens)]
 
 
+def epoch_order(n: int, dealt: int, rng: torch.Generator) -> list[int]:
+    """One epoch's order of n entries: the first n - dealt shuffled, the last `dealt` (anchors)
+    shuffled and dealt evenly among them, so every step of a batch takes its share of anchors.
+    Put at the end of the list (as before) a step could be anchors alone: at chunk 0 the
+    student is the base, their gradients are rounding noise, and AdamW's normalised step
+    turned that noise into steps of up to lr (NOTES.md, 13th session). dealt=0: randperm(n)."""
+    main = torch.randperm(n - dealt, generator=rng).tolist()
+    if not dealt:
+        return main
+    extra = [n - dealt + i for i in torch.randperm(dealt, generator=rng).tolist()]
+    slots = [((2 * j + 1) * n) // (2 * dealt) for j in range(dealt)]     # the middles of dealt equal parts
+    out, a, m = [], 0, 0
+    for pos in range(n):
+        if a < dealt and pos == slots[a]:
+            out.append(extra[a])
+            a += 1
+        else:
+            out.append(main[m])
+            m += 1
+    return out
+
+
 def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, params: list[torch.Tensor],
-          config: Config, *, seed: int | None = None) -> list[float]:
+          config: Config, *, seed: int | None = None, dealt: int = 0) -> list[float]:
     """LoRA training of the student (no chunk in view). -> mean loss per epoch.
     seed: of the epochs' shuffles (config.seed + the chunk's index in consolidate_chunk).
+    dealt: the last `dealt` entries (anchors) are spread evenly over each epoch's steps.
 
     A step takes batch_size entries (the loss is the mean over their response tokens) in
     micro-batches of at most train_tokens padded tokens, gradients accumulated. Under
@@ -149,7 +172,7 @@ def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, pa
     bar = tqdm(total=config.epochs * len(entries), desc="train", disable=not config.progress, leave=False)
     try:
         for _ in range(config.epochs):
-            order = torch.randperm(len(entries), generator=rng).tolist()
+            order = epoch_order(len(entries), dealt, rng)
             total, count = 0.0, 0
             for s in range(0, len(order), config.batch_size):
                 idx = order[s: s + config.batch_size]
@@ -228,7 +251,7 @@ def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.T
     if rep.anchored:
         train_entries, train_teacher = train_entries + anchors[0], concat(train_teacher, anchors[1])
     rep.loss_per_epoch = train(model, fmt, train_entries, train_teacher, params, config,
-                               seed=config.seed + chunk_index)
+                               seed=config.seed + chunk_index, dealt=rep.anchored)
     rep.seconds["train"] = _now(model) - t
     phase_peak(rep, "train", params[0].device)
     rep.work["train_tokens"] = config.epochs * sum(len(fmt.prompt(e.query)) + len(e.response) for e in train_entries)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config, IICLError, check_fields, coerce
+from .config import RETAIN_UNITS, Config, IICLError, check_fields, coerce
 from .memory import Memory
 
 SUITES = ("recall", "sequence", "reasoning", "skills", "forgetting", "ablations")
@@ -325,8 +325,10 @@ class Sizes:
 
 def suite_recall(model, tok, cfg: Config, seeds, sizes: Sizes, bar) -> dict:
     """Single documents: no context / full context / consolidated / consolidated + the
-    retained window (retain = cfg.retain or 0.1)."""
-    keys = ("no_context", "full_context", "consolidated", "consolidated_retained")
+    retained window (retain = cfg.retain or 0.1, cfg.retain_unit), and the same memory with
+    the window of each retain_unit (consolidated_retained_token / _sentence)."""
+    keys = ("no_context", "full_context", "consolidated", "consolidated_retained",
+            *(f"consolidated_retained_{u}" for u in RETAIN_UNITS))
     per = {k: [] for k in keys}
     secs, n_q = [], 0
     for seed in seeds:
@@ -338,6 +340,13 @@ def suite_recall(model, tok, cfg: Config, seeds, sizes: Sizes, bar) -> dict:
             secs += _consolidate(mem, [doc.text])
             tot["consolidated"] += score(mem, doc.questions, retained=False)
             tot["consolidated_retained"] += score(mem, doc.questions)
+            own = mem.config
+            for unit in RETAIN_UNITS:           # the same adapter, the window of each unit
+                mem.config = replace(own, retain_unit=unit)
+                mem.retained_ids, mem.retained_scores, mem.retained_units = [], [], []
+                mem._retain(doc.text.strip())
+                tot[f"consolidated_retained_{unit}"] += score(mem, doc.questions)
+            mem.config = own
             _drop(mem)
             bar.update()
         n_q = sum(len(d.questions) for d in fictional_documents(seed, sizes.docs, sizes.facts))

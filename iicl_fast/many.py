@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from .bank import BankAdamW, LoraBank
 from .config import Config, IICLError
-from .consolidate import anchor_set, concat, hidden_loss, loss_stats, prepare_chunk, with_replay
+from .consolidate import anchor_set, concat, epoch_order, hidden_loss, loss_stats, prepare_chunk, with_replay
 from .driver import split_chunks, stream_id
 from .memory import Memory, get_state_keys, sha256_text
 from .teacher import student_hidden
@@ -103,7 +103,7 @@ def _train_bank(peft_model, fmt, bank, opt, mems, prepared, config, *, seed: int
     peft_model.train()
     try:
         for _ in range(config.epochs):
-            orders = {i: torch.randperm(len(data[i][0]), generator=rngs[i]).tolist() for i in docs}
+            orders = {i: epoch_order(len(data[i][0]), prepared[i][0].anchored, rngs[i]) for i in docs}
             totals = {i: [0.0, 0] for i in docs}
             for k in range(steps):
                 active = [i for i in docs if k * bs < len(orders[i])]

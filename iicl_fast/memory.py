@@ -208,6 +208,7 @@ class Memory:
         self.replay_seen = 0
         self.retained_ids: list[int] = []      # the retained window (Config.retain), in stream order
         self.retained_scores: list[float] = []
+        self.retained_units: list[int] = []    # lengths of the retained units (all 1 for retain_unit "token")
         lora = LoraConfig(r=self.config.lora_r, lora_alpha=self.config.lora_alpha,
                           lora_dropout=self.config.lora_dropout, target_modules=self.config.target_modules,
                           task_type="CAUSAL_LM")
@@ -299,14 +300,26 @@ class Memory:
     @torch.no_grad()
     def _retain(self, text: str) -> None:
         """SirLLM on the chunk: keep the top `retain` fraction of its tokens by surprisal, with
-        the older retained tokens competing at their scores × retain_decay.
+        the older retained units competing at their scores × retain_decay.
+
+        retain_unit "token" keeps single tokens (SirLLM); "sentence" keeps whole sentences,
+        scored by their tokens' mean surprisal, filled in score order until the budget is
+        reached (the last one may cross it by up to a sentence, SPAN_WORDS words at most).
 
         Surprisal is taken by this memory *after* consolidating the chunk, with the chunk in
         the same place as ask's prefix: the tokens it still finds surprising are the ones the
         adapter did not absorb, which is what the window is for."""
+        from .elicit import sentences
         from .generation import decoder, lm_head
         from .retain import surprisal
-        ids = self.fmt.encode(text)
+        if self.config.retain_unit == "sentence":
+            parts = [self.fmt.encode(u if i == 0 else " " + u) for i, u in enumerate(sentences(text))]
+            ids, lengths = [t for p in parts for t in p], [len(p) for p in parts if p]
+        else:
+            ids = self.fmt.encode(text)
+            lengths = [1] * len(ids)
+        if not ids:
+            return
         k = math.ceil(self.config.retain * len(ids))
         head = self.fmt.head
         seq = torch.tensor([head + ids], device=self.params[0].device)
@@ -317,13 +330,26 @@ class Memory:
         sc = surprisal(prev, weight, seq[0, n0:], bias, softcap).cpu().tolist()
         if n0 == 0:
             sc[0] = 0.0                        # no prediction for the very first token
-        old = [x * self.config.retain_decay for x in self.retained_scores]
-        all_ids, all_sc = self.retained_ids + ids, old + sc
-        # newest first, stable sort by descending score: ties keep the newer token
-        order = sorted(range(len(all_ids) - 1, -1, -1), key=lambda i: -all_sc[i])[:k]
-        keep = sorted(order)
-        self.retained_ids = [all_ids[i] for i in keep]
-        self.retained_scores = [all_sc[i] for i in keep]
+        # units as (ids, score): the kept ones (decayed) first, then the chunk's, in stream order
+        units, at = [], 0
+        for n in self.retained_units:
+            units.append((self.retained_ids[at: at + n], self.retained_scores[at] * self.config.retain_decay))
+            at += n
+        at = 0
+        for n in lengths:
+            units.append((ids[at: at + n], sum(sc[at: at + n]) / n))
+            at += n
+        # newest first, stable sort by descending score: ties keep the newer unit
+        kept, total = [], 0
+        for i in sorted(range(len(units) - 1, -1, -1), key=lambda i: -units[i][1]):
+            if total >= k:
+                break
+            kept.append(i)
+            total += len(units[i][0])
+        kept.sort()
+        self.retained_ids = [t for i in kept for t in units[i][0]]
+        self.retained_scores = [units[i][1] for i in kept for _ in units[i][0]]
+        self.retained_units = [len(units[i][0]) for i in kept]
 
     def prompt_ids(self, question: str, context: str | None = None) -> list[int]:
         """[head][retained window "\n\n"][context "\n\n"][question][tail]."""
@@ -384,8 +410,8 @@ class Memory:
                 (tmp / REPLAY_ENTRIES).write_text(json.dumps(
                     {"seen": self.replay_seen, "entries": [e.__dict__ for e in entries]}), encoding="utf-8")
             if self.retained_ids:
-                (tmp / RETAINED).write_text(json.dumps({"ids": self.retained_ids, "scores": self.retained_scores}),
-                                            encoding="utf-8")
+                (tmp / RETAINED).write_text(json.dumps({"ids": self.retained_ids, "scores": self.retained_scores,
+                                                        "units": self.retained_units}), encoding="utf-8")
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
         if dist.is_main():                   # several ranks: rank 0 writes, the others wait for it
@@ -439,17 +465,20 @@ class Memory:
             if any(not 0 <= t < V for e in entries for t in e.response):
                 raise IICLError(f"replay buffer in {d} has response ids outside this model's vocabulary of {V}")
             self.replay, self.replay_seen = (entries, hs), int(r.get("seen", len(entries)))
-        self.retained_ids, self.retained_scores = [], []
+        self.retained_ids, self.retained_scores, self.retained_units = [], [], []
         if (d / RETAINED).is_file():
             try:
                 r = json.loads((d / RETAINED).read_text(encoding="utf-8"))
                 ids, scores = [int(i) for i in r["ids"]], [float(x) for x in r["scores"]]
+                units = [int(n) for n in r.get("units", [1] * len(ids))]     # older files: tokens
             except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
                 raise IICLError(f"corrupt retained window {d / RETAINED}: {e}") from None
             V = self.base.get_input_embeddings().weight.shape[0]
             if len(ids) != len(scores) or any(not 0 <= i < V for i in ids):
                 raise IICLError(f"corrupt retained window {d / RETAINED}: ids and scores do not fit this model")
-            self.retained_ids, self.retained_scores = ids, scores
+            if any(n < 1 for n in units) or sum(units) != len(ids):
+                raise IICLError(f"corrupt retained window {d / RETAINED}: unit lengths do not add up to its ids")
+            self.retained_ids, self.retained_scores, self.retained_units = ids, scores, units
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None, tokenizer=None, *, config: Config | None = None,

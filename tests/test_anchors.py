@@ -59,3 +59,18 @@ def test_anchors_hold_the_student_near_the_base_on_general_prompts(smol_tokenize
             probe = anchor_entries(mem.model, mem.fmt, Config(**base, anchor_entries=8), chunk_index=0)
         kl[n] = _kl_to_base(mem, mem.fmt, probe)
     assert kl[0] > 0.0 and kl[8] < 0.5 * kl[0], kl
+
+
+def test_epoch_order_deals_anchors_over_the_steps():
+    """The last `dealt` entries (anchors) are spread over an epoch's steps: every step of a
+    batch takes within one of its even share, and without anchors the order is randperm's."""
+    from iicl_fast.consolidate import epoch_order
+    for n, dealt, bs in [(55 + 16, 16, 8), (7, 1, 8), (10, 3, 2), (16, 16, 8), (97, 13, 5)]:
+        order = epoch_order(n, dealt, torch.Generator().manual_seed(n))
+        assert sorted(order) == list(range(n))
+        for s in range(0, n, bs):
+            step = order[s: s + bs]
+            share = dealt * len(step) / n
+            assert abs(sum(i >= n - dealt for i in step) - share) <= 1.0, (n, dealt, bs, s)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert epoch_order(40, 0, g1) == torch.randperm(40, generator=g2).tolist()

@@ -299,3 +299,48 @@ def test_memory_retained_window(tiny, tmp_path):
     with pytest.raises(IICLError, match="corrupt retained window"):
         iicl_fast.Memory.load(tmp_path / "m", model, tok)
     assert old  # the first window existed before the second chunk replaced it
+
+
+def test_memory_retains_whole_sentences(tiny, tmp_path):
+    """retain_unit "sentence": the window holds whole sentences of the chunk, those of the
+    highest mean surprisal (scored by the memory), filled until the budget is reached."""
+    from iicl_fast.elicit import sentences
+    model, tok = tiny
+    cfg = iicl_fast.Config(**TINY_CONFIG, retain=0.3, retain_decay=0.5, retain_unit="sentence")
+    mem = iicl_fast.Memory(model, tok, cfg)
+    mem.consolidate(TEXT)
+    sents = sentences(TEXT.strip())
+    parts = [mem.fmt.encode(s if i == 0 else " " + s) for i, s in enumerate(sents)]
+    ids = [t for p in parts for t in p]
+    with torch.no_grad():
+        ref = plain_surprisal(mem.model, mem.fmt.head + ids)[len(mem.fmt.head) - 1:]
+    means, at = [], 0
+    for p in parts:
+        means.append(float(ref[at: at + len(p)].mean()))
+        at += len(p)
+    budget = math.ceil(0.3 * len(ids))
+    chosen, total = [], 0
+    for i in sorted(range(len(parts)), key=lambda i: -means[i]):
+        if total >= budget:
+            break
+        chosen.append(i)
+        total += len(parts[i])
+    chosen.sort()
+    assert 1 < len(chosen) < len(parts)            # a real choice at this budget
+    assert mem.retained_units == [len(parts[i]) for i in chosen]
+    assert mem.retained_ids == [t for i in chosen for t in parts[i]]
+    assert mem.retained_units and sum(mem.retained_units) - max(mem.retained_units) < budget <= len(mem.retained_ids)
+    at = 0
+    for i, n in zip(chosen, mem.retained_units):
+        assert mem.retained_scores[at: at + n] == pytest.approx([means[i]] * n, rel=1e-4, abs=1e-4)
+        at += n
+    # the next chunk's sentences compete with the kept ones at half their scores
+    second = "Grey cats sleep on the warm roof. The baker's code is QZ-9931."
+    mem.consolidate(second)
+    assert sum(mem.retained_units) == len(mem.retained_ids)
+    mem.save(tmp_path / "m")
+    back = iicl_fast.Memory.load(tmp_path / "m", model, tok)
+    assert (back.retained_ids, back.retained_units) == (mem.retained_ids, mem.retained_units)
+    (tmp_path / "m" / "retained.json").write_text('{"ids": [1, 2], "scores": [0.5, 0.5], "units": [3]}')
+    with pytest.raises(IICLError, match="unit lengths"):
+        iicl_fast.Memory.load(tmp_path / "m", model, tok)
