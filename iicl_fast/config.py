@@ -19,13 +19,18 @@ RETAIN_UNITS = ("token", "sentence")
 @dataclass
 class Config:
     """The defaults (preset `small`) make the embedded SmolLM2-135M consolidate a ~150-token
-    document in a few minutes on 2 CPU cores, ~5 s on one H200 (~60 entries of <=40 tokens,
+    document in a few minutes on 2 CPU cores, ~5 s on one H200 (~50 entries of <=40 tokens,
     r=16 on all linear layers, lr 1e-3, 4 epochs). They are the best setting measured on the
     evaluation suite's sequence documents (benchmarks/NOTES.md, 13th session): elicitation
     and teacher on the base model, the chunk's own sentences as source entries."""
 
     # 1. elicitation (hybrid prompting, the chunk in the window)
-    n_queries: int = 40            # model-written questions, answered with the chunk in view
+    # model-written questions, answered with the chunk in view. 0 in `small`: on the suite's
+    # sequence documents (H200, 6 seeds in two sets) continuations alone recalled as well or
+    # better for a third less time a chunk: seeds 3-5 0.36 / 0.28 (right after / after three
+    # documents, 6.3 s) against 0.27 / 0.21 with 40 questions (9.1 s); seeds 0-2 0.29 / 0.30
+    # against 0.33 / 0.28. `paper` keeps InfiniteICL's 200.
+    n_queries: int = 0
     n_continuations: int = 24      # open-ended: continue a passage, recall, summarise
     max_query_tokens: int = 32
     max_response_tokens: int = 40
@@ -85,6 +90,12 @@ class Config:
     # model can least reconstruct without its chunk, e.g. a planted code, ranked 0th and 5th of
     # 96 source entries of its 4,096-token chunk by the embedded model).
     replay_policy: str = "reservoir"
+    # Entries of the buffer trained on with each chunk: 0 = all of it; k > 0 = a seeded sample
+    # of k, drawn anew each chunk, so a buffer much larger than a chunk's share costs a fixed
+    # time a chunk. Over the suite's 20-chunk stream a buffer of 32 held ~1.6 entries of each
+    # chunk at the end and the first chunk's recall fell 0.50 → 0 (H200, NOTES.md, 14th
+    # session); replay_entries=512 with replay_sample=32 is the row to measure next.
+    replay_sample: int = 0
     # Anchors: this many general prompts a chunk (iicl_fast/data/anchor_prompts.json, in turn),
     # answered by the base model without the chunk, its own answer distribution the teacher:
     # the student is held where the base was on everything the chunk is not about. Without
@@ -99,10 +110,11 @@ class Config:
     # chunk) stay in the window as a prefix for `ask`. 0 keeps nothing.
     retain: float = 0.0
     retain_decay: float = 0.9
-    # what the window keeps: "token" (SirLLM's single tokens) or "sentence" (whole sentences
-    # by mean surprisal). On a 6-fact document at 0.1 the tokens were "stad indigoheim Dunova
-    # vault Askvik XP": fragments that took recall from 0.305 to 0.253 (H200, 13th session).
-    retain_unit: str = "token"
+    # what the window keeps: "sentence" (whole sentences by their tokens' mean surprisal) or
+    # "token" (SirLLM's single tokens). At 0.1 of a 6-fact document the tokens were "stad
+    # indigoheim Dunova vault Askvik XP": the recall suite (H200, seeds 3-5) answered 0.291
+    # with that window beside the memory, 0.301 with the memory alone, 0.373 with sentences.
+    retain_unit: str = "sentence"
     # 6. streaming
     chunk_tokens: int = 1024
     # answering
@@ -135,6 +147,8 @@ class Config:
                 raise IICLError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.replay_entries < 0:
             raise IICLError(f"replay_entries must be >= 0, got {self.replay_entries}")
+        if self.replay_sample < 0:
+            raise IICLError(f"replay_sample must be >= 0, got {self.replay_sample}")
         if self.replay_policy not in REPLAY_POLICIES:
             raise IICLError(f"unknown replay_policy {self.replay_policy!r}: choose one of {', '.join(REPLAY_POLICIES)}")
         if not 0.0 <= self.retain <= 1.0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -246,7 +247,7 @@ def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.T
         rep.seconds["elicit"] += _now(model) - t          # anchors are elicited and taught outside the chunk
     trace("train", chunk_index)
     t = _now(model)
-    train_entries, train_teacher = with_replay(kept_entries, teacher, replay)
+    train_entries, train_teacher = with_replay(kept_entries, teacher, replay, config, chunk_index)
     rep.replayed = len(train_entries) - len(kept_entries)
     if rep.anchored:
         train_entries, train_teacher = train_entries + anchors[0], concat(train_teacher, anchors[1])
@@ -271,10 +272,17 @@ def anchor_set(model, fmt: PromptFormat, config: Config, chunk_index: int, base_
     return entries, hs
 
 
-def with_replay(kept: list[Entry], teacher: HiddenSet, replay):
-    if replay and replay[0]:
-        return kept + replay[0], concat(teacher, replay[1])
-    return kept, teacher
+def with_replay(kept: list[Entry], teacher: HiddenSet, replay, config: Config | None = None, chunk_index: int = 0):
+    """The kept entries followed by the replay buffer's, or (config.replay_sample > 0) by a
+    seeded sample of that many of them, drawn anew each chunk."""
+    if not (replay and replay[0]):
+        return kept, teacher
+    entries, hs = replay
+    k = config.replay_sample if config is not None else 0
+    if 0 < k < len(entries):
+        idx = sorted(random.Random((config.seed * 1_000_003 + chunk_index) * 7 + 1).sample(range(len(entries)), k))
+        entries, hs = [entries[i] for i in idx], subset(hs, idx)
+    return kept + entries, concat(teacher, hs)
 
 
 def sharded_hidden(model, entries: list[Entry], compute) -> HiddenSet:

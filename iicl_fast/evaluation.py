@@ -507,8 +507,11 @@ ABLATIONS: dict[str, dict] = {
     "loss_seqkd": {"loss": "seqkd"},
     "loss_jsd": {"loss": "jsd"},
     "replay_off": {"replay_entries": 0},
-    "qa_only": {"n_continuations": 0},
-    "continuations_only": {"n_queries": 0},
+    "replay_512_sample_32": {"replay_entries": 512, "replay_sample": 32},   # a large buffer, a fixed share a chunk
+    # elicitation mix: the default elicits continuations only (n_queries 0); these add the
+    # model-written questions of InfiniteICL's hybrid prompting, or ask questions alone
+    "hybrid": {"n_queries": 40},
+    "qa_only": {"n_queries": 40, "n_continuations": 0},
     "retain_0.1": {"retain": 0.1},
     "teacher_adapted": {"teacher_base": False},      # elicit and teach with θ_{i-1} (the default before)
     "source_off": {"source_entries": 0},

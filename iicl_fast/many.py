@@ -65,7 +65,7 @@ def consolidate_many(model, tokenizer, texts: list[str], config: Config | None =
             anchors = anchor_set(peft_model, fmt, config, r, peft_model.disable_adapter) if config.anchor_entries else None
             # a fresh optimizer per chunk, as Memory.consolidate's train() makes one per chunk
             opt = BankAdamW(bank, lr=config.lr, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
-            _train_bank(peft_model, fmt, bank, opt, mems, prepared, config, seed=config.seed + r, anchors=anchors)
+            _train_bank(peft_model, fmt, bank, opt, mems, prepared, config, chunk_index=r, anchors=anchors)
             _write_back(peft_model, bank, mems, docs)
             for i in docs:
                 rep, kept, teacher = prepared[i]
@@ -85,12 +85,13 @@ def consolidate_many(model, tokenizer, texts: list[str], config: Config | None =
     return mems
 
 
-def _train_bank(peft_model, fmt, bank, opt, mems, prepared, config, *, seed: int, anchors=None):
+def _train_bank(peft_model, fmt, bank, opt, mems, prepared, config, *, chunk_index: int, anchors=None):
+    seed = config.seed + chunk_index
     docs = [i for i in prepared if prepared[i][1]]
     data = {}
     for i in docs:
         rep, kept, teacher = prepared[i]
-        entries, hs = with_replay(kept, teacher, mems[i].replay)
+        entries, hs = with_replay(kept, teacher, mems[i].replay, config, chunk_index)
         rep.replayed = len(entries) - len(kept)
         if anchors and anchors[0]:                      # as consolidate_chunk: after the replayed entries
             entries, hs = entries + anchors[0], concat(hs, anchors[1])

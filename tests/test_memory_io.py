@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import iicl_fast
+from iicl_fast import consolidate as consolidate_mod
 from iicl_fast import memory as memory_mod
 from iicl_fast.driver import split_chunks
 from iicl_fast.memory import Memory, sha256_text
@@ -311,3 +312,27 @@ def test_gradient_checkpointing_trains_the_same_adapter(smol_tokenizer):
                                                                    iicl_fast.Config(**TINY_CONFIG)).params))
     for a, b in zip(p0, p1):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_replay_sample_trains_a_fixed_share_of_a_larger_buffer(tiny, monkeypatch):
+    """replay_sample k: each chunk trains on k entries drawn from the buffer (seeded by the
+    chunk), not on all of it; the buffer itself still holds replay_entries."""
+    model, tok = tiny
+    trained = []
+    real = consolidate_mod.train
+
+    def spy(model_, fmt, entries, *a, **k):
+        trained.append(list(entries))
+        return real(model_, fmt, entries, *a, **k)
+
+    monkeypatch.setattr(consolidate_mod, "train", spy)
+    mem = Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "replay_entries": 6, "replay_sample": 2}))
+    for doc in DOCS + ["A third note: the lamp in the old tower is blue."]:
+        before = list(mem.replay[0])
+        rep = mem.consolidate(doc)
+        assert rep.replayed == min(2, len(before))
+        tail = trained[-1][rep.kept: rep.kept + rep.replayed]
+        assert all(any(e is b for b in before) for e in tail)        # drawn from the buffer as it was
+        assert len(mem.replay[0]) == min(6, mem.replay_seen)
+    with pytest.raises(iicl_fast.IICLError, match="replay_sample"):
+        iicl_fast.Config(replay_sample=-1)

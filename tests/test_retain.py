@@ -271,7 +271,7 @@ def test_session_on_a_memory_uses_its_adapter_and_the_plain_model_does_not(tiny)
 
 def test_memory_retained_window(tiny, tmp_path):
     model, tok = tiny
-    cfg = iicl_fast.Config(**TINY_CONFIG, retain=0.2, retain_decay=0.5)
+    cfg = iicl_fast.Config(**TINY_CONFIG, retain=0.2, retain_decay=0.5, retain_unit="token")
     mem = iicl_fast.Memory(model, tok, cfg)
     mem.consolidate(TEXT)
     n = len(mem.fmt.encode(TEXT.strip()))
