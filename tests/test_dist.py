@@ -40,7 +40,11 @@ SOURCE_ONLY = {"n_queries": 0, "n_continuations": 0, "source_entries": 8, "selec
 # default since then) are compared in the one sampled chunk only: at chunk 0 the student is the
 # base, a step made of anchors alone has KL 0 and rounding-level gradients, and AdamW turns their
 # signs (another summation order on 2 ranks) into steps of up to lr — the 5-chunk stream's losses
-# parted at chunk 0's second step (0.0049 on 1 rank, 0.0028 on 2).
+# parted at chunk 0's second step (0.0049 on 1 rank, 0.0028 on 2). Dealing the anchors evenly over
+# the steps (epoch_order, 14th session) did not make streams with anchors comparable: the same
+# 5-chunk stream with 16 anchors parted at chunk 2 (adapters 0.72 apart with θ_{i-1}, 0.58 with
+# the base) — every step's loss is ~0.002 on the tiny model, so the amplified rounding is there
+# with or without anchor-only steps.
 STREAM = {**SOURCE_ONLY, "teacher_base": "false", "anchor_entries": 0}
 
 
