@@ -71,6 +71,9 @@ def main():
     p.add_argument("--decode-rows", type=int, default=400)
     p.add_argument("--out", default=".")
     p.add_argument("--small", action="store_true", help="a 2-layer model on the CPU: a smoke run")
+    p.add_argument("--variants", default="plain,fast,plain,fast", help="comma list of plain|fast, in order")
+    p.add_argument("--no-decode", action="store_true", help="skip the decoding-step timing")
+    p.add_argument("--trace", action="store_true", help="also write the training step's chrome trace (gzipped)")
     a = p.parse_args()
     peak = (lambda: torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else (lambda: float("nan"))
     reset = torch.cuda.reset_peak_memory_stats if torch.cuda.is_available() else (lambda: None)
@@ -91,7 +94,7 @@ def main():
     prefix = fmt.context_prefix(chunk)
     compile_s = 0.0 if a.small else warm_kernels(model)
     res = {"compile_s": compile_s, "entries": a.entries}
-    for variant in ("plain", "fast", "plain", "fast"):        # twice, interleaved: the second pair counts
+    for variant in a.variants.split(","):        # default twice, interleaved: the second pair counts
         fast = variant == "fast"
         (lora.install if fast else lora.uninstall)(mem.model)
         (layers.install if fast else layers.uninstall)(mem.model)
@@ -115,7 +118,7 @@ def main():
         train(mem.model, fmt, entries[:n], sub, mem.params, cfg)
         t_train = now() - t
         train_peak = peak()
-        ms_step = decode_steps(mem.model, prefix, a.decode_rows, 12)
+        ms_step = float("nan") if a.no_decode else decode_steps(mem.model, prefix, a.decode_rows, 12)
         tokens_t = sum(len(fmt.query(e.query)) + len(e.response) for e in entries)
         tokens_s = sum(len(fmt.prompt(e.query)) + len(e.response) for e in entries)
         tokens_train = sum(len(fmt.prompt(e.query)) + len(e.response) for e in entries[:n])
@@ -131,11 +134,21 @@ def main():
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     sub = subset(th, list(range(min(16, len(entries)))))
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         train(mem.model, fmt, entries[:16], sub, mem.params, cfg)
         now()
-    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=70)
     Path(a.out, "profile_train.txt").write_text(table)
+    shapes = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=80, max_name_column_width=50,
+                                                               max_shapes_column_width=90)
+    Path(a.out, "profile_train_shapes.txt").write_text(shapes)
+    if a.trace:
+        import gzip
+        trace = Path(a.out, "train_trace.json")
+        prof.export_chrome_trace(str(trace))
+        with open(trace, "rb") as f, gzip.open(str(trace) + ".gz", "wb") as g:
+            g.write(f.read())
+        trace.unlink()
     print(table[:6000])
     with profile(activities=acts) as prof:
         teacher_hidden(mem.model, fmt, chunk, entries[:56], batch_size=400, max_tokens=cfg.pass_tokens)
