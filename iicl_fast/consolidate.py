@@ -174,7 +174,9 @@ def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, pa
     try:
         for _ in range(config.epochs):
             order = epoch_order(len(entries), dealt, rng)
-            total, count = 0.0, 0
+            # the epoch's loss summed on the device: a float() per micro-batch waited for the GPU
+            # and left it idle while the next step's first kernels were launched
+            total, count = torch.zeros((), dtype=torch.float64, device=teacher.h.device), 0
             for s in range(0, len(order), config.batch_size):
                 idx = order[s: s + config.batch_size]
                 n_step = sum(len(entries[i].response) for i in idx)
@@ -183,14 +185,14 @@ def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, pa
                     rows = teacher.rows(mb).to(teacher.h.device)
                     loss = entry_loss(model, fmt, [entries[i] for i in mb], teacher, rows, config, stats)
                     (loss * (rows.numel() / n_step)).backward()
-                    total += float(loss.detach()) * rows.numel()
+                    total += loss.detach().double() * rows.numel()
                     count += rows.numel()
                 dist.all_reduce_grads(params)
                 if config.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 opt.step()
                 bar.update(len(idx))
-            total, count = dist.all_reduce_sum([total, count])
+            total, count = dist.all_reduce_sum([float(total), count])
             losses.append(total / max(count, 1))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
     finally:

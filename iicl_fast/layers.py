@@ -1,4 +1,5 @@
-"""Fused layers of the frozen base on CUDA: RMSNorm and the gated MLP's silu(gate) · up.
+"""Fused layers of the frozen base on CUDA: RMSNorm, the gated MLP's silu(gate) · up, and the
+rotary embedding of q and k.
 
 The base is frozen, so a layer's only job is to be fast: transformers runs RMSNorm as ~6
 kernels over fp32 copies of the activations and the MLP's activation as 2 forward and 4
@@ -10,11 +11,19 @@ kernels/swiglu.py), computing the same function with transformers' rounding.
 `install(model)` switches every RMSNorm and MLP module whose forward is exactly Llama's (the
 source is compared: Llama, Qwen2, Qwen3, Mistral, Phi-3's norm) to the fused forward on CUDA
 tensors; on the CPU, for other dtypes and for trainable norm weights they keep their own.
+The rotary embedding is not a module: the attention calls its modeling file's
+`apply_rotary_pos_emb`, so where that function (and its `rotate_half`) is exactly Llama's,
+install replaces the file's function with one that takes kernels/rotary.py on CUDA tensors
+(and transformers' own otherwise); the forward rounds as transformers does. It is a process-wide
+switch of that modeling file (uninstall puts the original back once no model uses it).
 IICL_FUSED_LAYERS=0 turns it off (benchmarks compare both)."""
 from __future__ import annotations
 
+import ast
 import inspect
 import os
+import sys
+import textwrap
 
 import torch
 
@@ -61,6 +70,27 @@ class SwiGLUFn(torch.autograd.Function):
         return swiglu_backward(g, u, dh)
 
 
+class RotaryFn(torch.autograd.Function):
+    """(q, k) rotated (kernels/rotary.py); gradients for q and k (cos and sin are constants)."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        from .kernels.rotary import rope_forward
+        ctx.save_for_backward(cos, sin)
+        return rope_forward(q, k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        from .kernels.rotary import rope_backward
+        cos, sin = ctx.saved_tensors
+        dq, dk = rope_backward(gq, gk, cos, sin)
+        return dq, dk, None, None
+
+
+def rotary(q, k, cos, sin):
+    return RotaryFn.apply(q, k, cos, sin)
+
+
 def rmsnorm(x, weight, eps):
     return RMSNormFn.apply(x, weight, eps)
 
@@ -83,6 +113,79 @@ def _mlp_forward(self, x):
             return self.down_proj(swiglu(g, u))
         return self.down_proj(self.act_fn(g) * u)
     return super(type(self), self).forward(x)
+
+
+def _rotary_fast(original):
+    """apply_rotary_pos_emb that takes the fused kernel where it applies, else `original`."""
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if ((q.is_cuda or ON_CPU) and _enabled() and unsqueeze_dim == 1 and q.dim() == 4 and k.dim() == 4
+                and cos.dim() == 3 and q.dtype == k.dtype == cos.dtype == sin.dtype and q.shape[-1] % 2 == 0
+                and cos.shape == sin.shape and cos.shape[1:] == q.shape[2:] and cos.shape[0] in (1, q.shape[0])
+                and k.shape[0] == q.shape[0] and k.shape[2:] == q.shape[2:]):
+            return rotary(q, k, cos, sin)
+        return original(q, k, cos, sin, unsqueeze_dim)
+    apply_rotary_pos_emb.__wrapped_original__ = original
+    return apply_rotary_pos_emb
+
+
+def _body(fn) -> str | None:
+    """A function's code without its decorators and docstring (families copy Llama's with
+    their own docstrings), or None without source."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn))))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    f = tree.body[0]
+    if not isinstance(f, ast.FunctionDef):
+        return None
+    f.decorator_list = []
+    if f.body and isinstance(f.body[0], ast.Expr) and isinstance(getattr(f.body[0], "value", None), ast.Constant):
+        f.body = f.body[1:]
+    return ast.dump(f)
+
+
+_ROTARY_USERS: dict[str, int] = {}      # modeling module -> models installed that use its patched function
+
+
+def _rotary_module(model_module) -> object | None:
+    """The modeling module whose apply_rotary_pos_emb (and rotate_half) is Llama's, or None."""
+    mod = sys.modules.get(model_module)
+    fn = getattr(mod, "apply_rotary_pos_emb", None)
+    if fn is None:
+        return None
+    if hasattr(fn, "__wrapped_original__"):
+        return mod
+    from transformers.models.llama import modeling_llama as ll
+    if "rotary" not in _SOURCES:
+        _SOURCES["rotary"] = _body(ll.apply_rotary_pos_emb) + (_body(ll.rotate_half) or "")
+    if _body(fn) is None or _body(fn) + (_body(getattr(mod, "rotate_half", None)) or "") != _SOURCES["rotary"]:
+        return None
+    return mod
+
+
+def _install_rotary(model) -> int:
+    mods = {type(m).__module__ for m in model.modules() if type(m).__name__.endswith("Attention")}
+    n = 0
+    for name in sorted(mods):
+        mod = _rotary_module(name)
+        if mod is None or model.__dict__.get("_iicl_rotary", set()) & {name}:
+            continue
+        if not hasattr(mod.apply_rotary_pos_emb, "__wrapped_original__"):
+            mod.apply_rotary_pos_emb = _rotary_fast(mod.apply_rotary_pos_emb)
+        _ROTARY_USERS[name] = _ROTARY_USERS.get(name, 0) + 1
+        model.__dict__.setdefault("_iicl_rotary", set()).add(name)
+        n += 1
+    return n
+
+
+def _uninstall_rotary(model) -> int:
+    names = model.__dict__.pop("_iicl_rotary", set())
+    for name in names:
+        _ROTARY_USERS[name] -= 1
+        mod = sys.modules[name]
+        if _ROTARY_USERS[name] == 0 and hasattr(mod.apply_rotary_pos_emb, "__wrapped_original__"):
+            mod.apply_rotary_pos_emb = mod.apply_rotary_pos_emb.__wrapped_original__
+    return len(names)
 
 
 def _source(cls) -> str:
@@ -115,8 +218,9 @@ def _kind(m) -> str | None:
 
 def install(model) -> int:
     """Switch model's Llama-style RMSNorm and MLP modules to the fused forward (on CUDA
-    tensors). -> modules switched. Idempotent; state dicts and everything else unchanged."""
-    n = 0
+    tensors), and its modeling file's rotary embedding where it is Llama's. -> modules (and
+    rotary functions) switched. Idempotent; state dicts and everything else unchanged."""
+    n = _install_rotary(model)
     for m in model.modules():
         kind = _kind(m)
         if kind is None:
@@ -132,7 +236,7 @@ def install(model) -> int:
 
 
 def uninstall(model) -> int:
-    n = 0
+    n = _uninstall_rotary(model)
     back = {v: k for k, v in _FAST.items()}
     for m in model.modules():
         if type(m) in back:

@@ -19,3 +19,15 @@ def rope_write_ref(q, k, v, cos, sin, ks, vs, cur, dtype=torch.float64):
     ks[:, :, c] = rotate(k.reshape(B, Hkv, d), cos, sin, dtype)
     vs[:, :, c] = v.reshape(B, Hkv, d).to(dtype)
     return rotate(q.reshape(B, -1, d), cos, sin, dtype), ks, vs
+
+
+def rope_ref(q, k, cos, sin, dtype=torch.float64):
+    """q [B, Hq, T, d], k [B, Hk, T, d], cos / sin [B or 1, T, d] -> rotated (q, k) in `dtype`
+    (differentiable: the backward's reference is autograd through this)."""
+    c, s = cos.to(dtype)[:, None], sin.to(dtype)[:, None]
+
+    def rot(x):
+        x = x.to(dtype)
+        half = x.shape[-1] // 2
+        return x * c + torch.cat([-x[..., half:], x[..., :half]], -1) * s
+    return rot(q), rot(k)

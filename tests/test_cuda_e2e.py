@@ -204,6 +204,36 @@ def test_fused_layers_bf16_on_cuda(n, h, inter, monkeypatch):
         assert rel(ours, truth) <= 2 * rel(plain, truth)
 
 
+@pytest.mark.parametrize("B,Hq,Hk,T,d", [(1, 32, 8, 1, 128), (3, 9, 3, 97, 64), (2, 32, 8, 4099, 128)])
+def test_fused_rotary_bf16_on_cuda(B, Hq, Hk, T, d, monkeypatch):
+    """kernels/rotary.py's training path in bf16 on strided [B, H, T, d] views: forward bit-equal
+    to transformers' apply_rotary_pos_emb, gradients no worse than 2x its bf16 autograd (fp64 truth)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from iicl_fast.kernels import rotary as kr
+    from iicl_fast.kernels.reference_rotary import rope_ref
+    from iicl_fast.layers import rotary
+    monkeypatch.setattr(kr, "POISON", True)
+    plain = getattr(apply_rotary_pos_emb, "__wrapped_original__", apply_rotary_pos_emb)
+    torch.manual_seed(T)
+    q = torch.randn(B, T, Hq, d, device="cuda").to(torch.bfloat16).transpose(1, 2).requires_grad_(True)
+    k = torch.randn(B, T, Hk, d, device="cuda").to(torch.bfloat16).transpose(1, 2).requires_grad_(True)
+    ang = torch.rand(B, T, d // 2, device="cuda") * 4000
+    cos, sin = torch.cat([ang.cos()] * 2, -1).bfloat16(), torch.cat([ang.sin()] * 2, -1).bfloat16()
+    qo, ko = rotary(q, k, cos, sin)
+    pq, pk = plain(q, k, cos, sin)
+    assert torch.equal(qo, pq) and torch.equal(ko, pk)
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    ours = torch.autograd.grad((qo, ko), (q, k), (gq, gk))
+    base = torch.autograd.grad((pq, pk), (q, k), (gq, gk))
+    q64, k64 = q.detach().double().requires_grad_(True), k.detach().double().requires_grad_(True)
+    truth = torch.autograd.grad(rope_ref(q64, k64, cos, sin), (q64, k64), (gq.double(), gk.double()))
+
+    def rel(a, b):
+        return float((a.double() - b).norm() / b.norm())
+    for o, p, t in zip(ours, base, truth):
+        assert torch.isfinite(o).all() and rel(o, t) <= 2 * rel(p, t) + 1e-6
+
+
 def test_training_moves_the_model_on_cuda_bf16(smol_tokenizer):
     """Consolidation in bf16 on CUDA changes what the model computes: the loss falls over the
     epochs, and after training the fast LoRA forward (cached bf16 copies) equals peft's own

@@ -92,8 +92,16 @@ def test_installed_layers_match_the_plain_model(smol_tokenizer, monkeypatch):
 
     plain_out, plain_grad = run()
     monkeypatch.setattr(layers, "ON_CPU", True)
-    assert layers.install(model) == 2 * 2 + 1 + 2       # 2 norms a layer + the final one, 2 MLPs
+    # 2 norms a layer + the final one, 2 MLPs, and modeling_llama's rotary embedding
+    assert layers.install(model) == 2 * 2 + 1 + 2 + 1
+    from transformers.models.llama import modeling_llama
     assert type(model.model.norm).__name__ == "FusedLlamaRMSNorm"
+    assert hasattr(modeling_llama.apply_rotary_pos_emb, "__wrapped_original__")
+    calls = []
+    fused_rotary = layers.rotary
+    monkeypatch.setattr(layers, "rotary", lambda *a: calls.append(1) or fused_rotary(*a))
     fused_out, fused_grad = run()
+    assert len(calls) == 2                              # the fused rotary ran in both layers
     assert rel(fused_out, plain_out) < 2e-2 and rel(fused_grad, plain_grad) < 5e-2
-    assert layers.uninstall(model) == 7
+    assert layers.uninstall(model) == 8
+    assert not hasattr(modeling_llama.apply_rotary_pos_emb, "__wrapped_original__")

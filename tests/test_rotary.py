@@ -60,3 +60,62 @@ def test_bad_shapes_are_named():
         rope_write(torch.zeros(2, 64), torch.zeros(2, 32), torch.zeros(2, 32), torch.zeros(2, 8), torch.zeros(2, 8), ks, ks, cur)
     with pytest.raises(ValueError, match="k and v"):
         rope_write(torch.zeros(2, 64), torch.zeros(2, 16), torch.zeros(2, 32), torch.zeros(2, 16), torch.zeros(2, 16), ks, ks, cur)
+
+
+def _qkcs(B, Hq, Hk, T, d, dtype, cos_batch, seed):
+    """q, k as transformers makes them ([B, T, H, d] projections viewed as [B, H, T, d]: strided),
+    cos / sin [cos_batch, T, d]."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, Hq, d, generator=g).to(dtype).transpose(1, 2)
+    k = torch.randn(B, T, Hk, d, generator=g).to(dtype).transpose(1, 2)
+    ang = torch.rand(cos_batch, T, d // 2, generator=g) * 60
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    return q, k, cos, sin
+
+
+SHAPES = [(1, 1, 1, 1, 2, 1), (3, 9, 3, 7, 24, 3), (2, 4, 4, 97, 16, 1), (2, 8, 1, 5, 128, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,Hq,Hk,T,d,cb", SHAPES)
+def test_rope_forward_backward_match_float64(B, Hq, Hk, T, d, cb, dtype):
+    from iicl_fast.kernels.reference_rotary import rope_ref
+    from iicl_fast.layers import rotary as fused
+    q, k, cos, sin = _qkcs(B, Hq, Hk, T, d, dtype, cb, seed=B * 100 + T)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    qo, ko = fused(q, k, cos, sin)
+    assert qo.stride() == q.stride() and ko.stride() == k.stride()        # the input's layout kept
+    assert torch.isfinite(qo).all() and torch.isfinite(ko).all()          # every element written (poisoned)
+    q64, k64 = q.detach().double().requires_grad_(True), k.detach().double().requires_grad_(True)
+    wq, wk = rope_ref(q64, k64, cos, sin)
+    pq, pk = rope_ref(q, k, cos, sin, dtype=dtype)                         # the plain path, same dtype
+    g = torch.Generator().manual_seed(7)
+    gq, gk = torch.randn(qo.shape, generator=g).to(dtype), torch.randn(ko.shape, generator=g).to(dtype)
+    dq, dk = torch.autograd.grad((qo, ko), (q, k), (gq, gk))
+    wdq, wdk = torch.autograd.grad((wq, wk), (q64, k64), (gq.double(), gk.double()))
+    pdq, pdk = torch.autograd.grad((pq, pk), (q, k), (gq, gk))
+    floor = 1e-6 if dtype == torch.float32 else 1e-3
+    for got, plain, want in ((qo, pq, wq), (ko, pk, wk), (dq, pdq, wdq), (dk, pdk, wdk)):
+        err = (got.double() - want).abs().max().item()
+        err_p = (plain.double() - want).abs().max().item()
+        assert torch.isfinite(got).all() and err <= max(2 * err_p, floor * want.abs().max().item()), (err, err_p)
+
+
+def test_rope_forward_rounds_as_transformers():
+    """fp16: bit-equal to transformers' apply_rotary_pos_emb (each product rounded, then the sum)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from iicl_fast.kernels.rotary import rope_forward
+    q, k, cos, sin = _qkcs(3, 6, 2, 11, 32, torch.float16, 3, seed=5)
+    want_q, want_k = apply_rotary_pos_emb.__dict__.get("__wrapped_original__", apply_rotary_pos_emb)(q, k, cos, sin)
+    got_q, got_k = rope_forward(q, k, cos, sin)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
+def test_rope_bad_shapes_are_named():
+    from iicl_fast.kernels.rotary import rope_forward
+    q, k, cos, sin = _qkcs(2, 4, 2, 5, 16, torch.float32, 2, seed=1)
+    with pytest.raises(ValueError, match="cos must be"):
+        rope_forward(q, k, cos[:, :3], sin)
+    with pytest.raises(ValueError, match="q and k must be"):
+        rope_forward(q, k[:1], cos, sin)
