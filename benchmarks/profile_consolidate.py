@@ -71,7 +71,7 @@ def main():
     p.add_argument("--decode-rows", type=int, default=400)
     p.add_argument("--out", default=".")
     p.add_argument("--small", action="store_true", help="a 2-layer model on the CPU: a smoke run")
-    p.add_argument("--variants", default="plain,fast,plain,fast", help="comma list of plain|fast, in order")
+    p.add_argument("--variants", default="plain,fast,plain,fast", help="comma list of plain|fast|fast_norope (fast without the fused rotary), in order")
     p.add_argument("--no-decode", action="store_true", help="skip the decoding-step timing")
     p.add_argument("--trace", action="store_true", help="also write the training step's chrome trace (gzipped)")
     a = p.parse_args()
@@ -95,7 +95,8 @@ def main():
     compile_s = 0.0 if a.small else warm_kernels(model)
     res = {"compile_s": compile_s, "entries": a.entries}
     for variant in a.variants.split(","):        # default twice, interleaved: the second pair counts
-        fast = variant == "fast"
+        fast = variant.startswith("fast")
+        layers.ROTARY = variant != "fast_norope"
         (lora.install if fast else lora.uninstall)(mem.model)
         (layers.install if fast else layers.uninstall)(mem.model)
         decode.FLASH_SUFFIX = decode.CUDNN_PREFIX = fast

@@ -31,6 +31,7 @@ _FAST: dict[type, type] = {}
 _SOURCES: dict[str, str] = {}
 # Tests set this to run the kernels on CPU tensors (through Triton's interpreter).
 ON_CPU = False
+ROTARY = True       # benchmarks set False to time the installed layers without the fused rotary
 
 
 def _enabled() -> bool:
@@ -118,7 +119,7 @@ def _mlp_forward(self, x):
 def _rotary_fast(original):
     """apply_rotary_pos_emb that takes the fused kernel where it applies, else `original`."""
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if ((q.is_cuda or ON_CPU) and _enabled() and unsqueeze_dim == 1 and q.dim() == 4 and k.dim() == 4
+        if ((q.is_cuda or ON_CPU) and ROTARY and _enabled() and unsqueeze_dim == 1 and q.dim() == 4 and k.dim() == 4
                 and cos.dim() == 3 and q.dtype == k.dtype == cos.dtype == sin.dtype and q.shape[-1] % 2 == 0
                 and cos.shape == sin.shape and cos.shape[1:] == q.shape[2:] and cos.shape[0] in (1, q.shape[0])
                 and k.shape[0] == q.shape[0] and k.shape[2:] == q.shape[2:]):
