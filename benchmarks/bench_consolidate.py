@@ -330,6 +330,8 @@ def main():
         args.tokenizer = str(default_gguf_path().parent)
     rows = bench_8b(args) if args.workload == "8b_paper" else bench_embedded(args)
     path = Path(args.out)
+    if path.is_dir() or not path.suffix:           # a folder (e.g. the device's $OUT): its consolidate.json
+        path = path / "consolidate.json"
     old = json.loads(path.read_text()) if path.is_file() else []
     keys = {(r["impl"], r["workload"], r.get("seed")) for r in rows}
     merged = [r for r in old if (r["impl"], r["workload"], r.get("seed")) not in keys] + rows

@@ -83,9 +83,17 @@ def _mean(x: torch.Tensor) -> float:
 # kernel's [rows, V] bf16 workspace grows with the rows up to 256 MiB (2,688 rows at V=49,152):
 # the stress stream's chunk 1, whose replay buffer was half full (~2,200 rows), peaked at
 # 0.632 GiB against 0.678-0.684 for every later chunk (>= 2,688 rows), and max/min missed 1.05.
-# In pieces of 512 rows (48 MiB at V=49,152) nearly every call reaches the same workspace; at
-# the 8B shape (V=128,256) the kernel's own slab is 1,024 rows.
+# In pieces of 512 rows (48 MiB at V=49,152) nearly every call reaches the same workspace.
+# Pieces grow with the vocabulary (loss_rows): at V=128,256 pieces of 512 rows were half the
+# kernel's own 1,024-row slab and the loss head took 65 ms a training step of the 8B shape
+# against 45 ms in whole slabs (H200, benchmarks/NOTES.md, fifteenth session).
 LOSS_ROWS = 512
+
+
+def loss_rows(vocab: int) -> int:
+    """Rows per call of training's loss head: LOSS_ROWS per started 65,536 vocabulary entries
+    (512 at V=49,152, 1,024 — one of the kernel's slabs — at V=128,256)."""
+    return LOSS_ROWS * -(-vocab // 65536)
 
 
 def entry_loss(model, fmt, batch: list[Entry], teacher: HiddenSet, rows: torch.Tensor, config: Config,
@@ -101,11 +109,11 @@ def hidden_loss(model, h_s, teacher: HiddenSet, rows: torch.Tensor, config: Conf
     if config.loss_impl == "fused":
         from . import ops
         if config.loss == "forward_kl" and bias is None and softcap is None:
-            total = 0.0
-            for a in range(0, len(rows), LOSS_ROWS):       # see LOSS_ROWS
-                r = rows[a: a + LOSS_ROWS]
+            total, n = 0.0, loss_rows(weight.shape[0])
+            for a in range(0, len(rows), n):       # see LOSS_ROWS
+                r = rows[a: a + n]
                 st = ops.TeacherStats(*(None if t is None else t[r] for t in teacher_stats))
-                total = total + ops.forward_kl(h_s[a: a + LOSS_ROWS], weight, st, temperature=config.temperature,
+                total = total + ops.forward_kl(h_s[a: a + n], weight, st, temperature=config.temperature,
                                                reduction="sum", impl=config.kernel_impl)
             return total / len(rows)
         if config.loss == "seqkd":
@@ -211,8 +219,9 @@ def loss_stats(model, teacher: HiddenSet, config: Config):
         return None
     from . import ops
     weight, _, _ = lm_head(model)
-    parts = [ops.teacher_stats(teacher.h[a: a + LOSS_ROWS].to(weight.dtype), weight, temperature=config.temperature,
-                               impl=config.kernel_impl) for a in range(0, len(teacher.h), LOSS_ROWS)]
+    n = loss_rows(weight.shape[0])
+    parts = [ops.teacher_stats(teacher.h[a: a + n].to(weight.dtype), weight, temperature=config.temperature,
+                               impl=config.kernel_impl) for a in range(0, len(teacher.h), n)]
     return tuple(torch.cat([getattr(p, k) for p in parts]) for k in ("lse", "entropy", "mu")) + (None,)
 
 

@@ -47,11 +47,11 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _base_plus(x2, weight, bias, xa, bs_h):
     """x2 Wᵀ + b + xa (s B)ᵀ. The rank-r product is computed first and the base GEMM adds it in
-    its epilogue (addmm, β = 1): the base GEMM is compute-bound, so reading it there is ~free,
+    its epilogue (addmm_, β = 1): the base GEMM is compute-bound, so reading it there is ~free,
     where adding it afterwards (y.addmm_) read and wrote all of y once more in a memory-bound
     K = r GEMM (~38 ms of a 595 ms training step on the 8B shape, benchmarks/NOTES.md)."""
     z = torch.mm(xa, bs_h.t()) if bias is None else torch.addmm(bias, xa, bs_h.t())
-    return torch.addmm(z, x2, weight.t())
+    return z.addmm_(x2, weight.t())          # in place: an out-of-place addmm first copies z
 
 
 class LoraLinearFn(torch.autograd.Function):
@@ -77,7 +77,7 @@ class LoraLinearFn(torch.autograd.Function):
         ga = torch.mm(g, bs_h)                            # [N, r] = s · g B
         gx = gA = gB = None
         if ctx.needs_input_grad[0]:
-            gx = torch.addmm(torch.mm(ga, a_h), g, weight).view(ctx.in_shape)     # see _base_plus
+            gx = torch.mm(ga, a_h).addmm_(g, weight).view(ctx.in_shape)     # see _base_plus
         if ctx.needs_input_grad[3]:
             gA = _mm_f32(ga.t(), x2)                      # [r, in]
         if ctx.needs_input_grad[4]:

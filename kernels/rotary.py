@@ -98,6 +98,21 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
 
 
 @triton.jit
+def _round(x, ty: tl.constexpr):
+    """fp32 x rounded to ty (nearest, ties to even), returned as fp32. bf16 by integer ops: a
+    `.to(bf16).to(fp32)` round trip came out of the GPU compile unlike transformers' products
+    (tests/test_cuda_e2e.py), and the interpreter truncates that cast."""
+    if ty == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+    elif ty == tl.float32:
+        return x
+    else:
+        return x.to(ty).to(tl.float32)
+
+
+@triton.jit
 def _rope_rows(x_ptr, y_ptr, b, t, H, sxb, sxh, sxt, syb, syh, syt, c1, c2, s1, s2,
                HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
     h = tl.arange(0, BLOCK_H)[:, None]
@@ -111,11 +126,11 @@ def _rope_rows(x_ptr, y_ptr, b, t, H, sxb, sxh, sxt, syb, syh, syt, c1, c2, s1, 
         y1 = x1 * c1 + x2 * s2
         y2 = x2 * c2 - x1 * s1
     else:               # transformers' rounding: each product in the tensor's dtype, then the sum
-        y1 = (x1 * c1).to(ty).to(tl.float32) + (-(x2 * s1)).to(ty).to(tl.float32)
-        y2 = (x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)
+        y1 = _round(x1 * c1, ty) + _round(-(x2 * s1), ty)
+        y2 = _round(x2 * c2, ty) + _round(x1 * s2, ty)
     dst = y_ptr + b * syb + h.to(tl.int64) * syh + t * syt + r
-    tl.store(dst, y1.to(ty), mask=m)
-    tl.store(dst + HALF, y2.to(ty), mask=m)
+    tl.store(dst, _round(y1, ty).to(ty), mask=m)          # exact: already on ty's grid
+    tl.store(dst + HALF, _round(y2, ty).to(ty), mask=m)
 
 
 @triton.jit

@@ -76,7 +76,7 @@ def _qkcs(B, Hq, Hk, T, d, dtype, cos_batch, seed):
 SHAPES = [(1, 1, 1, 1, 2, 1), (3, 9, 3, 7, 24, 3), (2, 4, 4, 97, 16, 1), (2, 8, 1, 5, 128, 2)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,Hq,Hk,T,d,cb", SHAPES)
 def test_rope_forward_backward_match_float64(B, Hq, Hk, T, d, cb, dtype):
     from iicl_fast.kernels.reference_rotary import rope_ref
@@ -102,11 +102,13 @@ def test_rope_forward_backward_match_float64(B, Hq, Hk, T, d, cb, dtype):
         assert torch.isfinite(got).all() and err <= max(2 * err_p, floor * want.abs().max().item()), (err, err_p)
 
 
-def test_rope_forward_rounds_as_transformers():
-    """fp16: bit-equal to transformers' apply_rotary_pos_emb (each product rounded, then the sum)."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_rope_forward_rounds_as_transformers(dtype):
+    """Bit-equal to transformers' apply_rotary_pos_emb (each product rounded, then the sum; bf16
+    rounded by integer ops, which the interpreter does not truncate)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     from iicl_fast.kernels.rotary import rope_forward
-    q, k, cos, sin = _qkcs(3, 6, 2, 11, 32, torch.float16, 3, seed=5)
+    q, k, cos, sin = _qkcs(3, 6, 2, 11, 32, dtype, 3, seed=5)
     want_q, want_k = apply_rotary_pos_emb.__dict__.get("__wrapped_original__", apply_rotary_pos_emb)(q, k, cos, sin)
     got_q, got_k = rope_forward(q, k, cos, sin)
     assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
