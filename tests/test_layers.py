@@ -92,9 +92,16 @@ def test_installed_layers_match_the_plain_model(smol_tokenizer, monkeypatch):
 
     plain_out, plain_grad = run()
     monkeypatch.setattr(layers, "ON_CPU", True)
+    # The rotary switch is process-wide, counted by the models installed (a Memory installs
+    # its model's layers: other tests of this process may hold some): start from none here.
+    from transformers.models.llama import modeling_llama
+    original = getattr(modeling_llama.apply_rotary_pos_emb, "__wrapped_original__", modeling_llama.apply_rotary_pos_emb)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", original)
+    monkeypatch.setitem(layers._ROTARY_USERS, modeling_llama.__name__, 0)
     # 2 norms a layer + the final one, 2 MLPs, and modeling_llama's rotary embedding
     assert layers.install(model) == 2 * 2 + 1 + 2 + 1
-    from transformers.models.llama import modeling_llama
+    other = make_tiny(smol_tokenizer)
+    assert layers.install(other) == 2 * 2 + 1 + 2 + 1 and layers.uninstall(other) == 8
     assert type(model.model.norm).__name__ == "FusedLlamaRMSNorm"
     assert hasattr(modeling_llama.apply_rotary_pos_emb, "__wrapped_original__")
     calls = []
@@ -103,5 +110,5 @@ def test_installed_layers_match_the_plain_model(smol_tokenizer, monkeypatch):
     fused_out, fused_grad = run()
     assert len(calls) == 2                              # the fused rotary ran in both layers
     assert rel(fused_out, plain_out) < 2e-2 and rel(fused_grad, plain_grad) < 5e-2
-    assert layers.uninstall(model) == 8
-    assert not hasattr(modeling_llama.apply_rotary_pos_emb, "__wrapped_original__")
+    assert layers.uninstall(model) == 8              # the last user: transformers' own function back
+    assert modeling_llama.apply_rotary_pos_emb is original
