@@ -6,6 +6,7 @@ torch.profiler table of one training step and one teacher batch of the fast vari
 
     python benchmarks/profile_consolidate.py --tokenizer DIR [--entries 96] [--out DIR]"""
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -63,6 +64,19 @@ def decode_steps(model, prefix, rows, steps):
     return times[len(times) // 2]
 
 
+def gpu_busy_s(prof) -> float:
+    """Seconds in which the GPU ran anything (the union of its kernels' and copies' intervals)."""
+    from torch.autograd import DeviceType
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy / 1e6
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokenizer", required=True)
@@ -74,7 +88,10 @@ def main():
     p.add_argument("--variants", default="plain,fast,plain,fast", help="comma list of plain|fast|fast_norope (fast without the fused rotary), in order")
     p.add_argument("--no-decode", action="store_true", help="skip the decoding-step timing")
     p.add_argument("--trace", action="store_true", help="also write the training step's chrome trace (gzipped)")
+    p.add_argument("--cudnn", action="store_true",
+                   help="let SDPA pick cuDNN attention (the library turns it off: decode.sdpa_backends)")
     a = p.parse_args()
+    backends = contextlib.nullcontext if a.cudnn else decode.sdpa_backends
     peak = (lambda: torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else (lambda: float("nan"))
     reset = torch.cuda.reset_peak_memory_stats if torch.cuda.is_available() else (lambda: None)
     from transformers import AutoTokenizer
@@ -101,6 +118,8 @@ def main():
         (layers.install if fast else layers.uninstall)(mem.model)
         decode.FLASH_SUFFIX = decode.CUDNN_PREFIX = fast
         reset()
+        stack = contextlib.ExitStack()
+        stack.enter_context(backends())
         t = now()
         th = teacher_hidden(mem.model, fmt, chunk, entries, batch_size=400, max_tokens=cfg.pass_tokens)
         t_teacher = now() - t
@@ -119,6 +138,7 @@ def main():
         train(mem.model, fmt, entries[:n], sub, mem.params, cfg)
         t_train = now() - t
         train_peak = peak()
+        stack.close()
         ms_step = float("nan") if a.no_decode else decode_steps(mem.model, prefix, a.decode_rows, 12)
         tokens_t = sum(len(fmt.query(e.query)) + len(e.response) for e in entries)
         tokens_s = sum(len(fmt.prompt(e.query)) + len(e.response) for e in entries)
@@ -138,9 +158,13 @@ def main():
     # showed ~50 ms of optimizer time that the other steps of a chunk do not have)
     n_prof = min(3 * cfg.batch_size, len(entries))
     sub = subset(th, list(range(n_prof)))
-    with profile(activities=acts, record_shapes=True) as prof:
+    with backends(), profile(activities=acts, record_shapes=True) as prof:
+        t = now()
         train(mem.model, fmt, entries[:n_prof], sub, mem.params, cfg)
-        now()
+        span = now() - t
+    busy = gpu_busy_s(prof)
+    res["profiled_train"] = {"wall_s": span, "gpu_busy_s": busy, "idle_s": span - busy if busy else None}
+    print(f"profiled training: wall {span:.3f}s, GPU busy {busy:.3f}s (union of kernel and copy intervals)")
     table = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=70)
     Path(a.out, "profile_train.txt").write_text(table)
     shapes = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=80, max_name_column_width=50,
@@ -154,7 +178,7 @@ def main():
             g.write(f.read())
         trace.unlink()
     print(table[:6000])
-    with profile(activities=acts) as prof:
+    with backends(), profile(activities=acts) as prof:
         teacher_hidden(mem.model, fmt, chunk, entries[:56], batch_size=400, max_tokens=cfg.pass_tokens)
         now()
     table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)

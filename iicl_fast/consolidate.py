@@ -16,7 +16,7 @@ from . import dist, reference
 from .config import Config
 from .decode import without_cudnn_sdpa
 from .elicit import Entry, anchor_entries, elicit
-from .generation import causal_lm, lm_head
+from .generation import causal_lm, lm_head, to_device
 from .models import PromptFormat
 from .select import delta_ppl, select_by_ppl_gap, select_random
 from .teacher import HiddenSet, hidden_logprob, student_hidden, student_hidden_set, teacher_hidden, token_batches
@@ -190,7 +190,7 @@ def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, pa
                 n_step = sum(len(entries[i].response) for i in idx)
                 opt.zero_grad(set_to_none=True)
                 for mb in micro_batches(fmt, entries, dist.shard(idx), config.train_tokens):
-                    rows = teacher.rows(mb).to(teacher.h.device)
+                    rows = to_device(teacher.rows(mb), teacher.h.device)
                     loss = entry_loss(model, fmt, [entries[i] for i in mb], teacher, rows, config, stats)
                     (loss * (rows.numel() / n_step)).backward()
                     total += loss.detach().double() * rows.numel()
@@ -266,7 +266,9 @@ def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.T
                                seed=config.seed + chunk_index, dealt=rep.anchored)
     rep.seconds["train"] = _now(model) - t
     phase_peak(rep, "train", params[0].device)
-    rep.work["train_tokens"] = config.epochs * sum(len(fmt.prompt(e.query)) + len(e.response) for e in train_entries)
+    lengths = [len(fmt.prompt(e.query)) + len(e.response) for e in train_entries]
+    rep.work["train_tokens"] = config.epochs * sum(lengths)
+    rep.work["train_pairs"] = config.epochs * sum(n * (n + 1) // 2 for n in lengths)     # causal attention's (q, k)
     return rep, kept_entries, teacher
 
 

@@ -47,6 +47,17 @@ def lm_head(model):
     return head.weight, getattr(head, "bias", None), softcap
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on device without waiting for the GPU: a plain .to("cuda") of pageable
+    memory synchronises the stream, so every micro-batch's ids drained the GPU's queue and
+    left it idle while the host built the next batch. Pinned (PyTorch's caching host
+    allocator keeps the buffer until the copy is done) and copied asynchronously."""
+    dev = torch.device(device) if device is not None else t.device
+    if dev.type != "cuda" or t.device.type != "cpu":
+        return t.to(dev)
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
 def pad_right(seqs: list[list[int]], pad_id: int, device=None):
     """-> ids [B, S], mask [B, S] (1 = real token)."""
     S = max(len(s) for s in seqs)
@@ -55,7 +66,7 @@ def pad_right(seqs: list[list[int]], pad_id: int, device=None):
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
+    return to_device(ids, device), to_device(mask, device)
 
 
 def pad_left(seqs: list[list[int]], pad_id: int, device=None):
@@ -65,7 +76,7 @@ def pad_left(seqs: list[list[int]], pad_id: int, device=None):
     for i, s in enumerate(seqs):
         ids[i, S - len(s):] = torch.tensor(s, dtype=torch.long)
         mask[i, S - len(s):] = 1
-    return ids.to(device), mask.to(device)
+    return to_device(ids, device), to_device(mask, device)
 
 
 def prefix_cache(model, prefix: list[int]):

@@ -1,0 +1,71 @@
+"""Training's attention on the 8B shape, forward + backward, by SDPA backend, beside its FLOP
+floor: which backend a training step should take (the library keeps cuDNN off by default,
+decode.sdpa_backends, for its per-shape plan cache).
+
+    python benchmarks/bench_train_attention.py [--batch 16] [--lengths 593,577,601] [--out DIR]
+
+q [B, 32, T, 128], k and v [B, 8, T, 128], bf16, causal, grouped KV heads (enable_gqa: what
+transformers passes without a mask). One layer; the step's figure is 32 layers."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_consolidate import PEAK_FLOPS, commit  # noqa: E402
+
+BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def time_ms(fn, reps=20) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lengths", default="593,577,601")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    B, Hq, Hk, d, layers = a.batch, 32, 8, 128, 32
+    rows = []
+    for T in (int(x) for x in a.lengths.split(",")):
+        q = torch.randn(B, Hq, T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(B, Hk, T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(B, Hk, T, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        go = torch.randn(B, Hq, T, d, device="cuda", dtype=torch.bfloat16)
+        flops = 3 * 4 * B * Hq * d * T * (T + 1) / 2          # forward QKᵀ, PV; backward twice that
+        row = {"B": B, "T": T, "floor_ms": flops / PEAK_FLOPS * 1e3}
+        for name, be in BACKENDS.items():
+            def step():
+                with sdpa_kernel([be]):
+                    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                torch.autograd.grad(o, (q, k, v), go)
+            try:
+                row[name + "_ms"] = time_ms(step)
+            except RuntimeError as e:
+                row[name + "_ms"] = None
+                print(f"T={T} {name}: {str(e).splitlines()[0][:100]}")
+        rows.append(row)
+        print(f"T={T}: floor {row['floor_ms']:.3f} ms/layer; " + ", ".join(
+            f"{n} {row[n + '_ms']:.3f} ms ({row[n + '_ms'] / row['floor_ms']:.2f}x)" for n in BACKENDS
+            if row[n + "_ms"]) + f"; x{layers} layers a step", flush=True)
+    if a.out:
+        res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit(), "rows": rows}
+        Path(a.out, "train_attention.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
