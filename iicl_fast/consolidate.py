@@ -79,7 +79,8 @@ def _mean(x: torch.Tensor) -> float:
     return float(x.mean()) if x.numel() else float("nan")
 
 
-# Rows per call of the fused loss head in training (teacher stats and forward KL). Its
+# Rows per slab of the fused loss head in training (teacher stats and forward KL; the kernel's
+# slab_rows, first pieces of this many rows a call). Its
 # kernel's [rows, V] bf16 workspace grows with the rows up to 256 MiB (2,688 rows at V=49,152):
 # the stress stream's chunk 1, whose replay buffer was half full (~2,200 rows), peaked at
 # 0.632 GiB against 0.678-0.684 for every later chunk (>= 2,688 rows), and max/min missed 1.05.
@@ -91,7 +92,7 @@ LOSS_ROWS = 512
 
 
 def loss_rows(vocab: int) -> int:
-    """Rows per call of training's loss head: LOSS_ROWS per started 65,536 vocabulary entries
+    """Rows per slab of training's loss head: LOSS_ROWS per started 65,536 vocabulary entries
     (512 at V=49,152, 1,024 — one of the kernel's slabs — at V=128,256)."""
     return LOSS_ROWS * -(-vocab // 65536)
 
@@ -109,13 +110,12 @@ def hidden_loss(model, h_s, teacher: HiddenSet, rows: torch.Tensor, config: Conf
     if config.loss_impl == "fused":
         from . import ops
         if config.loss == "forward_kl" and bias is None and softcap is None:
-            total, n = 0.0, loss_rows(weight.shape[0])
-            for a in range(0, len(rows), n):       # see LOSS_ROWS
-                r = rows[a: a + n]
-                st = ops.TeacherStats(*(None if t is None else t[r] for t in teacher_stats))
-                total = total + ops.forward_kl(h_s[a: a + n], weight, st, temperature=config.temperature,
-                                               reduction="sum", impl=config.kernel_impl)
-            return total / len(rows)
+            # one call, its kernel's slabs capped at loss_rows(V) (see LOSS_ROWS): a call per piece
+            # cost a host sync each (the kernel's overflow check), and the GPU idled while the
+            # host launched the next piece: ~20 ms of gaps in a 550 ms step of the 8B shape
+            st = ops.TeacherStats(*(None if t is None else t[rows] for t in teacher_stats))
+            return ops.forward_kl(h_s, weight, st, temperature=config.temperature, reduction="mean",
+                                  impl=config.kernel_impl, slab_rows=loss_rows(weight.shape[0]))
         if config.loss == "seqkd":
             lp, _ = ops.token_logprob(h_s, weight, targets, temperature=config.temperature, impl=config.kernel_impl)
             return -lp.mean()
@@ -220,8 +220,9 @@ def loss_stats(model, teacher: HiddenSet, config: Config):
     from . import ops
     weight, _, _ = lm_head(model)
     n = loss_rows(weight.shape[0])
-    parts = [ops.teacher_stats(teacher.h[a: a + n].to(weight.dtype), weight, temperature=config.temperature,
-                               impl=config.kernel_impl) for a in range(0, len(teacher.h), n)]
+    # pieces of 8 slabs: the teacher's rows cast to the weight's dtype a piece at a time
+    parts = [ops.teacher_stats(teacher.h[a: a + 8 * n].to(weight.dtype), weight, temperature=config.temperature,
+                               impl=config.kernel_impl, slab_rows=n) for a in range(0, len(teacher.h), 8 * n)]
     return tuple(torch.cat([getattr(p, k) for p in parts]) for k in ("lse", "entropy", "mu")) + (None,)
 
 

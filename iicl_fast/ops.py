@@ -71,18 +71,20 @@ def _rowdot(a, b, rows=2048):
 
 
 @torch.no_grad()
-def teacher_stats(h, weight, targets=None, *, temperature=1.0, precise=False, impl="auto") -> TeacherStats:
+def teacher_stats(h, weight, targets=None, *, temperature=1.0, precise=False, impl="auto",
+                  slab_rows: int | None = None) -> TeacherStats:
     """The single teacher pass: h [N, H], weight [V, H] -> TeacherStats (fp32).
 
     entropy is computed as lse − h·μ/T (= lse − Σp·z in exact arithmetic) so that it carries
     the same rounding as μ: then forward_kl = lse_s − h_s·μ/T − H_t sees only (h_s − h_t)·δμ,
     which vanishes near convergence. With Σp·z instead, bf16 rounding of P in μ gave a KL error
     2.3× the KL itself at KL 4.6e-4 (H=4096, V=128256, H100). precise=True also keeps P in fp32
-    split into two bf16 products for μ (3 GEMM-equivalents instead of 2)."""
+    split into two bf16 products for μ (3 GEMM-equivalents instead of 2). slab_rows: at most
+    this many rows a kernel slab (its [rows, V] workspace bounded whatever N is)."""
     _check(h, weight, "h", targets)
     be = _backend(impl, h)
     lse, _, zt, mu = be.softmax_stats(h.detach(), weight.detach(), targets, temperature=temperature,
-                                      precise_w=precise)
+                                      precise_w=precise, max_rows=slab_rows)
     return TeacherStats(lse, lse - _rowdot(h, mu) / temperature, mu, None if zt is None else zt - lse)
 
 
@@ -99,11 +101,12 @@ def _per_token_grad(ctx, g, rows=2048):
 
 class _ForwardKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, weight, mu_t, ent_t, temperature, impl):
+    def forward(ctx, h_s, weight, mu_t, ent_t, temperature, impl, slab_rows):
         be = _backend(impl, h_s)
         # ∂KL/∂h_s = (E_ps[W] − μ_t)/T comes out of the P·W kernel's epilogue, in h_s's dtype
         lse_s, _, _, grad = be.softmax_stats(h_s.detach(), weight.detach(), None, temperature=temperature,
-                                             expect_w=ctx.needs_input_grad[0], minus=mu_t, w_dtype=h_s.dtype)
+                                             expect_w=ctx.needs_input_grad[0], minus=mu_t, w_dtype=h_s.dtype,
+                                             max_rows=slab_rows)
         kl = lse_s - _rowdot(h_s, mu_t) / temperature - ent_t
         ctx.save_for_backward(grad)
         ctx.h_dtype = h_s.dtype
@@ -111,15 +114,17 @@ class _ForwardKL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _per_token_grad(ctx, g), None, None, None, None, None
+        return _per_token_grad(ctx, g), None, None, None, None, None, None
 
 
-def forward_kl(h_s, weight, st: TeacherStats, *, temperature=1.0, reduction="none", impl="auto"):
-    """KL(p_teacher ‖ p_student) per token [N] (or mean/sum), differentiable in h_s [N, H]."""
+def forward_kl(h_s, weight, st: TeacherStats, *, temperature=1.0, reduction="none", impl="auto",
+               slab_rows: int | None = None):
+    """KL(p_teacher ‖ p_student) per token [N] (or mean/sum), differentiable in h_s [N, H].
+    slab_rows: as in teacher_stats."""
     _check(h_s, weight, "h_s")
     if st.mu.shape != h_s.shape:
         raise IICLError(f"teacher stats are for shape {tuple(st.mu.shape)}, h_s is {tuple(h_s.shape)}")
-    kl = _ForwardKL.apply(h_s, weight, st.mu.float(), st.entropy.float(), float(temperature), impl)
+    kl = _ForwardKL.apply(h_s, weight, st.mu.float(), st.entropy.float(), float(temperature), impl, slab_rows)
     return _reduce(kl, reduction)
 
 

@@ -436,7 +436,8 @@ def _target_logit(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, 
 
 def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None, *,
                   temperature: float = 1.0, expect_w: bool = True, precise_w: bool = False,
-                  minus: torch.Tensor | None = None, w_dtype: torch.dtype = torch.float32):
+                  minus: torch.Tensor | None = None, w_dtype: torch.dtype = torch.float32,
+                  max_rows: int | None = None):
     """One pass over the vocabulary for p = softmax(h·Wᵀ/T), in slabs of rows.
 
     Per slab: the tile kernel writes per-(row, tile) statistics and P into a [rows, V] bf16
@@ -456,24 +457,26 @@ def softmax_stats(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor |
     instead of 2): the teacher's μ_t enters the forward-KL value lse_s − h_s·μ_t/T − H_t, where
     near convergence bf16 P gave 2.3× the KL itself as error (H=4096, V=128256, KL 4.6e-4).
 
+    max_rows: at most this many rows a slab (the workspace stays the same size whatever N is).
+
     h [N, H], weight [V, H] (same dtype), targets [N] long or None, minus [N, H] fp32 or None.
     -> lse [N], sum_pz [N] (Σ p·z), z_target [N] or None (fp32), and E_p[W] [N, H] in w_dtype
     (or None without expect_w)."""
     capturing = h.is_cuda and torch.cuda.is_current_stream_capturing()
     row_c = expect_w and not capturing and os.environ.get("IICL_LOSS_HEAD_ROW_SHIFT", "1") != "0"
     lse, spz, zt, out, bad = _softmax_stats(h, weight, targets, temperature, expect_w, precise_w, minus, w_dtype,
-                                            row_c)
+                                            row_c, max_rows)
     if row_c and bool(bad.any()):
         idx = bad.nonzero().squeeze(1)
         sub = _softmax_stats(h[idx], weight, None if targets is None else targets[idx], temperature, expect_w,
-                             precise_w, None if minus is None else minus[idx], w_dtype, False)
+                             precise_w, None if minus is None else minus[idx], w_dtype, False, max_rows)
         for full, part in zip((lse, spz, zt, out), sub):
             if full is not None:
                 full[idx] = part
     return lse, spz, zt, out
 
 
-def _softmax_stats(h, weight, targets, temperature, expect_w, precise_w, minus, w_dtype, row_c):
+def _softmax_stats(h, weight, targets, temperature, expect_w, precise_w, minus, w_dtype, row_c, max_rows=None):
     """softmax_stats without the redo; row_c: P = e^(z − c_row) (else per-tile re-basing).
     -> lse, sum_pz, z_target, E_p[W] as softmax_stats, and the rows to redo [N] bool (row_c)."""
     N, H = h.shape
@@ -502,9 +505,12 @@ def _softmax_stats(h, weight, targets, temperature, expect_w, precise_w, minus, 
     p_dtype = torch.float32 if split else h.dtype
     if expect_w:
         rows = _slab(N, BN, tiles * BV * p_dtype.itemsize)
-        p_ws = _out(rows, tiles * BV, device=dev, dtype=p_dtype)
     else:      # only the [3, rows, tiles] fp32 statistics, up to 64 MiB of them
         rows = _slab(N, BN, tiles * 12, workspace_bytes=64 << 20)
+    if max_rows:
+        rows = min(rows, max(BN, max_rows // BN * BN))
+    if expect_w:
+        p_ws = _out(rows, tiles * BV, device=dev, dtype=p_dtype)
     tma = _tma_ok(cfg, h, weight) and (not expect_w or _tma_ok(cfg, p_ws))
     w_in = _desc(weight, [BV, BK]) if tma else weight
     tma_store = tma and expect_w and cfg["TMA_STORE"]

@@ -19,9 +19,9 @@ def _logits(h, w, temperature=1.0, softcap=None):
 
 @torch.no_grad()
 def softmax_stats(h, weight, targets=None, *, temperature=1.0, expect_w=True, precise_w=False, minus=None,
-                  w_dtype=torch.float32, token_chunk=256):
+                  w_dtype=torch.float32, token_chunk=256, max_rows=None):
     """-> lse [N], Σ p·z [N], z_target [N] or None (fp32), E_p[W] [N, H] (or (E_p[W] − minus)/T)
-    in w_dtype, or None."""
+    in w_dtype, or None. max_rows: the kernel's slab cap (here rows go token_chunk at a time)."""
     N = h.shape[0]
     lse = torch.empty(N, device=h.device)
     spz = torch.empty_like(lse)

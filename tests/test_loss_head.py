@@ -289,6 +289,30 @@ def test_slab_rows():
     assert real(97, 32, 10 ** 12) == 32 and real(97, 32, 1) == 128
 
 
+def test_slab_rows_cap(monkeypatch):
+    """slab_rows caps the kernel's slabs (training keeps its workspace the same size whatever
+    the rows, in one call): 4 slabs of at most 32 rows at N=97 instead of 2 of 96, and the same
+    results against float64."""
+    real, seen = loss_head._row_shift, []
+    monkeypatch.setattr(loss_head, "_row_shift", lambda h, w, t: seen.append(len(h)) or real(h, w, t))
+    N, H, V, T = 97, 40, 4099, 1.5
+    h_t, W, _, g = inputs(N, H, V, 31)
+    h_s = (h_t + 0.5 * randn(N, H, generator=g)).requires_grad_(True)
+    st = ops.teacher_stats(h_t, W, temperature=T, impl="triton", slab_rows=40)
+    assert seen == [32, 32, 32, 1]
+    seen.clear()
+    kl = ops.forward_kl(h_s, W, st, temperature=T, impl="triton", slab_rows=40)
+    (grad,) = torch.autograd.grad(kl.sum(), h_s)
+    assert seen == [32, 32, 32, 1]
+    logp = torch.log_softmax(logits64(h_t, W, T), -1)
+    h64 = h_s.detach().double().requires_grad_(True)
+    ref = (logp.exp() * (logp - torch.log_softmax(logits64(h64, W, T), -1))).sum(-1)
+    (g_ref,) = torch.autograd.grad(ref.sum(), h64)
+    close(st.mu, logp.exp() @ W.double())
+    close(kl, ref.detach(), atol=1e-4)
+    close(grad, g_ref, atol=1e-5)
+
+
 def test_mean_reduction_and_bad_inputs():
     h, W, y, _ = inputs(7, 24, 37, 0)
     with pytest.raises(ops.IICLError, match="same dtype"):

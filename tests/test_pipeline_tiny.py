@@ -102,8 +102,9 @@ def test_fused_and_reference_losses_agree(smol_tokenizer):
 
 
 def test_fused_forward_kl_in_row_pieces_equals_one_call(smol_tokenizer, monkeypatch):
-    """Training's loss head runs in pieces of LOSS_ROWS rows (so its workspace is the same for
-    every chunk): teacher stats, loss and gradient equal one call over all rows."""
+    """Training's loss head runs in slabs of LOSS_ROWS rows (teacher stats in pieces of 8 slabs;
+    its workspace the same for every chunk): teacher stats, loss and gradient equal one call
+    over all rows."""
     from conftest import make_tiny
     from iicl_fast import consolidate as C
     from iicl_fast.teacher import HiddenSet
