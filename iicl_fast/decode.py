@@ -66,6 +66,69 @@ def without_cudnn_sdpa(fn):
     return run
 
 
+# Training's attention: cuDNN on sequences padded to a multiple of TRAIN_PAD. On the 8B
+# training step's shape (16 rows of ~593 tokens, 32/8 heads, d 128, causal) cuDNN's forward +
+# backward took 0.69-0.70 ms a layer against 1.42-1.44 for SDPA's flash kernel (H200,
+# benchmarks/bench_train_attention.py): ~23 ms of a ~550 ms step. The library keeps cuDNN
+# off elsewhere (decode.sdpa_backends): PyTorch builds and keeps one cuDNN plan per input
+# shape, never evicted, and a stream's shapes never repeat. Padded to a multiple of 64 the
+# shapes a training run can take are few (length buckets × batch sizes), and the same in
+# every chunk. Right padding is exact under a causal mask: no real query sees a padded key,
+# and the padded queries' zero output gradient adds nothing to any real key's or value's.
+# IICL_TRAIN_CUDNN=0: SDPA's own choice (benchmarks compare both).
+TRAIN_IMPL = "iicl_train"
+TRAIN_PAD = 64
+
+
+def padded_causal_sdpa(q, k, v, scale=None, multiple: int = TRAIN_PAD, backends=None):
+    """Causal attention of q [B, Hq, T, d] over k, v [B, Hk, T, d] (Hq a multiple of Hk) with T
+    padded to a multiple of `multiple` at the end; -> [B, Hq, T, d]. backends: SDPA backends
+    to allow (None: the current choice)."""
+    from torch.nn.attention import sdpa_kernel
+    T = q.shape[2]
+    pad = -T % multiple
+    if pad:
+        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                             enable_gqa=q.shape[1] != k.shape[1])
+    return o[:, :, :T] if pad else o
+
+
+def _train_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function for training passes: cuDNN on padded lengths where the
+    call is a plain causal self-attention of a half-precision CUDA batch, transformers' SDPA
+    function otherwise. -> ([B, T, Hq, d], None) as transformers' own."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    plain = (attention_mask is None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
+             and query.shape[2] == key.shape[2] > 1 and not dropout and getattr(module, "is_causal", True)
+             and kwargs.get("softcap") is None and kwargs.get("sliding_window") is None
+             and kwargs.get("is_causal", True) and query.shape[-1] <= 128 and query.shape[1] % key.shape[1] == 0)
+    if not plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    from torch.nn.attention import SDPBackend
+    o = padded_causal_sdpa(query, key, value, scale=scaling,
+                           backends=[SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION])
+    return o.transpose(1, 2).contiguous(), None
+
+
+def training_attention(model):
+    """A context in which model's attention layers take _train_attention where they use
+    transformers' SDPA implementation; a no-op elsewhere (other implementations, no CUDA,
+    IICL_TRAIN_CUDNN=0)."""
+    from .generation import causal_lm
+    if os.environ.get("IICL_TRAIN_CUDNN", "1") == "0" or not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    if getattr(causal_lm(model).config, "_attn_implementation", None) != "sdpa":
+        return contextlib.nullcontext()
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    AttentionInterface.register(TRAIN_IMPL, _train_attention)
+    AttentionMaskInterface.register(TRAIN_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])     # masks as SDPA's
+    return _attention_implementation(model, TRAIN_IMPL)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface

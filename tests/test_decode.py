@@ -214,3 +214,44 @@ def test_static_decoder_with_lora_takes_the_adapter(static_kernels, monkeypatch,
     assert got == generate(model, qs, static=False, **kw)
     with model.disable_adapter():
         assert got != generate(model, qs, static=False, **kw)
+
+
+@pytest.mark.parametrize("B,Hq,Hk,T,multiple", [(1, 2, 2, 1, 64), (2, 4, 2, 7, 64), (3, 6, 2, 97, 16), (1, 2, 1, 64, 64)])
+def test_padded_causal_attention_equals_plain(B, Hq, Hk, T, multiple):
+    """Training's attention pads the length to a multiple (decode.TRAIN_PAD) at the end: under
+    the causal mask output and q / k / v gradients equal unpadded attention (float64)."""
+    from iicl_fast.decode import padded_causal_sdpa
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(B, h, T, 16, generator=g, dtype=torch.float64, requires_grad=True) for h in (Hq, Hk, Hk))
+    go = torch.randn(B, Hq, T, 16, generator=g, dtype=torch.float64)
+    out = padded_causal_sdpa(q, k, v, scale=0.3, multiple=multiple)
+    assert out.shape == (B, Hq, T, 16)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    kk, vv = (x.repeat_interleave(Hq // Hk, 1) for x in (k, v))
+    s = (q @ kk.transpose(-1, -2) * 0.3).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
+    ref = torch.softmax(s, -1) @ vv
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), go)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_training_attention_is_a_no_op_without_cuda(monkeypatch):
+    """training_attention switches the model's attention implementation only on CUDA (and not
+    with IICL_TRAIN_CUDNN=0); transformers' own SDPA otherwise."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from iicl_fast import decode
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg)
+    assert model.config._attn_implementation == "sdpa"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with decode.training_attention(model):
+        assert model.config._attn_implementation == decode.TRAIN_IMPL
+        ids = torch.randint(0, 64, (2, 9))
+        h = model.model(input_ids=ids, use_cache=False).last_hidden_state      # CPU tensors: transformers' SDPA
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(h, model.model(input_ids=ids, use_cache=False).last_hidden_state)
+    monkeypatch.setenv("IICL_TRAIN_CUDNN", "0")
+    with decode.training_attention(model):
+        assert model.config._attn_implementation == "sdpa"
