@@ -1,6 +1,7 @@
 """Training's attention on the 8B shape, forward + backward, by SDPA backend, beside its FLOP
-floor: which backend a training step should take (the library keeps cuDNN off by default,
-decode.sdpa_backends, for its per-shape plan cache).
+floor, and each backend's first call at a new shape: which backend a training step should
+take (the library keeps cuDNN off, decode.sdpa_backends: a plan of ~100 ms per new shape,
+kept for the process; cudnn_pad64 pads the length to a multiple of 64 to bound the shapes).
 
     python benchmarks/bench_train_attention.py [--batch 16] [--lengths 593,577,601] [--out DIR]
 

@@ -86,8 +86,8 @@ def main():
     p.add_argument("--decode-rows", type=int, default=400)
     p.add_argument("--out", default=".")
     p.add_argument("--small", action="store_true", help="a 2-layer model on the CPU: a smoke run")
-    p.add_argument("--variants", default="plain,fast,plain,fast", help="comma list of plain|fast|fast_norope (fast without the fused rotary)|fast_flash (fast, "
-                   "training's attention by SDPA's flash kernel, not padded cuDNN), in order")
+    p.add_argument("--variants", default="plain,fast,plain,fast", help="comma list of plain|fast|fast_norope (fast without the fused rotary)|fast_padded (fast, "
+                   "training's micro-batches right-padded, not packed in one row), in order")
     p.add_argument("--no-decode", action="store_true", help="skip the decoding-step timing")
     p.add_argument("--trace", action="store_true", help="also write the training step's chrome trace (gzipped)")
     p.add_argument("--cudnn", action="store_true",
@@ -116,7 +116,7 @@ def main():
     for variant in a.variants.split(","):        # default twice, interleaved: the second pair counts
         fast = variant.startswith("fast")
         layers.ROTARY = variant != "fast_norope"
-        os.environ["IICL_TRAIN_CUDNN"] = "0" if variant in ("plain", "fast_flash") else "1"
+        os.environ["IICL_PACK"] = "0" if variant in ("plain", "fast_padded") else "1"
         (lora.install if fast else lora.uninstall)(mem.model)
         (layers.install if fast else layers.uninstall)(mem.model)
         decode.FLASH_SUFFIX = decode.CUDNN_PREFIX = fast
@@ -154,7 +154,7 @@ def main():
         print(variant, json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
         res[variant] = r
     # the fast variant's kernels, one training step and one teacher batch
-    os.environ["IICL_TRAIN_CUDNN"] = "1"
+    os.environ["IICL_PACK"] = "1"
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"

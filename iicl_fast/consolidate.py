@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from . import dist, reference
 from .config import Config
-from .decode import training_attention, without_cudnn_sdpa
+from .decode import without_cudnn_sdpa
 from .elicit import Entry, anchor_entries, elicit
 from .generation import causal_lm, lm_head, to_device
 from .models import PromptFormat
@@ -179,8 +179,6 @@ def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, pa
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     bar = tqdm(total=config.epochs * len(entries), desc="train", disable=not config.progress, leave=False)
-    scope = contextlib.ExitStack()
-    scope.enter_context(training_attention(model))      # cuDNN on padded lengths (decode.TRAIN_PAD)
     try:
         for _ in range(config.epochs):
             order = epoch_order(len(entries), dealt, rng)
@@ -206,7 +204,6 @@ def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, pa
             losses.append(total / max(count, 1))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
     finally:
-        scope.close()
         model.eval()
         for p in params:      # the last step's gradients would otherwise stay allocated until the next chunk
             p.grad = None

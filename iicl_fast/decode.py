@@ -66,67 +66,91 @@ def without_cudnn_sdpa(fn):
     return run
 
 
-# Training's attention: cuDNN on sequences padded to a multiple of TRAIN_PAD. On the 8B
-# training step's shape (16 rows of ~593 tokens, 32/8 heads, d 128, causal) cuDNN's forward +
-# backward took 0.69-0.70 ms a layer against 1.42-1.44 for SDPA's flash kernel (H200,
-# benchmarks/bench_train_attention.py): ~23 ms of a ~550 ms step. The library keeps cuDNN
-# off elsewhere (decode.sdpa_backends): PyTorch builds and keeps one cuDNN plan per input
-# shape, never evicted, and a stream's shapes never repeat. Padded to a multiple of 64 the
-# shapes a training run can take are few (length buckets × batch sizes), and the same in
-# every chunk. Right padding is exact under a causal mask: no real query sees a padded key,
-# and the padded queries' zero output gradient adds nothing to any real key's or value's.
-# IICL_TRAIN_CUDNN=0: SDPA's own choice (benchmarks compare both).
-TRAIN_IMPL = "iicl_train"
-TRAIN_PAD = 64
+# Training packs a micro-batch's sequences into one row (teacher.student_hidden): padded to
+# the longest, the 8B step's 16 rows were 5.5 % pad tokens (9,488 computed for 8,992 real), all
+# of it through every GEMM. Attention then runs per sequence on the packed row (flash's
+# variable-length kernel: no pad, no mask). cuDNN, twice as fast at this shape (0.69 vs
+# 1.42 ms a layer, benchmarks/bench_train_attention.py), builds a plan of ~100 ms for every new
+# shape and keeps it (see CUDNN_SDPA); padded to a multiple of 64 to bound the shapes it took
+# 1.16 ms a layer with the copies, and the whole step was no faster (H200).
+PACKED_IMPL = "iicl_packed"
+_PACKED: dict[str, object] = {}
 
 
-def padded_causal_sdpa(q, k, v, scale=None, multiple: int = TRAIN_PAD, backends=None):
-    """Causal attention of q [B, Hq, T, d] over k, v [B, Hk, T, d] (Hq a multiple of Hk) with T
-    padded to a multiple of `multiple` at the end; -> [B, Hq, T, d]. backends: SDPA backends
-    to allow (None: the current choice)."""
-    from torch.nn.attention import sdpa_kernel
-    T = q.shape[2]
-    pad = -T % multiple
-    if pad:
-        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    with sdpa_kernel(backends) if backends else contextlib.nullcontext():
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                             enable_gqa=q.shape[1] != k.shape[1])
-    return o[:, :, :T] if pad else o
+def varlen_causal(q, k, v, cu: torch.Tensor, max_len: int, scale=None) -> torch.Tensor:
+    """Causal attention within each sequence of a packed row: q [T, Hq, d], k / v [T, Hk, d]
+    (Hq a multiple of Hk), sequence s at rows cu[s]:cu[s+1] (int32 [S+1] on q's device).
+    -> [T, Hq, d]. CUDA: PyTorch's variable-length flash kernel; elsewhere SDPA per sequence."""
+    if q.is_cuda:
+        return _varlen_flash(q, k, v, cu, max_len, scale)
+    bounds = cu.tolist()
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]).transpose(0, 1))
+    return torch.cat(outs)
 
 
-def _train_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers attention function for training passes: cuDNN on padded lengths where the
-    call is a plain causal self-attention of a half-precision CUDA batch, transformers' SDPA
-    function otherwise. -> ([B, T, Hq, d], None) as transformers' own."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    plain = (attention_mask is None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
-             and query.shape[2] == key.shape[2] > 1 and not dropout and getattr(module, "is_causal", True)
-             and kwargs.get("softcap") is None and kwargs.get("sliding_window") is None
-             and kwargs.get("is_causal", True) and query.shape[-1] <= 128 and query.shape[1] % key.shape[1] == 0)
-    if not plain:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    from torch.nn.attention import SDPBackend
-    o = padded_causal_sdpa(query, key, value, scale=scaling,
-                           backends=[SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION])
-    return o.transpose(1, 2).contiguous(), None
+def _varlen_flash(q, k, v, cu, max_len, scale):
+    """torch.nn.attention.varlen.varlen_attn, whose keywords changed between releases (2.10:
+    is_causal; later: window_size (-1, 0) and scale; 2.12: enable_gqa)."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+    params = inspect.signature(varlen_attn).parameters
+    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "scale" in params:
+        kw["scale"] = scale
+    elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+        q = q * (scale * q.shape[-1] ** 0.5)
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], 1) for x in (k, v))
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
 
 
-def training_attention(model):
-    """A context in which model's attention layers take _train_attention where they use
-    transformers' SDPA implementation; a no-op elsewhere (other implementations, no CUDA,
-    IICL_TRAIN_CUDNN=0)."""
+def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function over one packed row (batch 1): query [1, Hq, T, d],
+    key / value [1, Hk, T, d], the sequences' bounds from packed_sequences. -> ([1, T, Hq, d], None)."""
+    if attention_mask is not None or query.shape[0] != 1 or dropout or kwargs.get("softcap") is not None:
+        raise IICLError("packed attention takes one row, no mask, no dropout and no softcap")
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
+    out = varlen_causal(q, k, v, _PACKED["cu"], _PACKED["max_len"], scaling)
+    return out[None], None
+
+
+def packing_unsupported(model) -> str | None:
+    """Why model's training forward cannot be packed (None: it can)."""
     from .generation import causal_lm
-    if os.environ.get("IICL_TRAIN_CUDNN", "1") == "0" or not torch.cuda.is_available():
-        return contextlib.nullcontext()
-    if getattr(causal_lm(model).config, "_attn_implementation", None) != "sdpa":
-        return contextlib.nullcontext()
+    cfg = causal_lm(model).config
+    if getattr(cfg, "_attn_implementation", None) != "sdpa":
+        return f"attention implementation {getattr(cfg, '_attn_implementation', None)!r}"
+    if getattr(cfg, "sliding_window", None) or getattr(cfg, "layer_types", None) and \
+            any(t != "full_attention" for t in cfg.layer_types):
+        return "sliding-window layers"
+    if getattr(cfg, "attn_logit_softcapping", None):
+        return "attention logit softcapping"
+    return None
+
+
+@contextlib.contextmanager
+def packed_sequences(model, cu: torch.Tensor, max_len: int):
+    """Inside: model's attention layers attend within the sequences of one packed row
+    (cu: int32 [S+1] bounds on the model's device; max_len the longest). The mask builder
+    knows no mask for PACKED_IMPL, so transformers passes none (its early exit)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    AttentionInterface.register(TRAIN_IMPL, _train_attention)
-    AttentionMaskInterface.register(TRAIN_IMPL, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])     # masks as SDPA's
-    return _attention_implementation(model, TRAIN_IMPL)
+    AttentionInterface.register(PACKED_IMPL, _packed_attention)
+    prev = dict(_PACKED)
+    _PACKED.update(cu=cu, max_len=max_len)
+    try:
+        with _attention_implementation(model, PACKED_IMPL):
+            yield
+    finally:
+        _PACKED.clear()
+        _PACKED.update(prev)
 
 
 def _register() -> None:

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from . import reference
+from .decode import packed_sequences, packing_unsupported
 from .elicit import Entry
-from .generation import cache_kw, decoder, lm_head, pad_right, prefix_cache
+from .generation import cache_kw, decoder, lm_head, pad_right, prefix_cache, to_device
 from .models import PromptFormat
 
 
@@ -139,17 +141,40 @@ def student_batch(fmt: PromptFormat, entries: list[Entry], device):
     return ids, mask, starts
 
 
-def student_hidden(model, fmt: PromptFormat, entries: list[Entry]):
-    """Differentiable student hidden states [N, H] at every response position."""
+def student_hidden(model, fmt: PromptFormat, entries: list[Entry], packed: bool | None = None):
+    """Differentiable student hidden states [N, H] at every response position.
+
+    packed (default: on CUDA, where decode.packing_unsupported finds nothing, unless
+    IICL_PACK=0): the sequences one after another in a single row, attention within each
+    (decode.packed_sequences); else right-padded to the longest."""
     device = next(model.parameters()).device
+    if packed is None:
+        packed = device.type == "cuda" and os.environ.get("IICL_PACK", "1") != "0" and not packing_unsupported(model)
+    if packed:
+        return _packed_hidden(model, fmt, entries, device)
     ids, mask, starts = student_batch(fmt, entries, device)
     # Right padding: under causal attention no real token sees a pad, so no mask is passed,
     # and SDPA takes its flash path with grouped KV heads (a padding mask sends it to a path
     # that repeats every KV head per query head).
     # use_cache=False: by default the body builds a KV cache, a torch.cat copy of every layer's
-    # keys and values (64 copy kernels, ~5 ms of a 8B training step, and 1.2 GB held)
+    # keys and values (64 copy kernels, ~5 ms of a 8B training step)
     hidden = decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
     return _gather(hidden, starts, [len(e.response) for e in entries])
+
+
+def _packed_hidden(model, fmt: PromptFormat, entries: list[Entry], device):
+    """student_hidden over one packed row: ids [1, ΣL], positions restarting at each sequence."""
+    seqs = [fmt.prompt(e.query) + e.response for e in entries]
+    lengths = [len(s) for s in seqs]
+    ends = torch.tensor(lengths).cumsum(0).tolist()
+    ids = to_device(torch.tensor([t for s in seqs for t in s])[None], device)
+    pos = to_device(torch.cat([torch.arange(n) for n in lengths])[None], device)
+    cu = to_device(torch.tensor([0] + ends, dtype=torch.int32), device)
+    # entry b's response is predicted by the rows before each of its tokens
+    rows = torch.cat([torch.arange(end - len(e.response) - 1, end - 1) for end, e in zip(ends, entries)])
+    with packed_sequences(model, cu, max(lengths)):
+        hidden = decoder(model)(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[0]
+    return hidden[to_device(rows, device)]
 
 
 @torch.no_grad()

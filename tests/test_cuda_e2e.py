@@ -239,11 +239,11 @@ def test_training_moves_the_model_on_cuda_bf16(smol_tokenizer, monkeypatch):
     """Consolidation in bf16 on CUDA changes what the model computes: the loss falls over the
     epochs, and after training the fast LoRA forward (cached bf16 copies) equals peft's own
     forward from the trained fp32 weights. (A stale copy once kept the loss constant.)
-    Training's attention takes the padded cuDNN path (decode.training_attention)."""
+    Training's forward runs on packed rows (decode.varlen_causal)."""
     from iicl_fast import decode, lora
     calls = []
-    real = decode.padded_causal_sdpa
-    monkeypatch.setattr(decode, "padded_causal_sdpa", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    real = decode.varlen_causal
+    monkeypatch.setattr(decode, "varlen_causal", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     tok = smol_tokenizer
     model = make_tiny(tok).to("cuda", torch.bfloat16)
     mem = iicl_fast.Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "epochs": 3, "lr": 3e-3}))
@@ -253,7 +253,7 @@ def test_training_moves_the_model_on_cuda_bf16(smol_tokenizer, monkeypatch):
     rep = mem.consolidate(DOC)
     print("loss per epoch", rep.loss_per_epoch)
     assert rep.loss_per_epoch[-1] < rep.loss_per_epoch[0]
-    assert calls, "training did not take the padded cuDNN attention"
+    assert calls, "training did not run on packed rows"
     assert model.config._attn_implementation == "sdpa"
     with torch.no_grad():
         fast = mem.model(input_ids=probe).logits.float()
@@ -264,39 +264,68 @@ def test_training_moves_the_model_on_cuda_bf16(smol_tokenizer, monkeypatch):
     assert (fast - plain).norm() / plain.norm() < 2e-2
 
 
-@pytest.mark.parametrize("B,Hq,Hk,T", [(1, 8, 2, 1), (3, 8, 2, 97), (16, 32, 8, 593)])
-def test_training_attention_cudnn_padded_bf16(B, Hq, Hk, T):
-    """decode._train_attention (cuDNN on lengths padded to a multiple of 64; T=1 falls back to
-    transformers' SDPA): output and q / k / v gradients against float64, each no worse than 2×
-    the error of SDPA's flash kernel in bf16 on the same inputs."""
+@pytest.mark.parametrize("lengths,Hq,Hk", [([1], 8, 2), ([97, 5, 33], 8, 2), ([593, 577, 1, 600], 32, 8)])
+def test_varlen_causal_bf16_on_cuda(lengths, Hq, Hk):
+    """decode.varlen_causal (flash's variable-length kernel over a packed row): output and
+    q / k / v gradients against float64, each no worse than 2× SDPA's flash kernel run per
+    sequence in bf16 on the same inputs."""
     import math
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from iicl_fast.decode import _train_attention
-
-    class Layer:
-        is_causal, num_key_value_groups = True, Hq // Hk
+    from iicl_fast.decode import varlen_causal
+    T, d = sum(lengths), 128
     g = torch.Generator(device="cuda").manual_seed(T)
-    q, k, v = (torch.randn(B, h, T, 128, generator=g, device="cuda").bfloat16().requires_grad_() for h in (Hq, Hk, Hk))
-    go = torch.randn(B, T, Hq, 128, generator=g, device="cuda").bfloat16()
-    scale = 1 / math.sqrt(128)
-    out, _ = _train_attention(Layer(), q, k, v, None, scaling=scale)
+    q, k, v = (torch.randn(T, h, d, generator=g, device="cuda").bfloat16().requires_grad_() for h in (Hq, Hk, Hk))
+    go = torch.randn(T, Hq, d, generator=g, device="cuda").bfloat16()
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    out = varlen_causal(q, k, v, cu, max(lengths), scale=d ** -0.5)
     ours = (out, *torch.autograd.grad(out, (q, k, v), go))
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-    o = o.transpose(1, 2)
+    parts, bounds = [], cu.tolist()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))
+            parts.append(torch.nn.functional.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=True, enable_gqa=True)[0].transpose(0, 1))
+    o = torch.cat(parts)
     flash = (o, *torch.autograd.grad(o, (q, k, v), go))
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda"))
+    allowed = (seq[:, None] == seq[None]) & torch.ones(T, T, dtype=torch.bool, device="cuda").tril()
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    kk, vv = (x.repeat_interleave(Hq // Hk, 1) for x in (k64, v64))
-    s = (q64 @ kk.transpose(-1, -2) * scale).masked_fill(
-        torch.ones(T, T, dtype=torch.bool, device="cuda").triu(1), -math.inf)
-    o64 = (torch.softmax(s, -1) @ vv).transpose(1, 2)
+    kk, vv = (x.repeat_interleave(Hq // Hk, 1).transpose(0, 1) for x in (k64, v64))
+    s = (q64.transpose(0, 1) @ kk.transpose(-1, -2) * d ** -0.5).masked_fill(~allowed, -math.inf)
+    o64 = (torch.softmax(s, -1) @ vv).transpose(0, 1)
     ref = (o64, *torch.autograd.grad(o64, (q64, k64, v64), go.double()))
     rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()   # noqa: E731
     for name, a, f, r in zip(("out", "dq", "dk", "dv"), ours, flash, ref):
-        print(name, f"cudnn padded {rel(a, r):.2e}, flash {rel(f, r):.2e}")
+        print(name, f"varlen {rel(a, r):.2e}, flash per sequence {rel(f, r):.2e}")
         assert torch.isfinite(a).all() and rel(a, r) <= 2 * rel(f, r) + 1e-6, name
+
+
+def test_packed_student_hidden_bf16_on_cuda(smol_tokenizer):
+    """The packed training row on CUDA in bf16 (the default there) against the padded batch:
+    hidden states and LoRA gradients within bf16's rounding of each other."""
+    from iicl_fast.elicit import Entry
+    from iicl_fast.teacher import student_hidden
+    tok = smol_tokenizer
+    model = make_tiny(tok).to("cuda", torch.bfloat16)
+    mem = iicl_fast.Memory(model, tok, iicl_fast.Config(**TINY_CONFIG))
+    for p in mem.params:
+        torch.nn.init.normal_(p, std=0.02)
+    entries = [Entry("qa", "Who built the lighthouse?", list(range(5, 45))),
+               Entry("continuation", "Continue: the keeper feeds seven", [7, 1]),
+               Entry("qa", "When?", list(range(100, 161)))]
+    out = {}
+    for packed in (False, True):
+        for p in mem.params:
+            p.grad = None
+        h = student_hidden(mem.model, mem.fmt, entries, packed=packed)
+        (h.float() * torch.linspace(-1, 1, h.shape[1], device="cuda")).sum().backward()
+        out[packed] = (h.detach().float(), [p.grad.clone() for p in mem.params])
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()   # noqa: E731
+    print("hidden", rel(out[True][0], out[False][0]), "grads", max(rel(a, b) for a, b in zip(out[True][1], out[False][1])))
+    assert rel(out[True][0], out[False][0]) < 2e-2
+    assert all(rel(a, b) < 5e-2 for a, b in zip(out[True][1], out[False][1]))
 
 
 # --- issue 12: the static decoder's kernels and loop on the GPU ---------------------------

@@ -216,42 +216,47 @@ def test_static_decoder_with_lora_takes_the_adapter(static_kernels, monkeypatch,
         assert got != generate(model, qs, static=False, **kw)
 
 
-@pytest.mark.parametrize("B,Hq,Hk,T,multiple", [(1, 2, 2, 1, 64), (2, 4, 2, 7, 64), (3, 6, 2, 97, 16), (1, 2, 1, 64, 64)])
-def test_padded_causal_attention_equals_plain(B, Hq, Hk, T, multiple):
-    """Training's attention pads the length to a multiple (decode.TRAIN_PAD) at the end: under
-    the causal mask output and q / k / v gradients equal unpadded attention (float64)."""
-    from iicl_fast.decode import padded_causal_sdpa
-    g = torch.Generator().manual_seed(T)
-    q, k, v = (torch.randn(B, h, T, 16, generator=g, dtype=torch.float64, requires_grad=True) for h in (Hq, Hk, Hk))
-    go = torch.randn(B, Hq, T, 16, generator=g, dtype=torch.float64)
-    out = padded_causal_sdpa(q, k, v, scale=0.3, multiple=multiple)
-    assert out.shape == (B, Hq, T, 16)
-    grads = torch.autograd.grad(out, (q, k, v), go)
-    kk, vv = (x.repeat_interleave(Hq // Hk, 1) for x in (k, v))
-    s = (q @ kk.transpose(-1, -2) * 0.3).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
-    ref = torch.softmax(s, -1) @ vv
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
-    for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), go)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+@pytest.mark.parametrize("lengths,Hq,Hk", [([1], 2, 2), ([7, 1, 5], 4, 2), ([97, 33, 64], 6, 2)])
+def test_varlen_causal_equals_attention_per_sequence(lengths, Hq, Hk):
+    """decode.varlen_causal (the packed row's attention; on the CPU SDPA per sequence): each
+    sequence attends causally within itself only (float64, against the plain formula)."""
+    from iicl_fast.decode import varlen_causal
+    g = torch.Generator().manual_seed(sum(lengths))
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, h, 16, generator=g, dtype=torch.float64) for h in (Hq, Hk, Hk))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    out = varlen_causal(q, k, v, cu, max(lengths), scale=0.3)
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    allowed = (seq[:, None] == seq[None]) & torch.ones(T, T, dtype=torch.bool).tril()
+    kk, vv = (x.repeat_interleave(Hq // Hk, 1).transpose(0, 1) for x in (k, v))
+    s = (q.transpose(0, 1) @ kk.transpose(-1, -2) * 0.3).masked_fill(~allowed, -math.inf)
+    torch.testing.assert_close(out, (torch.softmax(s, -1) @ vv).transpose(0, 1), rtol=1e-10, atol=1e-12)
 
 
-def test_training_attention_is_a_no_op_without_cuda(monkeypatch):
-    """training_attention switches the model's attention implementation only on CUDA (and not
-    with IICL_TRAIN_CUDNN=0); transformers' own SDPA otherwise."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_packed_student_hidden_equals_padded(smol_tokenizer):
+    """Training's packed row (teacher.student_hidden, packed=True: positions restart at each
+    sequence, attention within each) gives the padded batch's hidden states and LoRA gradients."""
+    from conftest import TINY_CONFIG, make_tiny
 
-    from iicl_fast import decode
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(cfg)
+    import iicl_fast
+    from iicl_fast.elicit import Entry
+    from iicl_fast.teacher import student_hidden
+    model = make_tiny(smol_tokenizer)
+    mem = iicl_fast.Memory(model, smol_tokenizer, iicl_fast.Config(**TINY_CONFIG))
+    for p in mem.params:                       # LoRA B starts at zero: give it a gradient path through A
+        torch.nn.init.normal_(p, std=0.02)
+    entries = [Entry("qa", "Who built the lighthouse?", [5, 9, 13, 2, 8]),
+               Entry("continuation", "Continue: the keeper feeds seven", [7, 1]),
+               Entry("qa", "When?", [3, 4, 6, 11, 12, 14, 15])]
+    out = {}
+    for packed in (False, True):
+        for p in mem.params:
+            p.grad = None
+        h = student_hidden(mem.model, mem.fmt, entries, packed=packed)
+        (h * torch.linspace(-1, 1, h.shape[1])).sum().backward()
+        out[packed] = (h.detach(), [p.grad.clone() for p in mem.params])
+    assert out[True][0].shape == (14, model.config.hidden_size)
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(out[True][1], out[False][1]):      # fp32 sums in another order
+        assert b.norm() > 0 and (a - b).norm() <= 1e-5 * b.norm()
     assert model.config._attn_implementation == "sdpa"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with decode.training_attention(model):
-        assert model.config._attn_implementation == decode.TRAIN_IMPL
-        ids = torch.randint(0, 64, (2, 9))
-        h = model.model(input_ids=ids, use_cache=False).last_hidden_state      # CPU tensors: transformers' SDPA
-    assert model.config._attn_implementation == "sdpa"
-    torch.testing.assert_close(h, model.model(input_ids=ids, use_cache=False).last_hidden_state)
-    monkeypatch.setenv("IICL_TRAIN_CUDNN", "0")
-    with decode.training_attention(model):
-        assert model.config._attn_implementation == "sdpa"
