@@ -80,7 +80,7 @@ _PACKED: dict[str, object] = {}
 def varlen_causal(q, k, v, cu: torch.Tensor, max_len: int, scale=None) -> torch.Tensor:
     """Causal attention within each sequence of a packed row: q [T, Hq, d], k / v [T, Hk, d]
     (Hq a multiple of Hk), sequence s at rows cu[s]:cu[s+1] (int32 [S+1] on q's device).
-    -> [T, Hq, d]. CUDA: PyTorch's variable-length flash kernel; elsewhere SDPA per sequence."""
+    -> [T, Hq, d]. CUDA: flash's variable-length kernel (_varlen_flash); elsewhere SDPA per sequence."""
     if q.is_cuda:
         return _varlen_flash(q, k, v, cu, max_len, scale)
     bounds = cu.tolist()
@@ -93,23 +93,12 @@ def varlen_causal(q, k, v, cu: torch.Tensor, max_len: int, scale=None) -> torch.
 
 
 def _varlen_flash(q, k, v, cu, max_len, scale):
-    """torch.nn.attention.varlen.varlen_attn, whose keywords changed between releases (2.10:
-    is_causal; later: window_size (-1, 0) and scale; 2.12: enable_gqa)."""
-    import inspect
-
-    from torch.nn.attention.varlen import varlen_attn
-    params = inspect.signature(varlen_attn).parameters
-    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    if "scale" in params:
-        kw["scale"] = scale
-    elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-12:
-        q = q * (scale * q.shape[-1] ** 0.5)
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in params:
-            kw["enable_gqa"] = True
-        else:
-            k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], 1) for x in (k, v))
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+    """Flash's variable-length kernel through its ATen op (differentiable: its backward is
+    aten::_flash_attention_backward), grouped KV heads as they are. torch 2.11's public
+    varlen_attn has no grouped heads: k and v repeated per query head cost ~12 ms of copies and
+    their gradients' sums a step of the 8B shape (H200 profile, 04299b1)."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, max_len, max_len, 0.0, True, False,
+                                                   scale=scale)[0]
 
 
 def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
