@@ -115,8 +115,9 @@ def _train_bank(peft_model, fmt, bank, opt, mems, prepared, config, *, chunk_ind
                     parts.append((i, idx, sum(len(entries[j].response) for j in idx)))
                     batch += [entries[j] for j in idx]
                     route += [i] * len(idx)
+                # padded rows, never packed: the bank routes each row (sequence) to its adapter
                 with peft_model.disable_adapter(), bank.route(route):
-                    h_s = student_hidden(peft_model, fmt, batch)
+                    h_s = student_hidden(peft_model, fmt, batch, packed=False)
                 loss, at = 0.0, 0
                 for i, idx, n in parts:
                     entries, hs, stats = data[i]

@@ -149,7 +149,7 @@ def student_hidden(model, fmt: PromptFormat, entries: list[Entry], packed: bool 
     (decode.packed_sequences); else right-padded to the longest."""
     device = next(model.parameters()).device
     if packed is None:
-        packed = device.type == "cuda" and os.environ.get("IICL_PACK", "1") != "0" and not packing_unsupported(model)
+        packed = pack_by_default(model, device)
     if packed:
         return _packed_hidden(model, fmt, entries, device)
     ids, mask, starts = student_batch(fmt, entries, device)
@@ -160,6 +160,12 @@ def student_hidden(model, fmt: PromptFormat, entries: list[Entry], packed: bool 
     # keys and values (64 copy kernels, ~5 ms of a 8B training step)
     hidden = decoder(model)(input_ids=ids, use_cache=False).last_hidden_state
     return _gather(hidden, starts, [len(e.response) for e in entries])
+
+
+def pack_by_default(model, device) -> bool:
+    """student_hidden's packed=None: on CUDA where decode.packing_unsupported finds nothing,
+    unless IICL_PACK=0."""
+    return device.type == "cuda" and os.environ.get("IICL_PACK", "1") != "0" and not packing_unsupported(model)
 
 
 def _packed_hidden(model, fmt: PromptFormat, entries: list[Entry], device):

@@ -76,3 +76,17 @@ def test_consolidate_many_bad_input(tiny):
         iicl_fast.consolidate_many(model, tok, [], iicl_fast.Config(**TINY_CONFIG))
     with pytest.raises(IICLError, match="text 1 is empty"):
         iicl_fast.consolidate_many(model, tok, ["a text.", "  "], iicl_fast.Config(**TINY_CONFIG))
+
+
+def test_bank_training_keeps_padded_rows_where_packing_is_the_default(smol_tokenizer, monkeypatch):
+    """student_hidden packs a micro-batch in one row by default on CUDA; the bank routes each
+    row (sequence) to its document's adapter, so its training forward must keep padded rows.
+    With packing forced on here (the passes of each document pack, on the CPU's per-sequence
+    attention), a bank round runs and trains every adapter."""
+    from iicl_fast import teacher
+    monkeypatch.setattr(teacher, "pack_by_default", lambda model, device: True)
+    tok = smol_tokenizer
+    mems = iicl_fast.consolidate_many(peaked_tiny(tok), tok, DOCS[:2], iicl_fast.Config(**TINY_CONFIG))
+    assert all(m.report.loss_per_epoch for m in mems)
+    assert all(float(p.detach().abs().max()) > 0 for m in mems for n, p in m.model.named_parameters()
+               if f"lora_B.{m.name}." in n)
