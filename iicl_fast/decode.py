@@ -111,10 +111,18 @@ def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     return out[None], None
 
 
+# Families whose attention goes through transformers' attention interface with (q, k, v) as
+# Llama's and whose positions are plain position ids (checked on the GPU: Llama); others keep
+# padded rows.
+PACKED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+
+
 def packing_unsupported(model) -> str | None:
     """Why model's training forward cannot be packed (None: it can)."""
     from .generation import causal_lm
     cfg = causal_lm(model).config
+    if getattr(cfg, "model_type", None) not in PACKED_FAMILIES:
+        return f"model type {getattr(cfg, 'model_type', None)!r}"
     if getattr(cfg, "_attn_implementation", None) != "sdpa":
         return f"attention implementation {getattr(cfg, '_attn_implementation', None)!r}"
     if getattr(cfg, "sliding_window", None) or getattr(cfg, "layer_types", None) and \

@@ -260,3 +260,21 @@ def test_packed_student_hidden_equals_padded(smol_tokenizer):
     for a, b in zip(out[True][1], out[False][1]):      # fp32 sums in another order
         assert b.norm() > 0 and (a - b).norm() <= 1e-5 * b.norm()
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_packing_is_for_plain_causal_families():
+    """decode.packing_unsupported: a Llama with SDPA packs; sliding windows, logit softcapping,
+    other attention implementations and unknown families keep padded rows."""
+    from transformers import Gemma2Config, GPT2Config, LlamaConfig, MistralConfig
+    from transformers import AutoModelForCausalLM
+
+    from iicl_fast.decode import packing_unsupported
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2)
+    llama = AutoModelForCausalLM.from_config(LlamaConfig(**small))
+    assert packing_unsupported(llama) is None
+    assert "sliding" in packing_unsupported(AutoModelForCausalLM.from_config(MistralConfig(**small, sliding_window=16)))
+    assert packing_unsupported(AutoModelForCausalLM.from_config(Gemma2Config(**small, head_dim=8))) is not None
+    assert "gpt2" in packing_unsupported(AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=4)))
+    llama.config._attn_implementation = "eager"
+    assert "eager" in packing_unsupported(llama)
