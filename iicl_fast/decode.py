@@ -80,8 +80,9 @@ _PACKED: dict[str, object] = {}
 def varlen_causal(q, k, v, cu: torch.Tensor, max_len: int, scale=None) -> torch.Tensor:
     """Causal attention within each sequence of a packed row: q [T, Hq, d], k / v [T, Hk, d]
     (Hq a multiple of Hk), sequence s at rows cu[s]:cu[s+1] (int32 [S+1] on q's device).
-    -> [T, Hq, d]. CUDA: flash's variable-length kernel (_varlen_flash); elsewhere SDPA per sequence."""
-    if q.is_cuda:
+    -> [T, Hq, d]. CUDA in 16 bits (head dim a multiple of 8, ≤ 256): flash's variable-length
+    kernel (_varlen_flash); otherwise SDPA per sequence (fp32 has no flash kernel)."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256:
         return _varlen_flash(q, k, v, cu, max_len, scale)
     bounds = cu.tolist()
     outs = []

@@ -302,13 +302,15 @@ def test_varlen_causal_bf16_on_cuda(lengths, Hq, Hk):
         assert torch.isfinite(a).all() and rel(a, r) <= 2 * rel(f, r) + 1e-6, name
 
 
-def test_packed_student_hidden_bf16_on_cuda(smol_tokenizer):
-    """The packed training row on CUDA in bf16 (the default there) against the padded batch:
-    hidden states and LoRA gradients within bf16's rounding of each other."""
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-4)])
+def test_packed_student_hidden_on_cuda(smol_tokenizer, dtype, tol):
+    """The packed training row on CUDA (bf16: flash's varlen kernel; fp32, which flash has not:
+    SDPA per sequence) against the padded batch: hidden states and LoRA gradients within the
+    dtype's rounding of each other."""
     from iicl_fast.elicit import Entry
     from iicl_fast.teacher import student_hidden
     tok = smol_tokenizer
-    model = make_tiny(tok).to("cuda", torch.bfloat16)
+    model = make_tiny(tok).to("cuda", dtype)
     mem = iicl_fast.Memory(model, tok, iicl_fast.Config(**TINY_CONFIG))
     for p in mem.params:
         torch.nn.init.normal_(p, std=0.02)
@@ -324,8 +326,8 @@ def test_packed_student_hidden_bf16_on_cuda(smol_tokenizer):
         out[packed] = (h.detach().float(), [p.grad.clone() for p in mem.params])
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()   # noqa: E731
     print("hidden", rel(out[True][0], out[False][0]), "grads", max(rel(a, b) for a, b in zip(out[True][1], out[False][1])))
-    assert rel(out[True][0], out[False][0]) < 2e-2
-    assert all(rel(a, b) < 5e-2 for a, b in zip(out[True][1], out[False][1]))
+    assert rel(out[True][0], out[False][0]) < tol
+    assert all(rel(a, b) < 2.5 * tol for a, b in zip(out[True][1], out[False][1]))
 
 
 # --- issue 12: the static decoder's kernels and loop on the GPU ---------------------------
