@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,6 +37,17 @@ def commit() -> str:
         return "unknown"
 
 
+def headline(suite: str, res: dict) -> dict:
+    """The figures a variant row is compared on (mean ± std over seeds)."""
+    r = res["results"]
+    keys = {"recall": ("full_context", "consolidated", "consolidated_retained"),
+            "sequence": ("just_after_recall", "final_recall", "single_doc_recall")}[suite]
+    out = {k: f"{r[k]['mean']:.3f}±{r[k]['std']:.3f}" for k in keys}
+    if suite == "sequence" and "first_chunk_kept" in r:
+        out["first_chunk_kept"] = r["first_chunk_kept"]
+    return {**out, "s_per_chunk": r["seconds_per_chunk"], "wall_s": res["wall_s"]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--suite", default="all", help=" | ".join(SUITES) + " | all (or a comma list)")
@@ -47,7 +59,9 @@ def main() -> int:
     ap.add_argument("--stream-chunks", type=int, default=None)
     ap.add_argument("--stream-seeds", type=int, default=None)
     ap.add_argument("--ablations", default=None, help="comma list (default: all)")
-    ap.add_argument("--variant", action="append", default=[], help="NAME:field=value,... an extra ablation row")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME:field=value,... an extra ablation row; with --suite recall or sequence the suite "
+                         "is run once per variant (eval_<suite><tag>_<NAME>.json)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
@@ -85,6 +99,12 @@ def main() -> int:
                     res["wall_s"] = round(res["wall_s"] + part["wall_s"], 1)
                 write_result(res, Path(args.out), name=suite + args.tag)
                 print(json.dumps({name: part["results"][name]}), flush=True)
+        elif variants and suite in ("recall", "sequence"):   # the suite once per --variant row
+            for name, over in variants.items():
+                res = {**run_suite(suite, model, tok, replace(cfg, **over), seeds=seeds, sizes=sizes),
+                       **meta, "variant": {name: over}}
+                write_result(res, Path(args.out), name=f"{suite}{args.tag}_{name}")
+                print(json.dumps({"variant": name, "overrides": over, **headline(suite, res)}), flush=True)
         else:
             res = {**run_suite(suite, model, tok, cfg, seeds=seeds, sizes=sizes), **meta}
             write_result(res, Path(args.out), name=suite + args.tag)

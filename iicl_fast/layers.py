@@ -24,6 +24,7 @@ import inspect
 import os
 import sys
 import textwrap
+import types
 
 import torch
 
@@ -129,11 +130,22 @@ def _rotary_fast(original):
     return apply_rotary_pos_emb
 
 
+def _plain_function(fn):
+    """fn itself, or, where transformers wrapped it for the hub's kernels (>= 5.2x with the
+    `kernels` package installed: `apply_rotary_pos_emb` is an nn.Module "Func" whose forward
+    calls the original unless a hub kernel was activated), the function its forward calls."""
+    if isinstance(fn, types.FunctionType) or fn is None:
+        return fn
+    cells = getattr(getattr(type(fn), "forward", None), "__closure__", None) or ()
+    inner = [c.cell_contents for c in cells if isinstance(c.cell_contents, types.FunctionType)]
+    return inner[0] if len(inner) == 1 else fn
+
+
 def _body(fn) -> str | None:
     """A function's code without its decorators and docstring (families copy Llama's with
     their own docstrings), or None without source."""
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn))))
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(_plain_function(fn)))))
     except (OSError, TypeError, SyntaxError):
         return None
     f = tree.body[0]
@@ -158,7 +170,10 @@ def _rotary_module(model_module) -> object | None:
         return mod
     from transformers.models.llama import modeling_llama as ll
     if "rotary" not in _SOURCES:
-        _SOURCES["rotary"] = _body(ll.apply_rotary_pos_emb) + (_body(ll.rotate_half) or "")
+        base = _body(ll.apply_rotary_pos_emb)
+        if base is None:            # no source to compare against: leave every family's rotary as it is
+            return None
+        _SOURCES["rotary"] = base + (_body(ll.rotate_half) or "")
     if _body(fn) is None or _body(fn) + (_body(getattr(mod, "rotate_half", None)) or "") != _SOURCES["rotary"]:
         return None
     return mod

@@ -493,3 +493,19 @@ def test_stream_reports_peak_memory_by_phase(smol_tokenizer, tmp_path):
         assert set(r.peak_gib_phase) == {"elicit", "teacher", "select", "train", "save"}, r.peak_gib_phase
         assert r.peak_gib == max(r.peak_gib_phase.values())
         assert min(r.peak_gib_phase.values()) > weights
+
+
+def test_bank_training_on_cuda_bf16(smol_tokenizer):
+    """consolidate_many on CUDA: the passes pack by default there, the bank's training keeps
+    padded rows (it routes each row to its document's adapter; a packed micro-batch is one
+    row and raised before e6d0768). Every document's adapter is trained and recalls apart."""
+    from iicl_fast.teacher import pack_by_default
+    tok = smol_tokenizer
+    model = make_tiny(tok).to("cuda", torch.bfloat16)
+    assert pack_by_default(model, torch.device("cuda"))
+    docs = [DOC, "The keeper feeds seven grey cats every morning. Harbour master Olle Brand counts ships."]
+    mems = iicl_fast.consolidate_many(model, tok, docs, iicl_fast.Config(**TINY_CONFIG))
+    assert len(mems) == 2 and all(m.report.loss_per_epoch for m in mems)
+    for m in mems:
+        b = [p for n, p in m.model.named_parameters() if f"lora_B.{m.name}." in n]
+        assert b and all(torch.isfinite(p).all() for p in b) and max(float(p.abs().max()) for p in b) > 0
