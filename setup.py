@@ -1,5 +1,7 @@
-"""Package layout: iicl_fast/ plus kernels/ shipped as the subpackage iicl_fast.kernels
-(`kernels` alone is taken on PyPI), and the C++ extension iicl_fast._C built from csrc/
+"""Package layout: iicl_fast/ with its Triton kernels in iicl_fast/kernels/ (not a top-level
+`kernels/` folder: transformers >= 5.2x imports the PyPI package `kernels`, and a folder of that
+name in the working directory shadowed it: `python -m iicl_fast` from a clone failed with an
+ImportError), and the C++ extension iicl_fast._C built from csrc/
 through torch.utils.cpp_extension. Metadata lives in pyproject.toml.
 
 The extension needs torch at build time: install with `pip install --no-build-isolation`
@@ -34,7 +36,6 @@ else:
 
 setup(
     packages=["iicl_fast", "iicl_fast.kernels"],
-    package_dir={"iicl_fast": "iicl_fast", "iicl_fast.kernels": "kernels"},
     package_data={"iicl_fast": ["data/*.txt", "data/*.json"]},
     include_package_data=True,
     ext_modules=ext_modules,

@@ -6,7 +6,6 @@
 set -uo pipefail
 step=${1:?step}
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 IICL_TOKENIZER=$PWD/.bench/tok IICL_MODEL=/tmp/g/smol.gguf
-ln -sfn ../kernels iicl_fast/kernels
 mkdir -p /tmp/g /tmp/site "$OUT"
 if [ "$step" = 1 ]; then
   pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>&1 | tail -1

@@ -395,10 +395,10 @@ def cascade_attention(module, query, key, value, attention_mask, scaling=None, d
 # Each row's own tokens (its left-padded prompt, then what it generates) live in static
 # caches [B, kvh, S, d] per layer (S = longest prompt + max_new_tokens). Left padding puts
 # every row's next token in the same slot `cur`, a device scalar: a step writes its keys at
-# cur, the attention kernel (kernels/prefix_attention.cascade_decode) reads the shared prefix
+# cur, the attention kernel (iicl_fast/kernels/prefix_attention.cascade_decode) reads the shared prefix
 # and slots lo[b]..cur, and nothing in the step depends on a host value, so on CUDA it is
 # captured as a graph once per batch shape and replayed. Sampling runs on the device
-# (kernels/sampling.py, seeded from a device counter); the host asks whether every row has
+# (iicl_fast/kernels/sampling.py, seeded from a device counter); the host asks whether every row has
 # stopped only every STOP_CHECK_EVERY steps, and then drops stopped rows from the batch once
 # at most COMPACT_BELOW of it is still going (one more capture, at the smaller shape).
 # --------------------------------------------------------------------------------------------
@@ -529,7 +529,7 @@ def _llama_step(body, st: _Static, tok, pos):
     """One decoding step of a Llama-like decoder (llama_like), tok / pos [B] -> the final-normed
     hidden states [B, hidden]. The modules (norms, projections with any LoRA, MLP) are the
     model's own; between them one kernel rotates q and k and writes the caches
-    (kernels/rotary.py) and three do the attention (kernels/prefix_attention.cascade_decode):
+    (iicl_fast/kernels/rotary.py) and three do the attention (iicl_fast/kernels/prefix_attention.cascade_decode):
     ~16 kernels a layer where transformers' forward launched ~45 (measured: the small ones
     were ~2.3 ms of a 9.2 ms step at 64 rows, more than the attention itself)."""
     from .kernels.prefix_attention import cascade_decode

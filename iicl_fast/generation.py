@@ -153,7 +153,7 @@ def keyed_uniforms(seed: int, keys, step: int) -> torch.Tensor:
 def keyed_next_token(logits, temperature: float, top_p: float, seed: int, keys, step: int):
     """logits [B, V] fp32 -> token ids [B]: nucleus draws by inverse CDF (most likely token
     first) at keyed_uniforms(seed, keys, step). The CPU's counterpart of the Triton sampler's
-    keyed rows (kernels/sampling.py); the two draw different numbers."""
+    keyed rows (iicl_fast/kernels/sampling.py); the two draw different numbers."""
     probs = torch.softmax(logits.double() / temperature, dim=-1)
     p, idx = probs.sort(-1, descending=True)
     if top_p < 1.0:

@@ -5,15 +5,15 @@ The base is frozen, so a layer's only job is to be fast: transformers runs RMSNo
 kernels over fp32 copies of the activations and the MLP's activation as 2 forward and 4
 backward kernels over [tokens, intermediate]. Profiled on the 8B shape (one H200, one
 training step of 16 entries): elementwise kernels took 170 of 684 ms, GEMMs 380
-(benchmarks/NOTES.md). Here each is one Triton kernel each way (kernels/rmsnorm.py,
-kernels/swiglu.py), computing the same function with transformers' rounding.
+(benchmarks/NOTES.md). Here each is one Triton kernel each way (iicl_fast/kernels/rmsnorm.py,
+iicl_fast/kernels/swiglu.py), computing the same function with transformers' rounding.
 
 `install(model)` switches every RMSNorm and MLP module whose forward is exactly Llama's (the
 source is compared: Llama, Qwen2, Qwen3, Mistral, Phi-3's norm) to the fused forward on CUDA
 tensors; on the CPU, for other dtypes and for trainable norm weights they keep their own.
 The rotary embedding is not a module: the attention calls its modeling file's
 `apply_rotary_pos_emb`, so where that function (and its `rotate_half`) is exactly Llama's,
-install replaces the file's function with one that takes kernels/rotary.py on CUDA tensors
+install replaces the file's function with one that takes iicl_fast/kernels/rotary.py on CUDA tensors
 (and transformers' own otherwise); the forward rounds as transformers does. It is a process-wide
 switch of that modeling file (uninstall puts the original back once no model uses it).
 IICL_FUSED_LAYERS=0 turns it off (benchmarks compare both)."""
@@ -40,7 +40,7 @@ def _enabled() -> bool:
 
 
 class RMSNormFn(torch.autograd.Function):
-    """y = w · round(x · rstd) (kernels/rmsnorm.py); gradient for x only (w is frozen)."""
+    """y = w · round(x · rstd) (iicl_fast/kernels/rmsnorm.py); gradient for x only (w is frozen)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -57,7 +57,7 @@ class RMSNormFn(torch.autograd.Function):
 
 
 class SwiGLUFn(torch.autograd.Function):
-    """h = silu(g) · u (kernels/swiglu.py), gradients for g and u."""
+    """h = silu(g) · u (iicl_fast/kernels/swiglu.py), gradients for g and u."""
 
     @staticmethod
     def forward(ctx, g, u):
@@ -73,7 +73,7 @@ class SwiGLUFn(torch.autograd.Function):
 
 
 class RotaryFn(torch.autograd.Function):
-    """(q, k) rotated (kernels/rotary.py); gradients for q and k (cos and sin are constants)."""
+    """(q, k) rotated (iicl_fast/kernels/rotary.py); gradients for q and k (cos and sin are constants)."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin):

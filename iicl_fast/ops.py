@@ -173,7 +173,7 @@ class _KLDivergence(torch.autograd.Function):
 def kl_divergence(h_s, weight_s, h_t, weight_t, *, kind="forward", beta=0.5, temperature=1.0, softcap=None,
                   reduction="none", impl="auto"):
     """General path: teacher logits computed per vocab tile beside the student's (three
-    N×H×V GEMM-equivalents for value and gradient, kernels/loss_head.py). kind "forward" KL(p_t‖p_s),
+    N×H×V GEMM-equivalents for value and gradient, iicl_fast/kernels/loss_head.py). kind "forward" KL(p_t‖p_s),
     "reverse" KL(p_s‖p_t), "jsd" β·KL(p_t‖m) + (1−β)·KL(p_s‖m) with m = β·p_t + (1−β)·p_s.
     softcap: z → cap·tanh(z/cap) on raw logits, then /temperature. Differentiable in h_s."""
     _check(h_s, weight_s, "h_s")

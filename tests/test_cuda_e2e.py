@@ -166,7 +166,7 @@ def test_fast_lora_on_cuda_bf16():
 
 @pytest.mark.parametrize("n,h,inter", [(1, 4096, 14336), (97, 130, 37), (4099, 576, 1536)])
 def test_fused_layers_bf16_on_cuda(n, h, inter, monkeypatch):
-    """kernels/rmsnorm.py and kernels/swiglu.py in bf16 (the interpreter truncates bf16 casts,
+    """iicl_fast/kernels/rmsnorm.py and iicl_fast/kernels/swiglu.py in bf16 (the interpreter truncates bf16 casts,
     so bf16 is checked here): against float64, no worse than 2× transformers' own bf16 path."""
     from iicl_fast.kernels.reference_rmsnorm import rmsnorm_ref
     from iicl_fast.kernels.reference_swiglu import swiglu_ref
@@ -206,7 +206,7 @@ def test_fused_layers_bf16_on_cuda(n, h, inter, monkeypatch):
 
 @pytest.mark.parametrize("B,Hq,Hk,T,d", [(1, 32, 8, 1, 128), (3, 9, 3, 97, 64), (2, 32, 8, 4099, 128)])
 def test_fused_rotary_bf16_on_cuda(B, Hq, Hk, T, d, monkeypatch):
-    """kernels/rotary.py's training path in bf16 on strided [B, H, T, d] views: forward bit-equal
+    """iicl_fast/kernels/rotary.py's training path in bf16 on strided [B, H, T, d] views: forward bit-equal
     to transformers' apply_rotary_pos_emb, gradients no worse than 2x its bf16 autograd (fp64 truth)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     from iicl_fast.kernels import rotary as kr

@@ -1,4 +1,4 @@
-"""Fused RMSNorm and silu(gate)·up (kernels/rmsnorm.py, kernels/swiglu.py, iicl_fast.layers)
+"""Fused RMSNorm and silu(gate)·up (iicl_fast/kernels/rmsnorm.py, iicl_fast/kernels/swiglu.py, iicl_fast.layers)
 under the Triton interpreter: against float64, forward and gradient, at odd shapes, no worse
 than a small multiple of transformers' own path in the same dtype; outputs NaN-poisoned by
 the launchers; and a tiny Llama with the layers installed against the plain one.

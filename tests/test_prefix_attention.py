@@ -1,4 +1,4 @@
-"""kernels/prefix_attention.py (decode attention over one shared prefix, GQA) against the
+"""iicl_fast/kernels/prefix_attention.py (decode attention over one shared prefix, GQA) against the
 float64 reference, under the Triton interpreter on the CPU: odd prefix lengths (not a
 multiple of any block, 1 included), several splits, row blocks with a ragged edge, group
 sizes 1/4/8, head dims that are not powers of two, fp32 and bf16. Outputs are NaN-poisoned

@@ -1,4 +1,4 @@
-"""kernels/rotary.py (rotary embedding + cache write of one decoding step) under the Triton
+"""iicl_fast/kernels/rotary.py (rotary embedding + cache write of one decoding step) under the Triton
 interpreter against float64 and against transformers' own apply_rotary_pos_emb: odd batch
 sizes, group 3, a head dim whose half is not a power of two, every other cache slot intact."""
 import pytest

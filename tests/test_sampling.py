@@ -1,4 +1,4 @@
-"""kernels/sampling.py (nucleus sampling without a sort) under the Triton interpreter: many
+"""iicl_fast/kernels/sampling.py (nucleus sampling without a sort) under the Triton interpreter: many
 draws on a small vocabulary follow the exact nucleus distribution (reference_sampling.py),
 tokens outside the nucleus never come, blocks of the vocabulary ragged at the edge, and
 draws are reproducible from the device seed."""
