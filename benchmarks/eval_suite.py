@@ -40,6 +40,10 @@ def commit() -> str:
 def headline(suite: str, res: dict) -> dict:
     """The figures a variant row is compared on (mean ± std over seeds)."""
     r = res["results"]
+    if suite == "forgetting":
+        return {"nll_rise": {k: v["mean"] for k, v in r["nll_rise"].items()},
+                "general_accuracy": {k: v["mean"] for k, v in r["general_accuracy"].items()},
+                "s_per_chunk": r["seconds_per_chunk"], "wall_s": res["wall_s"]}
     keys = {"recall": ("full_context", "consolidated", "consolidated_retained"),
             "sequence": ("just_after_recall", "final_recall", "single_doc_recall")}[suite]
     out = {k: f"{r[k]['mean']:.3f}±{r[k]['std']:.3f}" for k in keys}
@@ -60,8 +64,8 @@ def main() -> int:
     ap.add_argument("--stream-seeds", type=int, default=None)
     ap.add_argument("--ablations", default=None, help="comma list (default: all)")
     ap.add_argument("--variant", action="append", default=[],
-                    help="NAME:field=value,... an extra ablation row; with --suite recall or sequence the suite "
-                         "is run once per variant (eval_<suite><tag>_<NAME>.json)")
+                    help="NAME:field=value,... an extra ablation row; with --suite recall, sequence or forgetting "
+                         "the suite is run once per variant (eval_<suite><tag>_<NAME>.json)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
@@ -99,7 +103,7 @@ def main() -> int:
                     res["wall_s"] = round(res["wall_s"] + part["wall_s"], 1)
                 write_result(res, Path(args.out), name=suite + args.tag)
                 print(json.dumps({name: part["results"][name]}), flush=True)
-        elif variants and suite in ("recall", "sequence"):   # the suite once per --variant row
+        elif variants and suite in ("recall", "sequence", "forgetting"):   # the suite once per --variant row
             for name, over in variants.items():
                 res = {**run_suite(suite, model, tok, replace(cfg, **over), seeds=seeds, sizes=sizes),
                        **meta, "variant": {name: over}}
