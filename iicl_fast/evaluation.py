@@ -384,10 +384,10 @@ def stream_run(model, tok, cfg: Config, seed: int, docs: list[Document], *, forg
     for i, doc in enumerate(docs):
         out["seconds"] += _consolidate(mem, [doc.text])
         out["first_chunk"].append(score(mem, docs[0].questions) / len(docs[0].questions))
-        if forgetting and i in (0, len(docs) - 1):
-            key = "one_doc" if i == 0 else "stream"
-            out[f"nll_{key}"] = heldout_nll(mem, texts)
-            out[f"general_{key}"] = score(mem, gq) / len(gq)
+        if forgetting and i in (0, len(docs) - 1):     # a 1-chunk stream: both keys from one measurement
+            nll, general = heldout_nll(mem, texts), score(mem, gq) / len(gq)
+            for key in (["one_doc"] if i == 0 else []) + (["stream"] if i == len(docs) - 1 else []):
+                out[f"nll_{key}"], out[f"general_{key}"] = nll, general
     out["by_position"] = [score(mem, d.questions) / len(d.questions) for d in docs]
     _drop(mem)
     return out

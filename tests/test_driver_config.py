@@ -27,6 +27,9 @@ def test_presets_and_overrides():
     assert (paper.chunk_tokens, paper.n_queries, paper.n_continuations, paper.max_response_tokens) == (5000, 200, 200, 512)
     assert (paper.select_top_k, paper.epochs, paper.loss) == (200, 3, "forward_kl")
     assert Config.preset("paper", epochs="2", select_top_k="none").epochs == 2
+    quality = Config.preset("quality")
+    assert quality.n_continuations == 2 * small.n_continuations and quality.lr == small.lr == 2e-3
+    assert Config.preset("stress").lr == 1e-3      # the 2M runs' setting, kept when small's lr moved
     with pytest.raises(IICLError, match="unknown preset 'huge'"):
         Config.preset("huge")
     with pytest.raises(IICLError, match="unknown Config field: lrr"):

@@ -89,6 +89,17 @@ def test_every_suite_runs_on_the_tiny_model(tiny, tmp_path):
     Memory(model, tok, cfg).base_info()
 
 
+def test_forgetting_after_a_one_chunk_stream(tiny):
+    """--stream-chunks 1 (forgetting after one document only): the first chunk is also the
+    last, and both figures come from that one measurement (it raised KeyError: 'nll_stream')."""
+    model, tok = tiny
+    cfg = Config(**{**TINY_CONFIG, "epochs": 1, "answer_max_new_tokens": 6})
+    res = run_suite("forgetting", model, tok, cfg, seeds=[0], sizes=Sizes(stream_chunks=1, facts=3), progress=False)
+    f = res["results"]
+    assert f["nll_rise"]["one_doc"]["values"] == f["nll_rise"]["stream"]["values"]
+    assert f["general_accuracy"]["one_doc"]["values"] == f["general_accuracy"]["stream"]["values"]
+
+
 def test_heldout_nll_sees_the_adapter(tiny):
     model, tok = tiny
     mem = Memory(model, tok, Config(**TINY_CONFIG))
