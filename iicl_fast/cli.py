@@ -337,10 +337,10 @@ def cmd_eval(args) -> int:
     if args.seeds < 1:
         raise IICLError(f"--seeds must be >= 1, got {args.seeds}")
     sizes = Sizes.quick() if args.quick else Sizes()
-    for name in ("docs", "facts", "stream_chunks", "stream_seeds"):
+    for name in ("docs", "facts", "sequence_docs", "stream_chunks", "stream_seeds"):
         v = getattr(args, name)
         if v is not None:
-            least = 0 if name == "stream_seeds" else 1
+            least = 0 if name in ("stream_seeds", "sequence_docs") else 1
             if v < least:
                 raise IICLError(f"--{name.replace('_', '-')} must be >= {least}, got {v}")
             setattr(sizes, name, v)
@@ -403,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--quick", action="store_true", help="small sizes for the CPU (1 document, 3 facts, 3-chunk stream)")
     v.add_argument("--docs", type=int, default=None, metavar="N", help="documents per seed (recall)")
     v.add_argument("--facts", type=int, default=None, metavar="N", help="facts per document")
+    v.add_argument("--sequence-docs", type=int, default=None, metavar="N",
+                   help="documents consolidated one after another (sequence; default 3, 0: the long stream only)")
     v.add_argument("--stream-chunks", type=int, default=None, metavar="N", help="chunks of the long stream")
     v.add_argument("--stream-seeds", type=int, default=None, metavar="K", help="seeds of the long stream (default 1)")
     v.add_argument("--ablations", default=None, metavar="A,B", help="only these ablations (default: all)")

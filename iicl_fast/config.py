@@ -11,7 +11,7 @@ class IICLError(Exception):
 
 LOSSES = ("forward_kl", "reverse_kl", "seqkd", "jsd")
 SELECTIONS = ("ppl_gap", "random")
-REPLAY_POLICIES = ("reservoir", "ppl_gap")
+REPLAY_POLICIES = ("reservoir", "ppl_gap", "balanced")
 LOSS_IMPLS = ("reference", "fused")
 RETAIN_UNITS = ("token", "sentence")
 
@@ -94,7 +94,9 @@ class Config:
     # Which entries the buffer keeps: "reservoir" (a uniform sample of every kept entry so
     # far) or "ppl_gap" (the replay_entries of highest ΔPPL so far: the knowledge the base
     # model can least reconstruct without its chunk, e.g. a planted code, ranked 0th and 5th of
-    # 96 source entries of its 4,096-token chunk by the embedded model).
+    # 96 source entries of its 4,096-token chunk by the embedded model); "balanced" (an equal
+    # share of the buffer for every chunk so far, each chunk's entries of highest ΔPPL: a
+    # long stream's first chunk keeps its share, where the reservoir held ~1.6 of each of 20).
     replay_policy: str = "reservoir"
     # Entries of the buffer trained on with each chunk: 0 = all of it; k > 0 = a seeded sample
     # of k, drawn anew each chunk, so a buffer much larger than a chunk's share costs a fixed

@@ -40,6 +40,7 @@ class Entry:
     query: str
     response: list[int]
     dppl: float | None = None   # its ΔPPL once selection has scored it (replay_policy "ppl_gap")
+    chunk: int | None = None    # the chunk it was kept from, once in the replay buffer (policy "balanced")
 
 
 def _spans(part: str) -> list[str]:

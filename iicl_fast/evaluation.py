@@ -402,35 +402,36 @@ def suite_sequence(model, tok, cfg: Config, seeds, sizes: Sizes, bar) -> dict:
     figures of that stream (see suite_forgetting)."""
     runs, singles, streams, secs = [], [], [], []
     for k, seed in enumerate(seeds):
-        docs = fictional_documents(100 + seed, sizes.sequence_docs, sizes.facts)
-        run = sequence_run(model, tok, cfg, seed, docs)
-        runs.append(run["matrix"])
-        secs += run["seconds"]
-        alone = []
-        for doc in docs:
-            mem = Memory(model, tok, replace(cfg, seed=seed))
-            _consolidate(mem, [doc.text])
-            alone.append(score(mem, doc.questions) / len(doc.questions))
-            _drop(mem)
-        singles.append(alone)
+        if sizes.sequence_docs:
+            docs = fictional_documents(100 + seed, sizes.sequence_docs, sizes.facts)
+            run = sequence_run(model, tok, cfg, seed, docs)
+            runs.append(run["matrix"])
+            secs += run["seconds"]
+            alone = []
+            for doc in docs:
+                mem = Memory(model, tok, replace(cfg, seed=seed))
+                _consolidate(mem, [doc.text])
+                alone.append(score(mem, doc.questions) / len(doc.questions))
+                _drop(mem)
+            singles.append(alone)
         bar.update()
         if k < sizes.stream_seeds:
             streams.append(stream_run(model, tok, cfg, seed, fictional_documents(200 + seed, sizes.stream_chunks,
                                                                                   sizes.facts)))
             secs += streams[-1]["seconds"]
             bar.update()
-    final = [sum(m[-1]) / len(m[-1]) for m in runs]
-    alone_mean = [sum(s) / len(s) for s in singles]
-    just_after = [sum(m[i][i] for i in range(len(m))) / len(m) for m in runs]
-    res = {
-        "docs": sizes.sequence_docs, "facts_per_doc": sizes.facts,
-        "matrix": runs, "single_doc": singles,
-        "final_recall": spread(final), "single_doc_recall": spread(alone_mean),
-        "just_after_recall": spread(just_after),
-        "retention_vs_single": round(statistics.fmean(final) / max(statistics.fmean(alone_mean), 1e-9), 3),
-        "retention_vs_just_after": round(statistics.fmean(final) / max(statistics.fmean(just_after), 1e-9), 3),
-        "seconds_per_chunk": round(statistics.fmean(secs), 2), "stream_seeds": len(streams),
-    }
+    res = {"docs": sizes.sequence_docs, "facts_per_doc": sizes.facts,
+           "seconds_per_chunk": round(statistics.fmean(secs), 2) if secs else None, "stream_seeds": len(streams)}
+    if runs:
+        final = [sum(m[-1]) / len(m[-1]) for m in runs]
+        alone_mean = [sum(s) / len(s) for s in singles]
+        just_after = [sum(m[i][i] for i in range(len(m))) / len(m) for m in runs]
+        res.update({
+            "matrix": runs, "single_doc": singles,
+            "final_recall": spread(final), "single_doc_recall": spread(alone_mean),
+            "just_after_recall": spread(just_after),
+            "retention_vs_single": round(statistics.fmean(final) / max(statistics.fmean(alone_mean), 1e-9), 3),
+            "retention_vs_just_after": round(statistics.fmean(final) / max(statistics.fmean(just_after), 1e-9), 3)})
     if streams:
         curves = [s["first_chunk"] for s in streams]
         res.update({

@@ -30,6 +30,27 @@ RETAINED = "retained.json"
 _names = itertools.count()
 
 
+def balanced_pick(score: list[float], chunk: list, k: int) -> list[int]:
+    """The replay buffer of policy "balanced": k of len(score) entries, taken in rounds over
+    the chunks (oldest first), each round one more entry of each chunk by score (ΔPPL,
+    highest first; ties: the older entry). Every chunk holds ⌊k / chunks⌋ entries or one more;
+    a chunk with fewer leaves its share to the others. chunk[i] is entry i's chunk (None: an
+    entry of a buffer saved before chunks were recorded, one group). -> sorted indices."""
+    groups: dict = {}
+    for i, c in enumerate(chunk):
+        groups.setdefault(c, []).append(i)
+    order = sorted(groups, key=lambda c: (c is not None, c if c is not None else 0))
+    queues = [sorted(groups[c], key=lambda i: -score[i]) for c in order]
+    out: list[int] = []
+    for r in range(max((len(q) for q in queues), default=0)):
+        for q in queues:
+            if len(out) == k:
+                return sorted(out)
+            if r < len(q):
+                out.append(q[r])
+    return sorted(out)
+
+
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -252,7 +273,8 @@ class Memory:
     def _update_replay(self, kept: list[Entry], teacher, chunk_index: int) -> None:
         """replay_policy "reservoir": every kept entry seen so far is in the buffer with equal
         chance; "ppl_gap": the buffer holds the replay_entries of highest ΔPPL seen so far
-        (ties: the older entry stays)."""
+        (ties: the older entry stays); "balanced": every chunk seen so far holds an equal
+        share, its entries of highest ΔPPL (balanced_pick)."""
         k = self.config.replay_entries
         if k == 0 or not kept:
             return
@@ -260,9 +282,13 @@ class Memory:
         entries = old + kept
         hs = teacher if old_hs is None else concat(old_hs, teacher)
         self.replay_seen += len(kept)
+        for e in kept:
+            e.chunk = chunk_index
+        score = [e.dppl if e.dppl is not None else -math.inf for e in entries]
         if self.config.replay_policy == "ppl_gap":
-            score = [e.dppl if e.dppl is not None else -math.inf for e in entries]
             buf = sorted(sorted(range(len(entries)), key=lambda i: -score[i])[:k])
+        elif self.config.replay_policy == "balanced":
+            buf = balanced_pick(score, [e.chunk for e in entries], k)
         else:
             rng = random.Random(self.config.seed * 1_000_003 + chunk_index)
             buf = list(range(len(old)))

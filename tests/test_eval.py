@@ -100,6 +100,20 @@ def test_forgetting_after_a_one_chunk_stream(tiny):
     assert f["general_accuracy"]["one_doc"]["values"] == f["general_accuracy"]["stream"]["values"]
 
 
+def test_sequence_with_the_long_stream_only(tiny):
+    """--sequence-docs 0: the long stream alone (its curve and forgetting), no three-document
+    figures; the ratio is the last point of the curve over its first."""
+    model, tok = tiny
+    cfg = Config(**{**TINY_CONFIG, "epochs": 1, "answer_max_new_tokens": 6})
+    res = run_suite("sequence", model, tok, cfg, seeds=[0], progress=False,
+                    sizes=Sizes(sequence_docs=0, stream_chunks=2, facts=3))["results"]
+    assert "final_recall" not in res and "matrix" not in res
+    curve = [x["mean"] for x in res["first_chunk_by_chunks_since"]]
+    assert len(curve) == 2 and len(res["recall_by_position_at_end"]) == 2
+    assert res["first_chunk_kept"] == round(curve[-1] / max(curve[0], 1e-9), 3)
+    assert set(res["forgetting"]["nll_rise"]) == {"one_doc", "stream"}
+
+
 def test_heldout_nll_sees_the_adapter(tiny):
     model, tok = tiny
     mem = Memory(model, tok, Config(**TINY_CONFIG))

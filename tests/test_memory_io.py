@@ -209,6 +209,34 @@ def test_replay_by_ppl_gap_keeps_the_highest_gaps_of_the_stream(tiny, tmp_path, 
         iicl_fast.Config(replay_policy="newest")
 
 
+def test_balanced_pick_gives_every_chunk_its_share_by_score():
+    """An equal share per chunk (the remainder to the oldest), each chunk's highest scores;
+    a chunk with fewer entries than its share leaves the rest to the others."""
+    from iicl_fast.memory import balanced_pick
+    score = [5, 1, 3, 9, 8, 7, 6, 2, 0.5]
+    chunk = [0, 0, 0, 1, 1, 1, 1, 2, 2]
+    assert balanced_pick(score, chunk, 5) == [0, 2, 3, 4, 7]       # 2 + 2 + 1: the oldest gets the extra
+    assert balanced_pick(score, chunk, 4) == [0, 2, 3, 7]
+    assert balanced_pick(score, [0, 0, 0, 1, 1, 1, 1, 1, 1], 8) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert balanced_pick(score, [None] * 2 + [3] * 7, 3) == [0, 1, 3]   # unlabelled entries: one group, first
+    assert balanced_pick(score, chunk, 20) == list(range(9))
+    assert balanced_pick([], [], 4) == []
+
+
+def test_balanced_replay_keeps_the_first_chunk_in_a_stream(tiny, tmp_path):
+    """replay_policy "balanced": after each chunk every chunk so far holds its share of the
+    buffer (the reservoir may hold none of the first); chunks are saved and loaded."""
+    model, tok = tiny
+    mem = Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "replay_entries": 4, "replay_policy": "balanced"}))
+    for i, doc in enumerate(DOCS[:3]):
+        mem.consolidate(doc)
+        counts = [sum(e.chunk == j for e in mem.replay[0]) for j in range(i + 1)]
+        assert sum(counts) == min(4, mem.replay_seen) and max(counts) - min(counts) <= 1, counts
+    mem.save(tmp_path / "m")
+    back = Memory.load(tmp_path / "m", make_tiny(tok), tok)
+    assert [e.chunk for e in back.replay[0]] == [e.chunk for e in mem.replay[0]]
+
+
 def test_interrupted_swap_resumes_and_streams_are_told_apart(tiny, tmp_path):
     """The issue's path: DIR gone and DIR.old holding the N-chunk memory after a kill between
     the renames. The rerun resumes from it (no chunk redone), sweeps a killed writer's temp
