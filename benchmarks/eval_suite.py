@@ -46,9 +46,11 @@ def headline(suite: str, res: dict) -> dict:
                 "s_per_chunk": r["seconds_per_chunk"], "wall_s": res["wall_s"]}
     keys = {"recall": ("full_context", "consolidated", "consolidated_retained"),
             "sequence": ("just_after_recall", "final_recall", "single_doc_recall")}[suite]
-    out = {k: f"{r[k]['mean']:.3f}±{r[k]['std']:.3f}" for k in keys}
+    out = {k: f"{r[k]['mean']:.3f}±{r[k]['std']:.3f}" for k in keys if k in r}
     if suite == "sequence" and "first_chunk_kept" in r:
         out["first_chunk_kept"] = r["first_chunk_kept"]
+        out["first_chunk"] = [x["mean"] for x in r["first_chunk_by_chunks_since"]]
+        out["nll_rise"] = {k: v["mean"] for k, v in r["forgetting"]["nll_rise"].items()}
     return {**out, "s_per_chunk": r["seconds_per_chunk"], "wall_s": res["wall_s"]}
 
 
@@ -60,6 +62,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--docs", type=int, default=None)
     ap.add_argument("--facts", type=int, default=None)
+    ap.add_argument("--sequence-docs", type=int, default=None, help="0: the long stream only")
     ap.add_argument("--stream-chunks", type=int, default=None)
     ap.add_argument("--stream-seeds", type=int, default=None)
     ap.add_argument("--ablations", default=None, help="comma list (default: all)")
@@ -77,7 +80,7 @@ def main() -> int:
     args = ap.parse_args()
     suites = list(SUITES) if args.suite == "all" else args.suite.split(",")
     sizes = Sizes.quick() if args.quick else Sizes()
-    for name in ("docs", "facts", "stream_chunks", "stream_seeds"):
+    for name in ("docs", "facts", "sequence_docs", "stream_chunks", "stream_seeds"):
         if getattr(args, name) is not None:
             setattr(sizes, name, getattr(args, name))
     variants = ablation_rows(args.ablations, args.variant)
