@@ -156,9 +156,10 @@ def epoch_order(n: int, dealt: int, rng: torch.Generator) -> list[int]:
 
 
 def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, params: list[torch.Tensor],
-          config: Config, *, seed: int | None = None, dealt: int = 0) -> list[float]:
+          config: Config, *, seed: int | None = None, dealt: int = 0, lr: float | None = None) -> list[float]:
     """LoRA training of the student (no chunk in view). -> mean loss per epoch.
     seed: of the epochs' shuffles (config.seed + the chunk's index in consolidate_chunk).
+    lr: the chunk's learning rate (config.chunk_lr; None: config.lr).
     dealt: the last `dealt` entries (anchors) are spread evenly over each epoch's steps.
 
     A step takes batch_size entries (the loss is the mean over their response tokens) in
@@ -167,7 +168,7 @@ def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, pa
     (iicl_fast.dist): every rank takes the same steps."""
     # fused on CUDA: one kernel over every LoRA tensor instead of a foreach chain (the 8B
     # profile showed ~50 ms of optimizer time per step, 7 % of the step)
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=params[0].is_cuda)
+    opt = torch.optim.AdamW(params, lr=config.lr if lr is None else lr, weight_decay=config.weight_decay, fused=params[0].is_cuda)
     rng = torch.Generator().manual_seed(config.seed if seed is None else seed)
     stats = loss_stats(model, teacher, config)
     losses = []
@@ -264,7 +265,7 @@ def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.T
     if rep.anchored:
         train_entries, train_teacher = train_entries + anchors[0], concat(train_teacher, anchors[1])
     rep.loss_per_epoch = train(model, fmt, train_entries, train_teacher, params, config,
-                               seed=config.seed + chunk_index, dealt=rep.anchored)
+                               seed=config.seed + chunk_index, dealt=rep.anchored, lr=config.chunk_lr(chunk_index))
     rep.seconds["train"] = _now(model) - t
     phase_peak(rep, "train", params[0].device)
     lengths = [len(fmt.prompt(e.query)) + len(e.response) for e in train_entries]

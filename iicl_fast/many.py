@@ -64,7 +64,7 @@ def consolidate_many(model, tokenizer, texts: list[str], config: Config | None =
             # anchors depend on the round only (the base answers round r's prompts): one set for all
             anchors = anchor_set(peft_model, fmt, config, r, peft_model.disable_adapter) if config.anchor_entries else None
             # a fresh optimizer per chunk, as Memory.consolidate's train() makes one per chunk
-            opt = BankAdamW(bank, lr=config.lr, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
+            opt = BankAdamW(bank, lr=config.chunk_lr(r), weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
             _train_bank(peft_model, fmt, bank, opt, mems, prepared, config, chunk_index=r, anchors=anchors)
             _write_back(peft_model, bank, mems, docs)
             for i in docs:

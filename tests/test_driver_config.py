@@ -42,6 +42,30 @@ def test_presets_and_overrides():
             Config(**{field: value})
 
 
+def test_learning_rate_by_chunk(tiny, monkeypatch):
+    """lr_decay_chunks: chunk i of a memory trains at lr · max(lr_floor, (1 + i/τ)^-½); the
+    optimizer of each chunk gets it (0: every chunk at lr)."""
+    c = Config(lr=2e-3, lr_decay_chunks=4, lr_floor=0.5)
+    assert c.chunk_lr(0) == 2e-3 and c.chunk_lr(4) == pytest.approx(2e-3 / 2 ** 0.5)
+    assert c.chunk_lr(12) == pytest.approx(1e-3) and c.chunk_lr(100) == pytest.approx(1e-3)
+    assert Config(lr=2e-3).chunk_lr(50) == 2e-3
+    with pytest.raises(IICLError, match="lr_floor"):
+        Config(lr_floor=0.0)
+    with pytest.raises(IICLError, match="lr_decay_chunks"):
+        Config(lr_decay_chunks=-1)
+    seen, real = [], torch.optim.AdamW
+
+    def spy(params, lr, **kw):
+        seen.append(lr)
+        return real(params, lr=lr, **kw)
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    model, tok = tiny
+    mem = iicl_fast.Memory(model, tok, Config(**{**TINY_CONFIG, "epochs": 1, "lr": 4e-3, "lr_decay_chunks": 1}))
+    mem.consolidate(DOC)
+    mem.consolidate(DOC + " Again.")
+    assert seen == [4e-3, pytest.approx(4e-3 / 2 ** 0.5)]
+
+
 def test_device_and_dtype_resolution():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
