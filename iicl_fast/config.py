@@ -22,7 +22,9 @@ class Config:
     document in a few minutes on 2 CPU cores, ~5 s on one H200 (~50 entries of <=40 tokens,
     r=16 on all linear layers, lr 2e-3, 4 epochs). They are the best setting measured on the
     evaluation suite's sequence documents (benchmarks/NOTES.md, 13th session): elicitation
-    and teacher on the base model, the chunk's own sentences as source entries."""
+    and teacher on the base model, the chunk's own sentences as source entries; and for
+    streams (18th session) a replay buffer balanced over the chunks and a learning rate that
+    falls to half over a memory's first 12 chunks."""
 
     # 1. elicitation (hybrid prompting, the chunk in the window)
     # model-written questions, answered with the chunk in view. 0 in `small`: on the suite's
@@ -76,10 +78,13 @@ class Config:
     # chunk: preset `quality`.
     lr: float = 2e-3
     # The learning rate of a memory's chunk i: lr · max(lr_floor, (1 + i / lr_decay_chunks)^-½)
-    # (0: lr for every chunk; Config.chunk_lr). A long stream at lr 2e-3 drifted from the base:
-    # held-out NLL +6.9 % after the suite's 20 chunks (+0.8–1.0 % after one), where 1e-3 had
-    # +1.7 % (H200, NOTES.md, eighteenth session).
-    lr_decay_chunks: int = 0
+    # (0: lr for every chunk; Config.chunk_lr): 2e-3 for a first document, 1e-3 from chunk 12
+    # on. A long stream at lr 2e-3 drifted from the base: held-out NLL +6.9 % after the suite's
+    # 20 chunks on two seeds (+0.8–1.0 % after one); with 4 (and balanced replay) +2.5–2.7 % on
+    # three; lr 1e-3 throughout +1.7–2.0 %, but single documents undertrained (H200, NOTES.md,
+    # eighteenth session). Three documents in sequence kept 0.907 of their single recall (0.929
+    # without the decay, seeds 9-11, which nothing was chosen on).
+    lr_decay_chunks: int = 4
     lr_floor: float = 0.5
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -92,24 +97,28 @@ class Config:
     pass_tokens: int = 8192
     gradient_checkpointing: bool = False   # recompute the student's activations in backward
     token_chunk: int = 256         # response tokens per loss slice: never tokens×vocab at once
-    # Replay: up to this many kept entries of earlier chunks (a uniform sample, with their
-    # teacher hidden states) are trained on again with each new chunk. Without it the
+    # Replay: up to this many kept entries of earlier chunks (chosen by replay_policy, with
+    # their teacher hidden states) are trained on again with each new chunk. Without it the
     # 135M model lost the first of two documents (recall 2/2 -> 0/2) while learning the
     # second. Bounded, so memory stays constant over a stream. 0 disables.
-    replay_entries: int = 32
+    # 256 with replay_policy "balanced" and replay_sample 48: over the suite's 20-chunk stream
+    # the first chunk's recall held (0.29 -> 0.29 after 20 chunks, seed 6) where the reservoir of
+    # 32 lost it (0.29 -> 0, 0.33 -> 0 on seeds 6, 7) and so did 512 sampled 32 at a time; with
+    # the decay above, 0.46 -> 0.30 over three seeds (H200, NOTES.md, eighteenth session).
+    replay_entries: int = 256
     # Which entries the buffer keeps: "reservoir" (a uniform sample of every kept entry so
     # far) or "ppl_gap" (the replay_entries of highest ΔPPL so far: the knowledge the base
     # model can least reconstruct without its chunk, e.g. a planted code, ranked 0th and 5th of
     # 96 source entries of its 4,096-token chunk by the embedded model); "balanced" (an equal
     # share of the buffer for every chunk so far, each chunk's entries of highest ΔPPL: a
     # long stream's first chunk keeps its share, where the reservoir held ~1.6 of each of 20).
-    replay_policy: str = "reservoir"
+    replay_policy: str = "balanced"
     # Entries of the buffer trained on with each chunk: 0 = all of it; k > 0 = a seeded sample
     # of k, drawn anew each chunk, so a buffer much larger than a chunk's share costs a fixed
     # time a chunk. Over the suite's 20-chunk stream a buffer of 32 held ~1.6 entries of each
     # chunk at the end and the first chunk's recall fell 0.50 → 0 (H200, NOTES.md, 14th
-    # session); replay_entries=512 with replay_sample=32 is the row to measure next.
-    replay_sample: int = 0
+    # session); 512 sampled 32 at a time lost it too (18th).
+    replay_sample: int = 48
     # Anchors: this many general prompts a chunk (iicl_fast/data/anchor_prompts.json, in turn),
     # answered by the base model without the chunk, its own answer distribution the teacher:
     # the student is held where the base was on everything the chunk is not about. Without
@@ -278,7 +287,8 @@ PRESETS: dict[str, dict] = {
     "paper": dict(teacher_base=False, source_entries=0, anchor_entries=0, chunk_tokens=5000, n_queries=200, n_continuations=200, max_query_tokens=64,
                   max_response_tokens=512, select_top_k=200, loss="forward_kl", epochs=3, lora_r=16,
                   lora_alpha=32, lr=1e-4, batch_size=16, gen_batch_size=400, train_tokens=16384,
-                  pass_tokens=32768, replay_entries=64),
+                  pass_tokens=32768, replay_entries=64, replay_policy="reservoir", replay_sample=0,
+                  lr_decay_chunks=0),
     # `stress`: 2M-token streams with the embedded model on one GPU (iicl-fast stress), sized
     # for the H200 time one session has (README, "stress"): 7,168-token chunks (the model's
     # 8,192 positions hold a chunk, its question and answer), 16 questions and 16
@@ -292,7 +302,8 @@ PRESETS: dict[str, dict] = {
     "stress": dict(chunk_tokens=7168, n_queries=16, n_continuations=16, max_query_tokens=32,
                    max_response_tokens=48, source_entries=256, select_top_k=48, teacher_base=True, epochs=1,
                    batch_size=32, gen_batch_size=64, replay_entries=96, replay_policy="ppl_gap",
-                   gradient_checkpointing=True, anchor_entries=0, lr=1e-3),
+                   gradient_checkpointing=True, anchor_entries=0, lr=1e-3, replay_sample=0,
+                   lr_decay_chunks=0),
     # `small` with twice the continuations: the best recall measured on the suite (seeds 6-8,
     # H200: 0.509 of the questions against 0.443 for `small`, full context 0.404; 0.615 with the
     # window of sentences) for ~45 % more time a chunk (5.8 s vs 4.0 s on the H200; 148 s vs

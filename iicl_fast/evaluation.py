@@ -508,7 +508,10 @@ ABLATIONS: dict[str, dict] = {
     "loss_seqkd": {"loss": "seqkd"},
     "loss_jsd": {"loss": "jsd"},
     "replay_off": {"replay_entries": 0},
-    "replay_512_sample_32": {"replay_entries": 512, "replay_sample": 32},   # a large buffer, a fixed share a chunk
+    # the default before the 18th session: a uniform reservoir of 32, all of it each chunk
+    "replay_reservoir_32": {"replay_policy": "reservoir", "replay_entries": 32, "replay_sample": 0},
+    "replay_512_sample_32": {"replay_policy": "reservoir", "replay_entries": 512, "replay_sample": 32},
+    "lr_constant": {"lr_decay_chunks": 0},          # every chunk at lr (drift over a long stream)
     # elicitation mix: the default elicits continuations only (n_queries 0); these add the
     # model-written questions of InfiniteICL's hybrid prompting, or ask questions alone
     "hybrid": {"n_queries": 40},

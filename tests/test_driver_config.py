@@ -48,7 +48,11 @@ def test_learning_rate_by_chunk(tiny, monkeypatch):
     c = Config(lr=2e-3, lr_decay_chunks=4, lr_floor=0.5)
     assert c.chunk_lr(0) == 2e-3 and c.chunk_lr(4) == pytest.approx(2e-3 / 2 ** 0.5)
     assert c.chunk_lr(12) == pytest.approx(1e-3) and c.chunk_lr(100) == pytest.approx(1e-3)
-    assert Config(lr=2e-3).chunk_lr(50) == 2e-3
+    assert Config(lr=2e-3, lr_decay_chunks=0).chunk_lr(50) == 2e-3
+    # the presets measured before the decay and the balanced buffer keep what they ran with
+    for name in ("paper", "stress"):
+        p = Config.preset(name)
+        assert p.chunk_lr(50) == p.lr and p.replay_sample == 0 and p.replay_policy != "balanced"
     with pytest.raises(IICLError, match="lr_floor"):
         Config(lr_floor=0.0)
     with pytest.raises(IICLError, match="lr_decay_chunks"):
