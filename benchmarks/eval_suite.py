@@ -50,6 +50,9 @@ def headline(suite: str, res: dict) -> dict:
     if suite == "sequence" and "first_chunk_kept" in r:
         out["first_chunk_kept"] = r["first_chunk_kept"]
         out["first_chunk"] = [x["mean"] for x in r["first_chunk_by_chunks_since"]]
+        out["early_chunks_kept"] = r["early_chunks_kept"]
+        out["right_after"] = [x["mean"] for x in r["recall_by_position_right_after"]]
+        out["at_end"] = [x["mean"] for x in r["recall_by_position_at_end"]]
         out["nll_rise"] = {k: v["mean"] for k, v in r["forgetting"]["nll_rise"].items()}
     return {**out, "s_per_chunk": r["seconds_per_chunk"], "wall_s": res["wall_s"]}
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from . import dist, reference
 from .config import Config
 from .decode import without_cudnn_sdpa
-from .elicit import Entry, anchor_entries, elicit
+from .elicit import Entry, anchor_entries, elicit, prompt_ids, prose_anchor_entries
 from .generation import causal_lm, lm_head, to_device
 from .models import PromptFormat
 from .select import delta_ppl, select_by_ppl_gap, select_random
@@ -129,7 +129,7 @@ def hidden_loss(model, h_s, teacher: HiddenSet, rows: torch.Tensor, config: Conf
 
 def micro_batches(fmt: PromptFormat, entries: list[Entry], idx: list[int], max_tokens: int) -> list[list[int]]:
     """A step's entries idx split into micro-batches of at most max_tokens padded tokens."""
-    lengths = [len(fmt.prompt(entries[i].query)) + len(entries[i].response) for i in idx]
+    lengths = [len(prompt_ids(fmt, entries[i])) + len(entries[i].response) for i in idx]
     return [[idx[j] for j in b] for b in token_batches(lengths, max_tokens)]
 
 
@@ -253,7 +253,7 @@ def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.T
                                                base_view=base_view)
     if not kept_entries:
         return rep, [], None
-    if config.anchor_entries:
+    if config.anchor_entries or config.prose_anchors:
         t = _now(model)
         anchors = anchor_set(model, fmt, config, chunk_index, base_view)
         rep.anchored = len(anchors[0])
@@ -268,7 +268,7 @@ def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.T
                                seed=config.seed + chunk_index, dealt=rep.anchored, lr=config.chunk_lr(chunk_index))
     rep.seconds["train"] = _now(model) - t
     phase_peak(rep, "train", params[0].device)
-    lengths = [len(fmt.prompt(e.query)) + len(e.response) for e in train_entries]
+    lengths = [len(prompt_ids(fmt, e)) + len(e.response) for e in train_entries]
     rep.work["train_tokens"] = config.epochs * sum(lengths)
     rep.work["train_pairs"] = config.epochs * sum(n * (n + 1) // 2 for n in lengths)     # causal attention's (q, k)
     return rep, kept_entries, teacher
@@ -276,10 +276,12 @@ def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.T
 
 def anchor_set(model, fmt: PromptFormat, config: Config, chunk_index: int, base_view=None):
     """-> (anchor entries, their teacher HiddenSet): general prompts answered by the base
-    (under base_view; without one, by θ_{i-1}) with no chunk in view, and the hidden states of
-    that same pass as the teacher. Not kept for replay: each chunk takes the next prompts."""
+    (under base_view; without one, by θ_{i-1}) with no chunk in view, then openings of prose it
+    continues (config.prose_anchors), and the hidden states of that same model as the teacher.
+    Not kept for replay: each chunk takes the next prompts."""
     with (base_view or contextlib.nullcontext)():
-        entries = dist.broadcast(anchor_entries(model, fmt, config, chunk_index=chunk_index))
+        entries = dist.broadcast(anchor_entries(model, fmt, config, chunk_index=chunk_index)
+                                 + prose_anchor_entries(model, fmt, config, chunk_index=chunk_index))
         if not entries:
             return [], None
         hs = sharded_hidden(model, entries, lambda es: student_hidden_set(
@@ -360,7 +362,7 @@ def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk
     phase_peak(rep, "teacher", device)
     rep.work.update(response_tokens=sum(len(e.response) for e in entries),
                     teacher_tokens=sum(len(fmt.query(e.query)) + len(e.response) for e in entries),
-                    student_tokens=sum(len(fmt.prompt(e.query)) + len(e.response) for e in entries))
+                    student_tokens=sum(len(prompt_ids(fmt, e)) + len(e.response) for e in entries))
 
     t = _now(model)
     impl = config.kernel_impl if config.loss_impl == "fused" else None

@@ -36,11 +36,18 @@ CJK_SPAN_CHARS = 80    # a span of unbroken text with no spaces (CJK) is cut eve
 @dataclass
 class Entry:
     """One transfer-set entry: the query the student sees and the response ids [L]."""
-    kind: str            # "qa" | "continuation" | "source" | "anchor"
+    kind: str            # "qa" | "continuation" | "source" | "anchor" | "prose"
     query: str
     response: list[int]
     dppl: float | None = None   # its ΔPPL once selection has scored it (replay_policy "ppl_gap")
     chunk: int | None = None    # the chunk it was kept from, once in the replay buffer (policy "balanced")
+    raw: list[int] | None = None  # prose anchors: the prompt's ids as raw text, no chat template
+
+
+def prompt_ids(fmt: PromptFormat, e: Entry) -> list[int]:
+    """The ids the student sees before e's response: the chat prompt of its query, or its raw
+    ids (prose anchors)."""
+    return e.raw if e.raw is not None else fmt.prompt(e.query)
 
 
 def _spans(part: str) -> list[str]:
@@ -217,9 +224,35 @@ def anchor_entries(model, fmt: PromptFormat, config: Config, *, chunk_index: int
     so training on them holds the student's answers to everything else where they were."""
     prompts = anchor_prompts()
     n = min(config.anchor_entries, len(prompts))
+    if not n:
+        return []
     start = chunk_index * n
     queries = [prompts[(start + i) % len(prompts)] for i in range(n)]
     answers = generate(model, [fmt.prompt(q) for q in queries], max_new_tokens=config.max_response_tokens,
                        pad_id=fmt.pad_id, sample=False, stop_ids=fmt.stop_ids, batch_size=config.gen_batch_size)
     stops = set(fmt.stop_ids)
     return [Entry("anchor", q, r) for q, r in zip(queries, answers) if any(t not in stops for t in r)]
+
+
+def prose_openings() -> list[str]:
+    """The bundled openings of prose anchors: first words of everyday prose (none from the
+    evaluation's held-out essays)."""
+    return json.loads(files("iicl_fast").joinpath("data/prose_openings.json").read_text(encoding="utf-8"))
+
+
+def prose_anchor_entries(model, fmt: PromptFormat, config: Config, *, chunk_index: int = 0) -> list[Entry]:
+    """config.prose_anchors openings of plain prose (no chat template; chunk i starts where
+    chunk i-1 stopped), each continued by `model` as the caller hands it over (the base),
+    sampled (T 1, top-p 0.95, keyed by the seed and the chunk): text of the base's own
+    distribution, on which training holds the student where the base was on raw text."""
+    openings = prose_openings()
+    n = min(config.prose_anchors, len(openings))
+    if not n:
+        return []
+    texts = [openings[(chunk_index * n + i) % len(openings)] for i in range(n)]
+    prompts = [fmt.encode(t) for t in texts]
+    outs = generate(model, prompts, max_new_tokens=config.max_response_tokens, pad_id=fmt.pad_id, sample=True,
+                    temperature=1.0, top_p=0.95, stop_ids=fmt.stop_ids, batch_size=config.gen_batch_size,
+                    keyed_seed=(config.seed * 1_000_003 + 104_729 + chunk_index) % (1 << 31))
+    stops = set(fmt.stop_ids)
+    return [Entry("prose", t, r, raw=p) for t, p, r in zip(texts, prompts, outs) if any(x not in stops for x in r)]

@@ -373,10 +373,11 @@ def sequence_run(model, tok, cfg: Config, seed: int, docs: list[Document]) -> di
 
 def stream_run(model, tok, cfg: Config, seed: int, docs: list[Document], *, forgetting: bool = True) -> dict:
     """A stream of len(docs) chunks (one document each) into one memory: the first chunk's
-    recall after every chunk, every chunk's recall at the end, and (forgetting) held-out
-    NLL and general-question accuracy of the base, after the first chunk and at the end."""
+    recall after every chunk, every chunk's recall right after it was consolidated and at
+    the end, and (forgetting) held-out NLL and general-question accuracy of the base, after
+    the first chunk and at the end."""
     mem = Memory(model, tok, replace(cfg, seed=seed))
-    out = {"first_chunk": [], "seconds": []}
+    out = {"first_chunk": [], "right_after": [], "seconds": []}
     if forgetting:
         source, texts = heldout_texts()
         gq = general_questions()
@@ -384,6 +385,7 @@ def stream_run(model, tok, cfg: Config, seed: int, docs: list[Document], *, forg
     for i, doc in enumerate(docs):
         out["seconds"] += _consolidate(mem, [doc.text])
         out["first_chunk"].append(score(mem, docs[0].questions) / len(docs[0].questions))
+        out["right_after"].append(out["first_chunk"][0] if i == 0 else score(mem, doc.questions) / len(doc.questions))
         if forgetting and i in (0, len(docs) - 1):     # a 1-chunk stream: both keys from one measurement
             nll, general = heldout_nll(mem, texts), score(mem, gq) / len(gq)
             for key in (["one_doc"] if i == 0 else []) + (["stream"] if i == len(docs) - 1 else []):
@@ -441,8 +443,21 @@ def suite_sequence(model, tok, cfg: Config, seeds, sizes: Sizes, bar) -> dict:
                                       / max(statistics.fmean(c[0] for c in curves), 1e-9), 3),
             "recall_by_position_at_end": [spread([s["by_position"][k] for s in streams])
                                           for k in range(sizes.stream_chunks)],
+            "recall_by_position_right_after": [spread([s["right_after"][k] for s in streams])
+                                               for k in range(sizes.stream_chunks)],
+            **early_chunks_kept(streams),
             "forgetting": _forgetting(streams)})
     return res
+
+
+def early_chunks_kept(streams: list[dict], share: float = 0.25) -> dict:
+    """The first chunk's figure with more questions: the first `share` of a stream's chunks
+    (5 of 20, each 15+ chunks before the end): their recall at the end over their recall right
+    after each was consolidated, summed over the chunks (and the streams; per stream beside)."""
+    n = max(1, int(len(streams[0]["by_position"]) * share))
+    per = [sum(s["by_position"][:n]) / max(sum(s["right_after"][:n]), 1e-9) for s in streams]
+    pooled = sum(sum(s["by_position"][:n]) for s in streams) / max(sum(sum(s["right_after"][:n]) for s in streams), 1e-9)
+    return {"early_chunks": n, "early_chunks_kept": round(pooled, 3), "early_chunks_kept_per_stream": [round(x, 3) for x in per]}
 
 
 def _forgetting(streams: list[dict]) -> dict:

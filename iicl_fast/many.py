@@ -62,7 +62,8 @@ def consolidate_many(model, tokenizer, texts: list[str], config: Config | None =
                 prepared[i] = prepare_chunk(peft_model, fmt, chunks[i][r], config, chunk_index=r,
                                             base_view=peft_model.disable_adapter)
             # anchors depend on the round only (the base answers round r's prompts): one set for all
-            anchors = anchor_set(peft_model, fmt, config, r, peft_model.disable_adapter) if config.anchor_entries else None
+            anchors = anchor_set(peft_model, fmt, config, r, peft_model.disable_adapter) \
+                if config.anchor_entries or config.prose_anchors else None
             # a fresh optimizer per chunk, as Memory.consolidate's train() makes one per chunk
             opt = BankAdamW(bank, lr=config.chunk_lr(r), weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
             _train_bank(peft_model, fmt, bank, opt, mems, prepared, config, chunk_index=r, anchors=anchors)

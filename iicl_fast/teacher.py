@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from . import reference
 from .decode import packed_sequences, packing_unsupported
-from .elicit import Entry
+from .elicit import Entry, prompt_ids
 from .generation import cache_kw, decoder, lm_head, pad_right, prefix_cache, to_device
 from .models import PromptFormat
 
@@ -135,7 +135,7 @@ def _offsets(entries: list[Entry]) -> list[int]:
 
 def student_batch(fmt: PromptFormat, entries: list[Entry], device):
     """Student sequences [head; q; tail; r] (no chunk): ids, mask, response starts."""
-    seqs = [fmt.prompt(e.query) + e.response for e in entries]
+    seqs = [prompt_ids(fmt, e) + e.response for e in entries]
     ids, mask = pad_right(seqs, fmt.pad_id, device)
     starts = [len(s) - len(e.response) for s, e in zip(seqs, entries)]
     return ids, mask, starts
@@ -170,7 +170,7 @@ def pack_by_default(model, device) -> bool:
 
 def _packed_hidden(model, fmt: PromptFormat, entries: list[Entry], device):
     """student_hidden over one packed row: ids [1, ΣL], positions restarting at each sequence."""
-    seqs = [fmt.prompt(e.query) + e.response for e in entries]
+    seqs = [prompt_ids(fmt, e) + e.response for e in entries]
     lengths = [len(s) for s in seqs]
     ends = torch.tensor(lengths).cumsum(0).tolist()
     ids = to_device(torch.tensor([t for s in seqs for t in s])[None], device)
@@ -202,7 +202,7 @@ def student_hidden_set(model, fmt, entries, batch_size=8, max_tokens: int | None
     """The student's hidden states (no chunk in view) at every response position, batches
     sized as in teacher_hidden."""
     lengths = [len(e.response) for e in entries]
-    batches = token_batches([len(fmt.prompt(e.query)) + len(e.response) for e in entries],
+    batches = token_batches([len(prompt_ids(fmt, e)) + len(e.response) for e in entries],
                             max_tokens or 1 << 62, batch_size)
     hs = [student_hidden(model, fmt, [entries[i] for i in b]).float() for b in batches]
     device = next(model.parameters()).device

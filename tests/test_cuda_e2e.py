@@ -235,6 +235,24 @@ def test_fused_rotary_bf16_on_cuda(B, Hq, Hk, T, d, monkeypatch):
         assert torch.isfinite(o).all() and rel(o, t) <= 2 * rel(p, t) + 1e-6
 
 
+def test_prose_anchors_on_cuda_bf16(smol_tokenizer):
+    """Prose anchors on CUDA: raw prompts sampled through the static decoder (the same draws
+    in any batch size, fp32), then a chunk trained with them on packed rows in bf16."""
+    from iicl_fast.elicit import prose_anchor_entries
+    from iicl_fast.models import PromptFormat
+    tok = smol_tokenizer
+    m32 = make_tiny(tok).to("cuda")
+    fmt = PromptFormat(tok, m32)
+    one, many = (prose_anchor_entries(m32, fmt, iicl_fast.Config(**{**TINY_CONFIG, "prose_anchors": 5, "gen_batch_size": b}))
+                 for b in (1, 16))
+    assert len(one) == 5 and all(e.raw == fmt.encode(e.query) for e in one)
+    assert [e.response for e in one] == [e.response for e in many]
+    model = make_tiny(tok).to("cuda", torch.bfloat16)
+    mem = iicl_fast.Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "prose_anchors": 6, "anchor_entries": 2}))
+    rep = mem.consolidate(DOC)
+    assert rep.anchored == 8 and all(torch.isfinite(torch.tensor(rep.loss_per_epoch)))
+
+
 def test_training_moves_the_model_on_cuda_bf16(smol_tokenizer, monkeypatch):
     """Consolidation in bf16 on CUDA changes what the model computes: the loss falls over the
     epochs, and after training the fast LoRA forward (cached bf16 copies) equals peft's own

@@ -112,6 +112,21 @@ def test_sequence_with_the_long_stream_only(tiny):
     assert len(curve) == 2 and len(res["recall_by_position_at_end"]) == 2
     assert res["first_chunk_kept"] == round(curve[-1] / max(curve[0], 1e-9), 3)
     assert set(res["forgetting"]["nll_rise"]) == {"one_doc", "stream"}
+    right_after = [x["mean"] for x in res["recall_by_position_right_after"]]
+    assert len(right_after) == 2 and right_after[0] == curve[0]
+    assert res["early_chunks"] == 1 and res["early_chunks_kept"] == res["first_chunk_kept"]
+
+
+def test_early_chunks_kept_pools_the_first_quarter():
+    """The stream's retention over its first quarter of chunks: recall at the end over recall
+    right after, summed over those chunks and the streams."""
+    from iicl_fast.evaluation import early_chunks_kept
+    s1 = {"by_position": [0.5, 0.25, 0.0, 1.0, 1, 1, 1, 1], "right_after": [1.0, 0.5, 0.5, 1.0, 1, 1, 1, 1]}
+    s2 = {"by_position": [0.0, 0.5] + [1] * 6, "right_after": [0.5, 0.5] + [1] * 6}
+    r = early_chunks_kept([s1, s2])
+    assert r["early_chunks"] == 2
+    assert r["early_chunks_kept"] == round((0.75 + 0.5) / (1.5 + 1.0), 3)
+    assert r["early_chunks_kept_per_stream"] == [0.5, 0.5]
 
 
 def test_heldout_nll_sees_the_adapter(tiny):
