@@ -535,6 +535,7 @@ ABLATIONS: dict[str, dict] = {
     "teacher_adapted": {"teacher_base": False},      # elicit and teach with θ_{i-1} (the default before)
     "source_off": {"source_entries": 0},
     "anchors_off": {"anchor_entries": 0},             # no general prompts held at the base (forgetting)
+    "prose_anchors_off": {"prose_anchors": 0},        # no plain prose held at the base (held-out NLL)
 }
 
 

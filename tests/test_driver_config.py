@@ -53,6 +53,8 @@ def test_learning_rate_by_chunk(tiny, monkeypatch):
     for name in ("paper", "stress"):
         p = Config.preset(name)
         assert p.chunk_lr(50) == p.lr and p.replay_sample == 0 and p.replay_policy != "balanced"
+        assert p.prose_anchors == 0 and p.anchor_entries == 0
+    assert Config().prose_anchors == 16
     with pytest.raises(IICLError, match="lr_floor"):
         Config(lr_floor=0.0)
     with pytest.raises(IICLError, match="lr_decay_chunks"):
