@@ -144,6 +144,11 @@ def cmd_consolidate(args) -> int:
     from .driver import stream
     from .memory import open_for_write
     texts = [read_text_file(f) for f in args.files]        # every file checked before any work
+    if args.fsdp and args.separate:
+        raise IICLError("--fsdp shards one base over the ranks, --separate gives each rank its own "
+                        "documents: use one of them")
+    if args.fsdp and not dist.several():
+        raise IICLError("--fsdp needs several processes: run under torchrun --nproc-per-node N (N >= 2)")
     if args.separate:
         return consolidate_separate(args, texts)
     out = Path(args.out)
@@ -169,6 +174,12 @@ def cmd_consolidate(args) -> int:
             mem.config.progress = mem.config.progress and dist.is_main()
         else:
             mem = Memory(model, tok, cfg)
+        if args.fsdp:
+            from .generation import decoder
+            layers = decoder(mem.model).layers
+            n = dist.shard_base(layers)
+            log(f"FSDP2: {n} decoder layers sharded over {dist.group_size()} ranks (rank 0 holds "
+                f"{100 * dist.held_share(layers):.1f} % of their weights); every rank does the whole chunk")
         log_config(mem.config, model)
         done = skipped = 0
         for rep in stream(mem, texts, checkpoint_dir=out, log=log):
@@ -386,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--chunk-tokens", type=int, default=None, metavar="N")
     c.add_argument("--separate", action="store_true",
                    help="one memory per FILE at DIR/<file stem>/, all trained together in one batched run")
+    c.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the base's layers over the ranks (FSDP2) for a base that does "
+                        "not fit one GPU; every rank then does the whole chunk (memory scales, time does not)")
     c.set_defaults(func=cmd_consolidate)
     a = sub.add_parser("ask", help="greedy answer from a memory (or the base model)")
     a.add_argument("question", nargs="?")
@@ -454,7 +468,7 @@ def main(argv=None) -> int:
         dist.init_from_env(getattr(args, "device", "auto"))   # torchrun: one of several processes
         return args.func(args)
     except IICLError as e:
-        who = f"rank {dist.rank()}: " if dist.active() else ""
+        who = f"rank {dist.rank()}: " if dist.several() else ""
         print(f"iicl-fast: error: {who}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -204,6 +204,7 @@ def train(model, fmt: PromptFormat, entries: list[Entry], teacher: HiddenSet, pa
             total, count = dist.all_reduce_sum([float(total), count])
             losses.append(total / max(count, 1))
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        dist.sync_params(params)        # FSDP: every rank took the same steps; rank 0's, bit for bit
     finally:
         model.eval()
         for p in params:      # the last step's gradients would otherwise stay allocated until the next chunk

@@ -21,6 +21,7 @@ import os
 
 import torch
 
+from . import dist
 from .config import IICLError
 from .graphs import capture, warm_up
 
@@ -118,10 +119,18 @@ def _packed_attention(module, query, key, value, attention_mask, dropout=0.0, sc
 PACKED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
+def _sharded(model) -> bool:
+    from .generation import decoder
+    layers = getattr(decoder(model), "layers", None)
+    return layers is not None and dist.is_sharded(layers)
+
+
 def packing_unsupported(model) -> str | None:
     """Why model's training forward cannot be packed (None: it can)."""
     from .generation import causal_lm
     cfg = causal_lm(model).config
+    if _sharded(model):
+        return "layers sharded by FSDP2"
     if getattr(cfg, "model_type", None) not in PACKED_FAMILIES:
         return f"model type {getattr(cfg, 'model_type', None)!r}"
     if getattr(cfg, "_attn_implementation", None) != "sdpa":
@@ -181,6 +190,8 @@ def cascade_unsupported(model) -> str | None:
     from .generation import causal_lm
     cfg = causal_lm(model).config
     cfg = getattr(cfg, "text_config", None) or cfg
+    if _sharded(model):
+        return "layers sharded by FSDP2 (the static decoder reads weights outside their forward)"
     if sliding_window(model):
         return "sliding-window attention layers"
     if getattr(cfg, "attn_logit_softcapping", None):

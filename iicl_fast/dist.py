@@ -16,7 +16,16 @@ function here is the identity of a single process.
 
 The backend is gloo on the CPU (the tests run two processes here) and NCCL on GPUs, one GPU
 a rank (LOCAL_RANK). NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and the like are set
-before the group starts): it can take a shared host's GPUs out of service."""
+before the group starts): it can take a shared host's GPUs out of service.
+
+FSDP2 (`--fsdp`, shard_base): for a base that does not fit one GPU. Each decoder layer's frozen
+weights are sharded over the ranks (torch.distributed.fsdp.fully_shard, one unit a layer,
+resharded after its forward); the adapter, the embeddings, the final norm and the LM head stay
+whole on every rank (the loss head reads the LM head's weight outside any forward). A layer's
+forward is then a collective (its all-gather), so the ranks must call every layer the same
+number of times: under FSDP every rank does the chunk's whole work, in lockstep (decoding
+loops agree on when all rows have stopped; rank 0's transfer set and scores are sent to all),
+and the shares above are off — memory scales with the ranks, time does not."""
 from __future__ import annotations
 
 import contextlib
@@ -31,10 +40,22 @@ NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 
 
 _LOCAL = 0
+_FSDP = False
+
+
+def several() -> bool:
+    """This process is one of several in a process group (outside local())."""
+    return not _LOCAL and tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
 
 
 def active() -> bool:
-    return not _LOCAL and tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+    """The ranks share the chunk's work (data parallel): several, and the base not under FSDP."""
+    return several() and not _FSDP
+
+
+def fsdp() -> bool:
+    """The base's layers are sharded (shard_base) and this process is one of several."""
+    return several() and _FSDP
 
 
 @contextlib.contextmanager
@@ -50,11 +71,17 @@ def local():
 
 
 def world() -> int:
+    """Ranks sharing the work (1 under FSDP: each does all of it)."""
     return tdist.get_world_size() if active() else 1
 
 
+def group_size() -> int:
+    """Processes in the group (FSDP included)."""
+    return tdist.get_world_size() if several() else 1
+
+
 def rank() -> int:
-    return tdist.get_rank() if active() else 0
+    return tdist.get_rank() if several() else 0
 
 
 def is_main() -> bool:
@@ -103,7 +130,7 @@ def gather_shards(mine: list, n: int) -> list:
 
 def broadcast(obj):
     """Rank 0's obj on every rank (a picklable Python object between our own processes)."""
-    if not active():
+    if not several():
         return obj
     box = [obj if is_main() else None]
     tdist.broadcast_object_list(box, src=0)
@@ -158,5 +185,74 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
 
 def barrier() -> None:
-    if active():
+    if several():
         tdist.barrier()
+
+
+def all_agree(flag: bool) -> bool:
+    """Under FSDP: whether flag holds on every rank (one all-reduce), so that loops whose end
+    depends on computed values (decoding until every row stops) end on the same step
+    everywhere; otherwise flag."""
+    if not fsdp():
+        return flag
+    t = torch.tensor([int(flag)], device=_device())
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def sync_params(params: list[torch.Tensor]) -> None:
+    """Under FSDP: rank 0's values of the (replicated) adapter params on every rank, in place.
+    Every rank computed the same steps; this keeps them bit-equal whatever the kernels did."""
+    if not fsdp():
+        return
+    dev = _device()
+    flat = torch.cat([p.detach().reshape(-1).float() for p in params]).to(dev)
+    tdist.broadcast(flat, src=0)
+    flat = flat.to(params[0].device)
+    at = 0
+    with torch.no_grad():
+        for p in params:
+            p.copy_(flat[at: at + p.numel()].view_as(p).to(p.dtype))
+            at += p.numel()
+
+
+def shard_base(layers, *, reshard_after_forward: bool = True) -> int:
+    """FSDP2 over a model's decoder layers (generation.decoder(model).layers, its adapters in
+    place): fully_shard on each layer, every trainable parameter (the adapters) left whole on
+    every rank (ignored_params); the embeddings, final norm and LM head are not wrapped. After
+    this every rank must run the same work (see the module docstring): fsdp() is on.
+    -> the number of layers sharded. Needs a process group of several ranks."""
+    global _FSDP
+    if not several():
+        raise RuntimeError("shard_base needs an initialised process group of several ranks (torchrun)")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    kind = next(layers[0].parameters()).device.type      # gloo serves CUDA tensors too (ranks sharing a GPU)
+    mesh = init_device_mesh(kind, (tdist.get_world_size(),))
+    for layer in layers:
+        keep = {p for p in layer.parameters() if p.requires_grad}
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=keep or None)
+    _FSDP = True
+    return len(layers)
+
+
+def held_share(layers) -> float:
+    """The share of the layers' sharded (frozen) weights this rank holds (1/W under FSDP)."""
+    from torch.distributed.tensor import DTensor
+    mine = full = 0
+    for layer in layers:
+        for p in layer.parameters():
+            if isinstance(p, DTensor):
+                mine += p.to_local().numel()
+                full += p.numel()
+    return mine / max(full, 1)
+
+
+def is_sharded(layers) -> bool:
+    """Whether a layer of `layers` is under FSDP2 (the fast decoding and packing paths, which
+    read weights outside the layers' forward, then stand aside)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in layers)

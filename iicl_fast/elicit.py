@@ -181,6 +181,8 @@ def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index:
         keys = dist.shard(list(range(len(prompts))))
         mine = generate(model, [prompts[k] for k in keys], keyed_seed=seed * 1_000_003 + phase, row_keys=keys,
                         **kw, **sample) if keys else []
+        if dist.fsdp():                     # every rank made all rows: rank 0's, so what follows agrees
+            return dist.broadcast(mine)
         return dist.gather_shards(mine, len(prompts))
     bar = tqdm(total=2 * config.n_queries + config.n_continuations, desc="elicit",
                disable=not config.progress, leave=False)

@@ -6,6 +6,7 @@ import random
 
 import torch
 
+from . import dist
 from .decode import without_cudnn_sdpa
 
 
@@ -281,7 +282,7 @@ def _generate(model, body, prompts, K, cache0, copy_prefix, stops, max_new_token
                 tok = next_token(z, sample, temperature, top_p, generator)
             toks[:, t] = torch.where(done, -1, tok)
             done |= torch.isin(tok, stops)
-            if t + 1 == max_new_tokens or ((t + 1) % STOP_CHECK_EVERY == 0 and bool(done.all())):
+            if t + 1 == max_new_tokens or ((t + 1) % STOP_CHECK_EVERY == 0 and dist.all_agree(bool(done.all()))):
                 break
             attn = torch.cat([attn, torch.ones(B, 1, dtype=attn.dtype, device=device)], 1)
             res = body(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],

@@ -137,7 +137,7 @@ def open_for_write(path: str | os.PathLike):
     Under torch.distributed only rank 0 writes: the other ranks pass through without the
     lock (iicl_fast.dist)."""
     import fcntl
-    if dist.active() and not dist.is_main():
+    if dist.several() and not dist.is_main():
         yield Path(path)
         return
     path = Path(path)

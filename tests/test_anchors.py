@@ -48,7 +48,7 @@ def test_anchors_hold_the_student_near_the_base_on_general_prompts(smol_tokenize
     """A chunk trained hard (lr 2e-2) moves the tiny model's answers to general prompts; the
     same chunk with anchors on those prompts moves them less, and the report counts them."""
     tok = smol_tokenizer
-    base = dict(TINY_CONFIG, lr=2e-2, epochs=4, replay_entries=0, source_entries=0)
+    base = dict(TINY_CONFIG, lr=2e-2, epochs=4, replay_entries=0, source_entries=0, prose_anchors=0)
     kl = {}
     for n in (0, 8):
         model = make_tiny(tok)
@@ -96,7 +96,7 @@ def test_prose_anchors_are_raw_text_the_base_continues(tiny):
     assert [e.response for e in e1] != [e.response for e in e0]
     other = prose_anchor_entries(model, fmt, Config(**{**TINY_CONFIG, "prose_anchors": 6, "seed": 1}), chunk_index=0)
     assert [e.response for e in other] != [e.response for e in e0]       # sampled, not greedy
-    assert prose_anchor_entries(model, fmt, Config(**TINY_CONFIG), chunk_index=0) == []
+    assert prose_anchor_entries(model, fmt, Config(**{**TINY_CONFIG, "prose_anchors": 0}), chunk_index=0) == []
 
 
 def test_prose_anchors_hold_the_student_near_the_base_on_raw_text(smol_tokenizer):

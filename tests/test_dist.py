@@ -149,6 +149,44 @@ def test_two_ranks_with_the_base_as_teacher(tiny_dir, tmp_path):
     assert_same_adapter(adapter(tmp_path / "one"), adapter(tmp_path / "two"), 1e-3)
 
 
+def test_fsdp_ranks_make_the_memory_of_one(tiny_dir, tmp_path):
+    """--fsdp: the base's decoder layers sharded over 2 gloo ranks (FSDP2, the adapter whole on
+    each), every rank doing the whole chunk. The memory equals one process's bit for bit (the
+    all-gathered weights are the weights and the sums are one process's): a 3-chunk stream with
+    the defaults (sampled transfer sets, anchors, prose anchors, replay), then a second file
+    appended (the memory loaded, then sharded). Rank 0 holds half of the layers' weights."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(" ".join(re.split(r"(?<=\.) ", DOC)[:3]))
+    b.write_text(" ".join(re.split(r"(?<=\.) ", DOC)[3:5]))
+    errs = {}
+    for d, ranks, extra in (("one", 1, []), ("two", 2, ["--fsdp"])):
+        errs[d] = ""
+        for f in (a, b):
+            rc, err = run(command(f, tmp_path / d, tiny_dir, ranks) + extra)
+            assert rc == 0, err[-2000:]
+            errs[d] += err
+    err2 = errs["two"]
+    assert "FSDP2: 2 decoder layers sharded over 2 ranks (rank 0 holds 50.0 %" in err2, err2[-2000:]
+    assert err2.count("[iicl phase] train 0") == 2 and err2.count("consolidated now") == 2
+    loss = [[line.split("loss/epoch ")[1].split(";")[0] for line in e.splitlines() if line.startswith("chunk ")]
+            for e in errs.values()]
+    assert len(loss[0]) >= 4 and loss[0] == loss[1], loss
+    assert_same_adapter(adapter(tmp_path / "one"), adapter(tmp_path / "two"), 1e-6)
+    m1, m2 = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
+    assert m1["chunks"] == m2["chunks"] and m2["config"]["prose_anchors"] == 16
+
+
+def test_fsdp_refuses_what_it_cannot_do(tiny_dir, tmp_path):
+    """--fsdp outside torchrun, or with --separate: one line naming the problem, exit 2, nothing written."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOC)
+    p = subprocess.run(command(doc, tmp_path / "m", tiny_dir, 1) + ["--fsdp"], capture_output=True, text=True, env=env())
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("iicl-fast: error: --fsdp needs several processes")
+    p = subprocess.run(command(doc, tmp_path / "m", tiny_dir, 1) + ["--fsdp", "--separate"], capture_output=True,
+                       text=True, env=env())
+    assert p.returncode == 2 and "use one of them" in p.stderr and not (tmp_path / "m").exists()
+
+
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [int(x) for x in out.split()]

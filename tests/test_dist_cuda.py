@@ -47,3 +47,24 @@ def test_two_ranks_on_cuda_make_the_memory_of_one(tiny_dir, tmp_path, backend, m
             for e in errs]
     assert loss[0][:4] == loss[1][:4], (loss[0], loss[1])
     assert_same_adapter(adapter(tmp_path / "one"), adapter(tmp_path / "two"), 0.1)
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_fsdp_on_cuda_makes_the_memory_of_one(tiny_dir, tmp_path, backend, monkeypatch):
+    """--fsdp on CUDA: the layers sharded over 2 ranks (gloo: both on the one GPU; NCCL: a GPU
+    a rank), every rank doing the whole chunk on the plain paths (the static decoder and
+    packing stand aside under FSDP). One process takes the fast paths, so the comparison is on
+    the chunk's own text (no sampling) and fp32: adapters within the DDP test's 1e-3."""
+    if backend == "nccl" and torch.cuda.device_count() < 2:
+        pytest.skip("NCCL needs a GPU a rank: one GPU here")
+    monkeypatch.setenv("IICL_DIST_BACKEND", backend)
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOC)
+    sets = {**STREAM, "prose_anchors": 0}
+    errs = []
+    for d, ranks, extra in ((tmp_path / "one", 1, []), (tmp_path / "two", 2, ["--fsdp"])):
+        rc, err = run(cuda_command(doc, d, tiny_dir, ranks, chunk_tokens=200, **sets) + extra)
+        assert rc == 0, err[-2000:]
+        errs.append(err)
+    assert "FSDP2: 2 decoder layers sharded over 2 ranks (rank 0 holds 50.0 %" in errs[1], errs[1][-2000:]
+    assert_same_adapter(adapter(tmp_path / "one"), adapter(tmp_path / "two"), 1e-3)

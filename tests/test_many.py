@@ -37,7 +37,8 @@ def test_consolidate_many_matches_one_at_a_time(smol_tokenizer, anchors):
     into up to a whole step of lr. Measured over seeds 0–7: ‖Δw‖/‖w − w0‖ per tensor 1.6e-5 …
     5.2e-2 (seed 0: 2.0e-3), against 0.07 … 1.3 between two different documents' adapters."""
     tok = smol_tokenizer
-    cfg = dict(TINY_CONFIG, chunk_tokens=12, anchor_entries=anchors)   # the first text is two chunks: two rounds
+    # the first text is two chunks: two rounds; with anchors, prose anchors too (the default's 16 at 0)
+    cfg = dict(TINY_CONFIG, chunk_tokens=12, anchor_entries=anchors, prose_anchors=anchors)
     alone = []
     for d in DOCS:
         mem = iicl_fast.Memory(peaked_tiny(tok), tok, iicl_fast.Config(**cfg))
@@ -53,7 +54,7 @@ def test_consolidate_many_matches_one_at_a_time(smol_tokenizer, anchors):
     ids = torch.tensor([tok(DOCS[0], add_special_tokens=False)["input_ids"][:10]])
     for (reps, single), many in zip(alone, mems):
         assert many.chunks == single.chunks
-        assert many.report.kept == reps[-1].kept and many.report.anchored == reps[-1].anchored == anchors
+        assert many.report.kept == reps[-1].kept and many.report.anchored == reps[-1].anchored == 2 * anchors
         # every round's kept entries (the replay buffer holds all of them here), token for token
         assert [(e.query, e.response) for e in many.replay[0]] == [(e.query, e.response) for e in single.replay[0]]
         # loss curves of the last round: the KL (~3e-5) is lse − h·μ − H, whose fp32 cancellation
