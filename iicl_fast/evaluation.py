@@ -353,7 +353,7 @@ def suite_recall(model, tok, cfg: Config, seeds, sizes: Sizes, bar) -> dict:
         for k in keys:
             per[k].append(tot[k] / n_q)
     res = {k: spread(v) for k, v in per.items()}
-    res["consolidated_over_full"] = round(res["consolidated"]["mean"] / max(res["full_context"]["mean"], 1e-9), 3)
+    res["consolidated_over_full"] = ratio(res["consolidated"]["mean"], res["full_context"]["mean"])
     res["questions_per_seed"] = n_q
     res["seconds_per_chunk"] = round(statistics.fmean(secs), 2)
     return res
@@ -432,15 +432,14 @@ def suite_sequence(model, tok, cfg: Config, seeds, sizes: Sizes, bar) -> dict:
             "matrix": runs, "single_doc": singles,
             "final_recall": spread(final), "single_doc_recall": spread(alone_mean),
             "just_after_recall": spread(just_after),
-            "retention_vs_single": round(statistics.fmean(final) / max(statistics.fmean(alone_mean), 1e-9), 3),
-            "retention_vs_just_after": round(statistics.fmean(final) / max(statistics.fmean(just_after), 1e-9), 3)})
+            "retention_vs_single": ratio(statistics.fmean(final), statistics.fmean(alone_mean)),
+            "retention_vs_just_after": ratio(statistics.fmean(final), statistics.fmean(just_after))})
     if streams:
         curves = [s["first_chunk"] for s in streams]
         res.update({
             "stream_chunks": sizes.stream_chunks,
             "first_chunk_by_chunks_since": [spread([c[k] for c in curves]) for k in range(sizes.stream_chunks)],
-            "first_chunk_kept": round(statistics.fmean(c[-1] for c in curves)
-                                      / max(statistics.fmean(c[0] for c in curves), 1e-9), 3),
+            "first_chunk_kept": ratio(statistics.fmean(c[-1] for c in curves), statistics.fmean(c[0] for c in curves)),
             "recall_by_position_at_end": [spread([s["by_position"][k] for s in streams])
                                           for k in range(sizes.stream_chunks)],
             "recall_by_position_right_after": [spread([s["right_after"][k] for s in streams])
@@ -455,9 +454,15 @@ def early_chunks_kept(streams: list[dict], share: float = 0.25) -> dict:
     (5 of 20, each 15+ chunks before the end): their recall at the end over their recall right
     after each was consolidated, summed over the chunks (and the streams; per stream beside)."""
     n = max(1, int(len(streams[0]["by_position"]) * share))
-    per = [sum(s["by_position"][:n]) / max(sum(s["right_after"][:n]), 1e-9) for s in streams]
-    pooled = sum(sum(s["by_position"][:n]) for s in streams) / max(sum(sum(s["right_after"][:n]) for s in streams), 1e-9)
-    return {"early_chunks": n, "early_chunks_kept": round(pooled, 3), "early_chunks_kept_per_stream": [round(x, 3) for x in per]}
+    per = [ratio(sum(s["by_position"][:n]), sum(s["right_after"][:n])) for s in streams]
+    pooled = ratio(sum(sum(s["by_position"][:n]) for s in streams), sum(sum(s["right_after"][:n]) for s in streams))
+    return {"early_chunks": n, "early_chunks_kept": pooled, "early_chunks_kept_per_stream": per}
+
+
+def ratio(kept: float, start: float) -> float | None:
+    """kept / start, rounded; None where nothing was recalled to start with (a ratio of 0
+    questions has no meaning: it printed 333333333.333 before)."""
+    return round(kept / start, 3) if start > 0 else None
 
 
 def _forgetting(streams: list[dict]) -> dict:

@@ -110,7 +110,7 @@ def test_sequence_with_the_long_stream_only(tiny):
     assert "final_recall" not in res and "matrix" not in res
     curve = [x["mean"] for x in res["first_chunk_by_chunks_since"]]
     assert len(curve) == 2 and len(res["recall_by_position_at_end"]) == 2
-    assert res["first_chunk_kept"] == round(curve[-1] / max(curve[0], 1e-9), 3)
+    assert res["first_chunk_kept"] == (round(curve[-1] / curve[0], 3) if curve[0] > 0 else None)
     assert set(res["forgetting"]["nll_rise"]) == {"one_doc", "stream"}
     right_after = [x["mean"] for x in res["recall_by_position_right_after"]]
     assert len(right_after) == 2 and right_after[0] == curve[0]
@@ -127,6 +127,13 @@ def test_early_chunks_kept_pools_the_first_quarter():
     assert r["early_chunks"] == 2
     assert r["early_chunks_kept"] == round((0.75 + 0.5) / (1.5 + 1.0), 3)
     assert r["early_chunks_kept_per_stream"] == [0.5, 0.5]
+    # nothing recalled right after: no ratio (it printed 333333333.333 before), not a number
+    s3 = {"by_position": [0.25] + [1] * 7, "right_after": [0.0] + [1] * 7}
+    r = early_chunks_kept([s3])
+    assert r["early_chunks"] == 2 and r["early_chunks_kept"] == 1.25 / 1.0
+    s4 = {"by_position": [0.25, 0.5] + [1] * 6, "right_after": [0.0, 0.0] + [1] * 6}
+    r = early_chunks_kept([s4])
+    assert r["early_chunks_kept"] is None and r["early_chunks_kept_per_stream"] == [None]
 
 
 def test_heldout_nll_sees_the_adapter(tiny):
