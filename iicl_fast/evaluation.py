@@ -531,6 +531,7 @@ ABLATIONS: dict[str, dict] = {
     # the default before the 18th session: a uniform reservoir of 32, all of it each chunk
     "replay_reservoir_32": {"replay_policy": "reservoir", "replay_entries": 32, "replay_sample": 0},
     "replay_512_sample_32": {"replay_policy": "reservoir", "replay_entries": 512, "replay_sample": 32},
+    "replay_sample_48": {"replay_sample": 48},      # the default before the 20th session
     "lr_constant": {"lr_decay_chunks": 0},          # every chunk at lr (drift over a long stream)
     # elicitation mix: the default elicits continuations only (n_queries 0); these add the
     # model-written questions of InfiniteICL's hybrid prompting, or ask questions alone
