@@ -49,6 +49,13 @@ def test_learning_rate_by_chunk(tiny, monkeypatch):
     assert c.chunk_lr(0) == 2e-3 and c.chunk_lr(4) == pytest.approx(2e-3 / 2 ** 0.5)
     assert c.chunk_lr(12) == pytest.approx(1e-3) and c.chunk_lr(100) == pytest.approx(1e-3)
     assert Config(lr=2e-3, lr_decay_chunks=0).chunk_lr(50) == 2e-3
+    # lr_decay_after k: chunks 0..k at lr, then chunk i decays as chunk i - k
+    d = Config(lr=2e-3, lr_decay_chunks=4, lr_floor=0.5, lr_decay_after=2)
+    assert [d.chunk_lr(i) for i in range(3)] == [2e-3] * 3
+    assert d.chunk_lr(6) == pytest.approx(c.chunk_lr(4)) and d.chunk_lr(14) == pytest.approx(1e-3)
+    assert Config().lr_decay_after == 0 and Config().chunk_lr(1) < Config().lr
+    with pytest.raises(IICLError, match="lr_decay_after"):
+        Config(lr_decay_after=-1)
     # the presets measured before the decay and the balanced buffer keep what they ran with
     for name in ("paper", "stress"):
         p = Config.preset(name)
