@@ -131,6 +131,15 @@ class Config:
     # chunk once the buffer holds more than 48; three documents unchanged (H200, NOTES.md,
     # twentieth session).
     replay_sample: int = 96
+    # Each replayed entry appears this many times in the chunk's training set (its share of
+    # every epoch's gradient). For three documents in sequence the buffer (~35 entries a
+    # document) is replayed whole already, so more draws cannot weigh the earlier documents
+    # more; this can. 1: as measured. For the next sweep: over the 20-chunk stream, drawing
+    # 96 rather than 48 kept 0.25 more of the first five chunks' recall (8 streams, 90 %
+    # interval of the paired difference [0.12, 0.38], benchmarks/eval_compare.py), while
+    # three documents keep 0.80x of their single recall [0.71, 0.91] (H200, NOTES.md,
+    # twenty-first session).
+    replay_repeats: int = 1
     # Anchors: this many general prompts a chunk (iicl_fast/data/anchor_prompts.json, in turn),
     # answered by the base model without the chunk, its own answer distribution the teacher:
     # the student is held where the base was on everything the chunk is not about. Without
@@ -200,6 +209,8 @@ class Config:
             raise IICLError(f"replay_entries must be >= 0, got {self.replay_entries}")
         if self.replay_sample < 0:
             raise IICLError(f"replay_sample must be >= 0, got {self.replay_sample}")
+        if self.replay_repeats < 1:
+            raise IICLError(f"replay_repeats must be >= 1, got {self.replay_repeats}")
         if self.replay_policy not in REPLAY_POLICIES:
             raise IICLError(f"unknown replay_policy {self.replay_policy!r}: choose one of {', '.join(REPLAY_POLICIES)}")
         if not 0.0 <= self.retain <= 1.0:

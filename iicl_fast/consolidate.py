@@ -292,13 +292,16 @@ def anchor_set(model, fmt: PromptFormat, config: Config, chunk_index: int, base_
 
 def with_replay(kept: list[Entry], teacher: HiddenSet, replay, config: Config | None = None, chunk_index: int = 0):
     """The kept entries followed by the replay buffer's, or (config.replay_sample > 0) by a
-    seeded sample of that many of them, drawn anew each chunk."""
+    seeded sample of that many of them, drawn anew each chunk; each replay_repeats times."""
     if not (replay and replay[0]):
         return kept, teacher
     entries, hs = replay
     k = config.replay_sample if config is not None else 0
+    idx = list(range(len(entries)))
     if 0 < k < len(entries):
-        idx = sorted(random.Random((config.seed * 1_000_003 + chunk_index) * 7 + 1).sample(range(len(entries)), k))
+        idx = sorted(random.Random((config.seed * 1_000_003 + chunk_index) * 7 + 1).sample(idx, k))
+    idx = idx * (config.replay_repeats if config is not None else 1)
+    if idx != list(range(len(entries))):
         entries, hs = [entries[i] for i in idx], subset(hs, idx)
     return kept + entries, concat(teacher, hs)
 

@@ -364,3 +364,32 @@ def test_replay_sample_trains_a_fixed_share_of_a_larger_buffer(tiny, monkeypatch
         assert len(mem.replay[0]) == min(6, mem.replay_seen)
     with pytest.raises(iicl_fast.IICLError, match="replay_sample"):
         iicl_fast.Config(replay_sample=-1)
+
+
+def test_replay_repeats_weigh_the_earlier_chunks(tiny, monkeypatch):
+    """replay_repeats r: every drawn replay entry is trained r times a chunk, with its own
+    teacher rows each time; the chunk's new entries once."""
+    model, tok = tiny
+    trained = []
+    real = consolidate_mod.train
+
+    def spy(model_, fmt, entries, teacher, *a, **k):
+        trained.append((list(entries), teacher))
+        return real(model_, fmt, entries, teacher, *a, **k)
+
+    monkeypatch.setattr(consolidate_mod, "train", spy)
+    mem = Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "replay_entries": 6, "replay_sample": 2,
+                                                 "replay_repeats": 3}))
+    mem.consolidate(DOCS[0])
+    before = list(mem.replay[0])
+    rep = mem.consolidate(DOCS[1])
+    entries, teacher = trained[-1]
+    drawn = entries[rep.kept: rep.kept + 2]
+    assert rep.replayed == 6 and len({id(e) for e in drawn}) == 2 and all(any(e is b for b in before) for e in drawn)
+    assert [id(e) for e in entries[rep.kept: rep.kept + 6]] == [id(e) for e in drawn] * 3
+    rows = lambda i: teacher.h[teacher.offsets[i]: teacher.offsets[i + 1]]
+    for j in range(2):      # the repeats carry the same teacher rows as the first draw
+        assert torch.equal(rows(rep.kept + j), rows(rep.kept + j + 2)) and torch.equal(rows(rep.kept + j), rows(rep.kept + j + 4))
+    assert len({id(e) for e in entries[: rep.kept]}) == rep.kept        # new entries once
+    with pytest.raises(iicl_fast.IICLError, match="replay_repeats"):
+        iicl_fast.Config(replay_repeats=0)
