@@ -125,11 +125,11 @@ class Config:
     # time a chunk. Over the suite's 20-chunk stream a buffer of 32 held ~1.6 entries of each
     # chunk at the end and the first chunk's recall fell 0.50 → 0 (H200, NOTES.md, 14th
     # session); 512 sampled 32 at a time lost it too (18th). 96 rather than 48 (each earlier
-    # chunk drawn twice as often): the stream's first 5 chunks kept 1.03x of their recall right
-    # after, against 0.72x (seeds 6-8, better on each), the first chunk 0.99x vs 0.71x, all 20
-    # at the end 0.286 vs 0.257; held-out NLL +1.47 % vs +1.01 % (bound 2 %); +22 % time a
-    # chunk once the buffer holds more than 48; three documents unchanged (H200, NOTES.md,
-    # twentieth session).
+    # chunk drawn twice as often): the stream's first 5 chunks kept 0.86x of their recall right
+    # after (8 streams, 90 % interval [0.76, 0.99]) against 0.66x (10 streams), +0.25 paired on
+    # 6 seeds [0.12, 0.38], better on each of the unseen seeds 13-15; all 20 at the end 0.294
+    # vs 0.246; held-out NLL +1.5 % vs +1.1 % (bound 2 %); +22 % time a chunk once the buffer
+    # holds more than 48; three documents unchanged (H200, NOTES.md, 20th-21st sessions).
     replay_sample: int = 96
     # Each replayed entry appears this many times in the chunk's training set (its share of
     # every epoch's gradient). For three documents in sequence the buffer (~35 entries a
