@@ -11,7 +11,10 @@ defaults (`small`), and the figures are pooled over every sequence / stream of a
   three documents: after the third / alone (the issue's ≥ 0.9× target), after the third /
                    right after, and right after / alone (how well later documents are learnt);
   streams:         the first five chunks' recall at the end / right after (pooled), the first
-                   chunk's, all 20 chunks at the end, held-out NLL rise, general accuracy.
+                   chunk's, all 20 chunks at the end, held-out NLL rise, general accuracy;
+  and, in files that have them, the same ratios on the answers' log-probability: the gain over
+  the base model that is kept (evaluation.answer_logprob / gain_kept) — whether the documents'
+  text is still held, beside whether their questions are still answered.
 
 Each figure has a 90 % interval from a bootstrap over the sequences (streams) — one sequence's
 documents are not independent of each other, so the sequence is the unit — and each setting
@@ -71,6 +74,14 @@ def units(path: str) -> tuple[str, list[dict], list[dict]]:
         n = len(m)
         seqs.append({"seed": seeds[k], "after": sum(m[-1]) / n, "right": sum(m[i][i] for i in range(n)) / n,
                      "alone": sum(r["single_doc"][k]) / n})
+        if "answer_logprob" in r:       # the gain of answer log-probability over the base, summed
+            lp = r["answer_logprob"]["runs"][k]
+            docs = [j for j in range(n) if None not in (lp["matrix"][-1][j], lp["matrix"][j][j],
+                                                        lp["single_doc"][j], lp["base"][j])]
+            gain = lambda xs: sum(xs[j] - lp["base"][j] for j in docs)
+            seqs[-1].update(lp_after=gain(lp["matrix"][-1]), lp_right=gain([lp["matrix"][j][j] if j in docs else 0
+                                                                            for j in range(n)]),
+                            lp_alone=gain(lp["single_doc"]))
     streams = []
     if r.get("stream_seeds") and "recall_by_position_right_after" in r:
         ra = [p["values"] for p in r["recall_by_position_right_after"]]
@@ -84,10 +95,25 @@ def units(path: str) -> tuple[str, list[dict], list[dict]]:
                             "all_end": sum(ae[c][k] for c in range(len(ae))) / len(ae),
                             "nll": fo["nll_rise"]["stream"]["values"][k],
                             "general": fo["general_accuracy"]["stream"]["values"][k]})
+            if "answer_logprob_stream" in r:
+                st = r["answer_logprob_stream"]["per_stream"][k]
+                end, right, base = st["by_position_logprob"], st["right_after_logprob"], st["base_logprob"]
+                ok = [c for c in range(early) if None not in (end[c], right[c], base[c])]
+                streams[-1].update(lp_early_end=sum(end[c] - base[c] for c in ok),
+                                   lp_early_right=sum(right[c] - base[c] for c in ok))
+                if 0 in ok:
+                    streams[-1].update(lp_first_end=end[0] - base[0], lp_first_right=right[0] - base[0])
     return key, seqs, streams
 
 
+def having(us: list[dict], num: str, den: str | None) -> list[dict]:
+    """The units that carry the figure (files written before answer log-probabilities do not)."""
+    return [u for u in us if num in u and (den is None or den in u)]
+
+
 def pooled(us: list[dict], num: str, den: str | None) -> float | None:
+    if not us:
+        return None
     a = sum(u[num] for u in us)
     if den is None:
         return a / len(us)
@@ -126,9 +152,13 @@ def paired(us: list[dict], ctrl: list[dict], num: str, den: str | None, rounds: 
 
 
 SEQ_FIGURES = [("after 3 / alone", "after", "alone"), ("after 3 / right after", "after", "right"),
-               ("right after / alone", "right", "alone")]
+               ("right after / alone", "right", "alone"),
+               # the same on answer log-probability: the gain over the base kept (evaluation.gain_kept)
+               ("logprob after 3 / alone", "lp_after", "lp_alone"), ("logprob after 3 / right after", "lp_after", "lp_right")]
 STREAM_FIGURES = [("first 5 kept", "early_end", "early_right"), ("first chunk kept", "first_end", "first_right"),
-                  ("all 20 at end", "all_end", None), ("NLL rise", "nll", None), ("general acc.", "general", None)]
+                  ("all 20 at end", "all_end", None), ("NLL rise", "nll", None), ("general acc.", "general", None),
+                  ("logprob first 5 kept", "lp_early_end", "lp_early_right"),
+                  ("logprob first chunk kept", "lp_first_end", "lp_first_right")]
 
 
 def compare(paths: list[str]) -> dict:
@@ -157,10 +187,13 @@ def compare(paths: list[str]) -> dict:
                 continue
             row[kind] = {"n": len(us), "seeds": sorted(g[kind])}
             for name, num, den in figs:
-                lo, hi = interval(us, num, den)
-                fig = {"value": pooled(us, num, den), "lo": lo, "hi": hi}
-                if ctrl is not None and ctrl is not g and ctrl[kind]:
-                    fig["vs_small"] = paired(us, list(ctrl[kind].values()), num, den)
+                have = having(us, num, den)
+                if not have:
+                    continue
+                lo, hi = interval(have, num, den)
+                fig = {"value": pooled(have, num, den), "lo": lo, "hi": hi, "n": len(have)}
+                if ctrl is not None and ctrl is not g and having(list(ctrl[kind].values()), num, den):
+                    fig["vs_small"] = paired(have, having(list(ctrl[kind].values()), num, den), num, den)
                 row[kind][name] = fig
         out.append(row)
     return {"settings": out}
@@ -175,6 +208,7 @@ def table(res: dict) -> str:
     for kind, figs, title in (("seqs", SEQ_FIGURES, "Three documents in sequence (unit: one sequence)"),
                               ("streams", STREAM_FIGURES, "20-chunk streams (unit: one stream)")):
         rows = [r for r in res["settings"] if kind in r]
+        figs = [f for f in figs if any(f[0] in r[kind] for r in rows)]     # columns some setting has
         if not rows:
             continue
         lines += [f"### {title}", "", "| setting | model | n | " + " | ".join(f[0] for f in figs) + " |",
@@ -182,8 +216,11 @@ def table(res: dict) -> str:
         for r in rows:
             cells = []
             for name, _, _ in figs:
-                f = r[kind][name]
-                c = f"{_f(f['value'])} [{_f(f['lo'])}, {_f(f['hi'])}]"
+                f = r[kind].get(name)
+                if f is None:
+                    cells.append("—")
+                    continue
+                c = f"{_f(f['value'])} [{_f(f['lo'])}, {_f(f['hi'])}]" + (f" (n {f['n']})" if f["n"] < r[kind]["n"] else "")
                 v = f.get("vs_small")
                 if v:
                     c += f"; Δ {_f(v['diff'], 3)} [{_f(v['lo'])}, {_f(v['hi'])}] on {v['n']}"

@@ -10,7 +10,10 @@ is exactly reproducible and a new seed is a new, unseen document set. Used by
 
 Scores are counts of questions whose greedy answer contains an accepted string (choice
 questions: the right option named before the wrong one); each figure is reported per seed
-and as mean ± std over seeds."""
+and as mean ± std over seeds. The sequence suite also reports each document's answer
+log-probability (answer_logprob: the accepted answer read where its sentence states it) and the
+share of its gain over the base that is kept: whether a document's text is still held, beside
+whether its questions are still answered."""
 from __future__ import annotations
 
 import contextlib
@@ -56,6 +59,7 @@ class Question:
     question: str
     answers: list[str]                         # any of these in the answer (case-insensitive)
     wrong: list[str] = field(default_factory=list)   # choice questions: these must not come first
+    source: str = ""                           # the document's sentence that states the answer
 
 
 @dataclass
@@ -165,7 +169,7 @@ def fictional_documents(seed: int, n_docs: int, facts: int = 6) -> list[Document
         for i in range(facts):
             s, q = fact(bank, kinds[i % len(kinds)])
             sents.append(s)
-            qs.extend(q)
+            qs.extend(replace(x, source=s) for x in q)
         docs.append(Document(" ".join(sents), qs, name=f"doc{d}"))
     return docs
 
@@ -259,6 +263,60 @@ def score(mem: Memory, qs: list[Question], context: str | None = None, *, retain
     finally:
         mem.retained_ids = saved
     return sum(correct(q, a) for q, a in zip(qs, answers))
+
+
+@torch.no_grad()
+def answer_logprob(mem: Memory, qs: list[Question], *, base: bool = False, batch: int = 32) -> list[float | None]:
+    """Per question: the mean log-probability per token of its first accepted answer, read where
+    the sentence that states it (q.source) has it, that sentence taken as the reply to the
+    question (the prompt `ask` builds, no window). It measures whether the memory holds the
+    fact as text, not whether the greedy answer comes out: after one document (embedded model,
+    CPU) every answer sat at −0.02…−2.2 (from −1.2…−15 at the base) while 5 of 9 were answered
+    right (NOTES.md, 21st session); over a sequence it tells a lost text from a lost way to it.
+    With the memory's adapter, or the base (base=True). None: a question with no source
+    sentence (reasoning, skills, choices)."""
+    from .generation import decoder, lm_head, step_logits
+    mem._activate()
+    dev = mem.params[0].device
+    rows = []
+    for k, q in enumerate(qs):
+        a = q.answers[0] if q.answers else ""
+        at = q.source.find(a) if q.source and a and not q.wrong else -1
+        if at < 0:
+            continue
+        before = q.source[:at].rstrip()
+        lead = mem.fmt.prompt(q.question) + (mem.fmt.encode(before) if before else [])
+        ans = mem.fmt.encode((" " if before else "") + a)
+        rows.append((k, lead + ans, len(lead), len(ans)))
+    out: list[float | None] = [None] * len(qs)
+    weight, bias, softcap = lm_head(mem.model)
+    body = decoder(mem.model)
+    with mem.model.disable_adapter() if base else contextlib.nullcontext():
+        for s in range(0, len(rows), batch):
+            part = rows[s: s + batch]
+            x = torch.full((len(part), max(len(r[1]) for r in part)), mem.fmt.pad_id or 0, dtype=torch.long)
+            for i, r in enumerate(part):
+                x[i, : len(r[1])] = torch.tensor(r[1])
+            x = x.to(dev)
+            h = body(input_ids=x).last_hidden_state     # right-padded: causal, so a row's pads come after it
+            for i, (k, ids, start, n) in enumerate(part):
+                z = step_logits(h[i, start - 1: start - 1 + n], weight, bias, softcap)
+                out[k] = float(torch.log_softmax(z, -1).gather(1, x[i, start: start + n, None]).mean())
+    return out
+
+
+def doc_logprob(mem: Memory, doc: Document, *, base: bool = False) -> float | None:
+    """answer_logprob averaged over a document's questions that have a source (None: none)."""
+    vals = [v for v in answer_logprob(mem, doc.questions, base=base) if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def gain_kept(kept: list, start: list, base: list) -> float | None:
+    """Σ (kept − base) / Σ (start − base) over the entries where all three exist: the share of
+    the answer log-probability a memory gained over the base that is still there."""
+    trip = [(k, s, b) for k, s, b in zip(kept, start, base) if None not in (k, s, b)]
+    den = sum(s - b for _, s, b in trip)
+    return round(sum(k - b for k, _, b in trip) / den, 3) if trip and den > 0 else None
 
 
 @torch.no_grad()
@@ -363,12 +421,14 @@ def sequence_run(model, tok, cfg: Config, seed: int, docs: list[Document]) -> di
     """docs consolidated one after another into one memory; recall of every document seen so
     far after each step. -> {"matrix": [step][doc] fraction, "seconds": [...]}"""
     mem = Memory(model, tok, replace(cfg, seed=seed))
-    matrix, secs = [], []
+    matrix, lp, secs = [], [], []
+    base = [doc_logprob(mem, d, base=True) for d in docs]
     for i, doc in enumerate(docs):
         secs += _consolidate(mem, [doc.text])
         matrix.append([score(mem, d.questions) / len(d.questions) for d in docs[: i + 1]])
+        lp.append([doc_logprob(mem, d) for d in docs[: i + 1]])
     _drop(mem)
-    return {"matrix": matrix, "seconds": secs}
+    return {"matrix": matrix, "seconds": secs, "logprob": lp, "base_logprob": base}
 
 
 def stream_run(model, tok, cfg: Config, seed: int, docs: list[Document], *, forgetting: bool = True) -> dict:
@@ -377,7 +437,8 @@ def stream_run(model, tok, cfg: Config, seed: int, docs: list[Document], *, forg
     the end, and (forgetting) held-out NLL and general-question accuracy of the base, after
     the first chunk and at the end."""
     mem = Memory(model, tok, replace(cfg, seed=seed))
-    out = {"first_chunk": [], "right_after": [], "seconds": []}
+    out = {"first_chunk": [], "right_after": [], "seconds": [], "first_chunk_logprob": [], "right_after_logprob": [],
+           "base_logprob": [doc_logprob(mem, d, base=True) for d in docs]}
     if forgetting:
         source, texts = heldout_texts()
         gq = general_questions()
@@ -386,11 +447,14 @@ def stream_run(model, tok, cfg: Config, seed: int, docs: list[Document], *, forg
         out["seconds"] += _consolidate(mem, [doc.text])
         out["first_chunk"].append(score(mem, docs[0].questions) / len(docs[0].questions))
         out["right_after"].append(out["first_chunk"][0] if i == 0 else score(mem, doc.questions) / len(doc.questions))
+        out["first_chunk_logprob"].append(doc_logprob(mem, docs[0]))
+        out["right_after_logprob"].append(out["first_chunk_logprob"][0] if i == 0 else doc_logprob(mem, doc))
         if forgetting and i in (0, len(docs) - 1):     # a 1-chunk stream: both keys from one measurement
             nll, general = heldout_nll(mem, texts), score(mem, gq) / len(gq)
             for key in (["one_doc"] if i == 0 else []) + (["stream"] if i == len(docs) - 1 else []):
                 out[f"nll_{key}"], out[f"general_{key}"] = nll, general
     out["by_position"] = [score(mem, d.questions) / len(d.questions) for d in docs]
+    out["by_position_logprob"] = [doc_logprob(mem, d) for d in docs]
     _drop(mem)
     return out
 
@@ -402,20 +466,22 @@ def suite_sequence(model, tok, cfg: Config, seeds, sizes: Sizes, bar) -> dict:
     each, the first stream_seeds seeds): the first chunk's recall after every chunk (by
     chunks since) and every chunk's recall at the end (by position), with the forgetting
     figures of that stream (see suite_forgetting)."""
-    runs, singles, streams, secs = [], [], [], []
+    runs, singles, streams, secs, lps = [], [], [], [], []
     for k, seed in enumerate(seeds):
         if sizes.sequence_docs:
             docs = fictional_documents(100 + seed, sizes.sequence_docs, sizes.facts)
             run = sequence_run(model, tok, cfg, seed, docs)
             runs.append(run["matrix"])
             secs += run["seconds"]
-            alone = []
+            alone, alone_lp = [], []
             for doc in docs:
                 mem = Memory(model, tok, replace(cfg, seed=seed))
                 _consolidate(mem, [doc.text])
                 alone.append(score(mem, doc.questions) / len(doc.questions))
+                alone_lp.append(doc_logprob(mem, doc))
                 _drop(mem)
             singles.append(alone)
+            lps.append({"matrix": run["logprob"], "single_doc": alone_lp, "base": run["base_logprob"]})
         bar.update()
         if k < sizes.stream_seeds:
             streams.append(stream_run(model, tok, cfg, seed, fictional_documents(200 + seed, sizes.stream_chunks,
@@ -433,7 +499,8 @@ def suite_sequence(model, tok, cfg: Config, seeds, sizes: Sizes, bar) -> dict:
             "final_recall": spread(final), "single_doc_recall": spread(alone_mean),
             "just_after_recall": spread(just_after),
             "retention_vs_single": ratio(statistics.fmean(final), statistics.fmean(alone_mean)),
-            "retention_vs_just_after": ratio(statistics.fmean(final), statistics.fmean(just_after))})
+            "retention_vs_just_after": ratio(statistics.fmean(final), statistics.fmean(just_after)),
+            "answer_logprob": sequence_logprob(lps)})
     if streams:
         curves = [s["first_chunk"] for s in streams]
         res.update({
@@ -445,8 +512,36 @@ def suite_sequence(model, tok, cfg: Config, seeds, sizes: Sizes, bar) -> dict:
             "recall_by_position_right_after": [spread([s["right_after"][k] for s in streams])
                                                for k in range(sizes.stream_chunks)],
             **early_chunks_kept(streams),
+            "answer_logprob_stream": stream_logprob(streams),
             "forgetting": _forgetting(streams)})
     return res
+
+
+def sequence_logprob(lps: list[dict]) -> dict:
+    """The three-document figures on answer_logprob: per sequence the matrix [step][doc], each
+    document alone and at the base; the gain over the base kept after the last step, over
+    alone and over right after, pooled over the sequences (gain_kept)."""
+    after = [x for r in lps for x in r["matrix"][-1]]
+    right = [r["matrix"][i][i] for r in lps for i in range(len(r["matrix"]))]
+    alone = [x for r in lps for x in r["single_doc"]]
+    base = [x for r in lps for x in r["base"]]
+    return {"runs": lps, "retention_vs_single": gain_kept(after, alone, base),
+            "retention_vs_just_after": gain_kept(after, right, base), "just_after_vs_single": gain_kept(right, alone, base)}
+
+
+def stream_logprob(streams: list[dict], share: float = 0.25) -> dict:
+    """The stream's figures on answer_logprob: per stream the first chunk's after every chunk,
+    every chunk's right after and at the end, and at the base; the gain over the base that the
+    first chunk and the first `share` of the chunks keep at the end (gain_kept, pooled)."""
+    n = max(1, int(len(streams[0]["by_position"]) * share))
+    keys = ("first_chunk_logprob", "right_after_logprob", "by_position_logprob", "base_logprob")
+    return {"per_stream": [{k: s[k] for k in keys} for s in streams],
+            "first_chunk_kept": gain_kept([s["by_position_logprob"][0] for s in streams],
+                                          [s["right_after_logprob"][0] for s in streams],
+                                          [s["base_logprob"][0] for s in streams]),
+            "early_chunks_kept": gain_kept([x for s in streams for x in s["by_position_logprob"][:n]],
+                                           [x for s in streams for x in s["right_after_logprob"][:n]],
+                                           [x for s in streams for x in s["base_logprob"][:n]])}
 
 
 def early_chunks_kept(streams: list[dict], share: float = 0.25) -> dict:

@@ -108,6 +108,11 @@ def test_eval_suites_run_on_cuda(smol_tokenizer):
                         variants=["default", "teacher_adapted", "loss_jsd", "select_random"])
         assert res["device"].startswith("cuda") and res["dtype"] == "bfloat16"
         assert res["results"]
+        if suite == "sequence":     # the answer log-probabilities ran on the GPU and are finite
+            lp = res["results"]["answer_logprob"]["runs"][0]
+            assert all(x is not None and -1e4 < x < 0 for row in lp["matrix"] for x in row), lp
+            st = res["results"]["answer_logprob_stream"]["per_stream"][0]
+            assert all(x is not None and x < 0 for x in st["by_position_logprob"] + st["base_logprob"]), st
 
 
 def test_flash_suffix_part_matches_float64():

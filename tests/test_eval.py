@@ -1,5 +1,6 @@
 """The evaluation suite: seeded documents, scoring, every suite's plumbing on the tiny model,
 the CLI, and a small recall slice on the embedded model (asserted)."""
+import contextlib
 import json
 import subprocess
 import sys
@@ -10,8 +11,8 @@ import torch
 
 from conftest import TINY_CONFIG
 from iicl_fast import Config, Memory
-from iicl_fast.evaluation import (ABLATIONS, SUITES, Question, Sizes, correct, fictional_documents, heldout_nll,
-                                  reasoning_stream, run_suite, skill_documents, write_result)
+from iicl_fast.evaluation import (ABLATIONS, SUITES, Question, Sizes, _drop, answer_logprob, correct, fictional_documents,
+                                  gain_kept, heldout_nll, reasoning_stream, run_suite, skill_documents, write_result)
 
 
 def test_documents_are_seeded_confusable_and_answerable():
@@ -77,6 +78,9 @@ def test_every_suite_runs_on_the_tiny_model(tiny, tmp_path):
     assert len(r["full_context"]["values"]) == 2 and r["questions_per_seed"] >= 3
     s = out["sequence"]
     assert [len(row) for row in s["matrix"][0]] == [1, 2]                     # recall of every doc seen so far
+    lp = s["answer_logprob"]["runs"][0]
+    assert [len(row) for row in lp["matrix"]] == [1, 2] and len(lp["single_doc"]) == len(lp["base"]) == 2
+    assert all(isinstance(x, float) and x < 0 for row in lp["matrix"] for x in row)
     assert len(s["first_chunk_by_chunks_since"]) == sizes.stream_chunks
     assert s["forgetting"]["base_nll_per_token"] > 0
     assert set(out["skills"]) == {"cipher", "units", "plural"}
@@ -115,6 +119,49 @@ def test_sequence_with_the_long_stream_only(tiny):
     right_after = [x["mean"] for x in res["recall_by_position_right_after"]]
     assert len(right_after) == 2 and right_after[0] == curve[0]
     assert res["early_chunks"] == 1 and res["early_chunks_kept"] == res["first_chunk_kept"]
+    lp = res["answer_logprob_stream"]
+    st = lp["per_stream"][0]
+    assert len(st["first_chunk_logprob"]) == len(st["by_position_logprob"]) == len(st["base_logprob"]) == 2
+    assert st["right_after_logprob"][0] == st["first_chunk_logprob"][0]
+    assert st["by_position_logprob"][0] == st["first_chunk_logprob"][-1]    # the same memory, the same doc
+    assert lp["first_chunk_kept"] == gain_kept([st["first_chunk_logprob"][-1]], [st["first_chunk_logprob"][0]],
+                                               [st["base_logprob"][0]])
+
+
+def test_gain_kept_pools_the_gain_over_the_base():
+    assert gain_kept([-3.0, -2.0], [-2.0, -1.0], [-5.0, -4.0]) == round((2 + 2) / (3 + 3), 3)
+    assert gain_kept([-3.0, None], [-2.0, -1.0], [-5.0, -4.0]) == round(2 / 3, 3)   # incomplete entries left out
+    assert gain_kept([-3.0], [-5.0], [-5.0]) is None                                  # nothing gained to keep
+
+
+def test_answer_logprob_reads_the_answer_where_its_sentence_states_it(tiny):
+    """Batched and right-padded, the figure equals a plain forward of each question's prompt +
+    sentence up to its answer, one at a time, with the adapter and (base=True) without."""
+    model, tok = tiny
+    doc = fictional_documents(5, 1, 3)[0]
+    assert all(q.source and q.answers[0] in q.source and q.source in doc.text for q in doc.questions)
+    mem = Memory(model, tok, Config(**{**TINY_CONFIG, "epochs": 1}))
+    mem.consolidate(doc.text)
+    qs = doc.questions + [Question("Which is older, A or B?", ["A"], ["B"], source="A is older than B."),
+                          Question("What is the plural of 'tarn'?", ["tarnek"])]
+
+    def plain(q, base):
+        a = q.answers[0]
+        before = q.source[: q.source.find(a)].rstrip()
+        lead = mem.fmt.prompt(q.question) + (mem.fmt.encode(before) if before else [])
+        ans = mem.fmt.encode((" " if before else "") + a)
+        x = torch.tensor([lead + ans])
+        with mem.model.disable_adapter() if base else contextlib.nullcontext(), torch.no_grad():
+            lp = torch.log_softmax(mem.model(input_ids=x).logits[0].double(), -1)
+        return float(torch.stack([lp[len(lead) - 1 + j, t] for j, t in enumerate(ans)]).mean())
+
+    for base in (False, True):
+        got = answer_logprob(mem, qs, base=base, batch=2)
+        assert got[-2:] == [None, None]                    # a choice, and a question with no sentence
+        want = [plain(q, base) for q in doc.questions]
+        assert max(abs(g - w) for g, w in zip(got, want)) < 1e-4, (got, want)
+    assert answer_logprob(mem, doc.questions) != answer_logprob(mem, doc.questions, base=True)
+    _drop(mem)
 
 
 def test_early_chunks_kept_pools_the_first_quarter():

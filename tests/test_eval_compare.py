@@ -71,6 +71,31 @@ def test_streams_pool_the_first_five_chunks(tmp_path):
     assert abs(st["NLL rise"]["value"] - 0.02) < 1e-12 and abs(st["general acc."]["value"] - 0.6) < 1e-12
 
 
+def test_answer_logprob_figures_pool_the_gain_over_the_base(tmp_path):
+    f = _result(tmp_path / "lp.json", [4, 5], matrices=[[[0.5], [0.5, 0.5]]] * 2, singles=[[0.5, 0.5]] * 2)
+    d = json.loads(open(f).read())
+    runs = [{"matrix": [[-2.0], [-3.0, -1.0]], "single_doc": [-1.0, -1.5], "base": [-5.0, -4.0]},
+            {"matrix": [[-2.5], [-4.0, None]], "single_doc": [-2.0, -1.0], "base": [-6.0, -6.0]}]
+    d["results"]["answer_logprob"] = {"runs": runs}
+    st = {"by_position_logprob": [-3.0] * 5 + [-1.0] * 15, "right_after_logprob": [-2.0] * 20,
+          "base_logprob": [-6.0] * 20, "first_chunk_logprob": [-2.0] * 20}
+    d["results"].update(stream_seeds=1, recall_by_position_right_after=[_spread([0.5])] * 20,
+                        recall_by_position_at_end=[_spread([0.25])] * 20, early_chunks=5,
+                        forgetting={"nll_rise": {"stream": _spread([0.01])},
+                                    "general_accuracy": {"stream": _spread([0.7])}},
+                        answer_logprob_stream={"per_stream": [st]})
+    open(f, "w").write(json.dumps(d))
+    r = eval_compare.compare([f])["settings"][0]
+    # sequence 4: after (−3+5) + (−1+4) = 5 over alone (−1+5) + (−1.5+4) = 6.5; sequence 5: only
+    # doc 0 is complete: after 2, alone 4
+    assert abs(r["seqs"]["logprob after 3 / alone"]["value"] - (5 + 2) / (6.5 + 4)) < 1e-12
+    # right after: (−2+5) + (−1+4) = 6 and (−2.5+6) = 3.5
+    assert abs(r["seqs"]["logprob after 3 / right after"]["value"] - (5 + 2) / (6 + 3.5)) < 1e-12
+    assert abs(r["streams"]["logprob first 5 kept"]["value"] - 3 / 4) < 1e-12
+    assert abs(r["streams"]["logprob first chunk kept"]["value"] - 3 / 4) < 1e-12
+    assert "logprob after 3 / alone" in eval_compare.table({"settings": [r]})
+
+
 def test_files_before_a_field_existed_mean_what_the_code_did_then(tmp_path):
     """A file written before prose anchors existed ran without them: not the defaults."""
     cfg = asdict(Config())
