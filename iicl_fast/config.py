@@ -14,6 +14,7 @@ SELECTIONS = ("ppl_gap", "random")
 REPLAY_POLICIES = ("reservoir", "ppl_gap", "balanced")
 LOSS_IMPLS = ("reference", "fused")
 RETAIN_UNITS = ("token", "sentence")
+QA_RESPONSES = ("answer", "sentence")
 
 
 @dataclass
@@ -34,6 +35,15 @@ class Config:
     # documents, 6.3 s) against 0.27 / 0.21 with 40 questions (9.1 s); seeds 0-2 0.29 / 0.30
     # against 0.33 / 0.28. `paper` keeps InfiniteICL's 200.
     n_queries: int = 0
+    # The model-written questions' responses: "answer" (the model answers each with the chunk
+    # in view: InfiniteICL's pairs) or "sentence" (the chunk's sentence it was written about,
+    # as written, then the stop id: no answer decoded). After three documents (CPU, embedded
+    # model, seed 9) the memory still held all three texts (answer log-probability gain kept
+    # 0.99 of each alone) while the third's questions were answered 1 of 9 (5 of 9 alone): the
+    # replies were the chat model's own ("The story of Griheim is a testament to ...") or
+    # another document's entities (NOTES.md, 21st session). Questions answered by the
+    # sentence train that path: for the next sweep; "answer" is what was measured.
+    qa_response: str = "answer"
     n_continuations: int = 24      # open-ended: continue a passage, recall, summarise
     max_query_tokens: int = 32
     max_response_tokens: int = 40
@@ -215,6 +225,8 @@ class Config:
             raise IICLError(f"unknown replay_policy {self.replay_policy!r}: choose one of {', '.join(REPLAY_POLICIES)}")
         if not 0.0 <= self.retain <= 1.0:
             raise IICLError(f"retain must be in [0, 1], got {self.retain}")
+        if self.qa_response not in QA_RESPONSES:
+            raise IICLError(f"unknown qa_response {self.qa_response!r}: choose one of {', '.join(QA_RESPONSES)}")
         if self.retain_unit not in RETAIN_UNITS:
             raise IICLError(f"unknown retain_unit {self.retain_unit!r}: choose one of {', '.join(RETAIN_UNITS)}")
         if not 0.0 < self.retain_decay <= 1.0:

@@ -176,11 +176,11 @@ def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index:
                   batch_size=config.gen_batch_size, stop_ids=fmt.stop_ids, pad_id=fmt.pad_id,
                   prefix=prefix, prefix_kv=kv)
 
-    def sharded(prompts: list[list[int]], phase: int, **kw) -> list[list[int]]:
-        """Continuations of prompts, rows keyed by their index; each rank its share."""
+    def sharded(prompts: list[list[int]], phase: int, first_key: int = 0, **kw) -> list[list[int]]:
+        """Continuations of prompts, rows keyed by first_key + their index; each rank its share."""
         keys = dist.shard(list(range(len(prompts))))
-        mine = generate(model, [prompts[k] for k in keys], keyed_seed=seed * 1_000_003 + phase, row_keys=keys,
-                        **kw, **sample) if keys else []
+        mine = generate(model, [prompts[k] for k in keys], keyed_seed=seed * 1_000_003 + phase,
+                        row_keys=[first_key + k for k in keys], **kw, **sample) if keys else []
         if dist.fsdp():                     # every rank made all rows: rank 0's, so what follows agrees
             return dist.broadcast(mine)
         return dist.gather_shards(mine, len(prompts))
@@ -188,29 +188,38 @@ def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index:
                disable=not config.progress, leave=False)
 
     questions: list[str] = []
+    about: list[str] = []                    # the sentence each question was written about
     if config.n_queries:
         sents = sentences(chunk)
-        asks = [fmt.query(QUESTION_PROMPT.format(sentence=sents[i])) for i in spread(config.n_queries, len(sents))]
+        picked = spread(config.n_queries, len(sents))
+        asks = [fmt.query(QUESTION_PROMPT.format(sentence=sents[i])) for i in picked]
         written = sharded(asks, 0, max_new_tokens=config.max_query_tokens, progress=bar,
                           min_new_tokens=config.max_query_tokens if config.fixed_lengths else 0)
         seen = set()
-        for ids in written:
+        for i, ids in zip(picked, written):
             text = fmt.tok.decode(ids, skip_special_tokens=True)
             q = text.strip().replace("\n", " ") or "?" if config.fixed_lengths else clean_question(text)
             if q and (config.fixed_lengths or q.lower() not in seen):
                 seen.add(q.lower())
                 questions.append(q)
+                about.append(sents[i])
 
+    by_sentence = []
+    if config.qa_response == "sentence":     # answered by the sentence as written: nothing to decode
+        by_sentence = [Entry("qa", q, fmt.encode(a)[: config.max_response_tokens - 1] + [fmt.stop_ids[0]])
+                       for q, a in zip(questions, about)]
+        questions = []
     queries = [("qa", q) for q in questions]
     queries += [("continuation", q) for q in continuation_queries(chunk, config.n_continuations, rng)]
     bar.total = config.n_queries + len(queries)
-    responses = [] if not queries else sharded([fmt.query(q) for _, q in queries], 1,
+    # rows keyed as if the questions were decoded too: the continuations are the same draws
+    responses = [] if not queries else sharded([fmt.query(q) for _, q in queries], 1, len(by_sentence),
                                                max_new_tokens=config.max_response_tokens, progress=bar,
                                                min_new_tokens=config.max_response_tokens if config.fixed_lengths else 0)
     bar.close()
     stops = set(fmt.stop_ids)
     out = [Entry(kind, q, r) for (kind, q), r in zip(queries, responses) if any(t not in stops for t in r)]
-    return out + source_entries(fmt, chunk, config.source_entries, config.max_response_tokens)
+    return by_sentence + out + source_entries(fmt, chunk, config.source_entries, config.max_response_tokens)
 
 
 def anchor_prompts() -> list[str]:

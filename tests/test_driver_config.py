@@ -187,6 +187,30 @@ def test_source_entries_are_the_chunks_own_text(tiny):
     assert [e.kind for e in got] == ["source"] * 4
 
 
+def test_questions_answered_by_their_sentence(tiny, monkeypatch):
+    """qa_response="sentence": each model-written question's response is the sentence it was
+    written about, as written, then the stop id; the questions are the ones "answer" asks
+    (same draws), and no answer is decoded."""
+    model, tok = tiny
+    fmt = PromptFormat(tok, model)
+    chunk = " ".join(f"Fact number {i} says that item {i} is kept in box {i}." for i in range(12))
+    sents = sentences(chunk)
+    base = {**TINY_CONFIG, "n_queries": 6, "n_continuations": 2, "source_entries": 0, "fixed_lengths": True}
+    answered = elicit(model, fmt, chunk, Config(**base))
+    calls = []
+    real = elicit_mod.generate
+    monkeypatch.setattr(elicit_mod, "generate", lambda *a, **k: (calls.append(len(a[1])), real(*a, **k))[1])
+    got = elicit(model, fmt, chunk, Config(**{**base, "qa_response": "sentence"}))
+    qa = [e for e in got if e.kind == "qa"]
+    assert [e.query for e in qa] == [e.query for e in answered if e.kind == "qa"] and len(qa) == 6
+    for e, i in zip(qa, spread(6, len(sents))):
+        assert e.response == fmt.encode(sents[i])[: base["max_response_tokens"] - 1] + [fmt.stop_ids[0]]
+    assert [e.response for e in got if e.kind == "continuation"] == [e.response for e in answered if e.kind == "continuation"]
+    assert calls == [6, 2]                     # the questions, then the continuations only
+    with pytest.raises(IICLError, match="qa_response"):
+        Config(qa_response="both")
+
+
 def test_generation_stops_on_every_stop_id(tiny):
     model, tok = tiny
     fmt = PromptFormat(tok, model)
