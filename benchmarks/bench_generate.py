@@ -4,7 +4,8 @@
         [--baselines] [--out benchmarks/results/generate.json]
 
 Rows: iicl_fast (decode.generate_static: one prefix KV, static caches, CUDA-graph step,
-Triton attention and sampler), generate_today (the cascade path it replaces: per-row
+Triton attention and sampler, q/k/v and gate/up one GEMM each; --unfused adds
+iicl_fast_unfused, one GEMM a projection), generate_today (the cascade path it replaces: per-row
 DynamicCache, eager steps), hf_generate (transformers generate over [C; q] rows, prefix
 recomputed per row, dynamic cache). Every row samples as elicitation does (T 0.7, top-p 0.9)
 and decodes exactly new_tokens (stop ids masked until then). ms_per_step = decoding time /
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_consolidate import commit, linear_params, llama_8b  # noqa: E402
-from iicl_fast import layers  # noqa: E402
+from iicl_fast import decode, layers  # noqa: E402
 from iicl_fast.decode import generate_static, prefix_kv  # noqa: E402
 from iicl_fast.generation import generate, sampling_generator  # noqa: E402
 
@@ -93,10 +94,13 @@ def main():
     ap.add_argument("--prefix", type=int, default=5000)
     ap.add_argument("--baselines", action="store_true", help="also generate_today and hf_generate at the first row count")
     ap.add_argument("--baseline-new", type=int, default=128)
+    ap.add_argument("--unfused", action="store_true",
+                    help="also each iicl_fast row with one GEMM a projection (impl iicl_fast_unfused)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     model = llama_8b().requires_grad_(False)     # frozen, as Memory's base is (the fused norm wants it)
     layers.install(model)
+    layers.fuse_projections(model)               # as Memory does on CUDA
     prefix = torch.randint(10, 120000, (a.prefix,), generator=torch.Generator().manual_seed(1)).tolist()
     results = []
     run_ours(model, prefix, prompts(8), 4)                       # compile the kernels once
@@ -104,11 +108,14 @@ def main():
         qs = prompts(rows)
         P = max(len(q) for q in qs)
         for new in a.new:
-            torch.cuda.reset_peak_memory_stats()
-            st, total = run_ours(model, prefix, qs, new)
-            ms = st["decode_s"] * 1e3 / max(1, st["steps"] - 1)
-            results.append(record("iicl_fast", rows, new, a.prefix, P, ms, floor_ms(model, rows, a.prefix, P, new),
-                                  st["prefill_s"], total, capture_s=round(st["capture_s"], 2), batches=st["batches"]))
+            for impl in ("iicl_fast", "iicl_fast_unfused") if a.unfused else ("iicl_fast",):
+                decode.FUSED_PROJ = impl == "iicl_fast"
+                torch.cuda.reset_peak_memory_stats()
+                st, total = run_ours(model, prefix, qs, new)
+                ms = st["decode_s"] * 1e3 / max(1, st["steps"] - 1)
+                results.append(record(impl, rows, new, a.prefix, P, ms, floor_ms(model, rows, a.prefix, P, new),
+                                      st["prefill_s"], total, capture_s=round(st["capture_s"], 2), batches=st["batches"]))
+            decode.FUSED_PROJ = True
     if a.baselines:
         rows, new = a.rows[0], a.baseline_new
         qs = prompts(rows)

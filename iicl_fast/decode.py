@@ -424,6 +424,9 @@ PREFILL_TOKENS = 8192
 # False (IICL_DECODE_GRAPHS=0): eager steps on CUDA too (benchmarks compare; the CPU never captures)
 GRAPHS = os.environ.get("IICL_DECODE_GRAPHS", "1") != "0"
 LLAMA_STEP = True       # False: Llama-like decoders also step through transformers' forward
+# _llama_step runs q/k/v and gate/up as one GEMM each where layers.fuse_projections laid their
+# weights out so (Memory does on CUDA); IICL_FUSED_PROJ=0: one GEMM a projection (benchmarks).
+FUSED_PROJ = os.environ.get("IICL_FUSED_PROJ", "1") != "0"
 _STATIC: list = [None]  # the active _Static
 
 
@@ -536,27 +539,46 @@ def llama_like(body) -> bool:
     return True
 
 
-def _llama_step(body, st: _Static, tok, pos):
+def _fused_groups(body):
+    """Per layer of a llama_like body: (q/k/v, gate/up) as layers.FusedLinears, each None
+    where its weights are not laid out in one buffer (then the modules run)."""
+    from .layers import FusedLinears, is_llama_mlp
+    out = []
+    for layer in body.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        out.append((FusedLinears.of([a.q_proj, a.k_proj, a.v_proj]),
+                    FusedLinears.of([mlp.gate_proj, mlp.up_proj]) if is_llama_mlp(mlp) else None))
+    return out
+
+
+def _llama_step(body, st: _Static, tok, pos, fused=None):
     """One decoding step of a Llama-like decoder (llama_like), tok / pos [B] -> the final-normed
     hidden states [B, hidden]. The modules (norms, projections with any LoRA, MLP) are the
     model's own; between them one kernel rotates q and k and writes the caches
     (iicl_fast/kernels/rotary.py) and three do the attention (iicl_fast/kernels/prefix_attention.cascade_decode):
     ~16 kernels a layer where transformers' forward launched ~45 (measured: the small ones
-    were ~2.3 ms of a 9.2 ms step at 64 rows, more than the attention itself)."""
+    were ~2.3 ms of a 9.2 ms step at 64 rows, more than the attention itself). fused:
+    _fused_groups(body) (None: the modules), q/k/v and gate/up one GEMM each where laid out."""
     from .kernels.prefix_attention import cascade_decode
     from .kernels.rotary import rope_write
+    from .kernels.swiglu import swiglu_packed
     B = tok.shape[0]
     h = body.embed_tokens(tok)
     cos, sin = body.rotary_emb(h[:, None], pos[:, None])
     cos, sin = cos[:, 0], sin[:, 0]
     for i, layer in enumerate(body.layers):
         a = layer.self_attn
+        qkv, gate_up = fused[i] if fused is not None else (None, None)
         x = layer.input_layernorm(h)
-        q = rope_write(a.q_proj(x), a.k_proj(x), a.v_proj(x), cos, sin, st.ks[i], st.vs[i], st.cur)
+        if qkv is None:
+            q = rope_write(a.q_proj(x), a.k_proj(x), a.v_proj(x), cos, sin, st.ks[i], st.vs[i], st.cur)
+        else:
+            q = rope_write(*qkv(x).split(qkv.sizes, dim=-1), cos, sin, st.ks[i], st.vs[i], st.cur)
         pk, pv = st.prefix[i] if st.prefix is not None else (None, None)
         o = cascade_decode(q, pk, pv, st.ks[i], st.vs[i], st.lo, st.cur, a.scaling)
         h = h + a.o_proj(o.view(B, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        x = layer.post_attention_layernorm(h)
+        h = h + (layer.mlp(x) if gate_up is None else layer.mlp.down_proj(swiglu_packed(gate_up(x))))
     return body.norm(h)
 
 
@@ -570,6 +592,7 @@ class _Step:
         self.body, self.head = decoder(model), lm_head(model)
         self.st = st
         self.llama = st.kernels and LLAMA_STEP and llama_like(self.body)
+        self.fused = _fused_groups(self.body) if self.llama and FUSED_PROJ else None
         dev = st.lo.device
         self.tok = torch.zeros(B, dtype=torch.long, device=dev)
         self.pos = torch.zeros(B, dtype=torch.long, device=dev)
@@ -583,7 +606,7 @@ class _Step:
     def _run(self):
         from .generation import step_logits
         if self.llama:
-            h = _llama_step(self.body, self.st, self.tok, self.pos)
+            h = _llama_step(self.body, self.st, self.tok, self.pos, self.fused)
         else:
             h = self.body(input_ids=self.tok[:, None], position_ids=self.pos[:, None],
                           use_cache=False).last_hidden_state[:, -1]

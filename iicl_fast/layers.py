@@ -259,3 +259,164 @@ def uninstall(model) -> int:
             m.__class__ = back[type(m)]
             n += 1
     return n
+
+
+# -- projections that read one input, as one GEMM (decoding steps) -------------------------
+# At the decoding step's M = 64 rows a GEMM streams its weights: cuBLAS took 4.8 ms a step for
+# the 8B shape's seven projections a layer, ~3.3 TB/s (benchmarks/NOTES.md, eighth session),
+# and k / v (N = 1,024) fill a fraction of the SMs. q, k, v read one input, gate and up
+# another: laid out as one [ΣN, in] buffer each they are two GEMMs instead of five.
+
+
+def _base_and_adapter(m):
+    """(the frozen nn.Linear computing m's base, the one active LoRA adapter of m or None),
+    or None where m is something FusedLinears cannot compute exactly."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    if type(m) is torch.nn.Linear:
+        base, name = m, None
+    elif isinstance(m, LoraLinear):
+        base = m.get_base_layer()
+        if type(base) is not torch.nn.Linear:
+            return None
+        active = [a for a in m.active_adapters if a in m.lora_A]
+        if m.disable_adapters:
+            if m.merged:                    # peft would unmerge first
+                return None
+            name = None
+        elif m.merged or not active:
+            name = None
+        elif len(active) > 1:
+            return None
+        else:
+            name = active[0]
+            if (name in getattr(m, "lora_variant", {}) or getattr(m, "use_dora", {}).get(name, False)
+                    or getattr(m, "fan_in_fan_out", False) or m.lora_B[name].bias is not None
+                    or m.lora_A[name].weight.device != base.weight.device
+                    or (m.training and not isinstance(m.lora_dropout[name], torch.nn.Identity))):
+                return None
+    else:
+        return None
+    w = base.weight
+    if base.bias is not None or w.requires_grad or type(w.data) is not torch.Tensor or w.dim() != 2:
+        return None
+    return base, name
+
+
+def _stacked(ws) -> torch.Tensor | None:
+    """ws laid out as consecutive rows of one buffer -> that buffer [ΣN, in] (a view), else None."""
+    w0 = ws[0]
+    K = w0.shape[1]
+    if any(w.shape[1] != K or w.dtype != w0.dtype or w.device != w0.device or not w.is_contiguous() for w in ws):
+        return None
+    ptr, off = w0.untyped_storage().data_ptr(), w0.storage_offset()
+    for w in ws:
+        if w.untyped_storage().data_ptr() != ptr or w.storage_offset() != off:
+            return None
+        off += w.numel()
+    return w0.detach().as_strided((sum(w.shape[0] for w in ws), K), (K, 1))
+
+
+def fuse_weights(linears) -> bool:
+    """Lay the frozen base weights of linears ([out_i, in] each, one shared input) out as
+    consecutive rows of one buffer, each module's weight a view of it: memory unchanged (one
+    module's copy at a time), every forward unchanged. -> whether they are laid out so.
+
+    Do it before any CUDA graph is captured over these weights (it moves them) and before
+    moving the model (`.to()` gives each weight its own storage again: FusedLinears then
+    declines, and the layers run one GEMM each as before). A state dict of such a model holds
+    views of one storage: safetensors refuses to save shared tensors (clone them first)."""
+    parts = [_base_and_adapter(m) for m in linears]
+    if any(p is None for p in parts):
+        return False
+    bases = [b for b, _ in parts]
+    ws = [b.weight for b in bases]
+    if _stacked(ws) is not None:
+        return True
+    w0 = ws[0]
+    if any(w.shape[1] != w0.shape[1] or w.dtype != w0.dtype or w.device != w0.device for w in ws):
+        return False
+    with torch.no_grad():
+        buf = torch.cat([w.detach() for w in ws])
+        off = 0
+        for b in bases:
+            n = b.weight.shape[0]
+            b.weight.data = buf[off:off + n]
+            off += n
+    return True
+
+
+def fuse_projections(model) -> int:
+    """fuse_weights for every Llama-style decoder layer of model: its attention's q / k / v
+    and its MLP's gate / up. -> the groups laid out. Idempotent."""
+    n = 0
+    for m in model.modules():
+        a, mlp = getattr(m, "self_attn", None), getattr(m, "mlp", None)
+        if a is not None and all(hasattr(a, p) for p in ("q_proj", "k_proj", "v_proj")):
+            n += fuse_weights([a.q_proj, a.k_proj, a.v_proj])
+        if mlp is not None and is_llama_mlp(mlp):
+            n += fuse_weights([mlp.gate_proj, mlp.up_proj])
+    return n
+
+
+def is_llama_mlp(m) -> bool:
+    """m computes Llama's MLP, down(silu(gate(x)) · up(x)) (its own forward or the fused one)."""
+    return _kind(m) == "mlp" or (type(m) in _FAST.values() and type(m).forward is _mlp_forward)
+
+
+class FusedLinears:
+    """Linears with one input whose base weights fuse_weights laid out in one buffer, as one
+    GEMM: x [..., in] -> [..., ΣN] = x W_catᵀ + (x A_catᵀ)(blockdiag sᵢBᵢ)ᵀ — the rank-r
+    products of every adapted member in two small GEMMs, added in the base GEMM's epilogue as
+    lora._base_plus does for one. Inference only (no autograd). sizes: each member's N.
+
+    FusedLinears.of(linears) -> one, or None where the weights are not laid out so or a member
+    is not computable here (then call the modules). Build it when the adapters' state is fixed
+    (a decoding step's capture): which adapter is active is read then."""
+
+    def __init__(self, weight, sizes, adapted):
+        self.weight, self.sizes, self.adapted = weight, sizes, adapted    # adapted: [(module, name, row0)]
+        self._lora_key, self._lora = None, None
+
+    @classmethod
+    def of(cls, linears):
+        parts = [_base_and_adapter(m) for m in linears]
+        if any(p is None for p in parts):
+            return None
+        w = _stacked([b.weight for b, _ in parts])
+        if w is None:
+            return None
+        sizes, adapted, row = [], [], 0
+        for m, (b, name) in zip(linears, parts):
+            if name is not None:
+                adapted.append((m, name, row))
+            sizes.append(b.weight.shape[0])
+            row += sizes[-1]
+        return cls(w, sizes, adapted)
+
+    def _lora_weights(self, dtype):
+        """(A_cat [R, in], blockdiag(sᵢBᵢ) [ΣN, R]) in dtype, rebuilt when any member's cast
+        weights change (lora._half_weights caches those by version), or None."""
+        if not self.adapted:
+            return None
+        from .lora import _half_weights
+        halves = [_half_weights(m, name, dtype) for m, name, _ in self.adapted]
+        key = [t for pair in halves for t in pair]
+        if self._lora_key is None or len(key) != len(self._lora_key) or any(a is not b for a, b in zip(key, self._lora_key)):
+            A = torch.cat([a for a, _ in halves])
+            BS = torch.zeros(self.weight.shape[0], A.shape[0], dtype=dtype, device=A.device)
+            r0 = 0
+            for (_, _, row), (a, bs) in zip(self.adapted, halves):
+                BS[row:row + bs.shape[0], r0:r0 + a.shape[0]] = bs
+                r0 += a.shape[0]
+            self._lora_key, self._lora = key, (A, BS)
+        return self._lora
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        lw = self._lora_weights(x.dtype)
+        if lw is None:
+            y = torch.mm(x2, self.weight.t())
+        else:
+            y = torch.mm(torch.mm(x2, lw[0].t()), lw[1].t())
+            y.addmm_(x2, self.weight.t())
+        return y.view(*x.shape[:-1], y.shape[-1])

@@ -251,6 +251,8 @@ class Memory:
         from . import layers, lora
         lora.install(self.model)
         layers.install(self.model)
+        if next(self.model.parameters()).is_cuda:     # decoding steps' q/k/v and gate/up: one GEMM each
+            layers.fuse_projections(self.model)
         self.model.eval()
         self.params = [p for n, p in self.model.named_parameters() if f".{self.name}." in n]
         for p in self.params:

@@ -418,6 +418,44 @@ def test_static_decoder_graph_equals_eager_on_cuda(smol_tokenizer, dtype, monkey
         assert graph == generate(model, qs, static=False, cascade=False, **kw)
 
 
+def test_fused_projections_on_cuda(smol_tokenizer, monkeypatch):
+    """A Memory on CUDA lays q/k/v and gate/up out for one GEMM each (layers.fuse_projections):
+    fp32, the decoder's greedy tokens with the fused GEMMs equal the per-projection ones and
+    the plain loop's; bf16, FusedLinears (LoRA on) within a bf16 rounding of the modules."""
+    import iicl_fast.decode as D
+    from iicl_fast import layers
+    monkeypatch.setattr(D, "STOP_CHECK_EVERY", 4)
+    monkeypatch.setattr(D, "COMPACT_BELOW", 0.9)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = _scaled_tiny(smol_tokenizer, dtype)
+        mem = iicl_fast.Memory(model, smol_tokenizer, iicl_fast.Config(**TINY_CONFIG))
+        with torch.no_grad():
+            for p in mem.params:
+                p.normal_(0, 0.05)
+        body = mem.model.get_base_model().model
+        a, mlp = body.layers[0].self_attn, body.layers[0].mlp
+        qkv = layers.FusedLinears.of([a.q_proj, a.k_proj, a.v_proj])
+        gu = layers.FusedLinears.of([mlp.gate_proj, mlp.up_proj])
+        assert qkv is not None and gu is not None and qkv.adapted
+        x = torch.randn(37, a.q_proj.in_features, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            for f, mods in ((qkv, [a.q_proj, a.k_proj, a.v_proj]), (gu, [mlp.gate_proj, mlp.up_proj])):
+                want = torch.cat([m(x) for m in mods], -1).float()
+                err = float((f(x).float() - want).norm() / want.norm())
+                assert err < (1e-6 if dtype == torch.float32 else 8e-3), err
+        if dtype == torch.bfloat16:
+            continue
+        g = torch.Generator().manual_seed(0)
+        prefix = torch.randint(3, 40000, (211,), generator=g).tolist()
+        qs = [torch.randint(3, 40000, (n,), generator=g).tolist() for n in (5, 17, 1, 9)]
+        kw = dict(max_new_tokens=20, pad_id=0, sample=False, prefix=prefix, batch_size=4, stop_ids=[10 ** 6])
+        fused = generate(mem.model, qs, static=True, **kw)
+        monkeypatch.setattr(D, "FUSED_PROJ", False)
+        assert generate(mem.model, qs, static=True, **kw) == fused
+        monkeypatch.setattr(D, "FUSED_PROJ", True)
+        assert generate(mem.model, qs, static=False, cascade=False, **kw) == fused
+
+
 def test_captures_leave_no_memory_behind(smol_tokenizer):
     """Generations with captured steps, one after another, end with the same memory allocated:
     a fresh side stream per capture left a 32 MiB cuBLAS workspace behind each (a stress

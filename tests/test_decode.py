@@ -192,28 +192,41 @@ def test_keyed_next_token_follows_the_nucleus_distribution():
     assert torch.equal(keyed_next_token(z.expand(4, -1), 0.8, 0.9, 5, [0, 1, 2, 3], 3), tok[:4])
 
 
-@pytest.mark.parametrize("llama_step", [True, False])
-def test_static_decoder_with_lora_takes_the_adapter(static_kernels, monkeypatch, llama_step):
+@pytest.mark.parametrize("llama_step,fused", [(True, False), (True, True), (False, False)])
+def test_static_decoder_with_lora_takes_the_adapter(static_kernels, monkeypatch, llama_step, fused):
     """A peft LoRA model (adapter weights non-zero) through the Llama step built from its modules
-    (and through transformers' forward): the tokens of the plain loop, which differ from the
-    base model's."""
+    (and through transformers' forward; and with q/k/v and gate/up laid out for one GEMM each,
+    layers.fuse_projections): the tokens of the plain loop, which differ from the base model's,
+    also with the adapter disabled."""
     import iicl_fast.decode as D
     from peft import LoraConfig, get_peft_model
 
+    from iicl_fast import layers
     from iicl_fast.generation import decoder, generate
     monkeypatch.setattr(D, "LLAMA_STEP", llama_step)
-    model = get_peft_model(_tiny_llama(seed=3), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model(_tiny_llama(seed=3), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "gate_proj"]))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
     assert D.llama_like(decoder(model))
+    if fused:
+        assert layers.fuse_projections(model) == 4          # 2 layers × (q/k/v, gate/up)
+        built = []
+        orig = D._fused_groups
+        monkeypatch.setattr(D, "_fused_groups", lambda body: built.append(orig(body)) or built[-1])
     qs, prefix = [[5, 6, 7, 8], [9, 10]], list(range(20, 31))
     kw = dict(max_new_tokens=10, pad_id=0, sample=False, prefix=prefix, stop_ids=[10_000])
     got = generate(model, qs, static=True, **kw)
     assert got == generate(model, qs, static=False, **kw)
     with model.disable_adapter():
-        assert got != generate(model, qs, static=False, **kw)
+        base = generate(model, qs, static=False, **kw)
+        assert got != base
+        if fused:
+            assert generate(model, qs, static=True, **kw) == base
+    if fused:      # every step ran the fused GEMMs (the adapter's, then the disabled one's)
+        assert built and all(qkv is not None and gu is not None for b in built for qkv, gu in b)
+        assert all(g[0][0].adapted for g in built[:1]) and not built[-1][0][0].adapted
 
 
 @pytest.mark.parametrize("lengths,Hq,Hk", [([1], 2, 2), ([7, 1, 5], 4, 2), ([97, 33, 64], 6, 2)])

@@ -13,7 +13,7 @@ from iicl_fast import layers
 from iicl_fast.kernels.reference_rmsnorm import rmsnorm_ref
 from iicl_fast.kernels.reference_swiglu import swiglu_ref
 from iicl_fast.kernels.rmsnorm import rmsnorm_backward, rmsnorm_forward
-from iicl_fast.kernels.swiglu import swiglu_backward, swiglu_forward
+from iicl_fast.kernels.swiglu import swiglu_backward, swiglu_forward, swiglu_packed
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +75,25 @@ def test_swiglu_matches_float64(shape, dtype):
         assert rel(ours, truth) <= max(2 * rel(plain, truth), 1e-6), (rel(ours, truth), rel(plain, truth))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M, I", [(1, 37), (7, 2049), (97, 130)])
+def test_swiglu_packed_matches_float64(M, I, dtype):
+    """One GEMM's [gate | up] output read in place (a row stride wider than 2I, as a view of
+    a wider buffer): against float64, and equal to swiglu_forward on the split halves."""
+    gen = torch.Generator().manual_seed(M * 7 + I)
+    wide = (torch.randn(M, 2 * I + 5, generator=gen) * 3).to(dtype)
+    gu = wide[:, :2 * I]
+    h = swiglu_packed(gu)
+    assert h.shape == (M, I) and h.dtype == dtype and torch.isfinite(h).all()
+    g, u = gu[:, :I], gu[:, I:]
+    h64 = swiglu_ref(g, u, dtype=torch.float64)
+    hp = swiglu_ref(g, u)
+    assert rel(h, h64) <= max(2 * rel(hp, h64), 1e-6)
+    assert torch.equal(h, swiglu_forward(g, u))
+    with pytest.raises(ValueError, match="swiglu_packed: gu must be"):
+        swiglu_packed(gu[:, :2 * I - 1] if I > 1 else gu[0])
+
+
 def test_installed_layers_match_the_plain_model(smol_tokenizer, monkeypatch):
     """A tiny bf16 Llama: logits and the input-embedding gradient with the fused layers
     (forced onto the CPU through the interpreter) against transformers' own layers."""
@@ -112,3 +131,63 @@ def test_installed_layers_match_the_plain_model(smol_tokenizer, monkeypatch):
     assert rel(fused_out, plain_out) < 2e-2 and rel(fused_grad, plain_grad) < 5e-2
     assert layers.uninstall(model) == 8              # the last user: transformers' own function back
     assert modeling_llama.apply_rotary_pos_emb is original
+
+
+def _lora_llama(dtype=torch.float64):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=61, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
+                      num_attention_heads=5, num_key_value_heads=1)
+    model = get_peft_model(LlamaForCausalLM(cfg).to(dtype).eval(),
+                           LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.4)
+    return model
+
+
+def _base(m):
+    return m.get_base_layer() if hasattr(m, "get_base_layer") else m
+
+
+def test_fused_linears_equal_their_modules_in_float64():
+    """layers.fuse_weights / FusedLinears: q/k/v and gate/up of a LoRA Llama (adapters on q, v
+    and up only) as one GEMM each equal the modules' outputs side by side (float64); the weights
+    become views of one buffer with unchanged values and the model's output is unchanged; a
+    disabled adapter gives the base; .to() copies undo the layout and FusedLinears declines."""
+    model = _lora_llama()
+    ids = torch.randint(0, 61, (3, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    body = model.get_base_model().model
+    a, mlp = body.layers[1].self_attn, body.layers[1].mlp
+    qkv = [a.q_proj, a.k_proj, a.v_proj]
+    assert layers.FusedLinears.of(qkv) is None                 # separate storages: declines
+    w_before = [_base(m).weight.detach().clone() for m in qkv]
+    assert layers.fuse_projections(model) == 4
+    assert layers.fuse_projections(model) == 4                 # idempotent
+    ptrs = {_base(m).weight.untyped_storage().data_ptr() for m in qkv}
+    assert len(ptrs) == 1
+    for m, w in zip(qkv, w_before):
+        assert torch.equal(_base(m).weight, w)
+    x = torch.randn(7, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+        for group in (qkv, [mlp.gate_proj, mlp.up_proj]):
+            f = layers.FusedLinears.of(group)
+            assert f is not None and f.sizes == [m.out_features for m in group]
+            want = torch.cat([m(x) for m in group], -1)
+            torch.testing.assert_close(f(x), want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(f(x[None]), want[None], rtol=1e-12, atol=1e-12)
+        f = layers.FusedLinears.of(qkv)
+        base = torch.cat([_base(m)(x) for m in qkv], -1)
+        assert (f(x) - base).abs().max() > 1e-3                 # the adapters add something
+        with model.disable_adapter():
+            torch.testing.assert_close(layers.FusedLinears.of(qkv)(x), base, rtol=1e-12, atol=1e-12)
+    copy = _lora_llama().to(torch.float32)
+    assert layers.fuse_projections(copy) == 4
+    copy.to(torch.float64)           # every weight its own storage again
+    a2 = copy.get_base_model().model.layers[0].self_attn
+    assert layers.FusedLinears.of([a2.q_proj, a2.k_proj, a2.v_proj]) is None

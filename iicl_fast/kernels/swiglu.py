@@ -55,6 +55,34 @@ def swiglu_forward(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return h
 
 
+@triton.jit
+def _swiglu_packed_fwd(gu_ptr, h_ptr, I, stride_gu, stride_h, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < I
+    g = tl.load(gu_ptr + row * stride_gu + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * stride_gu + I + offs, mask=mask, other=0.0).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(h_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(h_ptr + row * stride_h + offs, (s * u).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+def swiglu_packed(gu: torch.Tensor) -> torch.Tensor:
+    """gu [M, 2I] (gate columns, then up: one GEMM's output over [W_gate; W_up]) -> silu(g) · u
+    [M, I], as swiglu_forward rounds it. Reads the halves in place: split and made contiguous
+    they cost two copies a layer in a decoding step."""
+    if gu.dim() != 2 or gu.shape[1] % 2:
+        raise ValueError(f"swiglu_packed: gu must be [M, 2I]; got {tuple(gu.shape)}")
+    if gu.stride(1) != 1:
+        gu = gu.contiguous()
+    M, I = gu.shape[0], gu.shape[1] // 2
+    h = torch.full((M, I), float("nan"), dtype=gu.dtype, device=gu.device) if POISON else \
+        torch.empty((M, I), dtype=gu.dtype, device=gu.device)
+    if M and I:
+        block = min(BLOCK, triton.next_power_of_2(I))
+        _swiglu_packed_fwd[(M, triton.cdiv(I, block))](gu, h, I, gu.stride(0), h.stride(0), BLOCK=block, num_warps=4)
+    return h
+
+
 def swiglu_backward(g: torch.Tensor, u: torch.Tensor, dh: torch.Tensor):
     """-> (∂g, ∂u) like g."""
     g, u, dh = g.contiguous(), u.contiguous(), dh.to(g.dtype).contiguous()
