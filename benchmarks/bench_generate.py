@@ -4,8 +4,9 @@
         [--baselines] [--out benchmarks/results/generate.json]
 
 Rows: iicl_fast (decode.generate_static: one prefix KV, static caches, CUDA-graph step,
-Triton attention and sampler, q/k/v and gate/up one GEMM each; --unfused adds
-iicl_fast_unfused, one GEMM a projection), generate_today (the cascade path it replaces: per-row
+Triton attention and sampler, q/k/v and gate/up one GEMM each up to
+decode.FUSED_PROJ_MAX_ROWS rows; --unfused adds iicl_fast_unfused, one GEMM a projection, and
+iicl_fast_fused, one GEMM a group at any row count), generate_today (the cascade path it replaces: per-row
 DynamicCache, eager steps), hf_generate (transformers generate over [C; q] rows, prefix
 recomputed per row, dynamic cache). Every row samples as elicitation does (T 0.7, top-p 0.9)
 and decodes exactly new_tokens (stop ids masked until then). ms_per_step = decoding time /
@@ -103,19 +104,21 @@ def main():
     layers.fuse_projections(model)               # as Memory does on CUDA
     prefix = torch.randint(10, 120000, (a.prefix,), generator=torch.Generator().manual_seed(1)).tolist()
     results = []
+    max_rows = decode.FUSED_PROJ_MAX_ROWS
     run_ours(model, prefix, prompts(8), 4)                       # compile the kernels once
     for rows in a.rows:
         qs = prompts(rows)
         P = max(len(q) for q in qs)
         for new in a.new:
-            for impl in ("iicl_fast", "iicl_fast_unfused") if a.unfused else ("iicl_fast",):
-                decode.FUSED_PROJ = impl == "iicl_fast"
+            for impl in ("iicl_fast", "iicl_fast_unfused", "iicl_fast_fused") if a.unfused else ("iicl_fast",):
+                decode.FUSED_PROJ = impl != "iicl_fast_unfused"
+                decode.FUSED_PROJ_MAX_ROWS = 10 ** 9 if impl == "iicl_fast_fused" else max_rows
                 torch.cuda.reset_peak_memory_stats()
                 st, total = run_ours(model, prefix, qs, new)
                 ms = st["decode_s"] * 1e3 / max(1, st["steps"] - 1)
                 results.append(record(impl, rows, new, a.prefix, P, ms, floor_ms(model, rows, a.prefix, P, new),
                                       st["prefill_s"], total, capture_s=round(st["capture_s"], 2), batches=st["batches"]))
-            decode.FUSED_PROJ = True
+            decode.FUSED_PROJ, decode.FUSED_PROJ_MAX_ROWS = True, max_rows
     if a.baselines:
         rows, new = a.rows[0], a.baseline_new
         qs = prompts(rows)

@@ -426,7 +426,12 @@ GRAPHS = os.environ.get("IICL_DECODE_GRAPHS", "1") != "0"
 LLAMA_STEP = True       # False: Llama-like decoders also step through transformers' forward
 # _llama_step runs q/k/v and gate/up as one GEMM each where layers.fuse_projections laid their
 # weights out so (Memory does on CUDA); IICL_FUSED_PROJ=0: one GEMM a projection (benchmarks).
+# Measured (H200, 8B shape, 5,000-token prefix, bench_generate.py --unfused, one run each, 40f0310):
+# 64 rows 7.24 -> 6.66 ms a step (the GEMMs stream the weights: fewer, wider ones go faster);
+# 400 rows 17.96 -> 18.43 (compute-bound: nothing to gain, cuBLAS's tiles for the wider N
+# slower): so up to FUSED_PROJ_MAX_ROWS rows only.
 FUSED_PROJ = os.environ.get("IICL_FUSED_PROJ", "1") != "0"
+FUSED_PROJ_MAX_ROWS = 256
 _STATIC: list = [None]  # the active _Static
 
 
@@ -592,7 +597,7 @@ class _Step:
         self.body, self.head = decoder(model), lm_head(model)
         self.st = st
         self.llama = st.kernels and LLAMA_STEP and llama_like(self.body)
-        self.fused = _fused_groups(self.body) if self.llama and FUSED_PROJ else None
+        self.fused = _fused_groups(self.body) if self.llama and FUSED_PROJ and B <= FUSED_PROJ_MAX_ROWS else None
         dev = st.lo.device
         self.tok = torch.zeros(B, dtype=torch.long, device=dev)
         self.pos = torch.zeros(B, dtype=torch.long, device=dev)
