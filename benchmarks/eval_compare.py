@@ -14,7 +14,8 @@ defaults (`small`), and the figures are pooled over every sequence / stream of a
                    chunk's, all 20 chunks at the end, held-out NLL rise, general accuracy;
   and, in files that have them, the same ratios on the answers' log-probability: the gain over
   the base model that is kept (evaluation.answer_logprob / gain_kept) — whether the documents'
-  text is still held, beside whether their questions are still answered.
+  text is still held, beside whether their questions are still answered;
+  and each file's seconds a chunk (its cost; rows that shared a GPU slowed each other).
 
 Each figure has a 90 % interval from a bootstrap over the sequences (streams) — one sequence's
 documents are not independent of each other, so the sequence is the unit — and each setting
@@ -103,6 +104,10 @@ def units(path: str) -> tuple[str, list[dict], list[dict]]:
                                    lp_early_right=sum(right[c] - base[c] for c in ok))
                 if 0 in ok:
                     streams[-1].update(lp_first_end=end[0] - base[0], lp_first_right=right[0] - base[0])
+    sec = r.get("seconds_per_chunk")     # the file's, shared by its units (cost beside quality)
+    if sec is not None:
+        for u in seqs + streams:
+            u["sec"] = float(sec)
     return key, seqs, streams
 
 
@@ -154,11 +159,12 @@ def paired(us: list[dict], ctrl: list[dict], num: str, den: str | None, rounds: 
 SEQ_FIGURES = [("after 3 / alone", "after", "alone"), ("after 3 / right after", "after", "right"),
                ("right after / alone", "right", "alone"),
                # the same on answer log-probability: the gain over the base kept (evaluation.gain_kept)
-               ("logprob after 3 / alone", "lp_after", "lp_alone"), ("logprob after 3 / right after", "lp_after", "lp_right")]
+               ("logprob after 3 / alone", "lp_after", "lp_alone"), ("logprob after 3 / right after", "lp_after", "lp_right"),
+               ("s a chunk", "sec", None)]
 STREAM_FIGURES = [("first 5 kept", "early_end", "early_right"), ("first chunk kept", "first_end", "first_right"),
                   ("all 20 at end", "all_end", None), ("NLL rise", "nll", None), ("general acc.", "general", None),
                   ("logprob first 5 kept", "lp_early_end", "lp_early_right"),
-                  ("logprob first chunk kept", "lp_first_end", "lp_first_right")]
+                  ("logprob first chunk kept", "lp_first_end", "lp_first_right"), ("s a chunk", "sec", None)]
 
 
 def compare(paths: list[str]) -> dict:
@@ -227,7 +233,9 @@ def table(res: dict) -> str:
                 cells.append(c)
             lines.append(f"| {r['setting']} | {r['model']} | {r[kind]['n']} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("Pooled over the units; [90 % bootstrap interval]; Δ: minus `small` on the seeds both ran.")
+    lines.append("Pooled over the units; [90 % bootstrap interval]; Δ: minus `small` on the seeds both ran. "
+                 "s a chunk: each file's seconds_per_chunk, as logged — rows sharing one GPU (eval_sweep.py) "
+                 "slow each other, so compare it only between rows of one call.")
     return "\n".join(lines)
 
 

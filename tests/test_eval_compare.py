@@ -18,10 +18,12 @@ def _spread(vals):
     return {"mean": sum(vals) / len(vals), "std": 0.0, "values": vals}
 
 
-def _result(path, seeds, *, cfg=None, matrices=None, singles=None, streams=None):
+def _result(path, seeds, *, cfg=None, matrices=None, singles=None, streams=None, sec=None):
     """A sequence-suite file as eval_suite.py writes it: matrices [seed][step][doc], singles
     [seed][doc]; streams: [(right_after [20], at_end [20], nll, general)] for the first seeds."""
     r = {"docs": 3, "stream_seeds": len(streams or [])}
+    if sec is not None:
+        r["seconds_per_chunk"] = sec
     if matrices:
         r.update(matrix=matrices, single_doc=singles)
     if streams:
@@ -39,11 +41,11 @@ def _result(path, seeds, *, cfg=None, matrices=None, singles=None, streams=None)
 def test_pooled_figures_and_paired_difference(tmp_path):
     m1 = [[0.5], [0.5, 0.5], [0.25, 0.5, 0.75]]                 # after three: mean 0.5
     m2 = [[1.0], [1.0, 0.5], [0.5, 0.5, 0.5]]                   # right after: (1 + .5 + .5) / 3
-    small = _result(tmp_path / "a.json", [1, 2], matrices=[m1, m2], singles=[[1.0, 0.5, 0.5], [0.5, 0.5, 0.5]])
+    small = _result(tmp_path / "a.json", [1, 2], matrices=[m1, m2], singles=[[1.0, 0.5, 0.5], [0.5, 0.5, 0.5]], sec=10.0)
     cfg = asdict(Config())
     cfg.update(lr_decay_after=2, gen_batch_size=64)               # gen_batch_size is not the setting
     m3 = [[1.0], [1.0, 1.0], [1.0, 1.0, 0.25]]
-    var = _result(tmp_path / "b.json", [2, 3], cfg=cfg, matrices=[m3, m3], singles=[[0.5, 0.5, 0.5]] * 2)
+    var = _result(tmp_path / "b.json", [2, 3], cfg=cfg, matrices=[m3, m3], singles=[[0.5, 0.5, 0.5]] * 2, sec=12.5)
     res = eval_compare.compare([small, var])
     rows = {r["setting"]: r for r in res["settings"]}
     assert set(rows) == {"small (defaults)", "lr_decay_after=2"}
@@ -57,6 +59,10 @@ def test_pooled_figures_and_paired_difference(tmp_path):
     # paired on seed 2 only: variant (0.75 / 0.5) minus small (0.5 / 0.5)
     assert v["vs_small"]["n"] == 1 and abs(v["vs_small"]["diff"] - 0.5) < 1e-12
     assert "vs_small" not in s["after 3 / alone"]
+    # cost beside quality: each file's seconds a chunk, paired like the rest
+    assert s["s a chunk"]["value"] == 10.0
+    assert abs(rows["lr_decay_after=2"]["seqs"]["s a chunk"]["vs_small"]["diff"] - 2.5) < 1e-12
+    assert "s a chunk" in eval_compare.table(res)
 
 
 def test_streams_pool_the_first_five_chunks(tmp_path):
