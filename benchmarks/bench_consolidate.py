@@ -359,7 +359,8 @@ def main():
     p.add_argument("--workload", choices=("8b_paper", "embedded"), required=True)
     p.add_argument("--impl", choices=("iicl_fast", "reference"), default="iicl_fast")
     p.add_argument("--fraction", type=float, default=1.0, help="reference: share of generation batches timed")
-    p.add_argument("--tokenizer", default=None, help="8b_paper: a tokenizer dir (default: the embedded model's)")
+    p.add_argument("--tokenizer", default=os.environ.get("IICL_TOKENIZER"),
+                   help="8b_paper: a tokenizer dir (default: $IICL_TOKENIZER, else the embedded model's)")
     p.add_argument("--model", default=None, help="embedded: the model (default: the embedded GGUF)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", default=str(RESULTS))

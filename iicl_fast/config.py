@@ -150,6 +150,10 @@ class Config:
     # three documents keep 0.80x of their single recall [0.71, 0.91] (H200, NOTES.md,
     # twenty-first session).
     replay_repeats: int = 1
+    # Fill: a buffer holding fewer than replay_sample entries (a memory's first chunks) is cycled
+    # whole to replay_sample entries, the remainder a seeded sample, so that replay's share of a
+    # chunk's training set is the same from the second chunk on. False: as measured.
+    replay_fill: bool = False
     # Anchors: this many general prompts a chunk (iicl_fast/data/anchor_prompts.json, in turn),
     # answered by the base model without the chunk, its own answer distribution the teacher:
     # the student is held where the base was on everything the chunk is not about. Without

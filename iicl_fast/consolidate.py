@@ -292,14 +292,19 @@ def anchor_set(model, fmt: PromptFormat, config: Config, chunk_index: int, base_
 
 def with_replay(kept: list[Entry], teacher: HiddenSet, replay, config: Config | None = None, chunk_index: int = 0):
     """The kept entries followed by the replay buffer's, or (config.replay_sample > 0) by a
-    seeded sample of that many of them, drawn anew each chunk; each replay_repeats times."""
+    seeded sample of that many of them, drawn anew each chunk (replay_fill: a smaller buffer cycled
+    to that many); each replay_repeats times."""
     if not (replay and replay[0]):
         return kept, teacher
     entries, hs = replay
     k = config.replay_sample if config is not None else 0
     idx = list(range(len(entries)))
+    rng = random.Random((config.seed * 1_000_003 + chunk_index) * 7 + 1) if config is not None else None
     if 0 < k < len(entries):
-        idx = sorted(random.Random((config.seed * 1_000_003 + chunk_index) * 7 + 1).sample(idx, k))
+        idx = sorted(rng.sample(idx, k))
+    elif 0 < k and config.replay_fill:
+        # a buffer smaller than k is cycled whole, the remainder a seeded sample: k replayed a chunk
+        idx = idx * (k // len(entries)) + sorted(rng.sample(idx, k % len(entries)))
     idx = idx * (config.replay_repeats if config is not None else 1)
     if idx != list(range(len(entries))):
         entries, hs = [entries[i] for i in idx], subset(hs, idx)

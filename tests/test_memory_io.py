@@ -393,3 +393,30 @@ def test_replay_repeats_weigh_the_earlier_chunks(tiny, monkeypatch):
     assert len({id(e) for e in entries[: rep.kept]}) == rep.kept        # new entries once
     with pytest.raises(iicl_fast.IICLError, match="replay_repeats"):
         iicl_fast.Config(replay_repeats=0)
+
+
+def test_replay_fill_cycles_a_small_buffer(tiny, monkeypatch):
+    """replay_fill: a buffer smaller than replay_sample is replayed whole floor(k/n) times and a
+    seeded sample of the rest, k entries in all; a larger buffer is sampled as without it."""
+    model, tok = tiny
+    trained = []
+    real = consolidate_mod.train
+
+    def spy(model_, fmt, entries, teacher, *a, **k):
+        trained.append(list(entries))
+        return real(model_, fmt, entries, teacher, *a, **k)
+
+    monkeypatch.setattr(consolidate_mod, "train", spy)
+    mem = Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "replay_entries": 64, "replay_sample": 7,
+                                                 "replay_fill": True}))
+    mem.consolidate(DOCS[0])
+    before = list(mem.replay[0])
+    n = len(before)
+    assert 0 < n < 7, n          # the test needs a buffer smaller than the sample
+    rep = mem.consolidate(DOCS[1])
+    drawn = trained[-1][rep.kept: rep.kept + 7]
+    assert rep.replayed == 7
+    counts = [sum(d is b for d in drawn) for b in before]
+    assert sum(counts) == 7 and set(counts) <= {7 // n, 7 // n + 1}      # all of it, evenly
+    from iicl_fast.config import coerce
+    assert coerce("replay_fill", "1") is True and coerce("replay_fill", "off") is False
