@@ -139,6 +139,11 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def check_fsdp(args) -> None:
+    if args.fsdp and not dist.several():
+        raise IICLError("--fsdp needs several processes: run under torchrun --nproc-per-node N (N >= 2)")
+
+
 def cmd_consolidate(args) -> int:
     from . import Memory, load_model
     from .driver import stream
@@ -147,8 +152,7 @@ def cmd_consolidate(args) -> int:
     if args.fsdp and args.separate:
         raise IICLError("--fsdp shards one base over the ranks, --separate gives each rank its own "
                         "documents: use one of them")
-    if args.fsdp and not dist.several():
-        raise IICLError("--fsdp needs several processes: run under torchrun --nproc-per-node N (N >= 2)")
+    check_fsdp(args)
     if args.separate:
         return consolidate_separate(args, texts)
     out = Path(args.out)
@@ -175,11 +179,7 @@ def cmd_consolidate(args) -> int:
         else:
             mem = Memory(model, tok, cfg)
         if args.fsdp:
-            from .generation import decoder
-            layers = decoder(mem.model).layers
-            n = dist.shard_base(layers)
-            log(f"FSDP2: {n} decoder layers sharded over {dist.group_size()} ranks (rank 0 holds "
-                f"{100 * dist.held_share(layers):.1f} % of their weights); every rank does the whole chunk")
+            log(mem.shard_base())
         log_config(mem.config, model)
         done = skipped = 0
         for rep in stream(mem, texts, checkpoint_dir=out, log=log):
@@ -310,12 +310,14 @@ def cmd_stress(args) -> int:
     from .stress import essays, run_stress
     if args.facts < 1 or args.tokens < 1000:
         raise IICLError(f"--facts must be >= 1 and --tokens >= 1000; got {args.facts}, {args.tokens}")
+    check_fsdp(args)
     essays()                                             # the haystack is there before the model loads
     cfg = build_config(args, **({"chunk_tokens": args.chunk_tokens} if args.chunk_tokens else {}))
     model, tok = load_model(args.model, **model_kw(args))
     log_config(cfg, model)
     res = run_stress(model, tok, cfg, args.out, tokens=args.tokens, facts=args.facts, seed=args.seed,
-                     max_chunks=args.max_chunks, max_minutes=args.max_minutes, full_context=not args.no_full_context)
+                     max_chunks=args.max_chunks, max_minutes=args.max_minutes, full_context=not args.no_full_context,
+                     fsdp=args.fsdp)
     if dist.is_main():
         print(json.dumps({k: v for k, v in res.items() if k != "memory_chunk_positions"}), flush=True)
     return 0
@@ -452,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-chunks", type=int, default=None, metavar="N", help="stop (resumable) after N chunks this run")
     t.add_argument("--max-minutes", type=float, default=None, metavar="M", help="stop (resumable) after M minutes this run")
     t.add_argument("--no-full-context", action="store_true", help="skip asking each fact with its own chunk in view")
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the base's layers over the ranks (FSDP2), as consolidate --fsdp")
     add_model_args(t)
     t.set_defaults(func=cmd_stress)
     return p

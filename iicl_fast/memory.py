@@ -258,6 +258,16 @@ class Memory:
         for p in self.params:
             p.requires_grad_(True)
 
+    def shard_base(self) -> str:
+        """FSDP2 over the base's decoder layers (dist.shard_base; under torchrun, several ranks),
+        the adapter whole on every rank; from here every rank does the whole of every chunk.
+        -> a line for the log."""
+        from .generation import decoder
+        layers = decoder(self.model).layers
+        n = dist.shard_base(layers)
+        return (f"FSDP2: {n} decoder layers sharded over {dist.group_size()} ranks (rank 0 holds "
+                f"{100 * dist.held_share(layers):.1f} % of their weights); every rank does the whole chunk")
+
     # -- identity of the base model -------------------------------------------------------
     @property
     def base(self):

@@ -143,12 +143,14 @@ def _by_decile(facts: list[dict], ok: list[bool]) -> list[float | None]:
 
 def run_stress(model, tok, cfg: Config, out, *, tokens: int = 2_000_000, facts: int = 100, seed: int = 0,
                chunk_tokens: int | None = None, max_chunks: int | None = None, max_minutes: float | None = None,
-               full_context: bool = True, log=print) -> dict:
+               full_context: bool = True, fsdp: bool = False, log=print) -> dict:
     """Build (or resume) the stream in `out`, consolidate it chunk by chunk with a checkpoint
     after each, and once every chunk is in, ask every fact without the text: recall by
     position decile, against the base model without the memory and with the fact's own chunk
     in the window (full_context). Stops early, resumable, after max_chunks chunks or
-    max_minutes of this run. -> the results dict ({"complete": False, ...} when stopped early)."""
+    max_minutes of this run. fsdp: the base's layers sharded over the ranks (Memory.shard_base)
+    once the memory is made or loaded. -> the results dict ({"complete": False, ...} when
+    stopped early)."""
     from .driver import split_chunks, stream
     if not dist.is_main():                     # several ranks: rank 0 speaks
         log = lambda *a, **k: None  # noqa: E731
@@ -192,6 +194,8 @@ def run_stress(model, tok, cfg: Config, out, *, tokens: int = 2_000_000, facts: 
 
     mem_dir = out / "memory"
     mem = Memory.load(mem_dir, model, tok) if (mem_dir / MANIFEST).is_file() else Memory(model, tok, cfg)
+    if fsdp:
+        log(mem.shard_base())
     t_run, done_now = time.perf_counter(), 0
 
     def on_chunk(j: int) -> None:

@@ -306,6 +306,37 @@ def test_stress_under_two_ranks_writes_each_record_once(tiny_dir, tmp_path):
     assert json.loads((out / "runs.json").read_text()) == {"runs": 1, "killed_mid_chunk": 0}
 
 
+def test_stress_under_fsdp_makes_the_run_of_one_rank(tiny_dir, tmp_path):
+    """stress --fsdp: the base's layers sharded over 2 gloo ranks, both doing every chunk and every
+    question in lockstep. The memory equals one process's (to float-sum order: 1e-6) and so do
+    the recall figures; rank 0 alone writes the run's files."""
+    from test_stress import SETTINGS
+    res = {}
+    for name, head in (("one", [sys.executable]),
+                       ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"])):
+        argv = head + ["-m", "iicl_fast", "stress", "--model", str(tiny_dir), "--device", "cpu", "--tokens", "4000",
+                       "--facts", "2", "--chunk-tokens", "2048", "--out", str(tmp_path / name)] + \
+            [x for s in SETTINGS for x in ("--set", s)] + (["--fsdp"] if name == "two" else [])
+        with one_torchrun_at_a_time():
+            p = subprocess.run(argv, capture_output=True, text=True, env=env(), timeout=600)
+        assert p.returncode == 0, p.stderr[-2000:]
+        if name == "two":
+            assert "FSDP2: 2 decoder layers sharded over 2 ranks (rank 0 holds 50.0 %" in p.stdout, p.stdout[-2000:]
+        res[name] = json.loads((tmp_path / name / "results.json").read_text())
+        recs = [json.loads(x) for x in (tmp_path / name / "chunks.jsonl").read_text().splitlines()]
+        assert sorted(r["index"] for r in recs if r["event"] == "end") == list(range(res[name]["chunks"]))
+    one, two = res["one"], res["two"]
+    assert one["complete"] and two["complete"] and one["chunks"] == two["chunks"] >= 2
+    for k in ("recall", "baseline", "recall_by_decile", "baseline_by_decile", "full_context_by_decile",
+              "memory_chunk_positions"):
+        assert one[k] == two[k], k
+    assert_same_adapter(adapter(tmp_path / "one" / "memory"), adapter(tmp_path / "two" / "memory"), 1e-6)
+    p = subprocess.run([sys.executable, "-m", "iicl_fast", "stress", "--model", str(tiny_dir), "--device", "cpu",
+                        "--out", str(tmp_path / "three"), "--fsdp"], capture_output=True, text=True, env=env())
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("iicl-fast: error: --fsdp needs several")
+    assert not (tmp_path / "three").exists()
+
+
 def _teacher_rows(rank: int, init: str, out: str, model_dir: str):
     from iicl_fast.consolidate import sharded_hidden
     from iicl_fast.elicit import source_entries
