@@ -2,7 +2,8 @@
 after a 5,000-token prefix, at 64 and 400 rows mid-generation (340 own slots of 600).
 
     python benchmarks/tune_decode_attention.py [--sweep]
-Prints ms per layer of cascade_decode in one launch and in two; --sweep: per setting, best first."""
+Prints ms per layer of cascade_decode in one launch and in two, and with the prefix part through
+PyTorch's flash op (decode._flash_prefix); --sweep: per setting, best first."""
 import itertools
 import json
 import sys
@@ -48,11 +49,17 @@ def main():
             pa.SUFFIX_CFG = dict(block_n=bn, num_warps=nw, num_stages=ns)
             srows.append((ms(lambda: pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5)), dict(pa.SUFFIX_CFG)))
         srows.sort(key=lambda r: r[0])
-        one = ms(lambda: pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5))
-        pa.ONE_LAUNCH = False
-        two = ms(lambda: pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5))
         pa.ONE_LAUNCH = True
-        r = {"rows": B, "one_launch_ms": one, "two_launches_ms": two, "prefix_best": rows[:4], "prefix_worst": rows[-1:], "suffix_best": srows[:4], "suffix_worst": srows[-1:]}
+        one = ms(lambda: pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5))
+        pa.ONE_LAUNCH = False                   # the default, for what follows too
+        two = ms(lambda: pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5))
+        from iicl_fast.decode import _flash_prefix
+        flash = ms(lambda: pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5, prefix=_flash_prefix))
+        ref = pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5).float()
+        flash_diff = (pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5, prefix=_flash_prefix).float()
+                      - ref).abs().max().item()
+        r = {"rows": B, "one_launch_ms": one, "two_launches_ms": two, "flash_prefix_ms": flash,
+             "flash_prefix_max_abs_diff": flash_diff, "prefix_best": rows[:4], "prefix_worst": rows[-1:], "suffix_best": srows[:4], "suffix_worst": srows[-1:]}
         print(json.dumps(r), flush=True)
         out.append(r)
         pa.PREFIX_CFG = pa.SUFFIX_CFG = None

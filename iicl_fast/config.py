@@ -144,15 +144,17 @@ class Config:
     # Each replayed entry appears this many times in the chunk's training set (its share of
     # every epoch's gradient). For three documents in sequence the buffer (~35 entries a
     # document) is replayed whole already, so more draws cannot weigh the earlier documents
-    # more; this can. 1: as measured. For the next sweep: over the 20-chunk stream, drawing
-    # 96 rather than 48 kept 0.25 more of the first five chunks' recall (8 streams, 90 %
-    # interval of the paired difference [0.12, 0.38], benchmarks/eval_compare.py), while
-    # three documents keep 0.80x of their single recall [0.71, 0.91] (H200, NOTES.md,
-    # twenty-first session).
+    # more; this can. 2 on three documents: 0.943x of single recall after 3 [0.85, 1.07], paired
+    # +0.146 [+0.05, +0.26] over the defaults' 0.798 (10 sequences); on 20-chunk streams it drifts:
+    # held-out NLL +2.1 % (bound 2 %), first five chunks kept 0.68 vs 0.86, general questions
+    # 0.60 vs 0.71 (5 unseen streams; H200, NOTES.md, 22nd-23rd sessions). 1: the default.
     replay_repeats: int = 1
     # Fill: a buffer holding fewer than replay_sample entries (a memory's first chunks) is cycled
     # whole to replay_sample entries, the remainder a seeded sample, so that replay's share of a
-    # chunk's training set is the same from the second chunk on. False: as measured.
+    # chunk's training set is the same from the second chunk on. Measured: three documents
+    # 0.865x [0.79, 0.95] (+0.067 [-0.02, +0.14] paired, 10 sequences); streams' first five kept
+    # +0.07 [+0.01, +0.14] but first chunk and general questions lower (4 streams; H200,
+    # NOTES.md, 23rd session). False: the default.
     replay_fill: bool = False
     # Anchors: this many general prompts a chunk (iicl_fast/data/anchor_prompts.json, in turn),
     # answered by the base model without the chunk, its own answer distribution the teacher:

@@ -432,7 +432,20 @@ LLAMA_STEP = True       # False: Llama-like decoders also step through transform
 # slower): so up to FUSED_PROJ_MAX_ROWS rows only.
 FUSED_PROJ = os.environ.get("IICL_FUSED_PROJ", "1") != "0"
 FUSED_PROJ_MAX_ROWS = 256
+# The decoding step's prefix part through PyTorch's flash op (_flash_prefix; cuDNN where
+# IICL_CUDNN_PREFIX=1) instead of the Triton prefix kernel, from FLASH_PREFIX_MIN_M query vectors
+# a KV head (rows × group) on: at 400 rows the Triton tiles run at ~260 TFLOP/s (3.96 of 20.1 ms a step,
+# eighth session); below ~1,024 the flash op has too few query blocks to fill the GPU (it does not
+# split the prefix). Off (IICL_DECODE_FLASH_PREFIX=1: on) until measured on the GPU.
+FLASH_PREFIX = os.environ.get("IICL_DECODE_FLASH_PREFIX", "0") == "1"
+FLASH_PREFIX_MIN_M = 1024
 _STATIC: list = [None]  # the active _Static
+
+
+def _decode_prefix(query_vectors: int):
+    """cascade_decode's prefix= for a step of query_vectors a KV head (rows × group): the flash op
+    (FLASH_PREFIX, from FLASH_PREFIX_MIN_M on), else None (the Triton prefix kernel)."""
+    return _flash_prefix if FLASH_PREFIX and query_vectors >= FLASH_PREFIX_MIN_M else None
 
 
 class _Static:
@@ -464,7 +477,8 @@ def static_attention(module, query, key, value, attention_mask, scaling=None, dr
     if q == 1 and st.kernels:
         from .kernels.prefix_attention import cascade_decode
         pk, pv = prefix if prefix is not None else (None, None)
-        return cascade_decode(query[:, :, 0], pk, pv, ks, vs, st.lo, st.cur, scale)[:, None], None
+        return cascade_decode(query[:, :, 0], pk, pv, ks, vs, st.lo, st.cur, scale,
+                              prefix=_decode_prefix(B * H // ks.shape[1]))[:, None], None
     T = st.n + q                                        # eager: the host knows cur
     j = st.offsets[:T]
     own = st.n + st.offsets[:q]
@@ -568,6 +582,7 @@ def _llama_step(body, st: _Static, tok, pos, fused=None):
     from .kernels.rotary import rope_write
     from .kernels.swiglu import swiglu_packed
     B = tok.shape[0]
+    prefix_fn = _decode_prefix(B * body.config.num_attention_heads // body.config.num_key_value_heads)
     h = body.embed_tokens(tok)
     cos, sin = body.rotary_emb(h[:, None], pos[:, None])
     cos, sin = cos[:, 0], sin[:, 0]
@@ -580,7 +595,7 @@ def _llama_step(body, st: _Static, tok, pos, fused=None):
         else:
             q = rope_write(*qkv(x).split(qkv.sizes, dim=-1), cos, sin, st.ks[i], st.vs[i], st.cur)
         pk, pv = st.prefix[i] if st.prefix is not None else (None, None)
-        o = cascade_decode(q, pk, pv, st.ks[i], st.vs[i], st.lo, st.cur, a.scaling)
+        o = cascade_decode(q, pk, pv, st.ks[i], st.vs[i], st.lo, st.cur, a.scaling, prefix=prefix_fn)
         h = h + a.o_proj(o.view(B, -1))
         x = layer.post_attention_layernorm(h)
         h = h + (layer.mlp(x) if gate_up is None else layer.mlp.down_proj(swiglu_packed(gate_up(x))))

@@ -418,6 +418,51 @@ def test_static_decoder_graph_equals_eager_on_cuda(smol_tokenizer, dtype, monkey
         assert graph == generate(model, qs, static=False, cascade=False, **kw)
 
 
+def test_flash_prefix_in_the_decoding_step(smol_tokenizer, monkeypatch):
+    """decode.FLASH_PREFIX: cascade_decode's prefix part through the flash op, at odd shapes
+    (7 rows, group 4, a 997-token prefix) against float64 — no worse than twice the plain bf16
+    error — inside a captured graph as eager; and the static decoder's greedy tokens with it,
+    captured and eager, equal."""
+    import iicl_fast.decode as D
+    from iicl_fast.kernels.prefix_attention import cascade_decode
+    from iicl_fast.kernels.reference_prefix_attention import cascade_decode_ref
+    torch.manual_seed(0)
+    B, Hq, Hkv, K, S, d = 7, 32, 8, 997, 41, 128
+    q = torch.randn(B, Hq, d, device="cuda", dtype=torch.bfloat16)
+    pk, pv = (torch.randn(Hkv, K, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ks, vs = (torch.randn(B, Hkv, S, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cur = torch.tensor([S - 3], dtype=torch.int32, device="cuda")
+    lo = torch.randint(0, S - 2, (B,), device="cuda").to(torch.int32)
+    call = lambda: cascade_decode(q, pk, pv, ks, vs, lo, cur, d ** -0.5, prefix=D._flash_prefix)   # noqa: E731
+    o = call()
+    o64 = cascade_decode_ref(q.cpu(), pk.cpu(), pv.cpu(), ks.cpu(), vs.cpu(), lo.cpu(), cur.cpu(), d ** -0.5)
+    ot = cascade_decode_ref(q.cpu(), pk.cpu(), pv.cpu(), ks.cpu(), vs.cpu(), lo.cpu(), cur.cpu(), d ** -0.5,
+                            dtype=torch.bfloat16)
+    err, err_t = (o.cpu().double() - o64).abs().max().item(), (ot.double() - o64).abs().max().item()
+    assert err <= max(2 * err_t, 1e-3), (err, err_t)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, o)
+    monkeypatch.setattr(D, "FLASH_PREFIX", True)
+    monkeypatch.setattr(D, "FLASH_PREFIX_MIN_M", 1)
+    model = _scaled_tiny(smol_tokenizer, torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(3, 40000, (301,), generator=g).tolist()
+    qs = [torch.randint(3, 40000, (n,), generator=g).tolist() for n in (5, 17, 1, 9, 30, 2)]
+    kw = dict(max_new_tokens=24, pad_id=0, sample=False, prefix=prefix, batch_size=6, stop_ids=[10 ** 6])
+    graphed = generate(model, qs, static=True, **kw)
+    monkeypatch.setattr(D, "GRAPHS", False)
+    assert graphed == generate(model, qs, static=True, **kw)
+
+
 def test_fused_projections_on_cuda(smol_tokenizer, monkeypatch):
     """A Memory on CUDA lays q/k/v and gate/up out for one GEMM each (layers.fuse_projections):
     fp32, the decoder's greedy tokens with the fused GEMMs equal the per-projection ones and

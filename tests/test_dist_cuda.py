@@ -72,3 +72,27 @@ def test_fsdp_on_cuda_makes_the_memory_of_one(tiny_dir, tmp_path, backend, monke
         errs.append(err)
     assert "FSDP2: 2 decoder layers sharded over 2 ranks (rank 0 holds 50.0 %" in errs[1], errs[1][-2000:]
     assert_same_adapter(adapter(tmp_path / "one"), adapter(tmp_path / "two"), 1e-3)
+
+
+def test_stress_fsdp_on_cuda_runs_to_its_results(tiny_dir, tmp_path, monkeypatch):
+    """stress --fsdp on CUDA (two gloo ranks on the one GPU, bf16): the run ends with its results,
+    one record a chunk written once (rank 0), the layers sharded. One process takes the fast
+    paths (static decoder, packing) that stand aside under FSDP, so its sampled transfer sets
+    differ: the memories are compared on the CPU (test_dist)."""
+    import subprocess
+    import sys
+    from test_dist import env, one_torchrun_at_a_time
+    from test_stress import SETTINGS
+    monkeypatch.setenv("IICL_DIST_BACKEND", "gloo")
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "iicl_fast",
+            "stress", "--model", str(tiny_dir), "--device", "cuda", "--tokens", "4000", "--facts", "2",
+            "--chunk-tokens", "2048", "--out", str(out), "--fsdp"] + [x for s in SETTINGS for x in ("--set", s)]
+    with one_torchrun_at_a_time():
+        p = subprocess.run(argv, capture_output=True, text=True, env=env(), timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "FSDP2: 2 decoder layers sharded over 2 ranks (rank 0 holds 50.0 %" in p.stdout, p.stdout[-2000:]
+    res = json.loads((out / "results.json").read_text())
+    recs = [json.loads(x) for x in (out / "chunks.jsonl").read_text().splitlines()]
+    assert res["complete"] and res["device"] != "cpu" and res["chunks"] >= 2
+    assert sorted(r["index"] for r in recs if r["event"] == "end") == list(range(res["chunks"]))

@@ -113,6 +113,49 @@ def test_cascade_decode_matches_float64(B, Hq, Hkv, K, S, d, split_len, suffix_s
     assert err <= max(2 * err_t, floor), (err, err_t)
 
 
+def _plain_prefix(strided: bool):
+    """A prefix= for cascade_decode by other means than the kernel: the plain softmax of
+    decode.attend_prefix; strided: its o handed over as a view whose query-vector stride is not
+    d and in the inputs' dtype (as a fused attention op may return it). In fp32 (the plain bf16
+    path rounds the scores to bf16: what is tested here is the stacking and the merge)."""
+    from iicl_fast.decode import attend_prefix
+
+    def fn(q, pk, pv, scale):
+        o, lse = attend_prefix(q.float(), pk.float(), pv.float(), scale, flash=False)
+        if strided:
+            o = o.to(q.dtype).transpose(0, 1).contiguous().transpose(0, 1)     # [Hkv, M, d], m stride Hkv·d
+        return o, lse
+    return fn
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,Hq,Hkv,K,S,d,split_len,suffix_split", [c for c in DECODE_CASES if c[3]])
+def test_cascade_decode_takes_the_prefix_part_from_a_function(B, Hq, Hkv, K, S, d, split_len, suffix_split,
+                                                             dtype, strided):
+    """prefix=fn (decode's flash op on CUDA): the rows × group stacked per KV head in the
+    kernel's order, fn's (o, lse) merged with the suffix partials — against float64 as the
+    kernel is; fn -> None: the kernel's own result."""
+    g = torch.Generator().manual_seed(B * 100 + S + 1)
+    q = torch.randn(B, Hq, d, generator=g).to(dtype)
+    pk, pv = (torch.randn(Hkv, K, d, generator=g).to(dtype) for _ in range(2))
+    ks, vs = (torch.randn(B, Hkv, S, d, generator=g).to(dtype) for _ in range(2))
+    cur = torch.tensor([max(0, S - 3)], dtype=torch.int32)
+    lo = torch.randint(0, int(cur) + 1, (B,), generator=g).to(torch.int32)
+    scale = d ** -0.5
+    o = cascade_decode(q, pk, pv, ks, vs, lo, cur, scale, suffix_split=suffix_split, prefix=_plain_prefix(strided))
+    assert o.shape == (B, Hq, d) and o.dtype == dtype and torch.isfinite(o).all()
+    o64 = cascade_decode_ref(q, pk, pv, ks, vs, lo, cur, scale)
+    ot = cascade_decode_ref(q, pk, pv, ks, vs, lo, cur, scale, dtype=dtype)
+    err, err_t = (o.double() - o64).abs().max().item(), (ot.double() - o64).abs().max().item()
+    floor = 1e-5 if dtype == torch.float32 else 1e-3
+    assert err <= max(2 * err_t, floor), (err, err_t)
+    kernel = cascade_decode(q, pk, pv, ks, vs, lo, cur, scale, suffix_split=suffix_split, split_len=split_len)
+    none = cascade_decode(q, pk, pv, ks, vs, lo, cur, scale, suffix_split=suffix_split, split_len=split_len,
+                          prefix=lambda *a: None)
+    assert torch.equal(kernel, none)
+
+
 def test_cascade_decode_sees_exactly_lo_to_cur():
     """Moving cur by one slot or a row's lo by one changes that row's output (and only it)."""
     g = torch.Generator().manual_seed(7)

@@ -213,7 +213,7 @@ def _both_kernel(q_ptr, pk_ptr, pv_ptr, op_ptr, lp_ptr, M, K, D, GN, split_len, 
 
 @triton.jit
 def _merge_kernel(op_ptr, lp_ptr, os_ptr, ls_ptr, out_ptr, D, SP, SS,
-                  stride_oph, stride_ops, stride_lph, stride_lps,
+                  stride_oph, stride_ops, stride_opm, stride_lph, stride_lps,
                   stride_osb, stride_osh, stride_oss, stride_lsb, stride_lsh, stride_outb,
                   HKV: tl.constexpr, G: tl.constexpr, BLOCK_D: tl.constexpr):
     """One (row b, query head hq): the SP prefix partials and SS suffix partials merged by
@@ -235,7 +235,7 @@ def _merge_kernel(op_ptr, lp_ptr, os_ptr, ls_ptr, out_ptr, D, SP, SS,
     acc = tl.zeros((BLOCK_D,), tl.float32)
     for s in range(0, SP):
         w = tl.exp(tl.load(lp_ptr + h * stride_lph + s * stride_lps + m) - big)
-        o = tl.load(op_ptr + h * stride_oph + s * stride_ops + m * D + rd, mask=dmask, other=0.0)
+        o = tl.load(op_ptr + h * stride_oph + s * stride_ops + m * stride_opm + rd, mask=dmask, other=0.0).to(tl.float32)
         acc += w * o
         den += w
     for s in range(0, SS):
@@ -314,11 +314,14 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 def cascade_decode(q: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | None, ks: torch.Tensor,
                    vs: torch.Tensor, lo: torch.Tensor, cur: torch.Tensor, scale: float, *,
                    split_len: int | None = None, suffix_split: int | None = None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
+                   out: torch.Tensor | None = None, prefix=None) -> torch.Tensor:
     """One decoding step's attention: q [B, Hq, d] (one new position a row) against the shared
     prefix pk/pv [Hkv, K, d] (None: no prefix) and the rows' own caches ks/vs [B, Hkv, S, d],
     of which row b sees slots lo[b] .. cur[0] (lo int32 [B], cur int32 [1], both on q's
-    device) -> o [B, Hq, d] in q's dtype (written into `out` if given)."""
+    device) -> o [B, Hq, d] in q's dtype (written into `out` if given). prefix: None (the Triton
+    prefix kernel) or a function (q [Hkv, M, d] with M = B·g, query vector m = b·g + j of KV head
+    h being q[b, h·g + j]; pk; pv; scale) -> (o [Hkv, M, d], lse [Hkv, M, 1]) or None (then the
+    kernel): the prefix part by other means (decode passes PyTorch's fused attention)."""
     if ks.dim() != 4 or vs.shape != ks.shape or q.dim() != 3 or ks.shape[0] != q.shape[0]:
         raise ValueError(f"cascade_decode: q must be [B, Hq, d] and ks, vs [B, Hkv, S, d]; got q {tuple(q.shape)}, "
                          f"ks {tuple(ks.shape)}, vs {tuple(vs.shape)}")
@@ -353,6 +356,12 @@ def cascade_decode(q: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | 
     else:
         pk, pv = pk.contiguous(), pv.contiguous()
         M, K = B * g, pk.shape[1]
+    part = None
+    if pk is not None and prefix is not None:     # the caller's prefix part: q stacked m = b·g + j a KV head
+        part = prefix(q.view(B, Hkv, g, d).transpose(0, 1).reshape(Hkv, B * g, d), pk, pv, scale)
+    if part is not None:
+        o_p, l_p = part[0].unsqueeze(1), part[1].reshape(Hkv, 1, B * g)
+    elif pk is not None:
         c = _prefix_cfg(M)
         block_m, row_blocks, psl, SP = _prefix_grid(M, K, Hkv, c["block_m"], split_len)
         o_p = _buffer((Hkv, SP, M, d), q.device)
@@ -381,7 +390,7 @@ def cascade_decode(q: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | 
         out = _buffer((B, Hq, d), q.device, q.dtype)
     _merge_kernel[(B, Hq)](
         o_p, l_p, o_s, l_s, out, d, o_p.shape[1], SS,
-        o_p.stride(0), o_p.stride(1), l_p.stride(0), l_p.stride(1),
+        o_p.stride(0), o_p.stride(1), o_p.stride(2), l_p.stride(0), l_p.stride(1),
         o_s.stride(0), o_s.stride(1), o_s.stride(2), l_s.stride(0), l_s.stride(1), out.stride(0),
         HKV=Hkv, G=g, BLOCK_D=bd)
     return out
