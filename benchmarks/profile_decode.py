@@ -26,7 +26,7 @@ from iicl_fast.generation import decoder  # noqa: E402
 from iicl_fast.kernels.sampling import sample_top_p  # noqa: E402
 
 FAMILIES = (("gemm", ("gemm", "nvjet", "cutlass", "sm90", "cublas")), ("prefix attention", ("_prefix_kernel",)),
-            ("suffix attention", ("_suffix_kernel",)), ("merge", ("_merge_kernel",)), ("attention, one launch", ("_both_kernel",)), ("rope + cache write", ("rope_write",)), ("rmsnorm", ("rmsnorm",)),
+            ("suffix attention", ("_suffix_kernel",)), ("suffix attention + merge", ("_suffix_merge_kernel",)), ("merge", ("_merge_kernel",)), ("attention, one launch", ("_both_kernel",)), ("rope + cache write", ("rope_write",)), ("rmsnorm", ("rmsnorm",)),
             ("silu·up", ("swiglu",)), ("cache write", ("index_copy", "indexcopy", "index_put")))
 
 

@@ -1,9 +1,15 @@
 """Sweep the decode-attention kernels' launch settings on the 8B heads (32 query, 8 KV, d 128)
-after a 5,000-token prefix, at 64 and 400 rows mid-generation (340 own slots of 600).
+after a 5,000-token prefix, at 64, 200 and 400 rows mid-generation (124 own slots of 188:
+prompts of 60, 128 new tokens, half decoded — bench_generate.py's shape).
 
-    python benchmarks/tune_decode_attention.py [--sweep]
-Prints ms per layer of cascade_decode in one launch and in two, and with the prefix part through
-PyTorch's flash op (decode._flash_prefix); --sweep: per setting, best first."""
+    python benchmarks/tune_decode_attention.py [--sweep] [--out FILE]
+
+Times are GPU time a layer: 32 calls (one per layer of the 8B shape) captured in one CUDA graph,
+replayed, divided by 32 — eager timing of ~20 µs kernels measures Python's launches instead.
+Prints cascade_decode with the merge done by the suffix programs (the default), with the merge
+kernel after two launches, in one launch, and with the prefix part through PyTorch's flash op;
+--sweep: the prefix and the suffix settings, best first."""
+import argparse
 import itertools
 import json
 import sys
@@ -12,57 +18,102 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from iicl_fast.kernels import prefix_attention as pa  # noqa: E402
-from profile_decode import events  # noqa: E402
+
+LAYERS = 32
 
 
-def ms(fn):
-    return events(fn, 30)
+def graphed_ms(fn, replays=10):
+    """GPU ms of one fn() call: LAYERS calls captured as one graph, replayed."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(LAYERS):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(replays):
+        g.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / replays / LAYERS
+
+
+def modes(step):
+    """-> {mode: ms a layer} for the launch paths of one shape."""
+    from iicl_fast.decode import _flash_prefix
+    out = {}
+    for name, one, merge, prefix in (("merge_in_suffix", False, True, None), ("merge_kernel", False, False, None),
+                                     ("one_launch", True, False, None), ("flash_prefix", False, True, _flash_prefix)):
+        pa.ONE_LAUNCH, pa.MERGE_IN_SUFFIX = one, merge
+        out[name] = graphed_ms(lambda: step(prefix))
+    pa.ONE_LAUNCH, pa.MERGE_IN_SUFFIX = False, True
+    return out
+
+
+def sweep(step, B):
+    """The prefix part's and the suffix part's settings, each with the other at its default."""
+    rows = []
+    for bm, bn, nw, ns in itertools.product((64, 128, 256), (32, 64, 128), (4, 8), (2, 3)):
+        if (bm * bn >= 128 * 128 or bm == 256) and nw == 4:
+            continue
+        pa.PREFIX_CFG = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
+        try:
+            rows.append((round(graphed_ms(lambda: step(None)), 4), dict(pa.PREFIX_CFG)))
+        except Exception as e:   # noqa: BLE001 (out of shared memory and the like: skip the setting)
+            print("skip", pa.PREFIX_CFG, str(e).splitlines()[0][:80], file=sys.stderr)
+    pa.PREFIX_CFG = None
+    srows = []
+    for bn, nw, ns in itertools.product((16, 32, 64, 128), (2, 4, 8), (2, 3)):
+        pa.SUFFIX_CFG = dict(block_n=bn, num_warps=nw, num_stages=ns)
+        try:
+            srows.append((round(graphed_ms(lambda: step(None)), 4), dict(pa.SUFFIX_CFG)))
+        except Exception as e:   # noqa: BLE001
+            print("skip", pa.SUFFIX_CFG, str(e).splitlines()[0][:80], file=sys.stderr)
+    pa.SUFFIX_CFG = None
+    rows.sort(key=lambda r: r[0])
+    srows.sort(key=lambda r: r[0])
+    return {"prefix_default": pa._prefix_cfg(B * 4), "prefix_best": rows[:4], "prefix_worst": rows[-1:],
+            "suffix_default": pa._suffix_cfg(B * 8), "suffix_best": srows[:4], "suffix_worst": srows[-1:]}
 
 
 def main():
-    sweep = "--sweep" in sys.argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--rows", type=int, nargs="+", default=[64, 200, 400])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
     out = []
-    for B in (64, 400):
+    for B in args.rows:
         q = torch.randn(B, 32, 128, device="cuda").bfloat16()
         pk, pv = (torch.randn(8, 5000, 128, device="cuda").bfloat16() for _ in range(2))
-        ks, vs = (torch.randn(B, 8, 600, 128, device="cuda").bfloat16() for _ in range(2))
-        lo = torch.zeros(B, dtype=torch.int32, device="cuda")
-        cur = torch.tensor([339], dtype=torch.int32, device="cuda")
-        rows = []
-        pa.ONE_LAUNCH = False
-        for bm, bn, nw, ns in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)) if sweep else []:
-            if bm == 128 and bn == 128 and nw == 4:
-                continue
-            pa.PREFIX_CFG = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
-            try:
-                t = ms(lambda: pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5))
-            except Exception as e:   # noqa: BLE001 (out of shared memory and the like: skip the setting)
-                print("skip", bm, bn, nw, ns, str(e).splitlines()[0][:80])
-                continue
-            rows.append((t, dict(pa.PREFIX_CFG)))
-        rows.sort(key=lambda r: r[0])
-        pa.PREFIX_CFG = rows[0][1] if rows else None
-        srows = []
-        for bn, nw, ns in itertools.product((32, 64), (2, 4, 8), (2, 3)) if sweep else []:
-            pa.SUFFIX_CFG = dict(block_n=bn, num_warps=nw, num_stages=ns)
-            srows.append((ms(lambda: pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5)), dict(pa.SUFFIX_CFG)))
-        srows.sort(key=lambda r: r[0])
-        pa.ONE_LAUNCH = True
-        one = ms(lambda: pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5))
-        pa.ONE_LAUNCH = False                   # the default, for what follows too
-        two = ms(lambda: pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5))
-        from iicl_fast.decode import _flash_prefix
-        flash = ms(lambda: pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5, prefix=_flash_prefix))
-        ref = pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5).float()
-        flash_diff = (pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5, prefix=_flash_prefix).float()
-                      - ref).abs().max().item()
-        r = {"rows": B, "one_launch_ms": one, "two_launches_ms": two, "flash_prefix_ms": flash,
-             "flash_prefix_max_abs_diff": flash_diff, "prefix_best": rows[:4], "prefix_worst": rows[-1:], "suffix_best": srows[:4], "suffix_worst": srows[-1:]}
+        ks, vs = (torch.randn(B, 8, 188, 128, device="cuda").bfloat16() for _ in range(2))
+        lo = torch.randint(0, 40, (B,), dtype=torch.int32, device="cuda")
+        cur = torch.tensor([124], dtype=torch.int32, device="cuda")
+        o = torch.empty_like(q)
+
+        def step(prefix):
+            return pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5, out=o, prefix=prefix)
+
+        ref = step(None).float()
+        pa.MERGE_IN_SUFFIX = False
+        diff = (step(None).float() - ref).abs().max().item()
+        pa.MERGE_IN_SUFFIX = True
+        r = {"rows": B, "ms_a_layer": modes(step), "merge_in_suffix_vs_kernel_max_abs_diff": diff}
+        if args.sweep:
+            r.update(sweep(step, B))
         print(json.dumps(r), flush=True)
         out.append(r)
-        pa.PREFIX_CFG = pa.SUFFIX_CFG = None
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                              "results": out}, indent=1))
 
 
 if __name__ == "__main__":

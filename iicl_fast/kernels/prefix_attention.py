@@ -43,6 +43,11 @@ PREFIX_CFG: dict | None = None
 # 400 rows, two launches 0.199 / 0.271: the overlap did not pay, two launches stay the default.
 ONE_LAUNCH = False
 SUFFIX_CFG: dict | None = None
+# The merge done by the suffix programs (_suffix_merge_kernel) where the suffix is one split (the
+# decoding step's caches are a few hundred slots: always): one launch and one round trip of the
+# suffix partials fewer a layer. The merge kernel was 0.27 / 0.30 ms of a 7.5 / 20.1 ms step at
+# 64 / 400 rows (eighth session's profile). IICL_DECODE_MERGE_IN_SUFFIX=0: the merge kernel.
+MERGE_IN_SUFFIX = os.environ.get("IICL_DECODE_MERGE_IN_SUFFIX", "1") != "0"
 
 
 def _prefix_cfg(M: int) -> dict:
@@ -137,14 +142,13 @@ def _prefix_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, M, K, D, GN, NQ, split_l
 
 
 @triton.jit
-def _suffix_tile(b, h, sp, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lo_ptr, cur_ptr, D, split_len, scale,
+def _suffix_part(b, h, sp, q_ptr, k_ptr, v_ptr, lo_ptr, cur_ptr, D, split_len, scale,
                  stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
-                 stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
                  G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """One (row b, KV head h, split sp): the row's G query heads against its own cached keys
-    in slots max(lo[b], split start) .. min(cur + 1, split end) -> partial o [G, D], lse [G]
-    (o 0 and lse -inf where the range is empty)."""
+    in slots max(lo[b], split start) .. min(cur + 1, split end) -> partial o [BLOCK_G, BLOCK_D]
+    (normalised), lse [BLOCK_G] (o 0 and lse -inf where the range is empty)."""
     rg = tl.arange(0, BLOCK_G)
     rd = tl.arange(0, BLOCK_D)
     gmask = rg < G
@@ -166,8 +170,24 @@ def _suffix_tile(b, h, sp, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lo_ptr, cur_ptr,
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    return o, lse
+
+
+@triton.jit
+def _suffix_tile(b, h, sp, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lo_ptr, cur_ptr, D, split_len, scale,
+                 stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+                 stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+                 G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """_suffix_part's partial o [G, D], lse [G] stored for the merge kernel."""
+    o, lse = _suffix_part(b, h, sp, q_ptr, k_ptr, v_ptr, lo_ptr, cur_ptr, D, split_len, scale,
+                          stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, G, BLOCK_G, BLOCK_N, BLOCK_D,
+                          IEEE, UPCAST)
+    rg = tl.arange(0, BLOCK_G)
+    rd = tl.arange(0, BLOCK_D)
+    gmask = rg < G
     tl.store(o_ptr + b * stride_ob + h * stride_oh + sp * stride_os + rg[:, None] * D + rd[None, :], o,
-             mask=gmask[:, None] & dmask[None, :])
+             mask=gmask[:, None] & (rd < D)[None, :])
     tl.store(lse_ptr + b * stride_lb + h * stride_lh + sp * G + rg, lse, mask=gmask)
 
 
@@ -180,6 +200,44 @@ def _suffix_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, lo_ptr, cur_ptr, D, spli
     _suffix_tile(tl.program_id(0), tl.program_id(1), tl.program_id(2), q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                  lo_ptr, cur_ptr, D, split_len, scale, stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                  stride_ob, stride_oh, stride_os, stride_lb, stride_lh, G, BLOCK_G, BLOCK_N, BLOCK_D, IEEE, UPCAST)
+
+
+@triton.jit
+def _suffix_merge_kernel(q_ptr, k_ptr, v_ptr, lo_ptr, cur_ptr, op_ptr, lp_ptr, out_ptr, D, split_len, SP, scale,
+                         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
+                         stride_oph, stride_ops, stride_opm, stride_lph, stride_lps, stride_outb,
+                         G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """One (row b, KV head h) when the suffix is one split: its part, then the SP prefix
+    partials of the row's G query vectors (m = b·G + j, written by the launch before) merged
+    in by their log-sum-exps -> out[b, h·G + j, :] in out's dtype. Saves the merge kernel's
+    launch and the suffix partials' round trip through memory."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    o, lse = _suffix_part(b, h, 0, q_ptr, k_ptr, v_ptr, lo_ptr, cur_ptr, D, split_len, scale,
+                          stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, G, BLOCK_G, BLOCK_N, BLOCK_D,
+                          IEEE, UPCAST)
+    rg = tl.arange(0, BLOCK_G)
+    rd = tl.arange(0, BLOCK_D)
+    gmask = rg < G
+    dmask = rd < D
+    m = b * G + rg
+    big = lse
+    for s in range(0, SP):
+        big = tl.maximum(big, tl.load(lp_ptr + h * stride_lph + s * stride_lps + m, mask=gmask, other=float("-inf")))
+    big = tl.where(big == float("-inf"), 0.0, big)
+    w = tl.exp(lse - big)
+    den = w
+    acc = o * w[:, None]
+    for s in range(0, SP):
+        w = tl.exp(tl.load(lp_ptr + h * stride_lph + s * stride_lps + m, mask=gmask, other=float("-inf")) - big)
+        op = tl.load(op_ptr + h * stride_oph + s * stride_ops + m[:, None] * stride_opm + rd[None, :],
+                     mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        acc += op * w[:, None]
+        den += w
+    den = tl.where(gmask, den, 1.0)
+    tl.store(out_ptr + b * stride_outb + (h * G + rg[:, None]) * D + rd[None, :],
+             (acc / den[:, None]).to(out_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -381,13 +439,21 @@ def cascade_decode(q: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | 
                 pk.stride(1), o_p.stride(0), o_p.stride(1), o_p.stride(2), l_p.stride(0), l_p.stride(1),
                 G=g, BLOCK_M=block_m, BLOCK_N=c["block_n"], BLOCK_D=bd, IEEE=ieee, UPCAST=INTERPRET,
                 num_warps=c["num_warps"], num_stages=c["num_stages"])
+    if out is None:
+        out = _buffer((B, Hq, d), q.device, q.dtype)
+    if suffix_args is not None and SS == 1 and MERGE_IN_SUFFIX:
+        sc = _suffix_cfg(B * Hkv)
+        _suffix_merge_kernel[(B, Hkv)](
+            q, ks_, vs_, lo, cur, o_p, l_p, out, d, sl, o_p.shape[1], float(scale), q.stride(0), q.stride(1),
+            ks_.stride(0), ks_.stride(1), ks_.stride(2), o_p.stride(0), o_p.stride(1), o_p.stride(2),
+            l_p.stride(0), l_p.stride(1), out.stride(0), G=g, BLOCK_G=bg, BLOCK_N=sc["block_n"], BLOCK_D=bd,
+            IEEE=ieee, UPCAST=INTERPRET, num_warps=sc["num_warps"], num_stages=sc["num_stages"])
+        return out
     if suffix_args is not None:
         sc = _suffix_cfg(B * Hkv * SS)
         _suffix_kernel[(B, Hkv, SS)](
             q, ks_, vs_, o_s, l_s, *suffix_args, G=g, BLOCK_G=bg, BLOCK_N=sc["block_n"], BLOCK_D=bd, IEEE=ieee,
             UPCAST=INTERPRET, num_warps=sc["num_warps"], num_stages=sc["num_stages"])
-    if out is None:
-        out = _buffer((B, Hq, d), q.device, q.dtype)
     _merge_kernel[(B, Hq)](
         o_p, l_p, o_s, l_s, out, d, o_p.shape[1], SS,
         o_p.stride(0), o_p.stride(1), o_p.stride(2), l_p.stride(0), l_p.stride(1),
