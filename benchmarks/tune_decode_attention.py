@@ -6,8 +6,8 @@ prompts of 60, 128 new tokens, half decoded — bench_generate.py's shape).
 
 Times are GPU time a layer: 32 calls (one per layer of the 8B shape) captured in one CUDA graph,
 replayed, divided by 32 — eager timing of ~20 µs kernels measures Python's launches instead.
-Prints cascade_decode with the merge done by the suffix programs (the default), with the merge
-kernel after two launches, in one launch, and with the prefix part through PyTorch's flash op;
+Prints cascade_decode as it defaults, in two launches with the merge in the suffix programs or
+with the merge kernel after them, in one launch, and with the prefix part through PyTorch's flash op;
 --sweep: the prefix and the suffix settings, best first."""
 import argparse
 import itertools
@@ -50,11 +50,12 @@ def modes(step):
     """-> {mode: ms a layer} for the launch paths of one shape."""
     from iicl_fast.decode import _flash_prefix
     out = {}
-    for name, one, merge, prefix in (("merge_in_suffix", False, True, None), ("merge_kernel", False, False, None),
-                                     ("one_launch", True, False, None), ("flash_prefix", False, True, _flash_prefix)):
+    for name, one, merge, prefix in (("default", None, True, None), ("two_launches_merge_in_suffix", False, True, None),
+                                     ("two_launches_merge_kernel", False, False, None), ("one_launch", True, False, None),
+                                     ("flash_prefix", None, True, _flash_prefix)):
         pa.ONE_LAUNCH, pa.MERGE_IN_SUFFIX = one, merge
         out[name] = graphed_ms(lambda: step(prefix))
-    pa.ONE_LAUNCH, pa.MERGE_IN_SUFFIX = False, True
+    pa.ONE_LAUNCH, pa.MERGE_IN_SUFFIX = None, True
     return out
 
 
@@ -103,10 +104,10 @@ def main():
             return pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5, out=o, prefix=prefix)
 
         ref = step(None).float()
-        pa.MERGE_IN_SUFFIX = False
+        pa.ONE_LAUNCH, pa.MERGE_IN_SUFFIX = False, False
         diff = (step(None).float() - ref).abs().max().item()
-        pa.MERGE_IN_SUFFIX = True
-        r = {"rows": B, "ms_a_layer": modes(step), "merge_in_suffix_vs_kernel_max_abs_diff": diff}
+        pa.ONE_LAUNCH, pa.MERGE_IN_SUFFIX = None, True
+        r = {"rows": B, "ms_a_layer": modes(step), "default_vs_merge_kernel_max_abs_diff": diff}
         if args.sweep:
             r.update(sweep(step, B))
         print(json.dumps(r), flush=True)

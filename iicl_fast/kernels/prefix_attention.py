@@ -32,36 +32,41 @@ import triton.language as tl
 POISON = False   # tests set this: every buffer a kernel must fully write starts as NaN
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Launch settings of the decode step's kernels, None: by batch size, as swept on the H200
-# (benchmarks/tune_decode_attention.py, 8B heads, 5,000-token prefix, 340 own slots; ms a layer):
-# prefix part at 64 rows (M = 256) 0.148 with 128×32 tiles, 0.162 with 64×32, 0.29 the worst;
-# at 400 rows (M = 1,600) 0.273 with 64×64, 3 stages; the suffix part 8 warps at 64 rows
-# (0.149 vs 0.289 with 2), 4 at 400 (0.268; 8 warps 0.308).
+# (benchmarks/tune_decode_attention.py --sweep, 8B heads, 5,000-token prefix, 124 own slots of 188,
+# GPU ms a layer in a CUDA graph, d333e69): the prefix part with 64×64 tiles, 3 stages, 0.041 at
+# 64 rows (M = 256) against 0.049 with the 128×32 tiles an eager sweep had chosen, 0.173 at 400
+# (128×64 0.172, the worst 0.33); the suffix part 64 slots a block, 4 warps, 2 stages (0.046 at 64
+# rows against 0.049 with 32, 8 warps, 3; at 400 rows all the good settings within 1 %).
 PREFIX_CFG: dict | None = None
-# The prefix and suffix tiles in one launch (_both_kernel), so that compute-bound and
-# memory-bound tiles share the SMs; False: two launches, one after the other. Measured on the
-# H200 (tune_decode_attention.py, ms a layer with the merge): one launch 0.215 / 0.276 at 64 /
-# 400 rows, two launches 0.199 / 0.271: the overlap did not pay, two launches stay the default.
-ONE_LAUNCH = False
 SUFFIX_CFG: dict | None = None
-# The merge done by the suffix programs (_suffix_merge_kernel) where the suffix is one split (the
-# decoding step's caches are a few hundred slots: always): one launch and one round trip of the
-# suffix partials fewer a layer. The merge kernel was 0.27 / 0.30 ms of a 7.5 / 20.1 ms step at
-# 64 / 400 rows (eighth session's profile). IICL_DECODE_MERGE_IN_SUFFIX=0: the merge kernel.
+# The prefix and suffix tiles in one launch (_both_kernel), so that compute-bound and
+# memory-bound tiles share the SMs: True / False force it, None decides by M = rows × group:
+# one launch from ONE_LAUNCH_MIN_M on. In a CUDA graph (tune_decode_attention.py, d333e69) one
+# launch took 0.160 ms a layer at 400 rows against 0.174 for two launches with the merge in the
+# suffix programs and 0.182 with the merge kernel; at 64 rows 0.047 either way. (The eighth
+# session's eager timing had it the other way round: it measured Python's launches.)
+ONE_LAUNCH: bool | None = None
+ONE_LAUNCH_MIN_M = 1024
+# The merge done by the suffix programs (_suffix_merge_kernel) in the two-launch path where the
+# suffix is one split (the decoding step's caches are a few hundred slots: always): one launch
+# and one round trip of the suffix partials fewer a layer. In a CUDA graph (d333e69, the tiles
+# then default): 0.174 against 0.182 ms a layer at 400 rows, 0.049 against 0.047 at 64.
+# IICL_DECODE_MERGE_IN_SUFFIX=0: the merge kernel.
 MERGE_IN_SUFFIX = os.environ.get("IICL_DECODE_MERGE_IN_SUFFIX", "1") != "0"
 
 
 def _prefix_cfg(M: int) -> dict:
     if PREFIX_CFG is not None:
         return PREFIX_CFG
-    if M >= 1024:
-        return dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
-    return dict(block_m=128, block_n=32, num_warps=4, num_stages=3)
+    return dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
 
 
 def _suffix_cfg(programs: int) -> dict:
     if SUFFIX_CFG is not None:
         return SUFFIX_CFG
-    return dict(block_n=32, num_warps=4 if programs >= 1024 else 8, num_stages=3)
+    return dict(block_n=64, num_warps=4, num_stages=2)
+
+
 SMS = 132        # H200 streaming multiprocessors: splits are chosen to fill about twice this
 
 
@@ -424,7 +429,7 @@ def cascade_decode(q: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | 
         block_m, row_blocks, psl, SP = _prefix_grid(M, K, Hkv, c["block_m"], split_len)
         o_p = _buffer((Hkv, SP, M, d), q.device)
         l_p = _buffer((Hkv, SP, M), q.device)
-        if ONE_LAUNCH:
+        if ONE_LAUNCH if ONE_LAUNCH is not None else M >= ONE_LAUNCH_MIN_M:
             _both_kernel[(Hkv * SP * row_blocks + B * Hkv * SS,)](
                 q, pk, pv, o_p, l_p, M, K, d, g, psl, float(scale), q.stride(0), q.stride(1), pk.stride(0),
                 pk.stride(1), o_p.stride(0), o_p.stride(1), o_p.stride(2), l_p.stride(0), l_p.stride(1),
