@@ -41,12 +41,12 @@ PREFIX_CFG: dict | None = None
 SUFFIX_CFG: dict | None = None
 # The prefix and suffix tiles in one launch (_both_kernel), so that compute-bound and
 # memory-bound tiles share the SMs: True / False force it, None decides by M = rows × group:
-# one launch from ONE_LAUNCH_MIN_M on. In a CUDA graph (tune_decode_attention.py, d333e69) one
-# launch took 0.160 ms a layer at 400 rows against 0.174 for two launches with the merge in the
-# suffix programs and 0.182 with the merge kernel; at 64 rows 0.047 either way. (The eighth
+# one launch from ONE_LAUNCH_MIN_M on. In a CUDA graph (tune_decode_attention.py, 8de74d3, ms a
+# layer, one launch against two with the merge in the suffix programs): 0.161 / 0.172 at 400 rows
+# (M = 1,600), 0.091 / 0.097 at 200 (M = 800), 0.0375 / 0.0372 at 64 (M = 256). (The eighth
 # session's eager timing had it the other way round: it measured Python's launches.)
 ONE_LAUNCH: bool | None = None
-ONE_LAUNCH_MIN_M = 1024
+ONE_LAUNCH_MIN_M = 512
 # The merge done by the suffix programs (_suffix_merge_kernel) in the two-launch path where the
 # suffix is one split (the decoding step's caches are a few hundred slots: always): one launch
 # and one round trip of the suffix partials fewer a layer. In a CUDA graph (d333e69, the tiles
