@@ -49,8 +49,9 @@ ONE_LAUNCH: bool | None = None
 ONE_LAUNCH_MIN_M = 512
 # The merge done by the suffix programs (_suffix_merge_kernel) in the two-launch path where the
 # suffix is one split (the decoding step's caches are a few hundred slots: always): one launch
-# and one round trip of the suffix partials fewer a layer. In a CUDA graph (d333e69, the tiles
-# then default): 0.174 against 0.182 ms a layer at 400 rows, 0.049 against 0.047 at 64.
+# and one round trip of the suffix partials fewer a layer. In a CUDA graph (8de74d3, ms a layer,
+# two launches): 0.0372 against 0.0382 with the merge kernel at 64 rows, 0.172 / 0.180 at 400
+# (with the eighth session's tiles it was the slower one at 64 rows: 0.049 / 0.047).
 # IICL_DECODE_MERGE_IN_SUFFIX=0: the merge kernel.
 MERGE_IN_SUFFIX = os.environ.get("IICL_DECODE_MERGE_IN_SUFFIX", "1") != "0"
 
