@@ -12,6 +12,7 @@ class IICLError(Exception):
 LOSSES = ("forward_kl", "reverse_kl", "seqkd", "jsd")
 SELECTIONS = ("ppl_gap", "random")
 REPLAY_POLICIES = ("reservoir", "ppl_gap", "balanced")
+REPLAY_DRAWS = ("uniform", "overlap")
 LOSS_IMPLS = ("reference", "fused")
 RETAIN_UNITS = ("token", "sentence")
 QA_RESPONSES = ("answer", "sentence")
@@ -156,6 +157,14 @@ class Config:
     # +0.07 [+0.01, +0.14] but first chunk and general questions lower (4 streams; H200,
     # NOTES.md, 23rd session). False: the default.
     replay_fill: bool = False
+    # How replay_sample entries are drawn from a larger buffer: "uniform" (a seeded sample) or
+    # "overlap" (a seeded sample weighted towards the earlier entries that share the most
+    # informative words and tokens with the new chunk's kept entries: consolidate.overlap_scores).
+    # Why: of 8 answers a stream lost, 3 were replaced by a later chunk's fact of the same form
+    # (the population of one town by the next chunk's population; NOTES.md, 23rd session,
+    # interference_probe.py), so the entries a new chunk is likeliest to overwrite are replayed
+    # when it is learnt. Not yet measured on the GPU: "uniform" stays the default.
+    replay_draw: str = "uniform"
     # Anchors: this many general prompts a chunk (iicl_fast/data/anchor_prompts.json, in turn),
     # answered by the base model without the chunk, its own answer distribution the teacher:
     # the student is held where the base was on everything the chunk is not about. Without
@@ -227,6 +236,8 @@ class Config:
             raise IICLError(f"replay_sample must be >= 0, got {self.replay_sample}")
         if self.replay_repeats < 1:
             raise IICLError(f"replay_repeats must be >= 1, got {self.replay_repeats}")
+        if self.replay_draw not in REPLAY_DRAWS:
+            raise IICLError(f"unknown replay_draw {self.replay_draw!r}: choose one of {', '.join(REPLAY_DRAWS)}")
         if self.replay_policy not in REPLAY_POLICIES:
             raise IICLError(f"unknown replay_policy {self.replay_policy!r}: choose one of {', '.join(REPLAY_POLICIES)}")
         if not 0.0 <= self.retain <= 1.0:

@@ -290,21 +290,65 @@ def anchor_set(model, fmt: PromptFormat, config: Config, chunk_index: int, base_
     return entries, hs
 
 
+# An earlier entry's weight in an "overlap" draw is OVERLAP_FLOOR + its overlap score (in [0, 1]):
+# the floor keeps every entry drawable, at worst 1 / 11 as likely as a fully overlapping one.
+OVERLAP_FLOOR = 0.1
+
+
+def _features(e: Entry) -> set:
+    """An entry's words (its query's, lowercased) and its response's token ids, as one set."""
+    return {w for w in "".join(c.lower() if c.isalnum() else " " for c in e.query).split()} | \
+        {("#", t) for t in e.response}
+
+
+def overlap_scores(old: list[Entry], new: list[Entry]) -> list[float]:
+    """Per entry of `old`: the share of its features' information (idf over old + new) that the
+    `new` entries also have, in [0, 1]. A feature in every entry (a prompt's fixed words, "the")
+    weighs ~0; a rarer one (a fact's form: "population", "km"; a name) most."""
+    feats_old = [_features(e) for e in old]
+    feats_new = [_features(e) for e in new]
+    df: dict = {}
+    for f in feats_old + feats_new:
+        for x in f:
+            df[x] = df.get(x, 0) + 1
+    n = len(feats_old) + len(feats_new)
+    idf = {x: math.log(n / c) for x, c in df.items()}
+    seen_new = set().union(*feats_new) if feats_new else set()
+    out = []
+    for f in feats_old:
+        total = sum(idf[x] for x in f)
+        out.append(sum(idf[x] for x in f if x in seen_new) / total if total > 0 else 0.0)
+    return out
+
+
+def _draw(idx: list[int], m: int, rng: random.Random, weights: list[float] | None) -> list[int]:
+    """m of idx without replacement, sorted: uniform, or by weight (keys u^(1/w), which draws
+    successively in proportion to the weights left)."""
+    if weights is None:
+        return sorted(rng.sample(idx, m))
+    keys = [(rng.random() ** (1.0 / weights[i]), i) for i in idx]
+    return sorted(i for _, i in sorted(keys, reverse=True)[:m])
+
+
 def with_replay(kept: list[Entry], teacher: HiddenSet, replay, config: Config | None = None, chunk_index: int = 0):
     """The kept entries followed by the replay buffer's, or (config.replay_sample > 0) by a
     seeded sample of that many of them, drawn anew each chunk (replay_fill: a smaller buffer cycled
-    to that many); each replay_repeats times."""
+    to that many; replay_draw "overlap": weighted by overlap_scores with the kept entries); each
+    replay_repeats times."""
     if not (replay and replay[0]):
         return kept, teacher
     entries, hs = replay
     k = config.replay_sample if config is not None else 0
     idx = list(range(len(entries)))
     rng = random.Random((config.seed * 1_000_003 + chunk_index) * 7 + 1) if config is not None else None
+    weights = None
+    if config is not None and config.replay_draw == "overlap" and 0 < k and (k < len(entries) or config.replay_fill):
+        weights = [OVERLAP_FLOOR + s for s in overlap_scores(entries, kept)]
     if 0 < k < len(entries):
-        idx = sorted(rng.sample(idx, k))
+        idx = _draw(idx, k, rng, weights)
     elif 0 < k and config.replay_fill:
         # a buffer smaller than k is cycled whole, the remainder a seeded sample: k replayed a chunk
-        idx = idx * (k // len(entries)) + sorted(rng.sample(idx, k % len(entries)))
+        idx = idx * (k // len(entries)) + _draw(idx, k % len(entries), rng, weights)
     idx = idx * (config.replay_repeats if config is not None else 1)
     if idx != list(range(len(entries))):
         entries, hs = [entries[i] for i in idx], subset(hs, idx)

@@ -1,6 +1,7 @@
 """Memory on disk: format, atomic saves, resume bookkeeping, refusal of foreign memories."""
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from iicl_fast import memory as memory_mod
 from iicl_fast.driver import split_chunks
 from iicl_fast.memory import Memory, sha256_text
 from iicl_fast.models import PromptFormat
+from iicl_fast.teacher import HiddenSet
 
 from conftest import TINY_CONFIG, make_tiny
 
@@ -420,3 +422,50 @@ def test_replay_fill_cycles_a_small_buffer(tiny, monkeypatch):
     assert sum(counts) == 7 and set(counts) <= {7 // n, 7 // n + 1}      # all of it, evenly
     from iicl_fast.config import coerce
     assert coerce("replay_fill", "1") is True and coerce("replay_fill", "off") is False
+
+
+def _hidden_for(entries):
+    """A HiddenSet whose rows name their entry (h[:, 0] = the entry's index), for tracking draws."""
+    offsets = [0]
+    for e in entries:
+        offsets.append(offsets[-1] + len(e.response))
+    h = torch.cat([torch.full((len(e.response), 3), float(i)) for i, e in enumerate(entries)])
+    return HiddenSet(h, torch.tensor([t for e in entries for t in e.response]), offsets)
+
+
+def test_replay_draw_overlap_prefers_what_the_new_chunk_shares():
+    """replay_draw "overlap": an earlier entry of the same form as the new chunk's ("the population
+    of X is N") scores higher than one that shares only the prompt's fixed words, and the draw takes
+    the high-scoring ones far more often than the uniform draw — yet every entry stays drawable, the
+    teacher rows follow their entries, and "uniform" draws as before (the seeded plain sample)."""
+    from iicl_fast.consolidate import overlap_scores, with_replay
+    from iicl_fast.elicit import Entry
+    same = [Entry("continuation", f"Continue the passage: The population of Town{i} is", [900 + i, 17, 18, 19])
+            for i in range(6)]
+    other = [Entry("continuation", f"Continue the passage: The colour of flag{i} was", [500 + i, 30 + i, 40 + i])
+             for i in range(18)]
+    old = same + other
+    new = [Entry("continuation", "Continue the passage: The population of Kelby is", [777, 17, 18, 19])]
+    scores = overlap_scores(old, new)
+    assert min(scores[:6]) > 0.4 > 0.1 > max(scores[6:]), scores
+    hs = _hidden_for(old)
+    new_hs = _hidden_for(new)
+    counts = {"uniform": 0, "overlap": 0}
+    for draw in counts:
+        for seed in range(40):
+            cfg = iicl_fast.Config(replay_sample=4, replay_draw=draw, seed=seed)
+            entries, teacher = with_replay(new, new_hs, (old, hs), cfg, chunk_index=3)
+            drawn = entries[1:]
+            assert len(drawn) == 4 and len({id(e) for e in drawn}) == 4
+            for j, e in enumerate(drawn):      # the teacher rows are the drawn entry's own
+                rows = teacher.h[teacher.offsets[1 + j]: teacher.offsets[2 + j], 0]
+                assert torch.all(rows == float(next(i for i, o in enumerate(old) if o is e)))
+            counts[draw] += sum(any(e is s for s in same) for e in drawn)
+            if draw == "uniform":
+                idx = sorted(random.Random((seed * 1_000_003 + 3) * 7 + 1).sample(range(len(old)), 4))
+                assert [id(e) for e in drawn] == [id(old[i]) for i in idx]
+    # uniform: 4 × 6/24 = 1 of 4 a draw expected (40 draws: ~40); overlap (weights 0.6 : 0.1,
+    # six against eighteen): ~2.7 of 4
+    assert counts["uniform"] < 60 and counts["overlap"] > 2 * counts["uniform"], counts
+    with pytest.raises(iicl_fast.IICLError, match="replay_draw"):
+        iicl_fast.Config(replay_draw="closest")
