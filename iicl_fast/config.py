@@ -163,7 +163,9 @@ class Config:
     # Why: of 8 answers a stream lost, 3 were replaced by a later chunk's fact of the same form
     # (the population of one town by the next chunk's population; NOTES.md, 23rd session,
     # interference_probe.py), so the entries a new chunk is likeliest to overwrite are replayed
-    # when it is learnt. Not yet measured on the GPU: "uniform" stays the default.
+    # when it is learnt. It acts only where a draw does: a buffer larger than replay_sample (a
+    # stream's ~4th chunk on; three documents replay their whole buffer), or replay_fill's
+    # remainder. Not yet measured on the GPU: "uniform" stays the default.
     replay_draw: str = "uniform"
     # Anchors: this many general prompts a chunk (iicl_fast/data/anchor_prompts.json, in turn),
     # answered by the base model without the chunk, its own answer distribution the teacher:
