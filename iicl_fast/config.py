@@ -150,6 +150,12 @@ class Config:
     # held-out NLL +2.1 % (bound 2 %), first five chunks kept 0.68 vs 0.86, general questions
     # 0.60 vs 0.71 (5 unseen streams; H200, NOTES.md, 22nd-23rd sessions). 1: the default.
     replay_repeats: int = 1
+    # replay_repeats only while the buffer is replayed whole (no more entries than replay_sample:
+    # three documents, a stream's first ~3 chunks); from the first draw on, each drawn entry once.
+    # Why: repeats lifted three documents (above) but made 20-chunk streams drift, where 96 drawn
+    # entries a chunk twice outweighed the ~40 new ones; a stream's first chunk loses most at the
+    # very next chunk (0.48 -> 0.40 of its recall, 21st session), when its entries are all replayed.
+    replay_repeats_whole: bool = False
     # Fill: a buffer holding fewer than replay_sample entries (a memory's first chunks) is cycled
     # whole to replay_sample entries, the remainder a seeded sample, so that replay's share of a
     # chunk's training set is the same from the second chunk on. Measured: three documents

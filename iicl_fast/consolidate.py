@@ -334,7 +334,7 @@ def with_replay(kept: list[Entry], teacher: HiddenSet, replay, config: Config | 
     """The kept entries followed by the replay buffer's, or (config.replay_sample > 0) by a
     seeded sample of that many of them, drawn anew each chunk (replay_fill: a smaller buffer cycled
     to that many; replay_draw "overlap": weighted by overlap_scores with the kept entries); each
-    replay_repeats times."""
+    replay_repeats times (replay_repeats_whole: only while the whole buffer is replayed)."""
     if not (replay and replay[0]):
         return kept, teacher
     entries, hs = replay
@@ -349,7 +349,10 @@ def with_replay(kept: list[Entry], teacher: HiddenSet, replay, config: Config | 
     elif 0 < k and config.replay_fill:
         # a buffer smaller than k is cycled whole, the remainder a seeded sample: k replayed a chunk
         idx = idx * (k // len(entries)) + _draw(idx, k % len(entries), rng, weights)
-    idx = idx * (config.replay_repeats if config is not None else 1)
+    repeats = config.replay_repeats if config is not None else 1
+    if config is not None and config.replay_repeats_whole and 0 < k < len(entries):
+        repeats = 1          # a drawn share: once (replay_repeats_whole)
+    idx = idx * repeats
     if idx != list(range(len(entries))):
         entries, hs = [entries[i] for i in idx], subset(hs, idx)
     return kept + entries, concat(teacher, hs)

@@ -397,6 +397,28 @@ def test_replay_repeats_weigh_the_earlier_chunks(tiny, monkeypatch):
         iicl_fast.Config(replay_repeats=0)
 
 
+def test_replay_repeats_whole_repeats_only_a_whole_buffer():
+    """replay_repeats_whole: a buffer replayed whole (no larger than replay_sample) is repeated
+    as with replay_repeats alone, entry for entry; a larger one is drawn, each entry once."""
+    from iicl_fast.elicit import Entry
+    entries = [Entry("qa", f"Question {i}?", [3 + i, 4]) for i in range(10)]
+    kept = entries[:2]
+    hs = _hidden_for(entries)
+    for sample, whole_buffer in ((12, True), (4, False)):
+        both = [consolidate_mod.with_replay(kept, _hidden_for(kept), (entries, hs), iicl_fast.Config(
+            replay_sample=sample, replay_repeats=2, replay_repeats_whole=w), chunk_index=3) for w in (False, True)]
+        (e_rep, h_rep), (e_whole, h_whole) = both
+        if whole_buffer:      # the same set, bit for bit
+            assert [id(e) for e in e_whole] == [id(e) for e in e_rep] and len(e_whole) == 2 + 2 * 10
+            assert torch.equal(h_whole.h, h_rep.h)
+        else:                 # the same draw, once instead of twice
+            assert len(e_rep) == 2 + 2 * sample and len(e_whole) == 2 + sample
+            assert [id(e) for e in e_whole[2:]] == [id(e) for e in e_rep[2: 2 + sample]]
+            assert len({id(e) for e in e_whole[2:]}) == sample
+    from iicl_fast.config import coerce
+    assert coerce("replay_repeats_whole", "true") is True
+
+
 def test_replay_fill_cycles_a_small_buffer(tiny, monkeypatch):
     """replay_fill: a buffer smaller than replay_sample is replayed whole floor(k/n) times and a
     seeded sample of the rest, k entries in all; a larger buffer is sampled as without it."""
