@@ -1,13 +1,14 @@
 """Decoding many rows after one shared prefix, 8B shape, one GPU: ms per step against the floor.
 
     python benchmarks/bench_generate.py [--rows 64 200 400] [--new 128 512] [--prefix 5000]
-        [--baselines] [--out benchmarks/results/generate.json]
+        [--baselines] [--unfused] [--flash-prefix] [--blas] [--out benchmarks/results/generate.json]
 
 Rows: iicl_fast (decode.generate_static: one prefix KV, static caches, CUDA-graph step,
 Triton attention and sampler, q/k/v and gate/up one GEMM each up to
 decode.FUSED_PROJ_MAX_ROWS rows; --unfused adds iicl_fast_unfused, one GEMM a projection, and
 iicl_fast_fused, one GEMM a group at any row count; --flash-prefix adds iicl_fast_flash_prefix, the
-prefix part through PyTorch's flash op where decode.FLASH_PREFIX_MIN_M allows), generate_today (the cascade path it replaces: per-row
+prefix part through PyTorch's flash op where decode.FLASH_PREFIX_MIN_M allows; --blas adds
+iicl_fast_cublas and iicl_fast_cublaslt, the layers' GEMMs through one library at any row count), generate_today (the cascade path it replaces: per-row
 DynamicCache, eager steps), hf_generate (transformers generate over [C; q] rows, prefix
 recomputed per row, dynamic cache). Every row samples as elicitation does (T 0.7, top-p 0.9)
 and decodes exactly new_tokens (stop ids masked until then). ms_per_step = decoding time /
@@ -100,6 +101,9 @@ def main():
                     help="also each iicl_fast row with one GEMM a projection (impl iicl_fast_unfused)")
     ap.add_argument("--flash-prefix", action="store_true",
                     help="also each iicl_fast row with the prefix part through the flash op (iicl_fast_flash_prefix)")
+    ap.add_argument("--blas", action="store_true",
+                    help="also each iicl_fast row with the layers' GEMMs forced through cuBLAS and through cuBLASLt "
+                         "(iicl_fast_cublas, iicl_fast_cublaslt; iicl_fast: decode.BLASLT's choice by rows)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     model = llama_8b().requires_grad_(False)     # frozen, as Memory's base is (the fused norm wants it)
@@ -107,15 +111,17 @@ def main():
     layers.fuse_projections(model)               # as Memory does on CUDA
     prefix = torch.randint(10, 120000, (a.prefix,), generator=torch.Generator().manual_seed(1)).tolist()
     results = []
-    max_rows, flash_default = decode.FUSED_PROJ_MAX_ROWS, decode.FLASH_PREFIX
+    max_rows, flash_default, blaslt_default = decode.FUSED_PROJ_MAX_ROWS, decode.FLASH_PREFIX, decode.BLASLT
     run_ours(model, prefix, prompts(8), 4)                       # compile the kernels once
     for rows in a.rows:
         qs = prompts(rows)
         P = max(len(q) for q in qs)
         for new in a.new:
             impls = ("iicl_fast",) + (("iicl_fast_unfused", "iicl_fast_fused") if a.unfused else ()) + \
-                (("iicl_fast_flash_prefix",) if a.flash_prefix else ())
+                (("iicl_fast_flash_prefix",) if a.flash_prefix else ()) + \
+                (("iicl_fast_cublas", "iicl_fast_cublaslt") if a.blas else ())
             for impl in impls:
+                decode.BLASLT = {"iicl_fast_cublas": False, "iicl_fast_cublaslt": True}.get(impl, blaslt_default)
                 decode.FUSED_PROJ = impl != "iicl_fast_unfused"
                 decode.FUSED_PROJ_MAX_ROWS = 10 ** 9 if impl == "iicl_fast_fused" else max_rows
                 decode.FLASH_PREFIX = impl == "iicl_fast_flash_prefix" or flash_default
@@ -125,6 +131,7 @@ def main():
                 results.append(record(impl, rows, new, a.prefix, P, ms, floor_ms(model, rows, a.prefix, P, new),
                                       st["prefill_s"], total, capture_s=round(st["capture_s"], 2), batches=st["batches"]))
             decode.FUSED_PROJ, decode.FUSED_PROJ_MAX_ROWS, decode.FLASH_PREFIX = True, max_rows, flash_default
+            decode.BLASLT = blaslt_default
     if a.baselines:
         rows, new = a.rows[0], a.baseline_new
         qs = prompts(rows)

@@ -432,6 +432,32 @@ LLAMA_STEP = True       # False: Llama-like decoders also step through transform
 # slower): so up to FUSED_PROJ_MAX_ROWS rows only.
 FUSED_PROJ = os.environ.get("IICL_FUSED_PROJ", "1") != "0"
 FUSED_PROJ_MAX_ROWS = 256
+# The layers' GEMMs through cuBLASLt rather than cuBLAS (torch's preferred_blas_library, set
+# while the step runs, so a graph captures those kernels; the LM head stays on cuBLAS, slower
+# through Lt at every size measured). Graph-timed GEMMs of the 8B layers, ms a step (32 layers,
+# cuBLAS -> cuBLASLt, H200, .scratch gemm_variants, 26th session): 64 rows 3.91 -> 3.68, 128
+# 4.27 -> 4.31, 200 4.94 -> 5.11, 256 5.55 -> 5.48, 320 6.75 -> 6.58, 400 9.41 -> 8.82 (cuBLAS
+# runs 400 rows as slowly as 512). None: by rows (BLASLT_ROWS); IICL_DECODE_BLASLT=0/1 forces it.
+BLASLT: bool | None = {"0": False, "1": True}.get(os.environ.get("IICL_DECODE_BLASLT", ""))
+
+
+def _blaslt(rows: int) -> bool:
+    """Whether a step of `rows` rows runs its layers' GEMMs through cuBLASLt."""
+    return BLASLT if BLASLT is not None else (rows <= 96 or rows >= 320)
+
+
+@contextlib.contextmanager
+def _blas(lt: bool):
+    """torch's preferred BLAS library set to cuBLASLt inside (lt), restored after."""
+    if not lt:
+        yield
+        return
+    before = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(before)
 # The decoding step's prefix part through PyTorch's flash op (_flash_prefix; cuDNN where
 # IICL_CUDNN_PREFIX=1) instead of the Triton prefix kernel, from FLASH_PREFIX_MIN_M query vectors
 # a KV head (rows × group) on: at 400 rows the Triton tiles run at ~260 TFLOP/s (3.96 of 20.1 ms a step,
@@ -578,14 +604,22 @@ def _llama_step(body, st: _Static, tok, pos, fused=None):
     ~16 kernels a layer where transformers' forward launched ~45 (measured: the small ones
     were ~2.3 ms of a 9.2 ms step at 64 rows, more than the attention itself). fused:
     _fused_groups(body) (None: the modules), q/k/v and gate/up one GEMM each where laid out."""
-    from .kernels.prefix_attention import cascade_decode
-    from .kernels.rotary import rope_write
-    from .kernels.swiglu import swiglu_packed
     B = tok.shape[0]
     prefix_fn = _decode_prefix(B * body.config.num_attention_heads // body.config.num_key_value_heads)
     h = body.embed_tokens(tok)
     cos, sin = body.rotary_emb(h[:, None], pos[:, None])
     cos, sin = cos[:, 0], sin[:, 0]
+    with _blas(h.is_cuda and h.dtype != torch.float32 and _blaslt(B)):     # fp32: as measured before
+        h = _llama_layers(body, st, h, cos, sin, prefix_fn, fused)
+    return body.norm(h)
+
+
+def _llama_layers(body, st: _Static, h, cos, sin, prefix_fn, fused):
+    """_llama_step's decoder layers: h [B, hidden] -> h [B, hidden]."""
+    from .kernels.prefix_attention import cascade_decode
+    from .kernels.rotary import rope_write
+    from .kernels.swiglu import swiglu_packed
+    B = h.shape[0]
     for i, layer in enumerate(body.layers):
         a = layer.self_attn
         qkv, gate_up = fused[i] if fused is not None else (None, None)
@@ -599,7 +633,7 @@ def _llama_step(body, st: _Static, tok, pos, fused=None):
         h = h + a.o_proj(o.view(B, -1))
         x = layer.post_attention_layernorm(h)
         h = h + (layer.mlp(x) if gate_up is None else layer.mlp.down_proj(swiglu_packed(gate_up(x))))
-    return body.norm(h)
+    return h
 
 
 class _Step:
