@@ -1,6 +1,6 @@
 """Compare settings on the sequence suite's result files, with the noise beside every figure.
 
-    python benchmarks/eval_compare.py [FILES...]            # default: benchmarks/results/eval_sequence_*.json
+    python benchmarks/eval_compare.py [FILES...] [--control LABEL]   # default: benchmarks/results/eval_sequence_*.json
 
 Every file of `eval_suite.py --suite sequence` (or an `eval_sweep.py` row) holds some document
 sequences (three documents into one memory, a seed each) and/or 20-chunk streams (a seed each).
@@ -168,7 +168,8 @@ STREAM_FIGURES = [("first 5 kept", "early_end", "early_right"), ("first chunk ke
                   ("logprob first chunk kept", "lp_first_end", "lp_first_right"), ("s a chunk", "sec", None)]
 
 
-def compare(paths: list[str]) -> dict:
+def compare(paths: list[str], control: str = "small (defaults)") -> dict:
+    """control: the setting's label that the paired differences are taken against."""
     base = setting({f.name: getattr(Config(), f.name) for f in fields(Config)})
     groups: dict = {}
     for p in paths:
@@ -186,7 +187,7 @@ def compare(paths: list[str]) -> dict:
             g["streams"].setdefault(u["seed"], u)
     out = []
     for (key, s), g in sorted(groups.items(), key=lambda kv: kv[1]["label"]):
-        ctrl = next((h for (k2, s2), h in groups.items() if k2 == key and h["label"] == "small (defaults)"), None)
+        ctrl = next((h for (k2, s2), h in groups.items() if k2 == key and h["label"] == control), None)
         row = {"setting": g["label"], "model": key, "files": sorted(g["files"])}
         for kind, figs in (("seqs", SEQ_FIGURES), ("streams", STREAM_FIGURES)):
             us = list(g[kind].values())
@@ -203,7 +204,7 @@ def compare(paths: list[str]) -> dict:
                     fig["vs_small"] = paired(have, having(list(ctrl[kind].values()), num, den), num, den)
                 row[kind][name] = fig
         out.append(row)
-    return {"settings": out}
+    return {"settings": out, "control": control}
 
 
 def _f(x, nd=3):
@@ -234,7 +235,7 @@ def table(res: dict) -> str:
                 cells.append(c)
             lines.append(f"| {r['setting']} | {r['model']} | {r[kind]['n']} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("Pooled over the units; [90 % bootstrap interval]; Δ: minus `small` on the seeds both ran. "
+    lines.append(f"Pooled over the units; [90 % bootstrap interval]; Δ: minus `{res.get('control')}` on the seeds both ran. "
                  "s a chunk: each file's seconds_per_chunk, as logged — rows sharing one GPU (eval_sweep.py) "
                  "slow each other, so compare it only between rows of one call.")
     return "\n".join(lines)
@@ -244,6 +245,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="*", help="result files (default: benchmarks/results/eval_sequence_*.json)")
     ap.add_argument("--json", help="also write the comparison here")
+    ap.add_argument("--control", default="small (defaults)",
+                    help="the setting (its label in the table) the paired differences are taken against; "
+                         "e.g. 'replay_repeats=1,replay_repeats_whole=False' for the defaults before the 26th session")
     args = ap.parse_args(argv)
     paths = args.files or sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                         "results", "eval_sequence_*.json")))
@@ -252,7 +256,7 @@ def main(argv=None) -> int:
         print(f"eval_compare: no such file: {missing[0]}", file=sys.stderr)
         return 2
     try:
-        res = compare(paths)
+        res = compare(paths, args.control)
     except (KeyError, ValueError, TypeError, IndexError) as e:
         print(f"eval_compare: not a sequence-suite result file ({type(e).__name__}: {e})", file=sys.stderr)
         return 2

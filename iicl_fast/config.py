@@ -146,16 +146,22 @@ class Config:
     # every epoch's gradient). For three documents in sequence the buffer (~35 entries a
     # document) is replayed whole already, so more draws cannot weigh the earlier documents
     # more; this can. 2 on three documents: 0.943x of single recall after 3 [0.85, 1.07], paired
-    # +0.146 [+0.05, +0.26] over the defaults' 0.798 (10 sequences); on 20-chunk streams it drifts:
-    # held-out NLL +2.1 % (bound 2 %), first five chunks kept 0.68 vs 0.86, general questions
-    # 0.60 vs 0.71 (5 unseen streams; H200, NOTES.md, 22nd-23rd sessions). 1: the default.
-    replay_repeats: int = 1
+    # +0.146 [+0.05, +0.26] over the old defaults' 0.798 (10 sequences); on 20-chunk streams,
+    # repeated on every chunk, it drifted: held-out NLL +2.1 % (bound 2 %), first five chunks kept
+    # 0.68 vs 0.86, general questions 0.60 vs 0.71 (5 unseen streams; H200, NOTES.md, 22nd-23rd
+    # sessions) — hence replay_repeats_whole below.
+    replay_repeats: int = 2
     # replay_repeats only while the buffer is replayed whole (no more entries than replay_sample:
     # three documents, a stream's first ~3 chunks); from the first draw on, each drawn entry once.
-    # Why: repeats lifted three documents (above) but made 20-chunk streams drift, where 96 drawn
-    # entries a chunk twice outweighed the ~40 new ones; a stream's first chunk loses most at the
-    # very next chunk (0.48 -> 0.40 of its recall, 21st session), when its entries are all replayed.
-    replay_repeats_whole: bool = False
+    # Why: repeated on every chunk of a stream, 96 drawn entries twice outweighed the ~40 new ones
+    # (the drift above), while a stream's first chunk loses most at the very next chunk (0.48 ->
+    # 0.40 of its recall, 21st session), when its entries are all replayed. Measured with
+    # replay_repeats 2 (H200, NOTES.md, 26th session): three documents as replay_repeats 2 alone
+    # (the same training sets: 0.943x); 5 unseen 20-chunk streams (seeds 13-17) first five chunks
+    # kept 0.923 [0.82, 1.01], paired +0.141 [-0.01, +0.28] over replay_repeats 1, first chunk
+    # 0.776 [0.62, 1.00] (+0.22 [-0.06, +0.63]), held-out NLL +1.5 % (unchanged), general
+    # questions 0.67 (-0.04 [-0.11, +0.03]), all 20 at the end 0.298 (unchanged).
+    replay_repeats_whole: bool = True
     # Fill: a buffer holding fewer than replay_sample entries (a memory's first chunks) is cycled
     # whole to replay_sample entries, the remainder a seeded sample, so that replay's share of a
     # chunk's training set is the same from the second chunk on. Measured: three documents
@@ -171,7 +177,9 @@ class Config:
     # interference_probe.py), so the entries a new chunk is likeliest to overwrite are replayed
     # when it is learnt. It acts only where a draw does: a buffer larger than replay_sample (a
     # stream's ~4th chunk on; three documents replay their whole buffer), or replay_fill's
-    # remainder. Not yet measured on the GPU: "uniform" stays the default.
+    # remainder. Measured on 5 unseen 20-chunk streams (H200, 26th session): first five chunks
+    # kept +0.077 [-0.09, +0.24], first chunk +0.16 [-0.16, +0.61], but all 20 at the end -0.030
+    # [-0.046, -0.013] and general questions -0.07: "uniform" stays the default.
     replay_draw: str = "uniform"
     # Anchors: this many general prompts a chunk (iicl_fast/data/anchor_prompts.json, in turn),
     # answered by the base model without the chunk, its own answer distribution the teacher:
@@ -361,7 +369,7 @@ PRESETS: dict[str, dict] = {
                   max_response_tokens=512, select_top_k=200, loss="forward_kl", epochs=3, lora_r=16,
                   lora_alpha=32, lr=1e-4, batch_size=16, gen_batch_size=400, train_tokens=16384,
                   pass_tokens=32768, replay_entries=64, replay_policy="reservoir", replay_sample=0,
-                  lr_decay_chunks=0, prose_anchors=0),
+                  replay_repeats=1, lr_decay_chunks=0, prose_anchors=0),
     # `stress`: 2M-token streams with the embedded model on one GPU (iicl-fast stress), sized
     # for the H200 time one session has (README, "stress"): 7,168-token chunks (the model's
     # 8,192 positions hold a chunk, its question and answer), 16 questions and 16
@@ -375,7 +383,7 @@ PRESETS: dict[str, dict] = {
     "stress": dict(chunk_tokens=7168, n_queries=16, n_continuations=16, max_query_tokens=32,
                    max_response_tokens=48, source_entries=256, select_top_k=48, teacher_base=True, epochs=1,
                    batch_size=32, gen_batch_size=64, replay_entries=96, replay_policy="ppl_gap",
-                   gradient_checkpointing=True, anchor_entries=0, lr=1e-3, replay_sample=0,
+                   gradient_checkpointing=True, anchor_entries=0, lr=1e-3, replay_sample=0, replay_repeats=1,
                    lr_decay_chunks=0, prose_anchors=0),
     # `small` with twice the continuations: the best recall measured on the suite (seeds 6-8,
     # H200: 0.509 of the questions against 0.443 for `small`, full context 0.404; 0.615 with the

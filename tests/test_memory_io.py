@@ -166,7 +166,7 @@ def test_replay_buffer_bounded_trained_and_saved(tiny, tmp_path):
     e1, h1 = mem.replay
     first_rows = {(e.query, tuple(e.response)): h1.h[h1.offsets[i]: h1.offsets[i + 1]].clone() for i, e in enumerate(e1)}
     second = mem.consolidate(DOCS[1])
-    assert second.replayed == 3
+    assert second.replayed == 3 * mem.config.replay_repeats      # the whole buffer, each entry r times
     entries, hs = mem.replay
     assert len(entries) == 3 and hs.offsets[-1] == hs.h.shape[0] == sum(len(e.response) for e in entries)
     # each replayed row keeps the teacher hidden state it had when its chunk was consolidated
@@ -381,7 +381,7 @@ def test_replay_repeats_weigh_the_earlier_chunks(tiny, monkeypatch):
 
     monkeypatch.setattr(consolidate_mod, "train", spy)
     mem = Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "replay_entries": 6, "replay_sample": 2,
-                                                 "replay_repeats": 3}))
+                                                 "replay_repeats": 3, "replay_repeats_whole": False}))
     mem.consolidate(DOCS[0])
     before = list(mem.replay[0])
     rep = mem.consolidate(DOCS[1])
@@ -432,7 +432,7 @@ def test_replay_fill_cycles_a_small_buffer(tiny, monkeypatch):
 
     monkeypatch.setattr(consolidate_mod, "train", spy)
     mem = Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "replay_entries": 64, "replay_sample": 7,
-                                                 "replay_fill": True}))
+                                                 "replay_fill": True, "replay_repeats": 1}))
     mem.consolidate(DOCS[0])
     before = list(mem.replay[0])
     n = len(before)
