@@ -435,7 +435,7 @@ FUSED_PROJ_MAX_ROWS = 256
 # The layers' GEMMs through cuBLASLt rather than cuBLAS (torch's preferred_blas_library, set
 # while the step runs, so a graph captures those kernels; the LM head stays on cuBLAS, slower
 # through Lt at every size measured). Graph-timed GEMMs of the 8B layers, ms a step (32 layers,
-# cuBLAS -> cuBLASLt, H200, .scratch gemm_variants, 26th session): 64 rows 3.91 -> 3.68, 128
+# cuBLAS -> cuBLASLt, H200, benchmarks/tune_decode_gemms.py, 26th session): 64 rows 3.91 -> 3.68, 128
 # 4.27 -> 4.31, 200 4.94 -> 5.11, 256 5.55 -> 5.48, 320 6.75 -> 6.58, 400 9.41 -> 8.82 (cuBLAS
 # runs 400 rows as slowly as 512). None: by rows (BLASLT_ROWS); IICL_DECODE_BLASLT=0/1 forces it.
 BLASLT: bool | None = {"0": False, "1": True}.get(os.environ.get("IICL_DECODE_BLASLT", ""))
