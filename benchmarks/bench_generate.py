@@ -103,7 +103,7 @@ def main():
                     help="also each iicl_fast row with the prefix part through the flash op (iicl_fast_flash_prefix)")
     ap.add_argument("--blas", action="store_true",
                     help="also each iicl_fast row with the layers' GEMMs forced through cuBLAS and through cuBLASLt "
-                         "(iicl_fast_cublas, iicl_fast_cublaslt; iicl_fast: decode.BLASLT's choice by rows)")
+                         "(iicl_fast_cublas, iicl_fast_cublaslt; iicl_fast: as decode.BLASLT says, off unless IICL_DECODE_BLASLT)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     model = llama_8b().requires_grad_(False)     # frozen, as Memory's base is (the fused norm wants it)
@@ -121,7 +121,7 @@ def main():
                 (("iicl_fast_flash_prefix",) if a.flash_prefix else ()) + \
                 (("iicl_fast_cublas", "iicl_fast_cublaslt") if a.blas else ())
             for impl in impls:
-                decode.BLASLT = {"iicl_fast_cublas": False, "iicl_fast_cublaslt": True}.get(impl, blaslt_default)
+                decode.BLASLT = {"iicl_fast_cublas": "off", "iicl_fast_cublaslt": "on"}.get(impl, blaslt_default)
                 decode.FUSED_PROJ = impl != "iicl_fast_unfused"
                 decode.FUSED_PROJ_MAX_ROWS = 10 ** 9 if impl == "iicl_fast_fused" else max_rows
                 decode.FLASH_PREFIX = impl == "iicl_fast_flash_prefix" or flash_default

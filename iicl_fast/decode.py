@@ -435,15 +435,21 @@ FUSED_PROJ_MAX_ROWS = 256
 # The layers' GEMMs through cuBLASLt rather than cuBLAS (torch's preferred_blas_library, set
 # while the step runs, so a graph captures those kernels; the LM head stays on cuBLAS, slower
 # through Lt at every size measured). Graph-timed GEMMs of the 8B layers, ms a step (32 layers,
-# cuBLAS -> cuBLASLt, H200, benchmarks/tune_decode_gemms.py, 26th session): 64 rows 3.91 -> 3.68, 128
-# 4.27 -> 4.31, 200 4.94 -> 5.11, 256 5.55 -> 5.48, 320 6.75 -> 6.58, 400 9.41 -> 8.82 (cuBLAS
-# runs 400 rows as slowly as 512). None: by rows (BLASLT_ROWS); IICL_DECODE_BLASLT=0/1 forces it.
-BLASLT: bool | None = {"0": False, "1": True}.get(os.environ.get("IICL_DECODE_BLASLT", ""))
+# cuBLAS -> cuBLASLt, H200, benchmarks/tune_decode_gemms.py, 26th session): 64 rows 3.91 -> 3.68,
+# 128 4.27 -> 4.31, 200 4.94 -> 5.11, 256 5.55 -> 5.48, 320 6.75 -> 6.58, 400 9.41 -> 8.82 (cuBLAS
+# runs 400 rows as slowly as 512); bench_generate's step 6.36 -> 6.13 ms at 64 rows, 17.57 ->
+# 17.32 at 400. But the paper chunk's elicitation, which captures a step for every batch size
+# its compaction leaves, took 18.41 s with "rows" against 13.87 s with "off" (peak 59.3 / 57.0
+# GiB; bench_consolidate.py, one H200, 9c81f39): off by default. "off" | "rows" (Lt at <= 96 and
+# >= 320 rows) | "on" (Lt at any row count); IICL_DECODE_BLASLT sets it.
+BLASLT = os.environ.get("IICL_DECODE_BLASLT", "off")
 
 
 def _blaslt(rows: int) -> bool:
-    """Whether a step of `rows` rows runs its layers' GEMMs through cuBLASLt."""
-    return BLASLT if BLASLT is not None else (rows <= 96 or rows >= 320)
+    """Whether a step of `rows` rows runs its layers' GEMMs through cuBLASLt (BLASLT)."""
+    if BLASLT not in ("off", "rows", "on"):
+        raise IICLError(f"IICL_DECODE_BLASLT must be off, rows or on; got {BLASLT!r}")
+    return BLASLT == "on" or (BLASLT == "rows" and (rows <= 96 or rows >= 320))
 
 
 @contextlib.contextmanager
