@@ -247,7 +247,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the comparison here")
     ap.add_argument("--control", default="small (defaults)",
                     help="the setting (its label in the table) the paired differences are taken against; "
-                         "e.g. 'replay_repeats=1,replay_repeats_whole=False' for the defaults before the 26th session")
+                         "e.g. 'replay_repeats=1,replay_repeats_whole=False' for the defaults before the 25th session")
     args = ap.parse_args(argv)
     paths = args.files or sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                         "results", "eval_sequence_*.json")))

@@ -156,7 +156,7 @@ class Config:
     # Why: repeated on every chunk of a stream, 96 drawn entries twice outweighed the ~40 new ones
     # (the drift above), while a stream's first chunk loses most at the very next chunk (0.48 ->
     # 0.40 of its recall, 21st session), when its entries are all replayed. Measured with
-    # replay_repeats 2 (H200, NOTES.md, 26th session): three documents as replay_repeats 2 alone
+    # replay_repeats 2 (H200, NOTES.md, 25th session): three documents as replay_repeats 2 alone
     # (the same training sets: 0.943x); 5 unseen 20-chunk streams (seeds 13-17) first five chunks
     # kept 0.923 [0.82, 1.01], paired +0.141 [-0.01, +0.28] over replay_repeats 1, first chunk
     # 0.776 [0.62, 1.00] (+0.22 [-0.06, +0.63]), held-out NLL +1.5 % (unchanged), general
@@ -177,7 +177,7 @@ class Config:
     # interference_probe.py), so the entries a new chunk is likeliest to overwrite are replayed
     # when it is learnt. It acts only where a draw does: a buffer larger than replay_sample (a
     # stream's ~4th chunk on; three documents replay their whole buffer), or replay_fill's
-    # remainder. Measured on 5 unseen 20-chunk streams (H200, 26th session): first five chunks
+    # remainder. Measured on 5 unseen 20-chunk streams (H200, 25th session): first five chunks
     # kept +0.077 [-0.09, +0.24], first chunk +0.16 [-0.16, +0.61], but all 20 at the end -0.030
     # [-0.046, -0.013] and general questions -0.07: "uniform" stays the default.
     replay_draw: str = "uniform"

@@ -435,7 +435,7 @@ FUSED_PROJ_MAX_ROWS = 256
 # The layers' GEMMs through cuBLASLt rather than cuBLAS (torch's preferred_blas_library, set
 # while the step runs, so a graph captures those kernels; the LM head stays on cuBLAS, slower
 # through Lt at every size measured). Graph-timed GEMMs of the 8B layers, ms a step (32 layers,
-# cuBLAS -> cuBLASLt, H200, benchmarks/tune_decode_gemms.py, 26th session): 64 rows 3.91 -> 3.68,
+# cuBLAS -> cuBLASLt, H200, benchmarks/tune_decode_gemms.py, 25th session): 64 rows 3.91 -> 3.68,
 # 128 4.27 -> 4.31, 200 4.94 -> 5.11, 256 5.55 -> 5.48, 320 6.75 -> 6.58, 400 9.41 -> 8.82 (cuBLAS
 # runs 400 rows as slowly as 512); bench_generate's step 6.36 -> 6.13 ms at 64 rows, 17.57 ->
 # 17.32 at 400. But the paper chunk's elicitation, which captures a step for every batch size
