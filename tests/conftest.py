@@ -57,6 +57,10 @@ def smol():
     return iicl_fast.load_model()
 
 
+# replay_repeats 1: the default's second pass over a whole buffer (25th session) doubled the
+# replay training of every tiny-model stream's early chunks and took CI from 1,424 to 1,734 s of
+# tests (30.1 min wall); the repeats are tested where they are the subject (test_memory_io.py's
+# test_replay_repeats_*) and end to end on the embedded model at the real defaults (test_embedded.py).
 TINY_CONFIG = dict(n_queries=4, n_continuations=4, max_query_tokens=8, max_response_tokens=8,
-                   epochs=2, batch_size=4, progress=False, lora_r=4)
+                   epochs=2, batch_size=4, progress=False, lora_r=4, replay_repeats=1)
 
