@@ -478,6 +478,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("iicl-fast: interrupted (the last saved memory is intact)", file=sys.stderr)
         return 130
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":
