@@ -273,22 +273,17 @@ def test_dist_helpers_on_two_ranks(tmp_path):
     assert r0["rows"] == r1["rows"] == [[[0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]]     # sizes differ by rank
 
 
-def _gloo_threads() -> list[str]:
-    names = (Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
-    return sorted(n for n in names if "gloo" in n)
-
-
-def _main_on_rank(rank: int, port: int, runs: list, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    from iicl_fast import cli
-    res = []
-    for argv in runs:
-        rc = cli.main(argv)
-        res.append({"rc": rc, "group_left": tdist.is_initialized(), "gloo_threads": _gloo_threads()})
-    Path(out, f"{rank}.json").write_text(json.dumps(res))
-    if tdist.is_initialized():          # (the assertion fails; still leave cleanly)
-        tdist.destroy_process_group()
+# one rank of test_main_ends_...: main, then what is left of the process group in this process
+AFTER_MAIN = """
+import json, os, sys
+from pathlib import Path
+import torch.distributed as tdist
+from iicl_fast import cli
+rc = cli.main(sys.argv[2:])
+names = [Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+Path(sys.argv[1], os.environ["RANK"] + ".json").write_text(json.dumps(
+    {"rc": rc, "group_left": tdist.is_initialized(), "gloo_threads": sorted(n for n in names if "gloo" in n)}))
+"""
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
@@ -299,18 +294,21 @@ def test_main_ends_the_process_group_it_started(tiny_dir, tmp_path):
     main ends the group, and gloo's threads with it, after a model load (transformers imports
     torch.distributed.nn, whose default arguments held the group alive) and on the error path.
     A group main did not start is left alone."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    runs = [["ask", "Who built the lighthouse?", "--model", str(tiny_dir), "--device", "cpu",
-             "--set", "answer_max_new_tokens=2"],
-            ["consolidate", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "m"), "--device", "cpu"]]
-    mp.spawn(_main_on_rank, args=(port, runs, str(tmp_path)), nprocs=2, join=True)
-    for r in (0, 1):
-        res = json.loads((tmp_path / f"{r}.json").read_text())
-        assert [x["rc"] for x in res] == [0, 2], res
-        assert all(not x["group_left"] and x["gloo_threads"] == [] for x in res), res
+    script = tmp_path / "after_main.py"
+    script.write_text(AFTER_MAIN)
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    runs = {"ask": (["ask", "Who built the lighthouse?", "--model", str(tiny_dir), "--device", "cpu",
+                     "--set", "answer_max_new_tokens=2"], 0),
+            "error": (["consolidate", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "m"),
+                       "--device", "cpu"], 2)}
+    for name, (argv, want) in runs.items():
+        out = tmp_path / name
+        out.mkdir()
+        rc, err = run(head + [str(out)] + argv, timeout=240)
+        assert rc == 0, err[-2000:]
+        for r in (0, 1):
+            res = json.loads((out / f"{r}.json").read_text())
+            assert res == {"rc": want, "group_left": False, "gloo_threads": []}, (name, r, res)
     from iicl_fast import dist
     dist.close()                        # no group here, none started: nothing to do
     assert not tdist.is_initialized()
