@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The evaluation suite on the GPU machine, in steps over consecutive calls (the embedded
 # model's GGUF goes over in two parts: .bench/smol.gguf.partaa in one call, partab in the next).
+# Here first: bash benchmarks/device_prepare.sh (the ignored .whl/ and .bench/ it carries).
 #   step 1: wheels, the first half of the GGUF, the CUDA tests that need no model file
 #   step 2: join the GGUF; then each later step runs the eval suites named in $SUITES
 set -uo pipefail

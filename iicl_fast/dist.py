@@ -29,6 +29,7 @@ and the shares above are off — memory scales with the ranks, time does not."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from datetime import timedelta
 
@@ -110,9 +111,11 @@ def init_from_env(device: str = "auto") -> bool:
     # imported (transformers imports it while loading a model): imported after the group
     # starts, it holds the group past destroy_process_group, gloo's threads outlive close()
     # and can still be freeing a collective's tensors when the interpreter shuts down — the
-    # abort above. Imported first, it binds None.
+    # abort above. Imported first, it binds None. (importlib, not `import torch.distributed.nn`:
+    # that statement makes `torch` a local name of this function, unbound on the CUDA line above
+    # — every torchrun on a GPU failed with UnboundLocalError, the CPU path never reads it.)
     with contextlib.suppress(ImportError):
-        import torch.distributed.nn  # noqa: F401
+        importlib.import_module("torch.distributed.nn")
     tdist.init_process_group(backend, timeout=timedelta(minutes=30))
     _STARTED = True
     return active()

@@ -299,8 +299,11 @@ def test_main_ends_the_process_group_it_started(tiny_dir, tmp_path):
     head = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
     runs = {"ask": (["ask", "Who built the lighthouse?", "--model", str(tiny_dir), "--device", "cpu",
                      "--set", "answer_max_new_tokens=2"], 0),
+            # --device auto: init_from_env reads torch.cuda (the 26th session's import inside it made
+            # `torch` a local name there: every GPU torchrun died of UnboundLocalError, --device cpu never
+            # reached that line)
             "error": (["consolidate", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "m"),
-                       "--device", "cpu"], 2)}
+                       "--device", "auto"], 2)}
     for name, (argv, want) in runs.items():
         out = tmp_path / name
         out.mkdir()
