@@ -3,9 +3,10 @@
     python benchmarks/profile_decode.py [--rows 400 64] [--prefix 5000] [--own 300] [--out FILE]
 
 Per row count: the captured step's replay time (CUDA events, cur held at prompt + own
-slots, i.e. mid-generation), the sampler's time on that step's logits, the floor, and the
-GPU time of one eager step by kernel family (torch.profiler; the graph replays the same
-kernels without the launch gaps)."""
+slots, i.e. mid-generation), the sampler's time on that step's logits, the floor, the GPU
+time of the replayed graph's kernels by family (torch.profiler records the kernels a graph
+launches; replay time minus their sum is the gaps between them) and of one eager step. The
+weights laid out as Memory lays them (layers.fuse_projections)."""
 from __future__ import annotations
 
 import argparse
@@ -68,6 +69,11 @@ def profile_rows(model, kv, R, K, own, P=40):
         seed = torch.zeros(1, dtype=torch.long, device="cuda")
         ms_sample = events(lambda: sample_top_p(z, seed, 0.7, 0.9), 20)
         ms_argmax = events(lambda: z.argmax(-1), 20)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as gprof:
+            for _ in range(3):
+                captured(tok, pos)
+            torch.cuda.synchronize()
         captured = None                          # frees the graph's pool before the eager step
         eager = _Step(model, st, R, False, None)
         eager(tok, pos)
@@ -76,6 +82,11 @@ def profile_rows(model, kv, R, K, own, P=40):
             for _ in range(3):
                 eager(tok, pos)
             torch.cuda.synchronize()
+    gfam = defaultdict(float)
+    for e in gprof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            gfam[family(e.key)] += t / 3 / 1e3
     fam, other = defaultdict(float), []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
@@ -86,6 +97,8 @@ def profile_rows(model, kv, R, K, own, P=40):
     res = {"rows": R, "prefix_tokens": K, "own_slots": P + own, "graph_step_ms": round(ms_graph, 2),
            "sample_top_p_ms": round(ms_sample, 3), "argmax_ms": round(ms_argmax, 3),
            "floor_ms": round(floor_ms(model, R, K, P + own, 0), 2),
+           "graph_gpu_ms_by_family": {k: round(v, 3) for k, v in sorted(gfam.items(), key=lambda x: -x[1])},
+           "graph_kernels_ms": round(sum(gfam.values()), 2),
            "eager_step_gpu_ms_by_family": {k: round(v, 3) for k, v in sorted(fam.items(), key=lambda x: -x[1])},
            "eager_step_gpu_ms": round(sum(fam.values()), 2), "other_top": sorted(other, reverse=True)[:12],
            "device": torch.cuda.get_device_name()}
@@ -102,6 +115,7 @@ def main():
     a = p.parse_args()
     model = llama_8b().requires_grad_(False)     # frozen, as Memory's base is (the fused norm wants it)
     layers.install(model)
+    layers.fuse_projections(model)               # as Memory does on CUDA
     prefix = torch.randint(10, 120000, (a.prefix,)).tolist()
     kv = prefix_kv(model, prefix)
     res = [profile_rows(model, kv, R, a.prefix, a.own) for R in a.rows]

@@ -424,6 +424,10 @@ PREFILL_TOKENS = 8192
 # False (IICL_DECODE_GRAPHS=0): eager steps on CUDA too (benchmarks compare; the CPU never captures)
 GRAPHS = os.environ.get("IICL_DECODE_GRAPHS", "1") != "0"
 LLAMA_STEP = True       # False: Llama-like decoders also step through transformers' forward
+# _llama_step folds each residual add into the fused RMSNorm after it (kernels/rmsnorm.
+# add_rmsnorm_forward): 65 kernels a step fewer on the 8B shape. IICL_DECODE_ADD_NORM=0: the
+# separate add and norm (benchmarks compare).
+ADD_NORM = os.environ.get("IICL_DECODE_ADD_NORM", "1") != "0"
 # _llama_step runs q/k/v and gate/up as one GEMM each where layers.fuse_projections laid their
 # weights out so (Memory does on CUDA); IICL_FUSED_PROJ=0: one GEMM a projection (benchmarks).
 # Measured (H200, 8B shape, 5,000-token prefix, bench_generate.py --unfused, one run each, 40f0310):
@@ -616,30 +620,56 @@ def _llama_step(body, st: _Static, tok, pos, fused=None):
     cos, sin = body.rotary_emb(h[:, None], pos[:, None])
     cos, sin = cos[:, 0], sin[:, 0]
     with _blas(h.is_cuda and h.dtype != torch.float32 and _blaslt(B)):     # fp32: as measured before
-        h = _llama_layers(body, st, h, cos, sin, prefix_fn, fused)
-    return body.norm(h)
+        return _llama_layers(body, st, h, cos, sin, prefix_fn, fused)
+
+
+def _add_norms(body, h):
+    """[(weight, eps)] of every norm that follows a residual add in the step (each layer's
+    post-attention norm, the next layer's input norm, the final norm, in that order) when
+    ADD_NORM is on and all are installed fused RMSNorms (layers.fused_norm), else None."""
+    from .layers import fused_norm
+    if not ADD_NORM:
+        return None
+    ls = body.layers
+    mods = [m for i, layer in enumerate(ls)
+            for m in (layer.post_attention_layernorm, ls[i + 1].input_layernorm if i + 1 < len(ls) else body.norm)]
+    got = [fused_norm(m, h) for m in mods]
+    return None if any(g is None for g in got) else got
 
 
 def _llama_layers(body, st: _Static, h, cos, sin, prefix_fn, fused):
-    """_llama_step's decoder layers: h [B, hidden] -> h [B, hidden]."""
+    """_llama_step's decoder layers and final norm: h [B, hidden] -> normed h [B, hidden]. Where
+    the norms allow (_add_norms) each residual add runs in the kernel of the norm after it."""
     from .kernels.prefix_attention import cascade_decode
+    from .kernels.rmsnorm import add_rmsnorm_forward
     from .kernels.rotary import rope_write
     from .kernels.swiglu import swiglu_packed
     B = h.shape[0]
+    norms = _add_norms(body, h)
+    x = body.layers[0].input_layernorm(h)
     for i, layer in enumerate(body.layers):
         a = layer.self_attn
         qkv, gate_up = fused[i] if fused is not None else (None, None)
-        x = layer.input_layernorm(h)
+        if i and norms is None:
+            x = layer.input_layernorm(h)
         if qkv is None:
             q = rope_write(a.q_proj(x), a.k_proj(x), a.v_proj(x), cos, sin, st.ks[i], st.vs[i], st.cur)
         else:
             q = rope_write(*qkv(x).split(qkv.sizes, dim=-1), cos, sin, st.ks[i], st.vs[i], st.cur)
         pk, pv = st.prefix[i] if st.prefix is not None else (None, None)
         o = cascade_decode(q, pk, pv, st.ks[i], st.vs[i], st.lo, st.cur, a.scaling, prefix=prefix_fn)
-        h = h + a.o_proj(o.view(B, -1))
-        x = layer.post_attention_layernorm(h)
-        h = h + (layer.mlp(x) if gate_up is None else layer.mlp.down_proj(swiglu_packed(gate_up(x))))
-    return h
+        y = a.o_proj(o.view(B, -1))
+        if norms is None:
+            h = h + y
+            x = layer.post_attention_layernorm(h)
+        else:
+            h, x = add_rmsnorm_forward(h, y, *norms[2 * i])
+        y = layer.mlp(x) if gate_up is None else layer.mlp.down_proj(swiglu_packed(gate_up(x)))
+        if norms is None:
+            h = h + y
+        else:                                   # the next layer's input norm, or the final norm
+            h, x = add_rmsnorm_forward(h, y, *norms[2 * i + 1])
+    return body.norm(h) if norms is None else x
 
 
 class _Step:

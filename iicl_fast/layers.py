@@ -108,6 +108,18 @@ def _norm_forward(self, hidden_states):
     return super(type(self), self).forward(hidden_states)
 
 
+def fused_norm(m, like: torch.Tensor):
+    """(weight, eps) when m is an installed fused RMSNorm that would run its kernel on `like`
+    (frozen weight of like's dtype, fused layers on), else None: the decoding step then folds
+    the residual add before m into that kernel (kernels/rmsnorm.add_rmsnorm_forward)."""
+    w = getattr(m, "weight", None)
+    if type(m).forward is not _norm_forward or w is None or w.requires_grad or w.dtype != like.dtype:
+        return None
+    if not ((like.is_cuda or ON_CPU) and _enabled()):
+        return None
+    return w, m.variance_epsilon
+
+
 def _mlp_forward(self, x):
     if (x.is_cuda or ON_CPU) and _enabled():
         g, u = self.gate_proj(x), self.up_proj(x)

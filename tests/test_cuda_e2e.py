@@ -615,3 +615,35 @@ def test_bank_training_on_cuda_bf16(smol_tokenizer):
     for m in mems:
         b = [p for n, p in m.model.named_parameters() if f"lora_B.{m.name}." in n]
         assert b and all(torch.isfinite(p).all() for p in b) and max(float(p.abs().max()) for p in b) > 0
+
+
+def test_add_norm_step_equals_the_separate_kernels_on_cuda(smol_tokenizer, monkeypatch):
+    """The residual add folded into the norm kernel (decode.ADD_NORM) is the separate add and
+    norm bit for bit in bf16: the kernel at odd shapes, and a Memory's captured decoding step
+    (LoRA on, q/k/v and gate/up laid out) writing the same greedy tokens with it on and off."""
+    import iicl_fast.decode as D
+    from iicl_fast.kernels import rmsnorm as k
+    monkeypatch.setattr(k, "POISON", True)
+    for n, hdim in ((1, 4096), (97, 130), (400, 576)):
+        g = torch.Generator(device="cuda").manual_seed(n)
+        h = (torch.randn(n, hdim, device="cuda", generator=g) * 3).bfloat16()
+        y = torch.randn(n, hdim, device="cuda", generator=g).bfloat16()
+        w = (1 + 0.3 * torch.randn(hdim, device="cuda", generator=g)).bfloat16()
+        s, x = k.add_rmsnorm_forward(h, y, w, 1e-5)
+        assert torch.equal(s, h + y) and torch.equal(x, k.rmsnorm_forward(h + y, w, 1e-5)[0])
+    model = _scaled_tiny(smol_tokenizer, torch.bfloat16)
+    mem = iicl_fast.Memory(model, smol_tokenizer, iicl_fast.Config(**TINY_CONFIG))
+    with torch.no_grad():
+        for p in mem.params:
+            p.normal_(0, 0.05)
+    calls = []
+    orig = k.add_rmsnorm_forward
+    monkeypatch.setattr(k, "add_rmsnorm_forward", lambda *a: calls.append(1) or orig(*a))
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(3, 40000, (211,), generator=g).tolist()
+    qs = [torch.randint(3, 40000, (n,), generator=g).tolist() for n in (5, 17, 1, 9)]
+    kw = dict(max_new_tokens=20, pad_id=0, sample=False, prefix=prefix, batch_size=4, stop_ids=[10 ** 6])
+    folded = generate(mem.model, qs, static=True, **kw)
+    assert calls                                            # the step took the folded kernels
+    monkeypatch.setattr(D, "ADD_NORM", False)
+    assert generate(mem.model, qs, static=True, **kw) == folded

@@ -229,6 +229,36 @@ def test_static_decoder_with_lora_takes_the_adapter(static_kernels, monkeypatch,
         assert all(g[0][0].adapted for g in built[:1]) and not built[-1][0][0].adapted
 
 
+@pytest.mark.parametrize("add_norm", [True, False])
+def test_static_decoder_folds_the_residual_adds_into_the_norms(static_kernels, monkeypatch, add_norm):
+    """The fused layers installed (RMSNorm kernels): the Llama step runs every residual add in
+    the kernel of the norm after it (2 a layer: 4 a step of the 2-layer model; none with
+    ADD_NORM off) and writes the plain loop's tokens (fp32)."""
+    import iicl_fast.decode as D
+    from iicl_fast import layers
+    from iicl_fast.generation import generate
+    from iicl_fast.kernels import rmsnorm
+    monkeypatch.setattr(layers, "ON_CPU", True)
+    monkeypatch.setattr(D, "ADD_NORM", add_norm)
+    model = _tiny_llama(seed=5).requires_grad_(False)
+    with torch.no_grad():                                  # norms that differ: taking the wrong one shows
+        for i, p in enumerate(model.parameters()):
+            if p.dim() == 1:
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    assert layers.install(model) >= 5                      # 5 norms (+ MLPs, rotary)
+    calls = []
+    orig = rmsnorm.add_rmsnorm_forward
+    monkeypatch.setattr(rmsnorm, "add_rmsnorm_forward", lambda *a: calls.append(1) or orig(*a))
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(3, 97, (19,), generator=g).tolist()
+    qs = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (4, 1, 6)]
+    kw = dict(max_new_tokens=9, pad_id=0, sample=False, prefix=prefix, stop_ids=[10_000])
+    got = generate(model, qs, static=True, **kw)
+    assert len(calls) == (4 * 8 if add_norm else 0)       # 8 decoding steps after the prefill's token
+    assert got == generate(model, qs, static=False, **kw)
+    layers.uninstall(model)
+
+
 @pytest.mark.parametrize("lengths,Hq,Hk", [([1], 2, 2), ([7, 1, 5], 4, 2), ([97, 33, 64], 6, 2)])
 def test_varlen_causal_equals_attention_per_sequence(lengths, Hq, Hk):
     """decode.varlen_causal (the packed row's attention; on the CPU SDPA per sequence): each

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from iicl_fast import layers
-from iicl_fast.kernels.reference_rmsnorm import rmsnorm_ref
+from iicl_fast.kernels.reference_rmsnorm import add_rmsnorm_ref, rmsnorm_ref
 from iicl_fast.kernels.reference_swiglu import swiglu_ref
-from iicl_fast.kernels.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from iicl_fast.kernels.rmsnorm import add_rmsnorm_forward, rmsnorm_backward, rmsnorm_forward
 from iicl_fast.kernels.swiglu import swiglu_backward, swiglu_forward, swiglu_packed
 
 
@@ -52,6 +52,29 @@ def test_rmsnorm_matches_float64(shape, dtype):
     assert rel(dx, dx64) <= max(2 * rel(dxp, dx64), 1e-6)
     if dtype == torch.float16:        # the same rounding as transformers: (nearly) equal outputs
         assert rel(y, yp) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 37), (7, 64), (97, 130), (2, 3, 48)])
+def test_add_rmsnorm_matches_float64(shape, dtype):
+    """The residual add folded into the norm: the sum as torch's add rounds it (equal), the
+    norm no worse than twice transformers' own path against float64, and equal to the
+    unfused kernel on that sum."""
+    g = torch.Generator().manual_seed(shape[0] * 17 + shape[-1])
+    h = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    y = torch.randn(*shape, generator=g).to(dtype)
+    w = (1 + 0.3 * torch.randn(shape[-1], generator=g)).to(dtype)
+    eps = 1e-6
+    s, x = add_rmsnorm_forward(h, y, w, eps)
+    assert s.shape == x.shape == h.shape and s.dtype == x.dtype == dtype
+    assert torch.isfinite(s).all() and torch.isfinite(x).all()
+    sp, xp = add_rmsnorm_ref(h, y, w, eps)
+    _, x64 = add_rmsnorm_ref(h, y, w, eps, dtype=torch.float64)
+    assert torch.equal(s, sp)
+    assert rel(x, x64) <= max(2 * rel(xp, x64), 1e-6)
+    assert torch.equal(x, rmsnorm_forward(sp, w, eps)[0])
+    with pytest.raises(ValueError, match="add_rmsnorm_forward"):
+        add_rmsnorm_forward(h, y[..., :-1], w, eps)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

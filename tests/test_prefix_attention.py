@@ -84,16 +84,18 @@ DECODE_CASES = [  # B, Hq, Hkv, K (0: no prefix), S, d, prefix split, suffix spl
 ]
 
 
-@pytest.mark.parametrize("launches", ["one", "two", "merge_in_suffix"])
+@pytest.mark.parametrize("launches", ["one", "two", "merge_in_suffix", "merge_in_suffix_loops"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,Hq,Hkv,K,S,d,split_len,suffix_split", DECODE_CASES)
 def test_cascade_decode_matches_float64(B, Hq, Hkv, K, S, d, split_len, suffix_split, dtype, launches, monkeypatch):
     """Rows of different suffix lengths (left padding lo[b]) and a current slot short of S:
     slots past it hold garbage that must not be read. Prefix and suffix tiles in one launch,
     in two with the merge kernel after them, or in two with the suffix programs merging (where
-    the suffix is one split; otherwise that setting takes the merge kernel too)."""
+    the suffix is one split; otherwise that setting takes the merge kernel too), the prefix
+    partials read unrolled or in runtime loops."""
     monkeypatch.setattr(pa, "ONE_LAUNCH", launches == "one")
-    monkeypatch.setattr(pa, "MERGE_IN_SUFFIX", launches == "merge_in_suffix")
+    monkeypatch.setattr(pa, "MERGE_IN_SUFFIX", launches.startswith("merge_in_suffix"))
+    monkeypatch.setattr(pa, "UNROLL_SP", launches == "merge_in_suffix")
     g = torch.Generator().manual_seed(B * 100 + S)
     q = torch.randn(B, Hq, d, generator=g).to(dtype)
     pk = torch.randn(Hkv, K, d, generator=g).to(dtype) if K else None

@@ -54,6 +54,11 @@ ONE_LAUNCH_MIN_M = 512
 # (with the eighth session's tiles it was the slower one at 64 rows: 0.049 / 0.047).
 # IICL_DECODE_MERGE_IN_SUFFIX=0: the merge kernel.
 MERGE_IN_SUFFIX = os.environ.get("IICL_DECODE_MERGE_IN_SUFFIX", "1") != "0"
+# The suffix programs' merge reads the prefix partials unrolled (the split count a compile-time
+# constant, one kernel build per count) up to UNROLL_SP_MAX splits; above it, or with
+# IICL_DECODE_UNROLL_SP=0, in runtime loops whose reads wait one after another.
+UNROLL_SP = os.environ.get("IICL_DECODE_UNROLL_SP", "1") != "0"
+UNROLL_SP_MAX = 32
 
 
 def _prefix_cfg(M: int) -> dict:
@@ -213,34 +218,54 @@ def _suffix_merge_kernel(q_ptr, k_ptr, v_ptr, lo_ptr, cur_ptr, op_ptr, lp_ptr, o
                          stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                          stride_oph, stride_ops, stride_opm, stride_lph, stride_lps, stride_outb,
                          G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                         IEEE: tl.constexpr, UPCAST: tl.constexpr, UNROLL_SP: tl.constexpr, BLOCK_SP: tl.constexpr):
     """One (row b, KV head h) when the suffix is one split: its part, then the SP prefix
     partials of the row's G query vectors (m = b·G + j, written by the launch before) merged
     in by their log-sum-exps -> out[b, h·G + j, :] in out's dtype. Saves the merge kernel's
-    launch and the suffix partials' round trip through memory."""
+    launch and the suffix partials' round trip through memory. UNROLL_SP (SP == UNROLL_SP, a
+    compile-time count): the partials' log-sum-exps are read as one tile before the suffix part
+    and their outputs in an unrolled loop, so the reads overlap instead of waiting one after
+    another (2·SP dependent round trips a program in the runtime loops; 0: those loops)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
-    o, lse = _suffix_part(b, h, 0, q_ptr, k_ptr, v_ptr, lo_ptr, cur_ptr, D, split_len, scale,
-                          stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, G, BLOCK_G, BLOCK_N, BLOCK_D,
-                          IEEE, UPCAST)
     rg = tl.arange(0, BLOCK_G)
     rd = tl.arange(0, BLOCK_D)
     gmask = rg < G
     dmask = rd < D
     m = b * G + rg
-    big = lse
-    for s in range(0, SP):
-        big = tl.maximum(big, tl.load(lp_ptr + h * stride_lph + s * stride_lps + m, mask=gmask, other=float("-inf")))
-    big = tl.where(big == float("-inf"), 0.0, big)
-    w = tl.exp(lse - big)
-    den = w
-    acc = o * w[:, None]
-    for s in range(0, SP):
-        w = tl.exp(tl.load(lp_ptr + h * stride_lph + s * stride_lps + m, mask=gmask, other=float("-inf")) - big)
-        op = tl.load(op_ptr + h * stride_oph + s * stride_ops + m[:, None] * stride_opm + rd[None, :],
-                     mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        acc += op * w[:, None]
-        den += w
+    if UNROLL_SP > 0:
+        rs = tl.arange(0, BLOCK_SP)
+        lp = tl.load(lp_ptr + h * stride_lph + rs[:, None] * stride_lps + m[None, :],
+                     mask=(rs < UNROLL_SP)[:, None] & gmask[None, :], other=float("-inf"))     # [BLOCK_SP, BLOCK_G]
+    o, lse = _suffix_part(b, h, 0, q_ptr, k_ptr, v_ptr, lo_ptr, cur_ptr, D, split_len, scale,
+                          stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, G, BLOCK_G, BLOCK_N, BLOCK_D,
+                          IEEE, UPCAST)
+    if UNROLL_SP > 0:
+        big = tl.maximum(lse, tl.max(lp, 0))
+        big = tl.where(big == float("-inf"), 0.0, big)
+        wp = tl.exp(lp - big[None, :])                                 # [BLOCK_SP, BLOCK_G]
+        w = tl.exp(lse - big)
+        den = w + tl.sum(wp, 0)
+        acc = o * w[:, None]
+        for s in tl.static_range(UNROLL_SP):
+            ws = tl.sum(tl.where(rs[:, None] == s, wp, 0.0), 0)
+            op = tl.load(op_ptr + h * stride_oph + s * stride_ops + m[:, None] * stride_opm + rd[None, :],
+                         mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            acc += op * ws[:, None]
+    else:
+        big = lse
+        for s in range(0, SP):
+            big = tl.maximum(big, tl.load(lp_ptr + h * stride_lph + s * stride_lps + m, mask=gmask, other=float("-inf")))
+        big = tl.where(big == float("-inf"), 0.0, big)
+        w = tl.exp(lse - big)
+        den = w
+        acc = o * w[:, None]
+        for s in range(0, SP):
+            w = tl.exp(tl.load(lp_ptr + h * stride_lph + s * stride_lps + m, mask=gmask, other=float("-inf")) - big)
+            op = tl.load(op_ptr + h * stride_oph + s * stride_ops + m[:, None] * stride_opm + rd[None, :],
+                         mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+            acc += op * w[:, None]
+            den += w
     den = tl.where(gmask, den, 1.0)
     tl.store(out_ptr + b * stride_outb + (h * G + rg[:, None]) * D + rd[None, :],
              (acc / den[:, None]).to(out_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
@@ -449,11 +474,14 @@ def cascade_decode(q: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | 
         out = _buffer((B, Hq, d), q.device, q.dtype)
     if suffix_args is not None and SS == 1 and MERGE_IN_SUFFIX:
         sc = _suffix_cfg(B * Hkv)
+        SP = o_p.shape[1]
+        unroll = SP if UNROLL_SP and 0 < SP <= UNROLL_SP_MAX else 0
         _suffix_merge_kernel[(B, Hkv)](
             q, ks_, vs_, lo, cur, o_p, l_p, out, d, sl, o_p.shape[1], float(scale), q.stride(0), q.stride(1),
             ks_.stride(0), ks_.stride(1), ks_.stride(2), o_p.stride(0), o_p.stride(1), o_p.stride(2),
             l_p.stride(0), l_p.stride(1), out.stride(0), G=g, BLOCK_G=bg, BLOCK_N=sc["block_n"], BLOCK_D=bd,
-            IEEE=ieee, UPCAST=INTERPRET, num_warps=sc["num_warps"], num_stages=sc["num_stages"])
+            IEEE=ieee, UPCAST=INTERPRET, UNROLL_SP=unroll, BLOCK_SP=max(2, triton.next_power_of_2(max(1, unroll))),
+            num_warps=sc["num_warps"], num_stages=sc["num_stages"])
         return out
     if suffix_args is not None:
         sc = _suffix_cfg(B * Hkv * SS)

@@ -9,6 +9,10 @@ Measured on the 8B shape: benchmarks/NOTES.md.
     y = w · round16(x · rstd),   rstd = 1 / sqrt(mean(x²) + eps)      (transformers' rounding)
     ∂x = rstd · (g − n · mean(g · n)),   g = ∂y · w,   n = x · rstd      (w frozen: no ∂w)
 
+add_rmsnorm_forward fuses the residual add a decoder layer makes before each norm (the static
+decoder's step, no gradient): s = round16(h + y), then the norm of s, one kernel for the two
+(saves a launch and a round trip of the activations, twice a layer).
+
 Reference beside it: reference_rmsnorm.py. Launchers take CUDA tensors, or CPU tensors
 under TRITON_INTERPRET=1 (the tests)."""
 from __future__ import annotations
@@ -35,6 +39,23 @@ def _rmsnorm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, H, eps, stride_x, stride_y, BLOC
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * stride_y + cols, (n * w).to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _add_rmsnorm_fwd(h_ptr, y_ptr, w_ptr, s_ptr, x_ptr, H, eps, stride_h, stride_y, stride_s, stride_x,
+                     BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    h = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+    s = (h + y).to(s_ptr.dtype.element_ty)                     # the sum rounded as torch's add rounds it
+    tl.store(s_ptr + row * stride_s + cols, s, mask=mask)
+    s = s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, 0) / H + eps)
+    n = (s * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(x_ptr + row * stride_x + cols, (n * w).to(x_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -83,3 +104,19 @@ def rmsnorm_backward(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, 
         _rmsnorm_bwd[(N,)](x2, weight, dy2, rstd, dx, H, x2.stride(0), dy2.stride(0), dx.stride(0), BLOCK=block,
                            num_warps=_warps(block))
     return dx.view(x.shape)
+
+
+def add_rmsnorm_forward(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float):
+    """h, y [..., H] (one dtype), weight [H] (that dtype) -> (s = h + y, norm(s)), both like h:
+    the residual add and the RMSNorm after it in one kernel (forward only, no gradient)."""
+    if y.shape != h.shape or y.dtype != h.dtype or weight.shape != h.shape[-1:] or weight.dtype != h.dtype:
+        raise ValueError(f"add_rmsnorm_forward: h {tuple(h.shape)} {h.dtype}, y {tuple(y.shape)} {y.dtype} and "
+                         f"weight {tuple(weight.shape)} {weight.dtype} must share a dtype, y h's shape, weight [H]")
+    h2, y2 = _rows(h), _rows(y)
+    N, H = h2.shape
+    s, x = _like(h2), _like(h2)
+    block = triton.next_power_of_2(H)
+    if N:
+        _add_rmsnorm_fwd[(N,)](h2, y2, weight, s, x, H, eps, h2.stride(0), y2.stride(0), s.stride(0), x.stride(0),
+                               BLOCK=block, num_warps=_warps(block))
+    return s.view(h.shape), x.view(h.shape)
