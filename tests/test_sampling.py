@@ -25,7 +25,7 @@ def draws(logits_row, n, temperature, top_p, block_v, seed=1):
 
 # 1,000 draws a case: the interpreter takes ~20-40 ms a row (every tl.sum / tl.cumsum is a
 # nested jit call there)
-@pytest.mark.parametrize("top_p,temperature,block_v", [(0.5, 0.7, 16), (0.9, 1.0, 64), (1.0, 1.3, 64)])
+@pytest.mark.parametrize("top_p,temperature,block_v", [(0.5, 0.7, 16), (0.9, 1.0, 16), (0.9, 1.0, 64), (1.0, 1.3, 64)])
 def test_draws_follow_the_nucleus_distribution(top_p, temperature, block_v):
     g = torch.Generator().manual_seed(11)
     V, n = 37, 1000                                         # 37: three blocks of 16, the last ragged

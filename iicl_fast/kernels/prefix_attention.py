@@ -95,20 +95,48 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _online_block(q, k_ptrs, v_ptrs, nmask, dmask, m_i, l_i, acc, scale, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """One block of keys / values (pointers [BLOCK_N, BLOCK_D], rows past nmask ignored) into
-    the running (max m_i, normaliser l_i, unnormalised output acc) of q's online softmax.
-    Operands in the cache's dtype (bf16 on the tensor cores), accumulated in fp32."""
-    kt = tl.load(k_ptrs, mask=nmask[:, None] & dmask[None, :], other=0.0)
-    vt = tl.load(v_ptrs, mask=nmask[:, None] & dmask[None, :], other=0.0)
-    s = _dot(q, tl.trans(kt), IEEE, UPCAST) * scale
-    s = tl.where(nmask[None, :], s, float("-inf"))
+def _online_block(q, k_ptrs, v_ptrs, nmask, dmask, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                  MASK_N: tl.constexpr):
+    """One block of keys / values (pointers [BLOCK_N, BLOCK_D]; MASK_N: rows past nmask
+    ignored, else the block is whole) into the running (max m_i, normaliser l_i, unnormalised
+    output acc) of q's online softmax, in base 2: qk_scale = scale · log2(e), m_i in those
+    units (lse = m_i · ln 2 + ln l_i). Operands in the cache's dtype (bf16 on the tensor
+    cores), accumulated in fp32."""
+    if MASK_N:
+        kt = tl.load(k_ptrs, mask=nmask[:, None] & dmask[None, :], other=0.0)
+        vt = tl.load(v_ptrs, mask=nmask[:, None] & dmask[None, :], other=0.0)
+        s = _dot(q, tl.trans(kt), IEEE, UPCAST) * qk_scale
+        s = tl.where(nmask[None, :], s, float("-inf"))
+    else:
+        kt = tl.load(k_ptrs, mask=dmask[None, :], other=0.0)
+        vt = tl.load(v_ptrs, mask=dmask[None, :], other=0.0)
+        s = _dot(q, tl.trans(kt), IEEE, UPCAST) * qk_scale
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp(s - m_new[:, None])
-    alpha = tl.exp(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE, UPCAST)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _online_range(q, k_base, v_base, stride_kn, rd, dmask, start, end, m_i, l_i, acc, qk_scale,
+                  BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Positions start .. end-1 of one head's keys / values (k_base, v_base: that head's first
+    position) into the running online softmax: whole blocks without masks, then the ragged
+    last one masked."""
+    full_end = start + (end - start) // BLOCK_N * BLOCK_N
+    for n0 in range(start, full_end, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        off = rn[:, None] * stride_kn + rd[None, :]
+        m_i, l_i, acc = _online_block(q, k_base + off, v_base + off, rn < end, dmask, m_i, l_i, acc, qk_scale,
+                                      IEEE, UPCAST, False)
+    if full_end < end:
+        rn = full_end + tl.arange(0, BLOCK_N)
+        off = rn[:, None] * stride_kn + rd[None, :]
+        m_i, l_i, acc = _online_block(q, k_base + off, v_base + off, rn < end, dmask, m_i, l_i, acc, qk_scale,
+                                      IEEE, UPCAST, True)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -131,15 +159,12 @@ def _prefix_tile(h, sp, mb, q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, M, K, D, GN, NQ
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        nmask = rn < end
-        kv_off = h * stride_kh + rn[:, None] * stride_kn + rd[None, :]
-        m_i, l_i, acc = _online_block(q, k_ptr + kv_off, v_ptr + kv_off, nmask, dmask, m_i, l_i, acc, scale, IEEE, UPCAST)
+    m_i, l_i, acc = _online_range(q, k_ptr + h * stride_kh, v_ptr + h * stride_kh, stride_kn, rd, dmask, start, end,
+                                  m_i, l_i, acc, scale * 1.4426950408889634, BLOCK_N, IEEE, UPCAST)
     o = acc / l_i[:, None]
     tl.store(o_ptr + h * stride_oh + sp * stride_os + rm[:, None] * stride_om + rd[None, :], o,
              mask=(rm[:, None] < M) & dmask[None, :])
-    tl.store(lse_ptr + h * stride_lh + sp * stride_ls + rm, m_i + tl.log(l_i), mask=rm < M)
+    tl.store(lse_ptr + h * stride_lh + sp * stride_ls + rm, m_i * 0.6931471805599453 + tl.log(l_i), mask=rm < M)
 
 
 @triton.jit
@@ -173,14 +198,12 @@ def _suffix_part(b, h, sp, q_ptr, k_ptr, v_ptr, lo_ptr, cur_ptr, D, split_len, s
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        nmask = rn < end
-        kv_off = b * stride_kb + h * stride_kh + rn[:, None] * stride_kn + rd[None, :]
-        m_i, l_i, acc = _online_block(q, k_ptr + kv_off, v_ptr + kv_off, nmask, dmask, m_i, l_i, acc, scale, IEEE, UPCAST)
+    base = b * stride_kb + h * stride_kh
+    m_i, l_i, acc = _online_range(q, k_ptr + base, v_ptr + base, stride_kn, rd, dmask, start, end, m_i, l_i, acc,
+                                  scale * 1.4426950408889634, BLOCK_N, IEEE, UPCAST)
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    lse = tl.where(seen, m_i * 0.6931471805599453 + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
     return o, lse
 
 

@@ -27,6 +27,10 @@ import triton.language as tl
 
 POISON = False   # tests set this: the output starts as -1 (no token) so an unwritten row fails
 ROUNDS = 64      # after this many rejections a row takes its most likely token (always in the nucleus)
+# Vocabulary entries a loop iteration reads, and warps (None: 16 from 8,192 entries, 8 from 2,048):
+# a program walks its row one block after another, so fewer, larger blocks wait less.
+BLOCK_V = 4096
+WARPS: int | None = None
 
 
 @triton.jit
@@ -41,19 +45,20 @@ def _top_p_kernel(z_ptr, out_ptr, seed_ptr, keys_ptr, V, stride_z, inv_t, top_p,
         key = b
     row = z_ptr + b * stride_z
     rv = tl.arange(0, BLOCK_V)
-    # pass 1: max (and its first index) and the normaliser, online
+    # pass 1: max (and its first index) and the normaliser in one online pass (W rescaled when
+    # the max rises: one read of the row where a max pass and a sum pass took two)
     m = tl.full((), float("-inf"), tl.float32)
     arg = tl.zeros((), tl.int32)
+    W = tl.zeros((), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         z = tl.load(row + v0 + rv, mask=v0 + rv < V, other=float("-inf")).to(tl.float32)
         bm = tl.max(z, 0)
         bi = tl.min(tl.where(z == bm, v0 + rv, V), 0)
         arg = tl.where(bm > m, bi, arg)
-        m = tl.maximum(m, bm)
-    W = tl.zeros((), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        z = tl.load(row + v0 + rv, mask=v0 + rv < V, other=float("-inf")).to(tl.float32)
-        W += tl.sum(tl.exp((z - m) * inv_t), 0)
+        m_new = tl.maximum(m, bm)
+        W = W * tl.exp(tl.where(m_new == float("-inf"), 0.0, (m - m_new) * inv_t)) + \
+            tl.sum(tl.where(z > float("-inf"), tl.exp((z - m_new) * inv_t), 0.0), 0)
+        m = m_new
     seed = tl.load(seed_ptr)
     pivot = tl.full((), -1.0, tl.float32)          # draw among w > pivot
     Q = W                                          # their mass
@@ -70,11 +75,13 @@ def _top_p_kernel(z_ptr, out_ptr, seed_ptr, keys_ptr, V, stride_z, inv_t, top_p,
             z = tl.load(row + v0 + rv, mask=v0 + rv < V, other=float("-inf")).to(tl.float32)
             w = tl.exp((z - m) * inv_t)
             w = tl.where(w > pivot, w, 0.0)
-            cs = tl.cumsum(w, 0) + carry
-            first = tl.min(tl.where((cs > target) & (w > 0), v0 + rv, V), 0)
-            pick = tl.where((pick < 0) & (first < V), first, pick)
+            bsum = tl.sum(w, 0)
+            if (pick < 0) & (carry + bsum > target):   # the draw lands in this block: scan it
+                cs = tl.cumsum(w, 0) + carry
+                first = tl.min(tl.where((cs > target) & (w > 0), v0 + rv, V), 0)
+                pick = tl.where(first < V, first, pick)
             last = tl.maximum(last, tl.max(tl.where(w > 0, v0 + rv, -1), 0))
-            carry += tl.sum(w, 0)
+            carry += bsum
         pick = tl.where(pick < 0, last, pick)      # u·Q rounded past the last cumulative sum
         w_pick = tl.exp((tl.load(row + pick).to(tl.float32) - m) * inv_t)
         if FULL:
@@ -96,7 +103,7 @@ def _top_p_kernel(z_ptr, out_ptr, seed_ptr, keys_ptr, V, stride_z, inv_t, top_p,
 
 
 def sample_top_p(logits: torch.Tensor, seed: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
-                 *, keys: torch.Tensor | None = None, block_v: int = 4096, out: torch.Tensor | None = None) -> torch.Tensor:
+                 *, keys: torch.Tensor | None = None, block_v: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """logits [B, V] (fp32 or bf16; -inf = never) -> token ids [B] int64 drawn from
     softmax(logits / temperature) restricted to each row's top_p nucleus. seed: int64 [1] on
     logits' device (the caller advances it between steps). keys: int64 [B] in [0, 2^24) on the
@@ -118,8 +125,9 @@ def sample_top_p(logits: torch.Tensor, seed: torch.Tensor, temperature: float = 
     if out is None:
         out = torch.full((B,), -1, dtype=torch.int64, device=logits.device) if POISON else \
             torch.empty(B, dtype=torch.int64, device=logits.device)
-    block = min(block_v, max(16, triton.next_power_of_2(V)))
+    block = min(block_v or BLOCK_V, max(16, triton.next_power_of_2(V)))
+    warps = WARPS or (16 if block >= 8192 else 8 if block >= 2048 else 4)
     _top_p_kernel[(B,)](logits, out, seed, seed if keys is None else keys, V, logits.stride(0), 1.0 / float(temperature),
                         float(top_p), BLOCK_V=block, ROUNDS_=ROUNDS, FULL=top_p >= 1.0, KEYS=keys is not None,
-                        num_warps=8 if block >= 2048 else 4)
+                        num_warps=warps)
     return out
