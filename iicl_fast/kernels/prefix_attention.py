@@ -46,7 +46,7 @@ SUFFIX_CFG: dict | None = None
 # (M = 1,600), 0.091 / 0.097 at 200 (M = 800), 0.0375 / 0.0372 at 64 (M = 256). (The eighth
 # session's eager timing had it the other way round: it measured Python's launches.)
 ONE_LAUNCH: bool | None = None
-ONE_LAUNCH_MIN_M = 512
+ONE_LAUNCH_MIN_M = int(os.environ.get("IICL_DECODE_ONE_LAUNCH_MIN_M", str(1 << 30)))
 # The merge done by the suffix programs (_suffix_merge_kernel) in the two-launch path where the
 # suffix is one split (the decoding step's caches are a few hundred slots: always): one launch
 # and one round trip of the suffix partials fewer a layer. In a CUDA graph (8de74d3, ms a layer,
@@ -58,7 +58,7 @@ MERGE_IN_SUFFIX = os.environ.get("IICL_DECODE_MERGE_IN_SUFFIX", "1") != "0"
 # constant, one kernel build per count) up to UNROLL_SP_MAX splits; above it, or with
 # IICL_DECODE_UNROLL_SP=0, in runtime loops whose reads wait one after another.
 UNROLL_SP = os.environ.get("IICL_DECODE_UNROLL_SP", "1") != "0"
-UNROLL_SP_MAX = 32
+UNROLL_SP_MAX = 2
 
 
 def _prefix_cfg(M: int) -> dict:

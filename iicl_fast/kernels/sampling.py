@@ -29,7 +29,7 @@ POISON = False   # tests set this: the output starts as -1 (no token) so an unwr
 ROUNDS = 64      # after this many rejections a row takes its most likely token (always in the nucleus)
 # Vocabulary entries a loop iteration reads, and warps (None: 16 from 8,192 entries, 8 from 2,048):
 # a program walks its row one block after another, so fewer, larger blocks wait less.
-BLOCK_V = 4096
+BLOCK_V = 16384
 WARPS: int | None = None
 
 
