@@ -1,11 +1,12 @@
 """The decoding step's GEMMs (8B layers: fused q/k/v, o, fused gate/up, down; the LM head) at
 the step's row counts, cuBLAS against cuBLASLt and other layouts, GPU time in a CUDA graph.
 
-    python benchmarks/tune_decode_gemms.py [--out FILE]
+    python benchmarks/tune_decode_gemms.py [--rows 64 128 ...] [--lean] [--out FILE]
 
 Why: cuBLAS ran 400 rows as slowly as 512 (595 against 762 TFLOP/s); decode.BLASLT's choice by
 rows rests on this table (benchmarks/results/gemm_variants_ae8b4a0.json). Prints, for each row
-count, ms a step (32 layers + the head) of each variant over all five GEMMs."""
+count, ms a step (32 layers + the head) of each variant over all five GEMMs. --lean: cuBLAS and
+cuBLASLt only (row counts a compaction leaves, e.g. 61, 97, 387, probe alignment)."""
 import argparse
 import json
 import os
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gemm_variants.json"))
+ap.add_argument("--rows", type=int, nargs="+", default=[64, 128, 200, 256, 320, 400, 448, 512])
+ap.add_argument("--lean", action="store_true", help="cuBLAS and cuBLASLt only")
 args = ap.parse_args()
 def gms(fn, n=20):
     s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
@@ -32,7 +35,7 @@ def gms(fn, n=20):
 shapes = dict(qkv=(4096, 6144), o=(4096, 4096), gate_up=(4096, 28672), down=(14336, 4096), lm_head=(4096, 128256))
 W = {k: torch.randn(n, kk, device="cuda").bfloat16() for k, (kk, n) in shapes.items()}
 out = []
-for M in (64, 128, 200, 256, 320, 400, 448, 512):
+for M in args.rows:
     for name, (k, n) in shapes.items():
         x = torch.randn(M, k, device="cuda").bfloat16(); w = W[name]
         ref = F.linear(x, w)
@@ -40,11 +43,13 @@ for M in (64, 128, 200, 256, 320, 400, 448, 512):
                "wxT_t_contig": lambda: (w @ x.t()).t().contiguous(),
                "wxT_t": lambda: (w @ x.t()).t(),
                "mm_wt": lambda: torch.mm(x, w.t())}
-        if M % 128:
+        if args.lean:
+            var = {"linear": var["linear"]}
+        if M % 128 and not args.lean:
             P = (M + 127) // 128 * 128
             xp = torch.zeros(P, k, device="cuda").bfloat16(); xp[:M] = x
             var["padded_prealloc"] = lambda: F.linear(xp, w)[:M]
-        if M == 400:
+        if M == 400 and not args.lean:
             var["split_384_16"] = lambda: torch.cat([F.linear(x[:384], w), F.linear(x[384:], w)])
             var["split_2x200"] = lambda: torch.cat([F.linear(x[:200], w), F.linear(x[200:], w)])
             var["split_256_144"] = lambda: torch.cat([F.linear(x[:256], w), F.linear(x[256:], w)])
