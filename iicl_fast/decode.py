@@ -425,8 +425,11 @@ PREFILL_TOKENS = 8192
 GRAPHS = os.environ.get("IICL_DECODE_GRAPHS", "1") != "0"
 LLAMA_STEP = True       # False: Llama-like decoders also step through transformers' forward
 # _llama_step folds each residual add into the fused RMSNorm after it (kernels/rmsnorm.
-# add_rmsnorm_forward): 65 kernels a step fewer on the 8B shape. IICL_DECODE_ADD_NORM=0: the
-# separate add and norm (benchmarks compare).
+# add_rmsnorm_forward): 65 kernels a step fewer on the 8B shape. With the unrolled merge reads it
+# took bench_generate's step (H200, 5,000-token prefix, 128 new) from 6.38 to 6.29 ms at 64 rows,
+# 9.87 -> 9.78 at 200, 17.60 -> 17.50 at 400 (28th session, one run each; the graph profile's
+# norms 0.148 ms at 64 rows, the 64 adds gone). IICL_DECODE_ADD_NORM=0: the separate add and
+# norm (benchmarks compare).
 ADD_NORM = os.environ.get("IICL_DECODE_ADD_NORM", "1") != "0"
 # _llama_step runs q/k/v and gate/up as one GEMM each where layers.fuse_projections laid their
 # weights out so (Memory does on CUDA); IICL_FUSED_PROJ=0: one GEMM a projection (benchmarks).

@@ -36,15 +36,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # GPU ms a layer in a CUDA graph, d333e69): the prefix part with 64×64 tiles, 3 stages, 0.041 at
 # 64 rows (M = 256) against 0.049 with the 128×32 tiles an eager sweep had chosen, 0.173 at 400
 # (128×64 0.172, the worst 0.33); the suffix part 64 slots a block, 4 warps, 2 stages (0.046 at 64
-# rows against 0.049 with 32, 8 warps, 3; at 400 rows all the good settings within 1 %).
+# rows against 0.049 with 32, 8 warps, 3; at 400 rows all the good settings within 1 %). Swept
+# again at 64 rows with the base-2 tiles (28th session): the same choices (0.0347; 64×32 tiles
+# 0.0366; the best four suffix settings 0.0347-0.0351).
 PREFIX_CFG: dict | None = None
 SUFFIX_CFG: dict | None = None
 # The prefix and suffix tiles in one launch (_both_kernel), so that compute-bound and
 # memory-bound tiles share the SMs: True / False force it, None decides by M = rows × group:
-# one launch from ONE_LAUNCH_MIN_M on. In a CUDA graph (tune_decode_attention.py, 8de74d3, ms a
-# layer, one launch against two with the merge in the suffix programs): 0.161 / 0.172 at 400 rows
-# (M = 1,600), 0.091 / 0.097 at 200 (M = 800), 0.0375 / 0.0372 at 64 (M = 256). (The eighth
-# session's eager timing had it the other way round: it measured Python's launches.)
+# one launch from ONE_LAUNCH_MIN_M on (IICL_DECODE_ONE_LAUNCH_MIN_M; default: never). In a CUDA
+# graph (tune_decode_attention.py, ms a layer, one launch against two with the merge in the
+# suffix programs): at 8de74d3 0.161 / 0.172 at 400 rows (M = 1,600), 0.091 / 0.097 at 200; since
+# the tiles run in base 2 with whole blocks unmasked (28th session) 0.152 / 0.147 at 400, 0.087 /
+# 0.083 at 200, and bench_generate's step 17.22 / 17.11 ms at 400 rows, 9.60 / 9.56 at 200.
 ONE_LAUNCH: bool | None = None
 ONE_LAUNCH_MIN_M = int(os.environ.get("IICL_DECODE_ONE_LAUNCH_MIN_M", str(1 << 30)))
 # The merge done by the suffix programs (_suffix_merge_kernel) in the two-launch path where the
@@ -56,7 +59,9 @@ ONE_LAUNCH_MIN_M = int(os.environ.get("IICL_DECODE_ONE_LAUNCH_MIN_M", str(1 << 3
 MERGE_IN_SUFFIX = os.environ.get("IICL_DECODE_MERGE_IN_SUFFIX", "1") != "0"
 # The suffix programs' merge reads the prefix partials unrolled (the split count a compile-time
 # constant, one kernel build per count) up to UNROLL_SP_MAX splits; above it, or with
-# IICL_DECODE_UNROLL_SP=0, in runtime loops whose reads wait one after another.
+# IICL_DECODE_UNROLL_SP=0, in runtime loops. Graph-timed, ms a layer (28th session, base-2
+# tiles): 400 rows (1 split) 0.147 unrolled / 0.153 loops, 200 (2 splits) 0.083 / 0.085, 64 (8
+# splits) 0.041 / 0.035 — many unrolled reads cost more than the waits they save.
 UNROLL_SP = os.environ.get("IICL_DECODE_UNROLL_SP", "1") != "0"
 UNROLL_SP_MAX = 2
 
