@@ -311,6 +311,7 @@ def bench_8b(args):
     extra["floor_train_strict_s"] = round(fl.pop("train_strict"), 3)
     r = row(args.impl, "8b_paper", rep.seconds, fl, wall, rep.chunk_tokens, compile_s,
             phase_peaks=getattr(rep, "peak_gib_phase", None), work=rep.work,
+            held_gib_phase={k: round(v, 2) for k, v in getattr(rep, "held_gib_phase", {}).items()},
             elicited=rep.elicited, kept=rep.kept, **extra)
     return [r]
 

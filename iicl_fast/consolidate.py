@@ -38,6 +38,9 @@ class ConsolidationReport:
     peak_gib: float = float("nan")     # peak GPU memory of the chunk (driver.stream, on CUDA)
     # on CUDA: peak allocated GiB of each phase (the peak counter is reset at every phase's end)
     peak_gib_phase: dict[str, float] = field(default_factory=dict)
+    # on CUDA: GiB still allocated at each phase's end (what a phase leaves to the next: the
+    # 8B chunk's peaks were 2.37 GiB higher in every phase in some runs of the same code)
+    held_gib_phase: dict[str, float] = field(default_factory=dict)
     # work done, for floors and per-chunk records: rows generated, tokens decoded, teacher
     # and student pass tokens, response tokens, tokens trained (all epochs)
     work: dict[str, int] = field(default_factory=dict)
@@ -68,9 +71,11 @@ def _now(model) -> float:
 
 
 def phase_peak(rep: ConsolidationReport, phase: str, device: torch.device) -> None:
-    """On CUDA: the phase's peak allocated memory into rep, then the counter reset for the next."""
+    """On CUDA: the phase's peak allocated memory and what it leaves allocated into rep, then
+    the peak counter reset for the next."""
     if device.type == "cuda":
         rep.peak_gib_phase[phase] = torch.cuda.max_memory_allocated(device) / 2**30
+        rep.held_gib_phase[phase] = torch.cuda.memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
 
 

@@ -599,6 +599,8 @@ def test_stream_reports_peak_memory_by_phase(smol_tokenizer, tmp_path):
         assert set(r.peak_gib_phase) == {"elicit", "teacher", "select", "train", "save"}, r.peak_gib_phase
         assert r.peak_gib == max(r.peak_gib_phase.values())
         assert min(r.peak_gib_phase.values()) > weights
+        assert set(r.held_gib_phase) == set(r.peak_gib_phase)
+        assert all(weights < r.held_gib_phase[k] <= r.peak_gib_phase[k] for k in r.peak_gib_phase)
 
 
 def test_bank_training_on_cuda_bf16(smol_tokenizer):

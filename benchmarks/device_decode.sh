@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 12's figures in one device call (~8 min; `benchmarks/device_prepare.sh` first, carry .whl
+# and .bench/tok, and pass the commit: the device's checkout reports a stale HEAD):
+#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh [chunk]
+# bench_generate's whole table in one run (64/200/400 rows × 128/512 new, the baselines), the
+# step's GEMMs at row counts a compaction leaves (does cuBLASLt lose at unaligned M?), the GPU
+# tests of the decoder; with "chunk": the paper chunk instead of the tests (phase peaks and what
+# each phase leaves allocated).
+source benchmarks/device_call.sh
+R=$OUT/res; mkdir -p "$R"
+t0=$(date +%s)
+timeout 240 python benchmarks/bench_generate.py --rows 64 200 400 --new 128 512 --baselines \
+  --out "$R/generate_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-300
+echo "bench_generate $(( $(date +%s) - t0 )) s"
+timeout 60 python benchmarks/tune_decode_gemms.py --rows 61 64 93 96 97 203 387 397 400 --lean \
+  --out "$R/gemm_lean_$IICL_COMMIT.json" 2>&1 | tail -9 | cut -c1-200
+echo "gemms $(( $(date +%s) - t0 )) s"
+if [ "${1:-}" = chunk ]; then
+  timeout 300 python benchmarks/bench_consolidate.py --workload 8b_paper --out "$R/consolidate_8b_paper_$IICL_COMMIT.json" 2>&1 | tail -8
+else
+  timeout 250 python -m pytest -q tests/test_cuda_e2e.py tests/test_bank_cuda.py \
+    -k "not demo_recall and not cli_consolidate and not static_greedy_matches and not cascade_greedy" 2>&1 | tail -8
+fi
+echo "done $(( $(date +%s) - t0 )) s"
