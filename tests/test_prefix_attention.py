@@ -117,6 +117,28 @@ def test_cascade_decode_matches_float64(B, Hq, Hkv, K, S, d, split_len, suffix_s
     assert err <= max(2 * err_t, floor), (err, err_t)
 
 
+@pytest.mark.parametrize("launches", ["one", "two", "merge_in_suffix"])
+def test_cascade_decode_skips_empty_suffix_splits(launches, monkeypatch):
+    """Suffix splits of 8 slots over a 40-slot cache at cur 12: splits past cur are empty, and
+    so is split 0 for rows whose left padding (lo 9, 11) covers it — nothing of them is read
+    (the padding holds finite garbage, the slots past cur NaN)."""
+    monkeypatch.setattr(pa, "ONE_LAUNCH", launches == "one")
+    monkeypatch.setattr(pa, "MERGE_IN_SUFFIX", launches == "merge_in_suffix")
+    g = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, K, S, d = 3, 8, 2, 20, 40, 16
+    q = torch.randn(B, Hq, d, generator=g)
+    pk, pv = torch.randn(Hkv, K, d, generator=g), torch.randn(Hkv, K, d, generator=g)
+    ks, vs = torch.randn(B, Hkv, S, d, generator=g) * 3, torch.randn(B, Hkv, S, d, generator=g)
+    cur = torch.tensor([12], dtype=torch.int32)
+    lo = torch.tensor([0, 9, 11], dtype=torch.int32)
+    ks[:, :, 13:] = float("nan")
+    vs[:, :, 13:] = float("nan")
+    o = cascade_decode(q, pk, pv, ks, vs, lo, cur, d ** -0.5, suffix_split=8)
+    clean = lambda t: torch.nan_to_num(t, nan=0.0)   # noqa: E731
+    o64 = cascade_decode_ref(q, pk, pv, clean(ks), clean(vs), lo, cur, d ** -0.5)
+    assert torch.isfinite(o).all() and (o.double() - o64).abs().max().item() < 1e-5
+
+
 def _plain_prefix(strided: bool):
     """A prefix= for cascade_decode by other means than the kernel: the plain softmax of
     decode.attend_prefix; strided: its o handed over as a view whose query-vector stride is not

@@ -129,8 +129,8 @@ def _online_range(q, k_base, v_base, stride_kn, rd, dmask, start, end, m_i, l_i,
                   BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """Positions start .. end-1 of one head's keys / values (k_base, v_base: that head's first
     position) into the running online softmax: whole blocks without masks, then the ragged
-    last one masked."""
-    full_end = start + (end - start) // BLOCK_N * BLOCK_N
+    last one masked. A suffix split can be empty (past cur, or inside a row's left padding)."""
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N      # an empty range (end <= start): none
     for n0 in range(start, full_end, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         off = rn[:, None] * stride_kn + rd[None, :]
