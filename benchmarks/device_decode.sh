@@ -6,6 +6,7 @@
 # step's GEMMs at row counts a compaction leaves (does cuBLASLt lose at unaligned M?), the GPU
 # tests of the decoder; with "chunk": the paper chunk instead of the tests (phase peaks and what
 # each phase leaves allocated).
+: "${IICL_COMMIT:?set IICL_COMMIT=<short sha>: the device checkout reports a stale HEAD}"
 source benchmarks/device_call.sh
 R=$OUT/res; mkdir -p "$R"
 t0=$(date +%s)
