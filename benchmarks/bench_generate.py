@@ -1,14 +1,16 @@
 """Decoding many rows after one shared prefix, 8B shape, one GPU: ms per step against the floor.
 
     python benchmarks/bench_generate.py [--rows 64 200 400] [--new 128 512] [--prefix 5000]
-        [--baselines] [--unfused] [--flash-prefix] [--blas] [--out benchmarks/results/generate.json]
+        [--baselines] [--unfused] [--flash-prefix] [--blas] [--gemm] [--out benchmarks/results/generate.json]
 
 Rows: iicl_fast (decode.generate_static: one prefix KV, static caches, CUDA-graph step,
 Triton attention and sampler, q/k/v and gate/up one GEMM each up to
 decode.FUSED_PROJ_MAX_ROWS rows; --unfused adds iicl_fast_unfused, one GEMM a projection, and
 iicl_fast_fused, one GEMM a group at any row count; --flash-prefix adds iicl_fast_flash_prefix, the
 prefix part through PyTorch's flash op where decode.FLASH_PREFIX_MIN_M allows; --blas adds
-iicl_fast_cublas and iicl_fast_cublaslt, the layers' GEMMs through one library at any row count), generate_today (the cascade path it replaces: per-row
+iicl_fast_cublas and iicl_fast_cublaslt, the layers' GEMMs through one library at any row count;
+--gemm adds iicl_fast_skinny, the layers' GEMMs through kernels/skinny_gemm.py up to
+decode.SKINNY_MAX_ROWS rows), generate_today (the cascade path it replaces: per-row
 DynamicCache, eager steps), hf_generate (transformers generate over [C; q] rows, prefix
 recomputed per row, dynamic cache). Every row samples as elicitation does (T 0.7, top-p 0.9)
 and decodes exactly new_tokens (stop ids masked until then). ms_per_step = decoding time /
@@ -104,6 +106,9 @@ def main():
     ap.add_argument("--blas", action="store_true",
                     help="also each iicl_fast row with the layers' GEMMs forced through cuBLAS and through cuBLASLt "
                          "(iicl_fast_cublas, iicl_fast_cublaslt; iicl_fast: as decode.BLASLT says, off unless IICL_DECODE_BLASLT)")
+    ap.add_argument("--gemm", action="store_true",
+                    help="also each iicl_fast row with the layers' GEMMs through kernels/skinny_gemm.py where "
+                         "decode.SKINNY_MAX_ROWS allows (iicl_fast_skinny; iicl_fast: as decode.GEMM says)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     model = llama_8b().requires_grad_(False)     # frozen, as Memory's base is (the fused norm wants it)
@@ -112,6 +117,7 @@ def main():
     prefix = torch.randint(10, 120000, (a.prefix,), generator=torch.Generator().manual_seed(1)).tolist()
     results = []
     max_rows, flash_default, blaslt_default = decode.FUSED_PROJ_MAX_ROWS, decode.FLASH_PREFIX, decode.BLASLT
+    gemm_default = decode.GEMM
     run_ours(model, prefix, prompts(8), 4)                       # compile the kernels once
     for rows in a.rows:
         qs = prompts(rows)
@@ -119,19 +125,21 @@ def main():
         for new in a.new:
             impls = ("iicl_fast",) + (("iicl_fast_unfused", "iicl_fast_fused") if a.unfused else ()) + \
                 (("iicl_fast_flash_prefix",) if a.flash_prefix else ()) + \
-                (("iicl_fast_cublas", "iicl_fast_cublaslt") if a.blas else ())
+                (("iicl_fast_cublas", "iicl_fast_cublaslt") if a.blas else ()) + \
+                (("iicl_fast_skinny",) if a.gemm and rows <= decode.SKINNY_MAX_ROWS else ())
             for impl in impls:
                 decode.BLASLT = {"iicl_fast_cublas": "off", "iicl_fast_cublaslt": "on"}.get(impl, blaslt_default)
                 decode.FUSED_PROJ = impl != "iicl_fast_unfused"
                 decode.FUSED_PROJ_MAX_ROWS = 10 ** 9 if impl == "iicl_fast_fused" else max_rows
                 decode.FLASH_PREFIX = impl == "iicl_fast_flash_prefix" or flash_default
+                decode.GEMM = "triton" if impl == "iicl_fast_skinny" else gemm_default
                 torch.cuda.reset_peak_memory_stats()
                 st, total = run_ours(model, prefix, qs, new)
                 ms = st["decode_s"] * 1e3 / max(1, st["steps"] - 1)
                 results.append(record(impl, rows, new, a.prefix, P, ms, floor_ms(model, rows, a.prefix, P, new),
                                       st["prefill_s"], total, capture_s=round(st["capture_s"], 2), batches=st["batches"]))
             decode.FUSED_PROJ, decode.FUSED_PROJ_MAX_ROWS, decode.FLASH_PREFIX = True, max_rows, flash_default
-            decode.BLASLT = blaslt_default
+            decode.BLASLT, decode.GEMM = blaslt_default, gemm_default
     if a.baselines:
         rows, new = a.rows[0], a.baseline_new
         qs = prompts(rows)

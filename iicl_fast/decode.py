@@ -471,6 +471,28 @@ def _blas(lt: bool):
         yield
     finally:
         torch.backends.cuda.preferred_blas_library(before)
+# The step's layer GEMMs (q/k/v, o, gate/up, down; not the LM head) for at most SKINNY_MAX_ROWS
+# rows through kernels/skinny_gemm.py (columns a program and K split, so narrow outputs fill
+# the GPU) instead of cuBLAS, for 16-bit weights: cuBLAS streams the 8B q/k/v at 2.9 TB/s and
+# down at 3.3 where gate/up reaches 3.85 (64 rows, tune_decode_gemms.py, gemm_variants_ae8b4a0):
+# at 3.9 TB/s the two would save ~0.3 ms of the 6.1 ms step. Not yet measured on the GPU
+# (benchmarks/tune_skinny_gemm.py; bench_generate.py --gemm): "cublas" by default, "triton"
+# (IICL_DECODE_GEMM=triton) to measure.
+GEMM = os.environ.get("IICL_DECODE_GEMM", "cublas")
+SKINNY_MAX_ROWS = 128
+
+
+def _skinny_gemm(rows: int, dtype: torch.dtype, on_cuda: bool):
+    """The GEMM a step of `rows` rows hands its FusedLinears (GEMM): skinny_gemm's launcher,
+    or None for torch.mm. On the CPU (the interpreter's tests) any float dtype."""
+    if GEMM not in ("cublas", "triton"):
+        raise IICLError(f"IICL_DECODE_GEMM must be cublas or triton; got {GEMM!r}")
+    if GEMM != "triton" or rows > SKINNY_MAX_ROWS or (on_cuda and dtype not in (torch.float16, torch.bfloat16)):
+        return None
+    from .kernels.skinny_gemm import skinny_linear
+    return skinny_linear
+
+
 # The decoding step's prefix part through PyTorch's flash op (_flash_prefix; cuDNN where
 # IICL_CUDNN_PREFIX=1) instead of the Triton prefix kernel, from FLASH_PREFIX_MIN_M query vectors
 # a KV head (rows × group) on: at 400 rows the Triton tiles run at ~260 TFLOP/s (3.96 of 20.1 ms a step,
@@ -609,21 +631,37 @@ def _fused_groups(body):
     return out
 
 
-def _llama_step(body, st: _Static, tok, pos, fused=None):
+def _gemm_singles(body, gemm):
+    """Per layer of a llama_like body: (o, down) as one-member layers.FusedLinears whose GEMM
+    is `gemm` (_skinny_gemm), each None where FusedLinears cannot compute it (the module runs)."""
+    from .layers import FusedLinears, is_llama_mlp
+    out = []
+    for layer in body.layers:
+        o = FusedLinears.of([layer.self_attn.o_proj])
+        down = FusedLinears.of([layer.mlp.down_proj]) if is_llama_mlp(layer.mlp) else None
+        for f in (o, down):
+            if f is not None:
+                f.gemm = gemm
+        out.append((o, down))
+    return out
+
+
+def _llama_step(body, st: _Static, tok, pos, fused=None, singles=None):
     """One decoding step of a Llama-like decoder (llama_like), tok / pos [B] -> the final-normed
     hidden states [B, hidden]. The modules (norms, projections with any LoRA, MLP) are the
     model's own; between them one kernel rotates q and k and writes the caches
     (iicl_fast/kernels/rotary.py) and three do the attention (iicl_fast/kernels/prefix_attention.cascade_decode):
     ~16 kernels a layer where transformers' forward launched ~45 (measured: the small ones
     were ~2.3 ms of a 9.2 ms step at 64 rows, more than the attention itself). fused:
-    _fused_groups(body) (None: the modules), q/k/v and gate/up one GEMM each where laid out."""
+    _fused_groups(body) (None: the modules), q/k/v and gate/up one GEMM each where laid out;
+    singles: _gemm_singles(body, gemm) (None: the modules), o and down through that GEMM."""
     B = tok.shape[0]
     prefix_fn = _decode_prefix(B * body.config.num_attention_heads // body.config.num_key_value_heads)
     h = body.embed_tokens(tok)
     cos, sin = body.rotary_emb(h[:, None], pos[:, None])
     cos, sin = cos[:, 0], sin[:, 0]
     with _blas(h.is_cuda and h.dtype != torch.float32 and _blaslt(B)):     # fp32: as measured before
-        return _llama_layers(body, st, h, cos, sin, prefix_fn, fused)
+        return _llama_layers(body, st, h, cos, sin, prefix_fn, fused, singles)
 
 
 def _add_norms(body, h):
@@ -640,7 +678,7 @@ def _add_norms(body, h):
     return None if any(g is None for g in got) else got
 
 
-def _llama_layers(body, st: _Static, h, cos, sin, prefix_fn, fused):
+def _llama_layers(body, st: _Static, h, cos, sin, prefix_fn, fused, singles=None):
     """_llama_step's decoder layers and final norm: h [B, hidden] -> normed h [B, hidden]. Where
     the norms allow (_add_norms) each residual add runs in the kernel of the norm after it."""
     from .kernels.prefix_attention import cascade_decode
@@ -653,6 +691,9 @@ def _llama_layers(body, st: _Static, h, cos, sin, prefix_fn, fused):
     for i, layer in enumerate(body.layers):
         a = layer.self_attn
         qkv, gate_up = fused[i] if fused is not None else (None, None)
+        o_proj, down = singles[i] if singles is not None else (None, None)
+        o_proj = a.o_proj if o_proj is None else o_proj
+        down = layer.mlp.down_proj if down is None else down
         if i and norms is None:
             x = layer.input_layernorm(h)
         if qkv is None:
@@ -661,13 +702,13 @@ def _llama_layers(body, st: _Static, h, cos, sin, prefix_fn, fused):
             q = rope_write(*qkv(x).split(qkv.sizes, dim=-1), cos, sin, st.ks[i], st.vs[i], st.cur)
         pk, pv = st.prefix[i] if st.prefix is not None else (None, None)
         o = cascade_decode(q, pk, pv, st.ks[i], st.vs[i], st.lo, st.cur, a.scaling, prefix=prefix_fn)
-        y = a.o_proj(o.view(B, -1))
+        y = o_proj(o.view(B, -1))
         if norms is None:
             h = h + y
             x = layer.post_attention_layernorm(h)
         else:
             h, x = add_rmsnorm_forward(h, y, *norms[2 * i])
-        y = layer.mlp(x) if gate_up is None else layer.mlp.down_proj(swiglu_packed(gate_up(x)))
+        y = layer.mlp(x) if gate_up is None else down(swiglu_packed(gate_up(x)))
         if norms is None:
             h = h + y
         else:                                   # the next layer's input norm, or the final norm
@@ -686,6 +727,12 @@ class _Step:
         self.st = st
         self.llama = st.kernels and LLAMA_STEP and llama_like(self.body)
         self.fused = _fused_groups(self.body) if self.llama and FUSED_PROJ and B <= FUSED_PROJ_MAX_ROWS else None
+        w = self.body.embed_tokens.weight
+        gemm = _skinny_gemm(B, w.dtype, w.is_cuda) if self.llama else None
+        self.singles = _gemm_singles(self.body, gemm) if gemm is not None else None
+        if gemm is not None:
+            for f in [f for pair in (self.fused or []) for f in pair if f is not None]:
+                f.gemm = gemm
         dev = st.lo.device
         self.tok = torch.zeros(B, dtype=torch.long, device=dev)
         self.pos = torch.zeros(B, dtype=torch.long, device=dev)
@@ -699,7 +746,7 @@ class _Step:
     def _run(self):
         from .generation import step_logits
         if self.llama:
-            h = _llama_step(self.body, self.st, self.tok, self.pos, self.fused)
+            h = _llama_step(self.body, self.st, self.tok, self.pos, self.fused, self.singles)
         else:
             h = self.body(input_ids=self.tok[:, None], position_ids=self.pos[:, None],
                           use_cache=False).last_hidden_state[:, -1]

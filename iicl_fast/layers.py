@@ -388,6 +388,7 @@ class FusedLinears:
     def __init__(self, weight, sizes, adapted):
         self.weight, self.sizes, self.adapted = weight, sizes, adapted    # adapted: [(module, name, row0)]
         self._lora_key, self._lora = None, None
+        self.gemm = None        # (x [M, in], W [ΣN, in], add [M, ΣN] or None) -> x Wᵀ + add; None: torch.mm
 
     @classmethod
     def of(cls, linears):
@@ -426,7 +427,9 @@ class FusedLinears:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         lw = self._lora_weights(x.dtype)
-        if lw is None:
+        if self.gemm is not None:
+            y = self.gemm(x2, self.weight, None if lw is None else torch.mm(torch.mm(x2, lw[0].t()), lw[1].t()))
+        elif lw is None:
             y = torch.mm(x2, self.weight.t())
         else:
             y = torch.mm(torch.mm(x2, lw[0].t()), lw[1].t())

@@ -1,6 +1,7 @@
 """The consolidation loop on CUDA, end to end (skipped without a GPU; run on the GPU machine).
 
 IICL_MODEL: a .gguf file or model dir to use instead of the embedded model's package."""
+import itertools
 import json
 import os
 
@@ -619,6 +620,23 @@ def test_bank_training_on_cuda_bf16(smol_tokenizer):
         assert b and all(torch.isfinite(p).all() for p in b) and max(float(p.abs().max()) for p in b) > 0
 
 
+def _bf16_memory_with_lora(tok):
+    """A Memory over the scaled tiny model in bf16 (fused layers installed, q/k/v and gate/up
+    laid out) with its adapter's weights non-zero."""
+    mem = iicl_fast.Memory(_scaled_tiny(tok, torch.bfloat16), tok, iicl_fast.Config(**TINY_CONFIG))
+    with torch.no_grad():
+        for p in mem.params:
+            p.normal_(0, 0.05)
+    return mem
+
+
+def _count_calls(monkeypatch, module, name) -> list:
+    """module.name still runs, each call appending 1 to the list returned."""
+    calls, orig = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or orig(*a))
+    return calls
+
+
 def test_add_norm_step_equals_the_separate_kernels_on_cuda(smol_tokenizer, monkeypatch):
     """The residual add folded into the norm kernel (decode.ADD_NORM) is the separate add and
     norm bit for bit in bf16: the kernel at odd shapes, and a Memory's captured decoding step
@@ -633,14 +651,8 @@ def test_add_norm_step_equals_the_separate_kernels_on_cuda(smol_tokenizer, monke
         w = (1 + 0.3 * torch.randn(hdim, device="cuda", generator=g)).bfloat16()
         s, x = k.add_rmsnorm_forward(h, y, w, 1e-5)
         assert torch.equal(s, h + y) and torch.equal(x, k.rmsnorm_forward(h + y, w, 1e-5)[0])
-    model = _scaled_tiny(smol_tokenizer, torch.bfloat16)
-    mem = iicl_fast.Memory(model, smol_tokenizer, iicl_fast.Config(**TINY_CONFIG))
-    with torch.no_grad():
-        for p in mem.params:
-            p.normal_(0, 0.05)
-    calls = []
-    orig = k.add_rmsnorm_forward
-    monkeypatch.setattr(k, "add_rmsnorm_forward", lambda *a: calls.append(1) or orig(*a))
+    mem = _bf16_memory_with_lora(smol_tokenizer)
+    calls = _count_calls(monkeypatch, k, "add_rmsnorm_forward")
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(3, 40000, (211,), generator=g).tolist()
     qs = [torch.randint(3, 40000, (n,), generator=g).tolist() for n in (5, 17, 1, 9)]
@@ -671,3 +683,59 @@ def test_sampler_over_many_blocks_on_cuda(block_v):
     tok = sampling.sample_top_p(big, torch.tensor([4], device="cuda"), 0.7, 0.9, block_v=block_v)
     probs = top_p_probs_ref(big.cpu(), 0.7, 0.9)
     assert (probs.gather(1, tok.cpu()[:, None]) > 0).all()
+
+
+def test_skinny_gemm_on_cuda(smol_tokenizer, monkeypatch):
+    """kernels/skinny_gemm.py on the GPU (bf16 tensor cores): the 8B projections' shapes and odd
+    ones at 1-128 rows, one split and several, with an added term, within 2× cuBLAS's error
+    against float64; a split-K launch replayed in a CUDA graph on new inputs repeats the eager
+    launch bit for bit (the counters reset); and a Memory's decoding step with IICL_DECODE_GEMM=
+    triton (LoRA on, q/k/v and gate/up laid out) writes the same greedy tokens captured and
+    eager, through a compaction, and mostly cuBLAS's tokens."""
+    import iicl_fast.decode as D
+    from iicl_fast.kernels import skinny_gemm as sg
+    monkeypatch.setattr(sg, "POISON", True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for (N, K), cfg in itertools.product([(6144, 4096), (4096, 14336), (97, 515), (1000, 4096)],
+                                         [None, dict(block_n=64, block_k=128, split_k=8, num_warps=4, num_stages=4)]):
+        monkeypatch.setattr(sg, "CFG", cfg)
+        w = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).bfloat16()
+        for M in (1, 7, 64, 97, 128):
+            x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+            a = torch.randn(M, N, device="cuda", generator=g).bfloat16() if M % 2 else None
+            want = x.double() @ w.double().t() + (0 if a is None else a.double())
+            plain = torch.mm(x, w.t()) if a is None else torch.addmm(a, x, w.t())
+            bound = max((plain.double() - want).abs().max().item(), torch.finfo(torch.bfloat16).eps / 2 * want.abs().max().item())
+            err = (sg.skinny_linear(x, w, a).double() - want).abs().max().item()
+            assert err <= 2 * bound, (N, K, M, cfg, err, bound)
+    monkeypatch.setattr(sg, "CFG", None)
+    w = (torch.randn(4096, 14336, device="cuda", generator=g) / 120).bfloat16()
+    x = torch.randn(64, 14336, device="cuda", generator=g).bfloat16()
+    assert sg._cfg(64, 4096, 14336)["split_k"] > 1
+    sg.skinny_linear(x, w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = sg.skinny_linear(x, w)
+    for i in range(3):
+        x.copy_(torch.randn(64, 14336, device="cuda", generator=g).bfloat16())
+        graph.replay()
+        assert torch.equal(y, sg.skinny_linear(x, w)), i
+    monkeypatch.setattr(D, "STOP_CHECK_EVERY", 4)
+    monkeypatch.setattr(D, "COMPACT_BELOW", 0.9)
+    mem = _bf16_memory_with_lora(smol_tokenizer)
+    calls = _count_calls(monkeypatch, sg, "skinny_linear")
+    gen = torch.Generator().manual_seed(1)
+    prefix = torch.randint(3, 40000, (211,), generator=gen).tolist()
+    qs = [torch.randint(3, 40000, (n,), generator=gen).tolist() for n in (5, 17, 1, 9, 30, 2)]
+    kw = dict(max_new_tokens=24, pad_id=0, sample=False, prefix=prefix, batch_size=6)
+    cublas = generate(mem.model, qs, static=True, stop_ids=[10 ** 6], **kw)
+    assert not calls
+    monkeypatch.setattr(D, "GEMM", "triton")
+    kw["stop_ids"] = [cublas[2][5]]
+    graph_tokens = generate(mem.model, qs, static=True, **kw)
+    assert calls
+    monkeypatch.setattr(D, "GRAPHS", False)
+    assert generate(mem.model, qs, static=True, **kw) == graph_tokens
+    same = sum(r[:8] == c[:8] for r, c in zip(graph_tokens, cublas) if len(r) >= 8)
+    assert same >= 4, (graph_tokens, cublas)          # bf16: sums in another order may flip a near tie

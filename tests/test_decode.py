@@ -229,6 +229,45 @@ def test_static_decoder_with_lora_takes_the_adapter(static_kernels, monkeypatch,
         assert all(g[0][0].adapted for g in built[:1]) and not built[-1][0][0].adapted
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_static_decoder_runs_the_layer_gemms_through_the_skinny_kernel(static_kernels, monkeypatch, fused):
+    """IICL_DECODE_GEMM=triton: the Llama step's projections run kernels/skinny_gemm.py (q/k/v
+    and gate/up where laid out as one GEMM each, o; down after a fused gate/up), a LoRA
+    adapter's product added in its epilogue (down has none), and the step writes the plain
+    loop's tokens (fp32), which differ from the base model's."""
+    import iicl_fast.decode as D
+    from peft import LoraConfig, get_peft_model
+
+    from iicl_fast import layers
+    from iicl_fast.generation import generate
+    from iicl_fast.kernels import skinny_gemm
+    monkeypatch.setattr(D, "GEMM", "triton")
+    model = get_peft_model(_tiny_llama(seed=6), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    if fused:
+        assert layers.fuse_projections(model) == 4
+    calls = []
+    orig = skinny_gemm.skinny_linear
+    monkeypatch.setattr(skinny_gemm, "skinny_linear", lambda x, w, add=None: calls.append(add is not None) or orig(x, w, add))
+    g = torch.Generator().manual_seed(4)
+    prefix = torch.randint(3, 97, (17,), generator=g).tolist()
+    qs = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (2, 5, 1)]
+    kw = dict(max_new_tokens=8, pad_id=0, sample=False, prefix=prefix, stop_ids=[10_000])
+    got = generate(model, qs, static=True, **kw)
+    per_step = 4 if fused else 1          # a layer: q/k/v, gate/up (where laid out: else the modules), o, down
+    assert len(calls) == 2 * per_step * 7                 # 2 layers, 7 steps after the prefill's token
+    assert any(calls) and (all(calls) if not fused else not all(calls))   # down: no adapter, no add
+    assert got == generate(model, qs, static=False, **kw)
+    with model.disable_adapter():
+        assert generate(model, qs, static=False, **kw) != got
+    monkeypatch.setattr(D, "GEMM", "cuBLAS")
+    with pytest.raises(D.IICLError, match="IICL_DECODE_GEMM must be cublas or triton"):
+        generate(model, qs, static=True, **kw)
+
+
 @pytest.mark.parametrize("add_norm", [True, False])
 def test_static_decoder_folds_the_residual_adds_into_the_norms(static_kernels, monkeypatch, add_norm):
     """The fused layers installed (RMSNorm kernels): the Llama step runs every residual add in
