@@ -18,6 +18,7 @@ Rows are merged into benchmarks/results/consolidate.json (same impl + workload r
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import math
@@ -175,6 +176,10 @@ def warm_pipeline(tok, cfg: Config, device="cuda") -> float:
                       "max_response_tokens": 32, "select_top_k": 8, "epochs": 1, "gen_batch_size": 16})
     iicl_fast.Memory(small, tok, short).consolidate(prose(600, tok))
     del small
+    # transformers' models sit in reference cycles: without a collection the 1-layer model (2.37
+    # GiB at the 8B widths) stayed allocated into the timed chunk whenever the cyclic collector
+    # had not run yet — the +2.37 GiB in every phase of 00c43e2's and 9c81f39-rows' peaks.
+    gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.empty_cache()

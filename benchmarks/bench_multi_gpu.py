@@ -13,6 +13,7 @@ the same random weights (one seed), so the ranks hold one model."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -72,6 +73,7 @@ def worker(a) -> None:
                  "wall_s": round(wall, 3), "compile_s": round(compile_s, 2), "elicited": rep.elicited, "kept": rep.kept,
                  "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device != "cpu" else None})
     del mem, model, rep                     # the adapter was put into the model: a fresh one for the bank
+    gc.collect()                            # transformers' models sit in reference cycles
     if device != "cpu":
         torch.cuda.empty_cache()
     model = build(a.workload, tok, device)

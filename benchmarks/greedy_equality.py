@@ -7,6 +7,7 @@ tokens diverge and where they first do.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -76,6 +77,7 @@ def main():
         print(json.dumps(r), flush=True)
         res.append(r)
         del model
+        gc.collect()                        # transformers' models sit in reference cycles
         torch.cuda.empty_cache()
     if a.out:
         write_json(a.out, res)

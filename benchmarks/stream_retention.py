@@ -13,6 +13,7 @@ Results: benchmarks/results/stream_retention.json (one row per setting)."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -114,6 +115,7 @@ def run_setting(args, name: str, overrides: dict, text: str, facts: list[dict], 
           f"{res['baseline']}); code log-prob {res['code_logprob_mean']} (base {res['base_code_logprob_mean']}); "
           f"{res['seconds_per_chunk']} s/chunk", flush=True)
     del mem, model
+    gc.collect()                            # transformers' models sit in reference cycles
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return res
