@@ -7,7 +7,8 @@ Rows: iicl_fast (decode.generate_static: one prefix KV, static caches, CUDA-grap
 Triton attention and sampler, q/k/v and gate/up one GEMM each up to
 decode.FUSED_PROJ_MAX_ROWS rows; --unfused adds iicl_fast_unfused, one GEMM a projection, and
 iicl_fast_fused, one GEMM a group at any row count; --flash-prefix adds iicl_fast_flash_prefix, the
-prefix part through PyTorch's flash op where decode.FLASH_PREFIX_MIN_M allows; --blas adds
+prefix part through PyTorch's flash op where decode.FLASH_PREFIX_MIN_M allows, and
+iicl_fast_cudnn_prefix, the same through cuDNN's attention (FA3-class on Hopper; decode.CUDNN_PREFIX); --blas adds
 iicl_fast_cublas and iicl_fast_cublaslt, the layers' GEMMs through one library at any row count;
 --gemm adds iicl_fast_skinny, the layers' GEMMs through kernels/skinny_gemm.py up to
 decode.SKINNY_MAX_ROWS rows), generate_today (the cascade path it replaces: per-row
@@ -102,7 +103,8 @@ def main():
     ap.add_argument("--unfused", action="store_true",
                     help="also each iicl_fast row with one GEMM a projection (impl iicl_fast_unfused)")
     ap.add_argument("--flash-prefix", action="store_true",
-                    help="also each iicl_fast row with the prefix part through the flash op (iicl_fast_flash_prefix)")
+                    help="also each iicl_fast row with the prefix part through the flash op and through cuDNN "
+                         "(iicl_fast_flash_prefix, iicl_fast_cudnn_prefix)")
     ap.add_argument("--blas", action="store_true",
                     help="also each iicl_fast row with the layers' GEMMs forced through cuBLAS and through cuBLASLt "
                          "(iicl_fast_cublas, iicl_fast_cublaslt; iicl_fast: as decode.BLASLT says, off unless IICL_DECODE_BLASLT)")
@@ -117,21 +119,22 @@ def main():
     prefix = torch.randint(10, 120000, (a.prefix,), generator=torch.Generator().manual_seed(1)).tolist()
     results = []
     max_rows, flash_default, blaslt_default = decode.FUSED_PROJ_MAX_ROWS, decode.FLASH_PREFIX, decode.BLASLT
-    gemm_default = decode.GEMM
+    gemm_default, cudnn_default = decode.GEMM, decode.CUDNN_PREFIX
     run_ours(model, prefix, prompts(8), 4)                       # compile the kernels once
     for rows in a.rows:
         qs = prompts(rows)
         P = max(len(q) for q in qs)
         for new in a.new:
             impls = ("iicl_fast",) + (("iicl_fast_unfused", "iicl_fast_fused") if a.unfused else ()) + \
-                (("iicl_fast_flash_prefix",) if a.flash_prefix else ()) + \
+                (("iicl_fast_flash_prefix", "iicl_fast_cudnn_prefix") if a.flash_prefix else ()) + \
                 (("iicl_fast_cublas", "iicl_fast_cublaslt") if a.blas else ()) + \
                 (("iicl_fast_skinny",) if a.gemm and rows <= decode.SKINNY_MAX_ROWS else ())
             for impl in impls:
                 decode.BLASLT = {"iicl_fast_cublas": "off", "iicl_fast_cublaslt": "on"}.get(impl, blaslt_default)
                 decode.FUSED_PROJ = impl != "iicl_fast_unfused"
                 decode.FUSED_PROJ_MAX_ROWS = 10 ** 9 if impl == "iicl_fast_fused" else max_rows
-                decode.FLASH_PREFIX = impl == "iicl_fast_flash_prefix" or flash_default
+                decode.FLASH_PREFIX = impl in ("iicl_fast_flash_prefix", "iicl_fast_cudnn_prefix") or flash_default
+                decode.CUDNN_PREFIX = impl == "iicl_fast_cudnn_prefix" or cudnn_default
                 decode.GEMM = "triton" if impl == "iicl_fast_skinny" else gemm_default
                 torch.cuda.reset_peak_memory_stats()
                 st, total = run_ours(model, prefix, qs, new)
@@ -139,7 +142,7 @@ def main():
                 results.append(record(impl, rows, new, a.prefix, P, ms, floor_ms(model, rows, a.prefix, P, new),
                                       st["prefill_s"], total, capture_s=round(st["capture_s"], 2), batches=st["batches"]))
             decode.FUSED_PROJ, decode.FUSED_PROJ_MAX_ROWS, decode.FLASH_PREFIX = True, max_rows, flash_default
-            decode.BLASLT, decode.GEMM = blaslt_default, gemm_default
+            decode.BLASLT, decode.GEMM, decode.CUDNN_PREFIX = blaslt_default, gemm_default, cudnn_default
     if a.baselines:
         rows, new = a.rows[0], a.baseline_new
         qs = prompts(rows)
