@@ -1,7 +1,8 @@
 """Decoding many rows after one shared prefix, 8B shape, one GPU: ms per step against the floor.
 
     python benchmarks/bench_generate.py [--rows 64 200 400] [--new 128 512] [--prefix 5000]
-        [--baselines] [--unfused] [--flash-prefix] [--blas] [--gemm] [--out benchmarks/results/generate.json]
+        [--baselines [--hf-static]] [--unfused] [--flash-prefix] [--blas] [--gemm]
+        [--out benchmarks/results/generate.json]
 
 Rows: iicl_fast (decode.generate_static: one prefix KV, static caches, CUDA-graph step,
 Triton attention and sampler, q/k/v and gate/up one GEMM each up to
@@ -13,7 +14,9 @@ iicl_fast_cublas and iicl_fast_cublaslt, the layers' GEMMs through one library a
 --gemm adds iicl_fast_skinny, the layers' GEMMs through kernels/skinny_gemm.py up to
 decode.SKINNY_MAX_ROWS rows), generate_today (the cascade path it replaces: per-row
 DynamicCache, eager steps), hf_generate (transformers generate over [C; q] rows, prefix
-recomputed per row, dynamic cache). Every row samples as elicitation does (T 0.7, top-p 0.9)
+recomputed per row, dynamic cache) and with --hf-static hf_generate_static (the same with
+transformers' static cache, whose decoding forward transformers compiles itself: one untimed
+call compiles it, compile_s). Every row samples as elicitation does (T 0.7, top-p 0.9)
 and decodes exactly new_tokens (stop ids masked until then). ms_per_step = decoding time /
 steps: prefill (and for hf_generate, the per-row prefix) is timed apart, in prefill_s.
 
@@ -23,6 +26,7 @@ one prefix KV + the rows' own KV at the step's mean length, FLOPs = 2 · rows ·
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -100,6 +104,8 @@ def main():
     ap.add_argument("--prefix", type=int, default=5000)
     ap.add_argument("--baselines", action="store_true", help="also generate_today and hf_generate at the first row count")
     ap.add_argument("--baseline-new", type=int, default=128)
+    ap.add_argument("--hf-static", action="store_true",
+                    help="with --baselines: also transformers generate with its static cache, compiled (hf_generate_static)")
     ap.add_argument("--unfused", action="store_true",
                     help="also each iicl_fast row with one GEMM a projection (impl iicl_fast_unfused)")
     ap.add_argument("--flash-prefix", action="store_true",
@@ -158,22 +164,27 @@ def main():
         layers.uninstall(model)                                  # transformers as it ships
         full = [prefix + q for q in qs]
 
-        def hf(n):
+        def hf(n, **extra):
             ids = torch.full((rows, max(map(len, full))), 0, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for i, s in enumerate(full):                         # left padding, as generate wants
                 ids[i, ids.shape[1] - len(s):] = torch.tensor(s)
                 mask[i, ids.shape[1] - len(s):] = 1
             model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=True, temperature=0.7, top_p=0.9, pad_token_id=0, eos_token_id=STOP)
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            t1 = timed(lambda: hf(1))
-            tn = timed(lambda: hf(new))
-            results.append(record("hf_generate", rows, new, a.prefix, P, (tn - t1) * 1e3 / (new - 1), fl, t1, tn))
-        except torch.OutOfMemoryError as e:
-            print(json.dumps({"impl": "hf_generate", "rows": rows, "error": str(e).splitlines()[0]}))
-        torch.cuda.empty_cache()
+                           do_sample=True, temperature=0.7, top_p=0.9, pad_token_id=0, eos_token_id=STOP, **extra)
+        for impl, extra in (("hf_generate", {}),) + ((("hf_generate_static", {"cache_implementation": "static"}),)
+                                                       if a.hf_static else ()):
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                compile_s = timed(lambda: hf(new, **extra)) if extra else None     # compiles the decoding forward
+                t1 = timed(lambda: hf(1, **extra))
+                tn = timed(lambda: hf(new, **extra))
+                results.append(record(impl, rows, new, a.prefix, P, (tn - t1) * 1e3 / (new - 1), fl, t1, tn,
+                                      **({"compile_s": round(compile_s - tn, 1)} if extra else {})))
+            except Exception as e:       # out of memory, or a compile failure: the row says so and the run goes on
+                print(json.dumps({"impl": impl, "rows": rows, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}))
+            gc.collect()
+            torch.cuda.empty_cache()
     if a.out:
         path = Path(a.out)
         old = json.loads(path.read_text()) if path.exists() else []
