@@ -6,7 +6,8 @@ Per row count: the captured step's replay time (CUDA events, cur held at prompt 
 slots, i.e. mid-generation), the sampler's time on that step's logits, the floor, the GPU
 time of the replayed graph's kernels by family (torch.profiler records the kernels a graph
 launches; replay time minus their sum is the gaps between them) and of one eager step. The
-weights laid out as Memory lays them (layers.fuse_projections)."""
+weights laid out as Memory lays them (layers.fuse_projections); IICL_DECODE_GEMM=triton: the
+layers' GEMMs through kernels/skinny_gemm.py (its own family in the table)."""
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ from iicl_fast.decode import _dims, _Static, _static_mode, _Step, prefix_kv  # n
 from iicl_fast.generation import decoder  # noqa: E402
 from iicl_fast.kernels.sampling import sample_top_p  # noqa: E402
 
-FAMILIES = (("gemm", ("gemm", "nvjet", "cutlass", "sm90", "cublas")), ("prefix attention", ("_prefix_kernel",)),
+FAMILIES = (("gemm (skinny_gemm)", ("_skinny_kernel",)), ("gemm", ("gemm", "nvjet", "cutlass", "sm90", "cublas")), ("prefix attention", ("_prefix_kernel",)),
             ("suffix attention", ("_suffix_kernel",)), ("suffix attention + merge", ("_suffix_merge_kernel",)), ("merge", ("_merge_kernel",)), ("attention, one launch", ("_both_kernel",)), ("rope + cache write", ("rope_write",)), ("rmsnorm", ("rmsnorm",)),
             ("silu·up", ("swiglu",)), ("cache write", ("index_copy", "indexcopy", "index_put")))
 
