@@ -1,7 +1,7 @@
 """Decoding many rows after one shared prefix, 8B shape, one GPU: ms per step against the floor.
 
     python benchmarks/bench_generate.py [--rows 64 200 400] [--new 128 512] [--prefix 5000]
-        [--baselines [--hf-static]] [--unfused] [--flash-prefix] [--blas] [--gemm]
+        [--baselines [--hf-static]] [--unfused] [--flash-prefix] [--blas] [--gemm] [--merge-pipe]
         [--out benchmarks/results/generate.json]
 
 Rows: iicl_fast (decode.generate_static: one prefix KV, static caches, CUDA-graph step,
@@ -12,7 +12,8 @@ prefix part through PyTorch's flash op where decode.FLASH_PREFIX_MIN_M allows, a
 iicl_fast_cudnn_prefix, the same through cuDNN's attention (FA3-class on Hopper; decode.CUDNN_PREFIX); --blas adds
 iicl_fast_cublas and iicl_fast_cublaslt, the layers' GEMMs through one library at any row count;
 --gemm adds iicl_fast_skinny, the layers' GEMMs through kernels/skinny_gemm.py up to
-decode.SKINNY_MAX_ROWS rows), generate_today (the cascade path it replaces: per-row
+decode.SKINNY_MAX_ROWS rows; --merge-pipe adds iicl_fast_merge_pipe, the suffix programs' merge
+pipelined (prefix_attention.MERGE_PIPE), and with --gemm iicl_fast_skinny_pipe, both), generate_today (the cascade path it replaces: per-row
 DynamicCache, eager steps), hf_generate (transformers generate over [C; q] rows, prefix
 recomputed per row, dynamic cache) and with --hf-static hf_generate_static (the same with
 transformers' static cache, whose decoding forward transformers compiles itself: one untimed
@@ -26,6 +27,7 @@ one prefix KV + the rows' own KV at the step's mean length, FLOPs = 2 · rows ·
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -38,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_consolidate import commit, linear_params, llama_8b  # noqa: E402
 from iicl_fast import decode, layers  # noqa: E402
+from iicl_fast.kernels import prefix_attention as pa  # noqa: E402
 from iicl_fast.decode import generate_static, prefix_kv  # noqa: E402
 from iicl_fast.generation import generate, sampling_generator  # noqa: E402
 
@@ -97,6 +100,34 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
+# Each row's settings: what it changes from the defaults, {(module, name): value}.
+VARIANTS = {
+    "iicl_fast": {},
+    "iicl_fast_unfused": {(decode, "FUSED_PROJ"): False},
+    "iicl_fast_fused": {(decode, "FUSED_PROJ_MAX_ROWS"): 10 ** 9},
+    "iicl_fast_flash_prefix": {(decode, "FLASH_PREFIX"): True},
+    "iicl_fast_cudnn_prefix": {(decode, "FLASH_PREFIX"): True, (decode, "CUDNN_PREFIX"): True},
+    "iicl_fast_cublas": {(decode, "BLASLT"): "off"},
+    "iicl_fast_cublaslt": {(decode, "BLASLT"): "on"},
+    "iicl_fast_skinny": {(decode, "GEMM"): "triton"},
+    "iicl_fast_merge_pipe": {(pa, "MERGE_PIPE"): True},
+    "iicl_fast_skinny_pipe": {(decode, "GEMM"): "triton", (pa, "MERGE_PIPE"): True},
+}
+
+
+@contextlib.contextmanager
+def settings(changes: dict):
+    """The module attributes in `changes` set inside, restored after."""
+    old = {key: getattr(*key) for key in changes}
+    for (mod, name), value in changes.items():
+        setattr(mod, name, value)
+    try:
+        yield
+    finally:
+        for (mod, name), value in old.items():
+            setattr(mod, name, value)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="+", default=[64, 200, 400])
@@ -117,6 +148,9 @@ def main():
     ap.add_argument("--gemm", action="store_true",
                     help="also each iicl_fast row with the layers' GEMMs through kernels/skinny_gemm.py where "
                          "decode.SKINNY_MAX_ROWS allows (iicl_fast_skinny; iicl_fast: as decode.GEMM says)")
+    ap.add_argument("--merge-pipe", action="store_true",
+                    help="also each iicl_fast row with the suffix programs' merge pipelined (iicl_fast_merge_pipe; "
+                         "with --gemm also iicl_fast_skinny_pipe, both)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     model = llama_8b().requires_grad_(False)     # frozen, as Memory's base is (the fused norm wants it)
@@ -124,31 +158,24 @@ def main():
     layers.fuse_projections(model)               # as Memory does on CUDA
     prefix = torch.randint(10, 120000, (a.prefix,), generator=torch.Generator().manual_seed(1)).tolist()
     results = []
-    max_rows, flash_default, blaslt_default = decode.FUSED_PROJ_MAX_ROWS, decode.FLASH_PREFIX, decode.BLASLT
-    gemm_default, cudnn_default = decode.GEMM, decode.CUDNN_PREFIX
     run_ours(model, prefix, prompts(8), 4)                       # compile the kernels once
     for rows in a.rows:
         qs = prompts(rows)
         P = max(len(q) for q in qs)
         for new in a.new:
-            impls = ("iicl_fast",) + (("iicl_fast_unfused", "iicl_fast_fused") if a.unfused else ()) + \
-                (("iicl_fast_flash_prefix", "iicl_fast_cudnn_prefix") if a.flash_prefix else ()) + \
-                (("iicl_fast_cublas", "iicl_fast_cublaslt") if a.blas else ()) + \
-                (("iicl_fast_skinny",) if a.gemm and rows <= decode.SKINNY_MAX_ROWS else ())
+            impls = ["iicl_fast"] + (["iicl_fast_unfused", "iicl_fast_fused"] if a.unfused else []) + \
+                (["iicl_fast_flash_prefix", "iicl_fast_cudnn_prefix"] if a.flash_prefix else []) + \
+                (["iicl_fast_cublas", "iicl_fast_cublaslt"] if a.blas else []) + \
+                (["iicl_fast_skinny"] if a.gemm and rows <= decode.SKINNY_MAX_ROWS else []) + \
+                (["iicl_fast_merge_pipe"] if a.merge_pipe else []) + \
+                (["iicl_fast_skinny_pipe"] if a.gemm and a.merge_pipe and rows <= decode.SKINNY_MAX_ROWS else [])
             for impl in impls:
-                decode.BLASLT = {"iicl_fast_cublas": "off", "iicl_fast_cublaslt": "on"}.get(impl, blaslt_default)
-                decode.FUSED_PROJ = impl != "iicl_fast_unfused"
-                decode.FUSED_PROJ_MAX_ROWS = 10 ** 9 if impl == "iicl_fast_fused" else max_rows
-                decode.FLASH_PREFIX = impl in ("iicl_fast_flash_prefix", "iicl_fast_cudnn_prefix") or flash_default
-                decode.CUDNN_PREFIX = impl == "iicl_fast_cudnn_prefix" or cudnn_default
-                decode.GEMM = "triton" if impl == "iicl_fast_skinny" else gemm_default
-                torch.cuda.reset_peak_memory_stats()
-                st, total = run_ours(model, prefix, qs, new)
+                with settings(VARIANTS[impl]):
+                    torch.cuda.reset_peak_memory_stats()
+                    st, total = run_ours(model, prefix, qs, new)
                 ms = st["decode_s"] * 1e3 / max(1, st["steps"] - 1)
                 results.append(record(impl, rows, new, a.prefix, P, ms, floor_ms(model, rows, a.prefix, P, new),
                                       st["prefill_s"], total, capture_s=round(st["capture_s"], 2), batches=st["batches"]))
-            decode.FUSED_PROJ, decode.FUSED_PROJ_MAX_ROWS, decode.FLASH_PREFIX = True, max_rows, flash_default
-            decode.BLASLT, decode.GEMM, decode.CUDNN_PREFIX = blaslt_default, gemm_default, cudnn_default
     if a.baselines:
         rows, new = a.rows[0], a.baseline_new
         qs = prompts(rows)

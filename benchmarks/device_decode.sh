@@ -7,18 +7,20 @@
 # counts a compaction leaves (does cuBLASLt lose at unaligned M?), the GPU tests of the decoder;
 # with "chunk": the paper chunk instead of the tests (phase peaks and what each phase leaves
 # allocated); with "variants" the step's untried variants only: the skinny GEMM's GPU test, its
-# settings swept against cuBLAS and cuBLASLt (cold weights), bench_generate at 64 and 400 rows
-# with the skinny GEMM and with the prefix part through flash / cuDNN (~8 min); with "hfstatic"
+# settings swept against cuBLAS and cuBLASLt (cold weights), the attention's launch paths with the
+# pipelined merge, bench_generate at 64 and 400 rows with the skinny GEMM, the pipelined merge,
+# both, and the prefix part through flash / cuDNN (~9 min); with "hfstatic"
 # the 64-row baselines again with transformers' static cache compiled (hf_generate_static, ~5 min).
 : "${IICL_COMMIT:?set IICL_COMMIT=<short sha>: the device checkout reports a stale HEAD}"
 source benchmarks/device_call.sh
 R=$OUT/res; mkdir -p "$R"
 t0=$(date +%s)
 if [ "${1:-}" = variants ]; then
-  timeout 100 python -m pytest -q tests/test_cuda_e2e.py -k "skinny or add_norm or sampler" 2>&1 | tail -4
-  timeout 230 python benchmarks/tune_skinny_gemm.py --sweep --out "$R/skinny_gemm_$IICL_COMMIT.json" 2>&1 | grep -v "^M=.*Error\|OutOfResources" | tail -30 | cut -c1-300
+  timeout 100 python -m pytest -q tests/test_cuda_e2e.py -k "skinny or add_norm or sampler or cascade_decode" 2>&1 | tail -4
+  timeout 180 python benchmarks/tune_skinny_gemm.py --sweep --out "$R/skinny_gemm_$IICL_COMMIT.json" 2>&1 | grep -v "^M=.*Error\|OutOfResources" | tail -30 | cut -c1-300
   echo "tune $(( $(date +%s) - t0 )) s"
-  timeout 200 python benchmarks/bench_generate.py --rows 64 400 --new 128 --gemm --flash-prefix \
+  timeout 60 python benchmarks/tune_decode_attention.py --rows 64 200 --out "$R/decode_attention_$IICL_COMMIT.json" 2>&1 | tail -2 | cut -c1-400
+  timeout 200 python benchmarks/bench_generate.py --rows 64 400 --new 128 --gemm --merge-pipe --flash-prefix \
     --out "$R/generate_variants_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-300
   echo "done $(( $(date +%s) - t0 )) s"
   exit 0

@@ -7,7 +7,8 @@ prompts of 60, 128 new tokens, half decoded — bench_generate.py's shape).
 Times are GPU time a layer: 32 calls (one per layer of the 8B shape) captured in one CUDA graph,
 replayed, divided by 32 — eager timing of ~20 µs kernels measures Python's launches instead.
 Prints cascade_decode as it defaults, in two launches with the merge in the suffix programs or
-with the merge kernel after them, with the suffix programs' merge in runtime loops, in one launch, and with the prefix part through PyTorch's flash op;
+with the merge kernel after them, with the suffix programs' merge in runtime loops or pipelined
+(MERGE_PIPE), in one launch, and with the prefix part through PyTorch's flash op;
 --sweep: the prefix and the suffix settings, best first."""
 import argparse
 import itertools
@@ -50,14 +51,17 @@ def modes(step):
     """-> {mode: ms a layer} for the launch paths of one shape."""
     from iicl_fast.decode import _flash_prefix
     out = {}
-    for name, one, merge, prefix, unroll in (
-            ("default", None, True, None, True), ("two_launches_merge_in_suffix", False, True, None, True),
-            ("two_launches_merge_in_suffix_loops", False, True, None, False),
-            ("two_launches_merge_kernel", False, False, None, True), ("one_launch", True, False, None, True),
-            ("flash_prefix", None, True, _flash_prefix, True)):
-        pa.ONE_LAUNCH, pa.MERGE_IN_SUFFIX, pa.UNROLL_SP = one, merge, unroll
+    pipe_default = pa.MERGE_PIPE
+    for name, one, merge, prefix, unroll, pipe in (
+            ("default", None, True, None, True, pipe_default),
+            ("two_launches_merge_in_suffix", False, True, None, True, False),
+            ("two_launches_merge_in_suffix_loops", False, True, None, False, False),
+            ("two_launches_merge_in_suffix_pipe", False, True, None, True, True),
+            ("two_launches_merge_kernel", False, False, None, True, False), ("one_launch", True, False, None, True, False),
+            ("flash_prefix", None, True, _flash_prefix, True, pipe_default)):
+        pa.ONE_LAUNCH, pa.MERGE_IN_SUFFIX, pa.UNROLL_SP, pa.MERGE_PIPE = one, merge, unroll, pipe
         out[name] = graphed_ms(lambda: step(prefix))
-    pa.ONE_LAUNCH, pa.MERGE_IN_SUFFIX, pa.UNROLL_SP = None, True, True
+    pa.ONE_LAUNCH, pa.MERGE_IN_SUFFIX, pa.UNROLL_SP, pa.MERGE_PIPE = None, True, True, pipe_default
     return out
 
 

@@ -356,17 +356,20 @@ def test_packed_student_hidden_on_cuda(smol_tokenizer, dtype, tol):
 
 # --- issue 12: the static decoder's kernels and loop on the GPU ---------------------------
 
-def test_cascade_decode_and_sampler_bf16_on_cuda(monkeypatch):
+@pytest.mark.parametrize("merge_pipe", [False, True])
+def test_cascade_decode_and_sampler_bf16_on_cuda(monkeypatch, merge_pipe):
     """The decode-attention kernel at the 8B head shapes (bf16, tensor cores) against float64,
-    no worse than twice plain bf16; the sampler's draws against the exact nucleus."""
+    no worse than twice plain bf16 (the suffix programs' merge in loops, or pipelined:
+    MERGE_PIPE); the sampler's draws against the exact nucleus."""
     from iicl_fast.kernels import prefix_attention as pa
     from iicl_fast.kernels import sampling
     from iicl_fast.kernels.reference_prefix_attention import cascade_decode_ref
     from iicl_fast.kernels.reference_sampling import top_p_probs_ref
     monkeypatch.setattr(pa, "POISON", True)
     monkeypatch.setattr(sampling, "POISON", True)
+    monkeypatch.setattr(pa, "MERGE_PIPE", merge_pipe)
     g = torch.Generator(device="cuda").manual_seed(0)
-    for B, K, S in ((37, 5003, 77), (1, 1, 1), (400, 5000, 600)):
+    for B, K, S in ((37, 5003, 77), (1, 1, 1), (400, 5000, 600), (64, 5000, 144)):
         q = torch.randn(B, 32, 128, device="cuda", generator=g).bfloat16()
         pk, pv = (torch.randn(8, K, 128, device="cuda", generator=g).bfloat16() for _ in range(2))
         ks, vs = (torch.randn(B, 8, S, 128, device="cuda", generator=g).bfloat16() for _ in range(2))

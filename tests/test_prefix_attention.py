@@ -84,7 +84,7 @@ DECODE_CASES = [  # B, Hq, Hkv, K (0: no prefix), S, d, prefix split, suffix spl
 ]
 
 
-@pytest.mark.parametrize("launches", ["one", "two", "merge_in_suffix", "merge_in_suffix_loops"])
+@pytest.mark.parametrize("launches", ["one", "two", "merge_in_suffix", "merge_in_suffix_loops", "merge_in_suffix_pipe"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,Hq,Hkv,K,S,d,split_len,suffix_split", DECODE_CASES)
 def test_cascade_decode_matches_float64(B, Hq, Hkv, K, S, d, split_len, suffix_split, dtype, launches, monkeypatch):
@@ -92,10 +92,11 @@ def test_cascade_decode_matches_float64(B, Hq, Hkv, K, S, d, split_len, suffix_s
     slots past it hold garbage that must not be read. Prefix and suffix tiles in one launch,
     in two with the merge kernel after them, or in two with the suffix programs merging (where
     the suffix is one split; otherwise that setting takes the merge kernel too), the prefix
-    partials read unrolled or in runtime loops."""
+    partials read unrolled, in runtime loops, or as one tile of log-sum-exps and a pipelined loop."""
     monkeypatch.setattr(pa, "ONE_LAUNCH", launches == "one")
     monkeypatch.setattr(pa, "MERGE_IN_SUFFIX", launches.startswith("merge_in_suffix"))
     monkeypatch.setattr(pa, "UNROLL_SP", launches == "merge_in_suffix")
+    monkeypatch.setattr(pa, "MERGE_PIPE", launches == "merge_in_suffix_pipe")
     g = torch.Generator().manual_seed(B * 100 + S)
     q = torch.randn(B, Hq, d, generator=g).to(dtype)
     pk = torch.randn(Hkv, K, d, generator=g).to(dtype) if K else None

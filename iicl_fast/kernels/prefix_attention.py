@@ -64,6 +64,17 @@ MERGE_IN_SUFFIX = os.environ.get("IICL_DECODE_MERGE_IN_SUFFIX", "1") != "0"
 # splits) 0.041 / 0.035 — many unrolled reads cost more than the waits they save.
 UNROLL_SP = os.environ.get("IICL_DECODE_UNROLL_SP", "1") != "0"
 UNROLL_SP_MAX = 2
+# Above UNROLL_SP_MAX splits, the suffix programs' merge with its loads overlapped instead of
+# one after another (MERGE_PIPE): the prefix partials' log-sum-exps read as one [splits, group]
+# tile after the suffix part (one round trip for what the loops read in 2·SP dependent ones; not
+# held through the suffix part's loop, as the unrolled merge held them), their outputs in a loop
+# the compiler pipelines (tl.range num_stages: cp.async two loads ahead, checked in the sm_90 PTX).
+# Why: at 64 rows (8 splits) the suffix + merge is 0.70 ms of the 6.13 ms step (graph profile,
+# 7701404) where the suffix KV it reads takes ~0.16 ms at bandwidth; 16 dependent L2 round trips a
+# program are ~10 µs of its ~22 µs a layer. Not yet measured on the GPU: off by default
+# (IICL_DECODE_MERGE_PIPE=1: on; tune_decode_attention.py times it).
+MERGE_PIPE = os.environ.get("IICL_DECODE_MERGE_PIPE", "0") == "1"
+MERGE_PIPE_STAGES = 3
 
 
 def _prefix_cfg(M: int) -> dict:
@@ -246,14 +257,17 @@ def _suffix_merge_kernel(q_ptr, k_ptr, v_ptr, lo_ptr, cur_ptr, op_ptr, lp_ptr, o
                          stride_qb, stride_qh, stride_kb, stride_kh, stride_kn,
                          stride_oph, stride_ops, stride_opm, stride_lph, stride_lps, stride_outb,
                          G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         IEEE: tl.constexpr, UPCAST: tl.constexpr, UNROLL_SP: tl.constexpr, BLOCK_SP: tl.constexpr):
+                         IEEE: tl.constexpr, UPCAST: tl.constexpr, UNROLL_SP: tl.constexpr, BLOCK_SP: tl.constexpr,
+                         PIPE: tl.constexpr = False, PIPE_STAGES: tl.constexpr = 3):
     """One (row b, KV head h) when the suffix is one split: its part, then the SP prefix
     partials of the row's G query vectors (m = b·G + j, written by the launch before) merged
     in by their log-sum-exps -> out[b, h·G + j, :] in out's dtype. Saves the merge kernel's
     launch and the suffix partials' round trip through memory. UNROLL_SP (SP == UNROLL_SP, a
     compile-time count): the partials' log-sum-exps are read as one tile before the suffix part
     and their outputs in an unrolled loop, so the reads overlap instead of waiting one after
-    another (2·SP dependent round trips a program in the runtime loops; 0: those loops)."""
+    another (2·SP dependent round trips a program in the runtime loops; 0: those loops). PIPE
+    (UNROLL_SP 0, SP <= BLOCK_SP): the log-sum-exps read as one tile after the suffix part, the
+    outputs in a loop pipelined PIPE_STAGES deep (MERGE_PIPE)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     rg = tl.arange(0, BLOCK_G)
@@ -268,18 +282,29 @@ def _suffix_merge_kernel(q_ptr, k_ptr, v_ptr, lo_ptr, cur_ptr, op_ptr, lp_ptr, o
     o, lse = _suffix_part(b, h, 0, q_ptr, k_ptr, v_ptr, lo_ptr, cur_ptr, D, split_len, scale,
                           stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, G, BLOCK_G, BLOCK_N, BLOCK_D,
                           IEEE, UPCAST)
-    if UNROLL_SP > 0:
+    if PIPE and UNROLL_SP == 0:
+        rs = tl.arange(0, BLOCK_SP)
+        lp = tl.load(lp_ptr + h * stride_lph + rs[:, None] * stride_lps + m[None, :],
+                     mask=(rs < SP)[:, None] & gmask[None, :], other=float("-inf"))            # [BLOCK_SP, BLOCK_G]
+    if UNROLL_SP > 0 or PIPE:
         big = tl.maximum(lse, tl.max(lp, 0))
         big = tl.where(big == float("-inf"), 0.0, big)
         wp = tl.exp(lp - big[None, :])                                 # [BLOCK_SP, BLOCK_G]
         w = tl.exp(lse - big)
         den = w + tl.sum(wp, 0)
         acc = o * w[:, None]
-        for s in tl.static_range(UNROLL_SP):
-            ws = tl.sum(tl.where(rs[:, None] == s, wp, 0.0), 0)
-            op = tl.load(op_ptr + h * stride_oph + s * stride_ops + m[:, None] * stride_opm + rd[None, :],
-                         mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-            acc += op * ws[:, None]
+        if UNROLL_SP > 0:
+            for s in tl.static_range(UNROLL_SP):
+                ws = tl.sum(tl.where(rs[:, None] == s, wp, 0.0), 0)
+                op = tl.load(op_ptr + h * stride_oph + s * stride_ops + m[:, None] * stride_opm + rd[None, :],
+                             mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                acc += op * ws[:, None]
+        else:
+            for s in tl.range(0, SP, num_stages=PIPE_STAGES):
+                ws = tl.sum(tl.where(rs[:, None] == s, wp, 0.0), 0)
+                op = tl.load(op_ptr + h * stride_oph + s * stride_ops + m[:, None] * stride_opm + rd[None, :],
+                             mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+                acc += op * ws[:, None]
     else:
         big = lse
         for s in range(0, SP):
@@ -504,12 +529,14 @@ def cascade_decode(q: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | 
         sc = _suffix_cfg(B * Hkv)
         SP = o_p.shape[1]
         unroll = SP if UNROLL_SP and 0 < SP <= UNROLL_SP_MAX else 0
+        pipe = MERGE_PIPE and not unroll
         _suffix_merge_kernel[(B, Hkv)](
             q, ks_, vs_, lo, cur, o_p, l_p, out, d, sl, o_p.shape[1], float(scale), q.stride(0), q.stride(1),
             ks_.stride(0), ks_.stride(1), ks_.stride(2), o_p.stride(0), o_p.stride(1), o_p.stride(2),
             l_p.stride(0), l_p.stride(1), out.stride(0), G=g, BLOCK_G=bg, BLOCK_N=sc["block_n"], BLOCK_D=bd,
-            IEEE=ieee, UPCAST=INTERPRET, UNROLL_SP=unroll, BLOCK_SP=max(2, triton.next_power_of_2(max(1, unroll))),
-            num_warps=sc["num_warps"], num_stages=sc["num_stages"])
+            IEEE=ieee, UPCAST=INTERPRET, UNROLL_SP=unroll,
+            BLOCK_SP=max(2, triton.next_power_of_2(max(1, SP if pipe else unroll))), PIPE=pipe,
+            PIPE_STAGES=MERGE_PIPE_STAGES, num_warps=sc["num_warps"], num_stages=sc["num_stages"])
         return out
     if suffix_args is not None:
         sc = _suffix_cfg(B * Hkv * SS)
