@@ -13,7 +13,8 @@ iicl_fast_cudnn_prefix, the same through cuDNN's attention (FA3-class on Hopper;
 iicl_fast_cublas and iicl_fast_cublaslt, the layers' GEMMs through one library at any row count;
 --gemm adds iicl_fast_skinny, the layers' GEMMs through kernels/skinny_gemm.py up to
 decode.SKINNY_MAX_ROWS rows; --merge-pipe adds iicl_fast_merge_pipe, the suffix programs' merge
-pipelined (prefix_attention.MERGE_PIPE), and with --gemm iicl_fast_skinny_pipe, both), generate_today (the cascade path it replaces: per-row
+pipelined (prefix_attention.MERGE_PIPE), iicl_fast_logits16 (decode.LOGITS_16: the step's logits
+to the sampler in bf16), and with --gemm iicl_fast_skinny_pipe, all three), generate_today (the cascade path it replaces: per-row
 DynamicCache, eager steps), hf_generate (transformers generate over [C; q] rows, prefix
 recomputed per row, dynamic cache) and with --hf-static hf_generate_static (the same with
 transformers' static cache, whose decoding forward transformers compiles itself: one untimed
@@ -111,7 +112,8 @@ VARIANTS = {
     "iicl_fast_cublaslt": {(decode, "BLASLT"): "on"},
     "iicl_fast_skinny": {(decode, "GEMM"): "triton"},
     "iicl_fast_merge_pipe": {(pa, "MERGE_PIPE"): True},
-    "iicl_fast_skinny_pipe": {(decode, "GEMM"): "triton", (pa, "MERGE_PIPE"): True},
+    "iicl_fast_logits16": {(decode, "LOGITS_16"): True},
+    "iicl_fast_skinny_pipe": {(decode, "GEMM"): "triton", (pa, "MERGE_PIPE"): True, (decode, "LOGITS_16"): True},
 }
 
 
@@ -149,8 +151,8 @@ def main():
                     help="also each iicl_fast row with the layers' GEMMs through kernels/skinny_gemm.py where "
                          "decode.SKINNY_MAX_ROWS allows (iicl_fast_skinny; iicl_fast: as decode.GEMM says)")
     ap.add_argument("--merge-pipe", action="store_true",
-                    help="also each iicl_fast row with the suffix programs' merge pipelined (iicl_fast_merge_pipe; "
-                         "with --gemm also iicl_fast_skinny_pipe, both)")
+                    help="also each iicl_fast row with the suffix programs' merge pipelined (iicl_fast_merge_pipe), "
+                         "with bf16 logits to the sampler (iicl_fast_logits16); with --gemm also iicl_fast_skinny_pipe, all three")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     model = llama_8b().requires_grad_(False)     # frozen, as Memory's base is (the fused norm wants it)
@@ -167,7 +169,7 @@ def main():
                 (["iicl_fast_flash_prefix", "iicl_fast_cudnn_prefix"] if a.flash_prefix else []) + \
                 (["iicl_fast_cublas", "iicl_fast_cublaslt"] if a.blas else []) + \
                 (["iicl_fast_skinny"] if a.gemm and rows <= decode.SKINNY_MAX_ROWS else []) + \
-                (["iicl_fast_merge_pipe"] if a.merge_pipe else []) + \
+                (["iicl_fast_merge_pipe", "iicl_fast_logits16"] if a.merge_pipe else []) + \
                 (["iicl_fast_skinny_pipe"] if a.gemm and a.merge_pipe and rows <= decode.SKINNY_MAX_ROWS else [])
             for impl in impls:
                 with settings(VARIANTS[impl]):

@@ -480,6 +480,13 @@ def _blas(lt: bool):
 # (IICL_DECODE_GEMM=triton) to measure.
 GEMM = os.environ.get("IICL_DECODE_GEMM", "cublas")
 SKINNY_MAX_ROWS = 128
+# A kernels step hands its logits to the argmax / the Triton sampler in the LM head's dtype
+# rather than as an fp32 copy (generation.step_logits fp32=False: the same values, the readers
+# upcast): at 400 rows of the 8B vocabulary the copy was 0.15 ms of the 17 ms step and the
+# sampler read twice the bytes (profile_decode, 28th session). Tested under the interpreter;
+# not yet run on the GPU: off (IICL_DECODE_LOGITS16=1: on; bench_generate.py --merge-pipe
+# measures it with the other new settings).
+LOGITS_16 = os.environ.get("IICL_DECODE_LOGITS16", "0") == "1"
 
 
 def _skinny_gemm(rows: int, dtype: torch.dtype, on_cuda: bool):
@@ -750,7 +757,7 @@ class _Step:
         else:
             h = self.body(input_ids=self.tok[:, None], position_ids=self.pos[:, None],
                           use_cache=False).last_hidden_state[:, -1]
-        return step_logits(h, *self.head)
+        return step_logits(h, *self.head, fp32=not (self.st.kernels and LOGITS_16))   # the kernels' readers upcast
 
     def __call__(self, tok, pos):
         self.tok.copy_(tok)
@@ -762,7 +769,8 @@ class _Step:
 
 
 def _choose(z, sample, temperature, top_p, seed, generator, kernels, keys=None, keyed=None):
-    """fp32 logits [B, V] -> tokens [B] on the device: argmax, or a nucleus draw (the Triton
+    """logits [B, V] (fp32; the weight's dtype from a kernels step) -> tokens [B] on the device:
+    argmax, or a nucleus draw (the Triton
     sampler advancing the device seed, or generation.next_token where kernels are off).
     keys [B]: the rows' draw keys (keyed sampling); keyed: (seed, step) for the plain path."""
     if not sample:

@@ -742,3 +742,19 @@ def test_skinny_gemm_on_cuda(smol_tokenizer, monkeypatch):
     assert generate(mem.model, qs, static=True, **kw) == graph_tokens
     same = sum(r[:8] == c[:8] for r, c in zip(graph_tokens, cublas) if len(r) >= 8)
     assert same >= 4, (graph_tokens, cublas)          # bf16: sums in another order may flip a near tie
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_logits16_step_draws_the_same_tokens_on_cuda(smol_tokenizer, monkeypatch, sample):
+    """decode.LOGITS_16: the captured step hands bf16 logits to the argmax / the Triton sampler
+    (the values of the fp32 cast they replace): the same tokens as with it off."""
+    import iicl_fast.decode as D
+    model = _scaled_tiny(smol_tokenizer, torch.bfloat16)
+    gen = torch.Generator().manual_seed(3)
+    prefix = torch.randint(3, 40000, (211,), generator=gen).tolist()
+    qs = [torch.randint(3, 40000, (n,), generator=gen).tolist() for n in (5, 17, 1, 9)]
+    kw = dict(max_new_tokens=24, pad_id=0, sample=sample, temperature=0.9, top_p=0.9, prefix=prefix, batch_size=4,
+              stop_ids=[10 ** 6], static=True)
+    off = generate(model, qs, generator=sampling_generator("cuda", 4), **kw)
+    monkeypatch.setattr(D, "LOGITS_16", True)
+    assert generate(model, qs, generator=sampling_generator("cuda", 4), **kw) == off

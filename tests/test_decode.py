@@ -268,6 +268,35 @@ def test_static_decoder_runs_the_layer_gemms_through_the_skinny_kernel(static_ke
         generate(model, qs, static=True, **kw)
 
 
+@pytest.mark.parametrize("sample", [False, True])
+def test_static_step_hands_16_bit_logits_to_the_kernels(static_kernels, monkeypatch, sample):
+    """LOGITS_16: a bf16 model's kernels step returns its logits in bf16 (no fp32 copy of [B, V]); the
+    argmax and the Triton sampler read them as the fp32 cast they replace: the same tokens as
+    with fp32 logits forced, greedy and sampled."""
+    import iicl_fast.decode as D
+    from iicl_fast import generation
+    from iicl_fast.generation import generate
+    monkeypatch.setattr(D, "LOGITS_16", True)
+    model = _tiny_llama(seed=7).to(torch.bfloat16)
+    seen = []
+    orig = generation.step_logits
+
+    def spy(h, w, b=None, c=None, fp32=True):
+        z = orig(h, w, b, c, fp32)
+        seen.append(z.dtype)
+        return z
+    monkeypatch.setattr(generation, "step_logits", spy)
+    g = torch.Generator().manual_seed(8)
+    prefix = torch.randint(3, 97, (15,), generator=g).tolist()
+    qs = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (3, 1, 4)]
+    kw = dict(max_new_tokens=7, pad_id=0, sample=sample, temperature=0.9, top_p=0.9, prefix=prefix,
+              stop_ids=[10_000], static=True)
+    got = generate(model, qs, generator=torch.Generator().manual_seed(2), **kw)
+    assert torch.bfloat16 in seen and torch.float32 in seen       # steps in bf16; the prefill's fp32
+    monkeypatch.setattr(generation, "step_logits", lambda h, w, b=None, c=None, fp32=True: orig(h, w, b, c, True))
+    assert generate(model, qs, generator=torch.Generator().manual_seed(2), **kw) == got
+
+
 @pytest.mark.parametrize("add_norm", [True, False])
 def test_static_decoder_folds_the_residual_adds_into_the_norms(static_kernels, monkeypatch, add_norm):
     """The fused layers installed (RMSNorm kernels): the Llama step runs every residual add in
