@@ -734,7 +734,7 @@ class _Step:
         self.st = st
         self.llama = st.kernels and LLAMA_STEP and llama_like(self.body)
         self.fused = _fused_groups(self.body) if self.llama and FUSED_PROJ and B <= FUSED_PROJ_MAX_ROWS else None
-        w = self.body.embed_tokens.weight
+        w = self.body.embed_tokens.weight if self.llama else None       # llama_like bodies have it
         gemm = _skinny_gemm(B, w.dtype, w.is_cuda) if self.llama else None
         self.singles = _gemm_singles(self.body, gemm) if gemm is not None else None
         if gemm is not None:

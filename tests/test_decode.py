@@ -268,6 +268,32 @@ def test_static_decoder_runs_the_layer_gemms_through_the_skinny_kernel(static_ke
         generate(model, qs, static=True, **kw)
 
 
+def test_static_decoder_steps_a_decoder_unlike_llama(static_kernels, monkeypatch):
+    """A decoder _llama_step does not take (GPT-2: no embed_tokens, learned positions) steps
+    through its own forward with the static attention, whatever IICL_DECODE_GEMM says, and
+    writes the plain loop's tokens (fp32)."""
+    import iicl_fast.decode as D
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from iicl_fast.generation import decoder, generate
+    monkeypatch.setattr(D, "GEMM", "triton")
+    torch.manual_seed(9)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=48, n_layer=2, n_head=4, n_positions=128,
+                                       bos_token_id=1, eos_token_id=2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    assert not D.llama_like(decoder(model))
+    g = torch.Generator().manual_seed(10)
+    prefix = torch.randint(3, 97, (13,), generator=g).tolist()
+    qs = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (3, 1, 5)]
+    kw = dict(max_new_tokens=8, pad_id=0, sample=False, prefix=prefix, stop_ids=[10_000])
+    got = generate(model, qs, static=True, **kw)
+    assert got == generate(model, qs, static=False, **kw)
+    assert len({tuple(r) for r in got}) > 1
+
+
 @pytest.mark.parametrize("sample", [False, True])
 def test_static_step_hands_16_bit_logits_to_the_kernels(static_kernels, monkeypatch, sample):
     """LOGITS_16: a bf16 model's kernels step returns its logits in bf16 (no fp32 copy of [B, V]); the
