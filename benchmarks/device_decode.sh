@@ -16,10 +16,10 @@ source benchmarks/device_call.sh
 R=$OUT/res; mkdir -p "$R"
 t0=$(date +%s)
 if [ "${1:-}" = variants ]; then
-  timeout 100 python -m pytest -q tests/test_cuda_e2e.py -k "skinny or add_norm or sampler or cascade_decode or logits16" 2>&1 | tail -4
-  timeout 180 python benchmarks/tune_skinny_gemm.py --sweep --out "$R/skinny_gemm_$IICL_COMMIT.json" 2>&1 | grep -v "^M=.*Error\|OutOfResources" | tail -30 | cut -c1-300
+  timeout 140 python -m pytest -q tests/test_cuda_e2e.py -k "skinny or add_norm or sampler or cascade_decode or logits16" 2>&1 | tail -4
+  timeout 160 python benchmarks/tune_skinny_gemm.py --sweep --out "$R/skinny_gemm_$IICL_COMMIT.json" 2>&1 | grep -v "^M=.*Error\|OutOfResources" | tail -30 | cut -c1-300
   echo "tune $(( $(date +%s) - t0 )) s"
-  timeout 60 python benchmarks/tune_decode_attention.py --rows 64 200 --out "$R/decode_attention_$IICL_COMMIT.json" 2>&1 | tail -2 | cut -c1-400
+  timeout 50 python benchmarks/tune_decode_attention.py --rows 64 200 --out "$R/decode_attention_$IICL_COMMIT.json" 2>&1 | tail -2 | cut -c1-400
   timeout 200 python benchmarks/bench_generate.py --rows 64 400 --new 128 --gemm --merge-pipe --flash-prefix \
     --out "$R/generate_variants_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-300
   echo "done $(( $(date +%s) - t0 )) s"

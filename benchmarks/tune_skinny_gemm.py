@@ -28,7 +28,7 @@ ap.add_argument("--sweep", action="store_true", help="sweep the launch settings 
 ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "skinny_gemm.json"))
 args = ap.parse_args()
 
-SHAPES = dict(qkv=(6144, 4096), o=(4096, 4096), gate_up=(28672, 4096), down=(4096, 14336))   # N, K
+SHAPES = dict(qkv=(6144, 4096), down=(4096, 14336), o=(4096, 4096), gate_up=(28672, 4096))   # N, K; narrowest first
 COLD_BYTES = 256 << 20          # each op's weight copies together: > 5× the H200's 50 MB L2
 REPS = 24
 
@@ -68,6 +68,14 @@ def commit():
                                                                          stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"
+
+
+def save():
+    """The results so far to args.out (temp file, then rename): a run cut short keeps what it measured."""
+    tmp = Path(args.out + ".tmp")
+    tmp.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                               "commit": commit(), "rows": out, "best_cfgs": best}, indent=1))
+    tmp.replace(args.out)
 
 
 W = {}
@@ -130,10 +138,8 @@ for mi, M in enumerate(args.rows):
         print(f"M={M} {op}: " + ", ".join(f"{r['variant']} {r['ms']:.4f} ms {r['tb_s']:.2f} TB/s"
                                          for r in out if r["M"] == M and r.get("op") == op and r["variant"] != "skinny")
               + (f"; best {got[0]['ms']:.4f} ms {got[0]['tb_s']:.2f} TB/s {got[0]['cfg']}" if got else ""), flush=True)
+        save()
     print(f"M={M} ms a step (32 layers): " + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in step.items()),
           flush=True)
     out.append(dict(M=M, step_ms={k: None if v is None else round(v, 3) for k, v in step.items()}))
-    tmp = Path(args.out + ".tmp")            # after every row count: a run cut short keeps what it measured
-    tmp.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                               "commit": commit(), "rows": out, "best_cfgs": best}, indent=1))
-    tmp.replace(args.out)
+    save()
