@@ -101,6 +101,23 @@ def timed(fn):
     return time.perf_counter() - t0
 
 
+class Saved(list):
+    """The rows, each appended one also written to `path` (None: not written) with the rows of an
+    earlier run of other (impl, rows, new_tokens) kept."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = Path(path) if path else None
+        old = json.loads(self.path.read_text()) if self.path is not None and self.path.exists() else []
+        self.old = old
+
+    def append(self, r):
+        super().append(r)
+        if self.path is not None:
+            mine = {(x["impl"], x["rows"], x["new_tokens"]) for x in self}
+            write_json(self.path, [x for x in self.old if (x["impl"], x["rows"], x["new_tokens"]) not in mine] + list(self))
+
+
 # Each row's settings: what it changes from the defaults, {(module, name): value}.
 VARIANTS = {
     "iicl_fast": {},
@@ -159,7 +176,7 @@ def main():
     layers.install(model)
     layers.fuse_projections(model)               # as Memory does on CUDA
     prefix = torch.randint(10, 120000, (a.prefix,), generator=torch.Generator().manual_seed(1)).tolist()
-    results = []
+    results = Saved(a.out)                                      # written after every row: a run cut short keeps them
     run_ours(model, prefix, prompts(8), 4)                       # compile the kernels once
     for rows in a.rows:
         qs = prompts(rows)
@@ -214,12 +231,6 @@ def main():
                 print(json.dumps({"impl": impl, "rows": rows, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}))
             gc.collect()
             torch.cuda.empty_cache()
-    if a.out:
-        path = Path(a.out)
-        old = json.loads(path.read_text()) if path.exists() else []
-        keep = [r for r in old if (r["impl"], r["rows"], r["new_tokens"]) not in
-                {(r["impl"], r["rows"], r["new_tokens"]) for r in results}]
-        write_json(path, keep + results)
 
 
 if __name__ == "__main__":
