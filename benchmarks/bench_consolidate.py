@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import iicl_fast  # noqa: E402
-from iicl_fast import Config  # noqa: E402
+from iicl_fast import Config, decode  # noqa: E402
 from iicl_fast.consolidate import ConsolidationReport, _now, train  # noqa: E402
 from iicl_fast.elicit import QUESTION_PROMPT, Entry, continuation_queries, sentences, spread  # noqa: E402
 from iicl_fast.models import PromptFormat  # noqa: E402
@@ -289,7 +289,8 @@ def bench_8b(args):
     model = llama_8b()
     build_s = time.perf_counter() - t
     chunk = prose(5000, tok)
-    cfg = Config.preset("paper", fixed_lengths=True, progress=False)
+    # --teacher-pass: every entry through the teacher pass (the A/B of teacher_from_elicit)
+    cfg = Config.preset("paper", fixed_lengths=True, progress=False, teacher_from_elicit=not args.teacher_pass)
     fmt = PromptFormat(tok, model)
     K = len(fmt.context_prefix(chunk))
     print(f"8B model built in {build_s:.1f}s; chunk {K} prefix tokens; paper preset", flush=True)
@@ -298,11 +299,13 @@ def bench_8b(args):
         compile_s = warm_kernels(model) + warm_pipeline(tok, cfg)
         torch.cuda.reset_peak_memory_stats()
         mem = iicl_fast.Memory(model, tok, cfg)
+        decode.STATS = []                  # each generate_static call's prefill / capture / steps
         t = time.perf_counter()
         rep = mem.consolidate(chunk)
         wall = time.perf_counter() - t
+        calls, decode.STATS = decode.STATS, None
         kept_tokens = rep.work["kept_response_tokens"]
-        extra = {}
+        extra = {"elicit_calls": calls, "elicit_parts": elicit_parts(calls, rep.seconds["elicit"])}
     else:
         compile_s = 0.0
         t = time.perf_counter()
@@ -314,11 +317,21 @@ def bench_8b(args):
                                     "each scaled linearly")
     fl = floors(model, K, cfg, rep, kept_tokens)
     extra["floor_train_strict_s"] = round(fl.pop("train_strict"), 3)
-    r = row(args.impl, "8b_paper", rep.seconds, fl, wall, rep.chunk_tokens, compile_s,
+    impl = "iicl_fast_teacher_pass" if args.impl == "iicl_fast" and args.teacher_pass else args.impl
+    r = row(impl, "8b_paper", rep.seconds, fl, wall, rep.chunk_tokens, compile_s,
             phase_peaks=getattr(rep, "peak_gib_phase", None), work=rep.work,
             held_gib_phase={k: round(v, 2) for k, v in getattr(rep, "held_gib_phase", {}).items()},
             elicited=rep.elicited, kept=rep.kept, **extra)
     return [r]
+
+
+def elicit_parts(calls: list[dict], elicit_s: float) -> dict:
+    """The elicit phase's seconds split into its decoder calls' prefill, capture and steps;
+    other_s is the rest (the prefix's encoding, tokenisation, the host's text work)."""
+    parts = {k: round(sum(c[k] for c in calls), 3) for k in ("prefill_s", "capture_s", "decode_s")}
+    parts["other_s"] = round(elicit_s - sum(parts.values()), 3)
+    parts["steps"] = sum(c["steps"] for c in calls)
+    return parts
 
 
 def recall(qs, answers) -> int:
@@ -370,6 +383,8 @@ def main():
     p.add_argument("--model", default=None, help="embedded: the model (default: the embedded GGUF)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--teacher-pass", action="store_true",
+                   help="8b_paper: every entry through the teacher pass (teacher_from_elicit off); row iicl_fast_teacher_pass")
     args = p.parse_args()
     if args.tokenizer is None and args.workload == "8b_paper":
         from iicl_fast.models import default_gguf_path
@@ -391,6 +406,8 @@ def main():
         for k, v in r["seconds"].items():
             f = r["floor_seconds"].get(k)
             print(f"    {k:8s} {v:8.2f}s" + (f"   floor {f:7.2f}s  ({v / f:5.2f}x)" if f else ""))
+        if r.get("elicit_parts"):
+            print("    elicit's decoder calls:", ", ".join(f"{k} {v}" for k, v in r["elicit_parts"].items()))
         if r.get("floor_train_strict_s"):
             print(f"    train against the strict floor {r['floor_train_strict_s']:.2f}s "
                   f"(lm_head on response rows only): {r['seconds']['train'] / r['floor_train_strict_s']:.2f}x")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12's figures, one device call per mode (`benchmarks/device_prepare.sh` first, carry .whl
 # and .bench/tok, and pass the commit: the device's checkout reports a stale HEAD):
-#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh variants|table|chunk|tests
+#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh variants|table|chunk|lean|tests
 # variants (~9 min): the new paths' GPU tests (skinny GEMM, MERGE_PIPE, LOGITS_16, the sampler's
 #   multi-block test), the skinny GEMM's settings swept against cuBLAS and cuBLASLt (cold
 #   weights), the attention's launch paths, bench_generate at 64 and 400 rows with each new
@@ -9,8 +9,11 @@
 # table (~9 min): the issue's table in one run — 64/200/400 rows × 128/512 new, the floor,
 #   generate_today, hf_generate and hf_generate_static at 64 rows, iicl_fast_skinny — into
 #   generate_<commit>.json (copy it to benchmarks/results/generate.json).
-# chunk (~7 min): the paper chunk (phase peaks and what each phase leaves allocated), then the
-#   step's GEMMs at row counts a compaction leaves (does cuBLASLt lose at unaligned M?).
+# chunk (~9 min): the paper chunk twice in one call — the teacher's states from the decoder
+#   (teacher_from_elicit, the default) and every entry through the teacher pass (--teacher-pass)
+#   — with phase peaks, what each phase leaves allocated and elicitation split into its decoder
+#   calls' prefill / capture / steps (elicit_parts).
+# lean (~1 min): the step's GEMMs at row counts a compaction leaves (does cuBLASLt lose at unaligned M?).
 # tests (~5 min): the decoder's and the bank's GPU tests (not the embedded-model ones).
 : "${IICL_COMMIT:?set IICL_COMMIT=<short sha>: the device checkout reports a stale HEAD}"
 source benchmarks/device_call.sh
@@ -18,7 +21,7 @@ R=$OUT/res; mkdir -p "$R"
 t0=$(date +%s)
 case "${1:-}" in
 variants)
-  timeout 140 python -m pytest -q tests/test_cuda_e2e.py -k "skinny or add_norm or sampler or cascade_decode or logits16" 2>&1 | tail -4
+  timeout 140 python -m pytest -q -s tests/test_cuda_e2e.py -k "skinny or add_norm or sampler or cascade_decode or logits16 or teacher_states" 2>&1 | grep "teacher log-prob\|passed\|failed\|Error" | tail -6
   timeout 160 python benchmarks/tune_skinny_gemm.py --sweep --out "$R/skinny_gemm_$IICL_COMMIT.json" 2>&1 | grep -v "^M=.*Error\|OutOfResources" | tail -30 | cut -c1-300
   echo "tune $(( $(date +%s) - t0 )) s"
   timeout 50 python benchmarks/tune_decode_attention.py --rows 64 200 --out "$R/decode_attention_$IICL_COMMIT.json" 2>&1 | tail -2 | cut -c1-400
@@ -30,7 +33,11 @@ table)
     --out "$R/generate_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-300
   ;;
 chunk)
-  timeout 330 python benchmarks/bench_consolidate.py --workload 8b_paper --out "$R/consolidate_8b_paper_$IICL_COMMIT.json" 2>&1 | tail -8
+  timeout 290 python benchmarks/bench_consolidate.py --workload 8b_paper --out "$R/consolidate_8b_paper_$IICL_COMMIT.json" 2>&1 | tail -9
+  timeout 280 python benchmarks/bench_consolidate.py --workload 8b_paper --teacher-pass \
+    --out "$R/consolidate_8b_paper_$IICL_COMMIT.json" 2>&1 | tail -9
+  ;;
+lean)
   timeout 60 python benchmarks/tune_decode_gemms.py --rows 61 64 93 96 97 203 387 397 400 --lean \
     --out "$R/gemm_lean_$IICL_COMMIT.json" 2>&1 | tail -9 | cut -c1-200
   ;;
@@ -39,7 +46,7 @@ tests)
     -k "not demo_recall and not cli_consolidate and not static_greedy_matches and not cascade_greedy" 2>&1 | tail -8
   ;;
 *)
-  echo "device_decode.sh: say variants, table, chunk or tests" >&2
+  echo "device_decode.sh: say variants, table, chunk, lean or tests" >&2
   exit 2
   ;;
 esac

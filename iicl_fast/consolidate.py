@@ -399,8 +399,12 @@ def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk
     rep = ConsolidationReport(chunk_index=chunk_index, chunk_tokens=len(fmt.encode(chunk)))
     trace("elicit", chunk_index)
     t = _now(model)
+    known = None                             # the decoder's states of the entries it wrote
     with teach():
-        entries = elicit(model, fmt, chunk, config, chunk_index=chunk_index)
+        if config.teacher_from_elicit and not dist.active():     # every row decoded here
+            entries, known = elicit(model, fmt, chunk, config, chunk_index=chunk_index, keep_hidden=True)
+        else:
+            entries = elicit(model, fmt, chunk, config, chunk_index=chunk_index)
     # several ranks: each decoded its share of the rows and gathered the set (elicit); rank 0's
     # copy is sent to all, so that no difference in the text-side steps can split the ranks
     entries = dist.broadcast(entries)
@@ -416,13 +420,16 @@ def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk
     with teach():                            # several ranks: each takes a share of the entries
         teacher = sharded_hidden(model, entries, lambda es: teacher_hidden(
             model, fmt, chunk, es, batch_size=config.gen_batch_size, max_tokens=config.pass_tokens,
-            progress=config.progress))
+            progress=config.progress, known=known))
+    run = [e for e, k in zip(entries, known or [None] * len(entries)) if k is None]   # through the pass
+    known = None                             # their copy is in the teacher's set now
     student = sharded_hidden(model, entries, lambda es: student_hidden_set(
         model, fmt, es, batch_size=config.gen_batch_size, max_tokens=config.pass_tokens))
     rep.seconds["teacher"] = _now(model) - t
     phase_peak(rep, "teacher", device)
     rep.work.update(response_tokens=sum(len(e.response) for e in entries),
-                    teacher_tokens=sum(len(fmt.query(e.query)) + len(e.response) for e in entries),
+                    teacher_tokens=sum(len(fmt.query(e.query)) + len(e.response) for e in run),
+                    teacher_reused_tokens=sum(len(e.response) for e in entries) - sum(len(e.response) for e in run),
                     student_tokens=sum(len(prompt_ids(fmt, e)) + len(e.response) for e in entries))
 
     t = _now(model)

@@ -507,6 +507,10 @@ def _skinny_gemm(rows: int, dtype: torch.dtype, on_cuda: bool):
 # split the prefix). Off (IICL_DECODE_FLASH_PREFIX=1: on) until measured on the GPU.
 FLASH_PREFIX = os.environ.get("IICL_DECODE_FLASH_PREFIX", "0") == "1"
 FLASH_PREFIX_MIN_M = 1024
+# Benchmarks: a list that every generate_static call without its own stats appends its phase
+# times to (prefill_s, capture_s, decode_s, steps, batches; a sync at each phase end), so a
+# chunk's elicitation can be split into its calls' parts (bench_consolidate.py). None: off.
+STATS: list | None = None
 _STATIC: list = [None]  # the active _Static
 
 
@@ -724,8 +728,9 @@ def _llama_layers(body, st: _Static, h, cos, sin, prefix_fn, fused, singles=None
 
 
 class _Step:
-    """One decoding step of the batch: tok [B] and pos [B] in -> fp32 logits [B, V]; on CUDA
-    (graphs) captured once and replayed, else run eagerly. Llama-like decoders with the
+    """One decoding step of the batch: tok [B] and pos [B] in -> fp32 logits [B, V] (and .h,
+    the hidden states [B, H] they came from); on CUDA (graphs) captured once and replayed, else
+    run eagerly. Llama-like decoders with the
     kernels on take _llama_step; others their own forward through static_attention."""
 
     def __init__(self, model, st: _Static, B: int, graph: bool, pool):
@@ -757,6 +762,7 @@ class _Step:
         else:
             h = self.body(input_ids=self.tok[:, None], position_ids=self.pos[:, None],
                           use_cache=False).last_hidden_state[:, -1]
+        self.h = h                              # [B, H], the final norm's output (a graph's: rewritten each replay)
         return step_logits(h, *self.head, fp32=not (self.st.kernels and LOGITS_16))   # the kernels' readers upcast
 
     def __call__(self, tok, pos):
@@ -791,15 +797,17 @@ def generate_static(model, prompts: list[list[int]], *, prefix: list[tuple[torch
                     max_new_tokens: int, pad_id: int, stops: torch.Tensor, sample: bool, temperature: float = 1.0,
                     top_p: float = 1.0, generator=None, min_new_tokens: int = 0, progress=None,
                     kernels: bool | None = None, graphs: bool | None = None, stats: dict | None = None,
-                    keyed_seed: int | None = None, row_keys: list[int] | None = None) -> list[list[int]]:
+                    keyed_seed: int | None = None, row_keys: list[int] | None = None, hidden: bool = False):
     """Continuations of [prefix; prompt] for each prompt, all rows in one batch (callers split
     larger sets): prefix is prefix_kv's output (None: no shared prefix), stops the stop ids
     (a device tensor). kernels (default: on CUDA) runs decoding steps' attention and sampling
     through the Triton kernels; graphs (default: on CUDA) captures the step. stats (a dict,
     for benchmarks: synchronises at phase ends) gets prefill_s, capture_s, decode_s (the
-    steps, captures included), steps and batch sizes. Returns each continuation's ids up to
+    steps, their captures not included), steps and batch sizes. Returns each continuation's ids up to
     and including its first stop id, if one came. keyed_seed, row_keys: draws keyed by row
-    (generation.generate)."""
+    (generation.generate). hidden: (ids, each row's hidden states [len(ids), H]) as
+    generation.generate: a [B, max_new_tokens, H] buffer in the model's dtype (400 rows × 512
+    tokens of the 8B shape: 1.7 GB) that each step's state is copied into (3.3 MB a step)."""
     from .generation import causal_lm, decoder, lm_head, pad_left, step_logits
     device = next(model.parameters()).device
     dtype = causal_lm(model).get_input_embeddings().weight.dtype
@@ -825,10 +833,13 @@ def generate_static(model, prompts: list[list[int]], *, prefix: list[tuple[torch
     toks = torch.full((max_new_tokens, B), -1, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     pool = None   # each capture its own pool: reusing one after its graph was freed tripped an allocator assert
+    if stats is None and STATS is not None:
+        stats = {"rows": B, "prompt_tokens": sum(map(len, prompts)), "padded_prompt_tokens": B * P}
+        STATS.append(stats)
     clock = _Clock(device, stats)
     with _static_mode(model, st):
         pos = K + (mask.cumsum(1) - 1).clamp(min=0)
-        zs = []
+        zs, hs = [], []
         rows_at_once = max(1, PREFILL_TOKENS // P)
         for s in range(0, B, rows_at_once):      # prompts in slices of rows: views of the caches
             e = min(B, s + rows_at_once)
@@ -836,8 +847,11 @@ def generate_static(model, prompts: list[list[int]], *, prefix: list[tuple[torch
             with _static_mode(model, part):
                 h = decoder(model)(input_ids=ids[s:e], position_ids=pos[s:e], use_cache=False).last_hidden_state[:, -1]
             zs.append(step_logits(h, *lm_head(model)))
+            hs.append(h)
         z = zs[0] if len(zs) == 1 else torch.cat(zs)
-        del h, zs
+        h = hs[0] if len(hs) == 1 else torch.cat(hs)
+        hid = h.new_empty(B, max_new_tokens, h.shape[-1]) if hidden else None
+        del zs, hs
         st.cur.fill_(P)
         st.n = P
         next_pos = K + lengths
@@ -849,6 +863,8 @@ def generate_static(model, prompts: list[list[int]], *, prefix: list[tuple[torch
             tok = _choose(z, sample, temperature, top_p, seed, generator, kernels,
                           None if keys is None else keys.index_select(0, rows), (keyed_seed, t))
             toks[t].index_copy_(0, rows, torch.where(done, -1, tok))
+            if hid is not None:
+                hid[:, t].index_copy_(0, rows, h)          # before the next step rewrites a graph's h
             done |= torch.isin(tok, stops)
             if t + 1 == max_new_tokens:
                 break
@@ -867,13 +883,15 @@ def generate_static(model, prompts: list[list[int]], *, prefix: list[tuple[torch
                 step = _Step(model, st, done.numel(), graphs, pool)
                 clock.lap("capture_s", batch=done.numel())
             z = step(tok, next_pos)
+            h = step.h
             st.cur.add_(1)
             st.n += 1
             next_pos = next_pos + 1
         clock.lap("decode_s", steps=t + 1)
     if progress is not None:
         progress.update(B)
-    return [[x for x in row if x >= 0] for row in toks.t().tolist()]
+    out = [[x for x in row if x >= 0] for row in toks.t().tolist()]
+    return (out, [hid[i, :len(r)] for i, r in enumerate(out)]) if hidden else out
 
 
 class _Clock:

@@ -157,14 +157,23 @@ def source_entries(fmt: PromptFormat, chunk: str, n: int, max_tokens: int) -> li
     return out
 
 
-def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index: int = 0) -> list:
+def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index: int = 0,
+           keep_hidden: bool = False):
     """-> the transfer set for one chunk: up to n_queries question→answer pairs (questions
     deduplicated) and n_continuations continuations; empty responses dropped.
+
+    keep_hidden (one process, or FSDP ranks that each decode every row): -> (entries, hidden),
+    hidden[i] the final hidden states [len(response), H] that the decoder computed for entry
+    i's response with the chunk in view (generation.generate's hidden), None for entries it did
+    not decode (source entries, sentence answers): the teacher's states for those rows, which
+    teacher_hidden then need not recompute.
 
     Random streams are seeded by config.seed + chunk_index: every chunk draws its own. The
     draws are keyed by row (generation.generate's keyed_seed): a transfer set does not depend
     on gen_batch_size, and under torch.distributed each rank generates every W-th row of each
     phase and the rows are gathered — the set one process would make."""
+    if keep_hidden and dist.active():
+        raise ValueError("elicit: keep_hidden is for one process or FSDP ranks (data-parallel ranks decode shares)")
     device = next(model.parameters()).device
     seed = config.seed + chunk_index
     rng = torch.Generator().manual_seed(seed)                 # query construction (CPU)
@@ -176,14 +185,20 @@ def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index:
                   batch_size=config.gen_batch_size, stop_ids=fmt.stop_ids, pad_id=fmt.pad_id,
                   prefix=prefix, prefix_kv=kv)
 
-    def sharded(prompts: list[list[int]], phase: int, first_key: int = 0, **kw) -> list[list[int]]:
-        """Continuations of prompts, rows keyed by first_key + their index; each rank its share."""
+    def sharded(prompts: list[list[int]], phase: int, first_key: int = 0, hidden: bool = False, **kw):
+        """Continuations of prompts, rows keyed by first_key + their index; each rank its share.
+        hidden (one process or FSDP: every row here): -> (rows, their states or Nones)."""
         keys = dist.shard(list(range(len(prompts))))
-        mine = generate(model, [prompts[k] for k in keys], keyed_seed=seed * 1_000_003 + phase,
-                        row_keys=[first_key + k for k in keys], **kw, **sample) if keys else []
+        got = generate(model, [prompts[k] for k in keys], keyed_seed=seed * 1_000_003 + phase,
+                       row_keys=[first_key + k for k in keys], hidden=hidden, **kw, **sample) if keys else []
+        mine, states = got if hidden else (got, None)
         if dist.fsdp():                     # every rank made all rows: rank 0's, so what follows agrees
-            return dist.broadcast(mine)
-        return dist.gather_shards(mine, len(prompts))
+            rows = dist.broadcast(mine)
+            if hidden and not dist.all_agree(rows == mine):      # states of other rows: none kept, on any rank
+                states = [None] * len(rows)
+            return (rows, states) if hidden else rows
+        rows = dist.gather_shards(mine, len(prompts))
+        return (rows, states) if hidden else rows
     bar = tqdm(total=2 * config.n_queries + config.n_continuations, desc="elicit",
                disable=not config.progress, leave=False)
 
@@ -213,13 +228,22 @@ def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index:
     queries += [("continuation", q) for q in continuation_queries(chunk, config.n_continuations, rng)]
     bar.total = config.n_queries + len(queries)
     # rows keyed as if the questions were decoded too: the continuations are the same draws
-    responses = [] if not queries else sharded([fmt.query(q) for _, q in queries], 1, len(by_sentence),
-                                               max_new_tokens=config.max_response_tokens, progress=bar,
-                                               min_new_tokens=config.max_response_tokens if config.fixed_lengths else 0)
+    responses, states = [], []
+    if queries:
+        responses = sharded([fmt.query(q) for _, q in queries], 1, len(by_sentence),
+                            max_new_tokens=config.max_response_tokens, progress=bar, hidden=keep_hidden,
+                            min_new_tokens=config.max_response_tokens if config.fixed_lengths else 0)
+        if keep_hidden:
+            responses, states = responses
     bar.close()
     stops = set(fmt.stop_ids)
-    out = [Entry(kind, q, r) for (kind, q), r in zip(queries, responses) if any(t not in stops for t in r)]
-    return by_sentence + out + source_entries(fmt, chunk, config.source_entries, config.max_response_tokens)
+    kept = [i for i, r in enumerate(responses) if any(t not in stops for t in r)]
+    out = [Entry(*queries[i], responses[i]) for i in kept]
+    sources = source_entries(fmt, chunk, config.source_entries, config.max_response_tokens)
+    entries = by_sentence + out + sources
+    if not keep_hidden:
+        return entries
+    return entries, [None] * len(by_sentence) + [states[i] for i in kept] + [None] * len(sources)
 
 
 def anchor_prompts() -> list[str]:

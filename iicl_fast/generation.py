@@ -190,7 +190,8 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: in
              eos_id: int | None = None, stop_ids=None, temperature: float = 1.0, top_p: float = 1.0,
              batch_size: int = 16, prefix: list[int] | None = None, generator=None, progress=None,
              min_new_tokens: int = 0, cascade: bool | None = None, static: bool | None = None,
-             prefix_kv=None, keyed_seed: int | None = None, row_keys: list[int] | None = None) -> list[list[int]]:
+             prefix_kv=None, keyed_seed: int | None = None, row_keys: list[int] | None = None,
+             hidden: bool = False):
     """Generate continuations of [prefix; prompt] for each token-id prompt.
 
     static (default: on CUDA for models cascade attention serves): decode.generate_static —
@@ -207,7 +208,12 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: in
 
     keyed_seed (sampling): draws keyed by (keyed_seed, row key, step) instead of a generator's
     stream, row_keys[i] (default i, < 2^24) the key of prompts[i]: a row's continuation is then
-    the same in any batch size, order or share of prompts (several ranks)."""
+    the same in any batch size, order or share of prompts (several ranks).
+
+    hidden: also return, for each continuation, the final hidden states [len(continuation), H]
+    (the model's dtype, on its device) that produced its tokens' logits: row t is the state
+    over [prefix; prompt; continuation[:t]], which is what a pass over the whole sequence
+    computes there (teacher.teacher_hidden reuses them instead of recomputing). -> (ids, hiddens)"""
     device = next(model.parameters()).device
     if keyed_seed is not None and row_keys is None:
         row_keys = list(range(len(prompts)))
@@ -228,19 +234,24 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: in
         from .decode import prefix_kv as encode_prefix
         kv = prefix_kv if prefix_kv is not None or not prefix else encode_prefix(model, prefix)
         out: list[list[int]] = []
+        hs: list[torch.Tensor] = []
         for start in range(0, len(prompts), batch_size):
-            out += generate_static(model, prompts[start: start + batch_size], prefix=kv, max_new_tokens=max_new_tokens,
-                                   pad_id=pad_id, stops=stops, sample=sample, temperature=temperature, top_p=top_p,
-                                   generator=generator, min_new_tokens=min_new_tokens, progress=progress,
-                                   keyed_seed=keyed_seed,
-                                   row_keys=None if row_keys is None else row_keys[start: start + batch_size])
-        return out
+            got = generate_static(model, prompts[start: start + batch_size], prefix=kv, max_new_tokens=max_new_tokens,
+                                  pad_id=pad_id, stops=stops, sample=sample, temperature=temperature, top_p=top_p,
+                                  generator=generator, min_new_tokens=min_new_tokens, progress=progress,
+                                  keyed_seed=keyed_seed, hidden=hidden,
+                                  row_keys=None if row_keys is None else row_keys[start: start + batch_size])
+            if hidden:
+                got, h = got
+                hs += h
+            out += got
+        return (out, hs) if hidden else out
     if cascade and prefix:
         from .decode import prefix_kv as encode_prefix
         from .decode import shared_prefix
         with shared_prefix(model, prefix_kv if prefix_kv is not None else encode_prefix(model, prefix)):
             return _generate(model, body, prompts, K, None, False, stops, max_new_tokens, pad_id, sample,
-                             temperature, top_p, batch_size, generator, progress, min_new_tokens, **keyed)
+                             temperature, top_p, batch_size, generator, progress, min_new_tokens, hidden, **keyed)
     if prefix and batch_size > 1 and len(prompts) > 1:
         from .decode import sliding_window
         if sliding_window(model):
@@ -249,19 +260,22 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: in
             # row 0's tokens); the prefix is recomputed per row instead: exact, slower.
             return _generate(model, body, [prefix + p for p in prompts], 0, None, False, stops, max_new_tokens,
                              pad_id, sample, temperature, top_p, batch_size, generator, progress, min_new_tokens,
-                             **keyed)
+                             hidden, **keyed)
     cache0 = prefix_cache(model, prefix) if prefix else None
     return _generate(model, body, prompts, K, cache0, bool(prefix), stops, max_new_tokens, pad_id, sample,
-                     temperature, top_p, batch_size, generator, progress, min_new_tokens, **keyed)
+                     temperature, top_p, batch_size, generator, progress, min_new_tokens, hidden, **keyed)
 
 
 def _generate(model, body, prompts, K, cache0, copy_prefix, stops, max_new_tokens, pad_id, sample,
-              temperature, top_p, batch_size, generator, progress, min_new_tokens, keyed_seed=None, row_keys=None):
+              temperature, top_p, batch_size, generator, progress, min_new_tokens, hidden=False, keyed_seed=None,
+              row_keys=None):
     """The decoding loop; the prefix (K tokens) either copied per row from cache0 into the
-    batch's cache (copy_prefix) or attended through decode.shared_prefix (K > 0, no cache0)."""
+    batch's cache (copy_prefix) or attended through decode.shared_prefix (K > 0, no cache0).
+    hidden: (ids, per-row hidden states), as generate."""
     device = next(model.parameters()).device
     weight, bias, softcap = lm_head(model)
     out: list[list[int]] = []
+    hs: list[torch.Tensor] = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start: start + batch_size]
         ids, mask = pad_left(batch, pad_id, device)
@@ -278,7 +292,10 @@ def _generate(model, body, prompts, K, cache0, copy_prefix, stops, max_new_token
         next_pos = K + mask.sum(1)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         toks = torch.full((B, max_new_tokens), -1, dtype=torch.long, device=device)
+        steps = []                                     # hidden: the state each step's logits came from
         for t in range(max_new_tokens):
+            if hidden:
+                steps.append(h.clone())
             z = step_logits(h, weight, bias, softcap)
             if t < min_new_tokens:
                 z.index_fill_(1, stops, float("-inf"))
@@ -295,8 +312,11 @@ def _generate(model, body, prompts, K, cache0, copy_prefix, stops, max_new_token
                        use_cache=True, **cache_kw(body, past))
             past, h = cache_of(res), res.last_hidden_state[:, -1]
             next_pos = next_pos + 1
-        for row in toks.tolist():
-            out.append([x for x in row if x >= 0])
+        rows = [[x for x in row if x >= 0] for row in toks.tolist()]
+        if hidden:
+            states = torch.stack(steps, 1)             # [B, steps, H]
+            hs += [states[i, :len(r)] for i, r in enumerate(rows)]
+        out += rows
         if progress is not None:
             progress.update(B)
-    return out
+    return (out, hs) if hidden else out

@@ -70,12 +70,22 @@ def _gather(hidden, seq_starts, lengths):
 @torch.no_grad()
 def teacher_hidden(model, fmt: PromptFormat, chunk: str, entries: list[Entry], *, batch_size=8,
                    max_tokens: int | None = None, prefix_reuse=True, cascade: bool | None = None,
-                   progress=False) -> HiddenSet:
+                   progress=False, known: list | None = None) -> HiddenSet:
     """Hidden states of the model with the chunk in view, at every response position.
 
     Batches hold at most batch_size entries and max_tokens padded suffix tokens ([q; r]; the
     prefix KV is shared), longest first. cascade (default: on CUDA) keeps one copy of the
-    prefix KV for every row (decode.py) instead of copying it per row."""
+    prefix KV for every row (decode.py) instead of copying it per row.
+
+    known: per entry, the states [len(response), H] the decoder already computed for it with
+    the chunk in view (elicit's keep_hidden), or None: only the None entries are run (the
+    paper preset's entries are all decoded: its 214,879 teacher-pass tokens need no pass)."""
+    if known is not None and len(known) != len(entries):
+        raise ValueError(f"teacher_hidden: {len(known)} known states for {len(entries)} entries")
+    if known is not None and any(k is not None for k in known):
+        return _with_known(model, fmt, chunk, entries, known, dict(
+            batch_size=batch_size, max_tokens=max_tokens, prefix_reuse=prefix_reuse, cascade=cascade,
+            progress=progress))
     device = next(model.parameters()).device
     body = decoder(model)
     prefix = fmt.context_prefix(chunk)
@@ -124,6 +134,27 @@ def teacher_hidden(model, fmt: PromptFormat, chunk: str, entries: list[Entry], *
             del hidden
     targets = [t for e in entries for t in e.response]
     return HiddenSet(_in_order(hs, batches, lengths), torch.tensor(targets, device=device), _offsets(entries))
+
+
+def _with_known(model, fmt, chunk, entries, known, kw) -> HiddenSet:
+    """teacher_hidden where some entries' states are given (known[i], or None: run them)."""
+    for i, (k, e) in enumerate(zip(known, entries)):
+        if k is not None and (k.dim() != 2 or k.shape[0] != len(e.response)):
+            raise ValueError(f"teacher_hidden: known[{i}] has shape {tuple(k.shape)}, "
+                             f"expected [{len(e.response)}, H] (one state a response token)")
+    todo = [i for i, k in enumerate(known) if k is None]
+    run = teacher_hidden(model, fmt, chunk, [entries[i] for i in todo], **kw) if todo else None
+    device = next(model.parameters()).device
+    offsets = _offsets(entries)
+    H = next(k for k in known if k is not None).shape[1]
+    h = torch.empty(offsets[-1], H, dtype=torch.float32, device=device)   # filled piece by piece:
+    for j, i in enumerate(todo):                                          # no fp32 copy of each first
+        h[offsets[i]: offsets[i + 1]] = run.h[run.offsets[j]: run.offsets[j + 1]]
+    for i, k in enumerate(known):
+        if k is not None:
+            h[offsets[i]: offsets[i + 1]] = k
+    targets = [t for e in entries for t in e.response]
+    return HiddenSet(h, torch.tensor(targets, device=device), offsets)
 
 
 def _offsets(entries: list[Entry]) -> list[int]:

@@ -758,3 +758,39 @@ def test_logits16_step_draws_the_same_tokens_on_cuda(smol_tokenizer, monkeypatch
     off = generate(model, qs, generator=sampling_generator("cuda", 4), **kw)
     monkeypatch.setattr(D, "LOGITS_16", True)
     assert generate(model, qs, generator=sampling_generator("cuda", 4), **kw) == off
+
+
+def test_teacher_states_from_the_captured_decoder_on_cuda(smol_tokenizer, capsys):
+    """elicit(keep_hidden=True) on the GPU (the static decoder, its step captured: each step's
+    states copied out of the graph's buffer before the next replay rewrites it). Against an
+    fp32 teacher pass over the same entries, the decoder's bf16 states' token log-probs are
+    no further off than 2x the bf16 teacher pass's (plus 0.01 nats): the teacher consolidate
+    now reads is as good as the one it recomputed. fp32: the pass's states within 1e-4."""
+    from iicl_fast.config import Config
+    from iicl_fast.elicit import elicit
+    from iicl_fast.models import PromptFormat
+    from iicl_fast.teacher import hidden_logprob, teacher_hidden
+    tok = smol_tokenizer
+    model, model32 = _scaled_tiny(tok, torch.bfloat16), _scaled_tiny(tok, torch.float32)
+    fmt = PromptFormat(tok, model)
+    cfg = Config(**{**TINY_CONFIG, "n_queries": 4, "n_continuations": 12, "max_query_tokens": 24,
+                    "max_response_tokens": 40, "source_entries": 3, "gen_batch_size": 16, "seed": 3})
+    entries, known = elicit(model, fmt, DOC, cfg, keep_hidden=True)
+    assert sum(k is not None for k in known) >= 8 and any(k is None for k in known)
+    reused = teacher_hidden(model, fmt, DOC, entries, batch_size=16, known=known)
+    passed = teacher_hidden(model, fmt, DOC, entries, batch_size=16)
+    ref = teacher_hidden(model32, fmt, DOC, entries, batch_size=16)
+    lp = {k: hidden_logprob(model32, hs).double() for k, hs in (("reused", reused), ("pass", passed), ("fp32", ref))}
+    rows = torch.cat([torch.arange(reused.offsets[i], reused.offsets[i + 1]) for i, k in enumerate(known) if k is not None])
+    err = {k: (lp[k][rows] - lp["fp32"][rows]).abs().mean().item() for k in ("reused", "pass")}
+    with capsys.disabled():
+        print(f"\nteacher log-prob error vs fp32 over {len(rows)} decoded tokens: decoder {err['reused']:.4f}, "
+              f"pass {err['pass']:.4f} nats")
+    assert err["reused"] <= 2 * err["pass"] + 0.01, err
+    others = torch.cat([torch.arange(reused.offsets[i], reused.offsets[i + 1]) for i, k in enumerate(known) if k is None])
+    rel = ((reused.h[others] - passed.h[others]).norm() / passed.h[others].norm()).item()
+    assert rel < 2e-2, rel                # the pass's rows where nothing was known (other batches: bf16 apart)
+    entries32, known32 = elicit(model32, fmt, DOC, cfg, keep_hidden=True)     # fp32: the pass's values
+    full32 = teacher_hidden(model32, fmt, DOC, entries32, batch_size=16)
+    got32 = teacher_hidden(model32, fmt, DOC, entries32, batch_size=16, known=known32)
+    assert (got32.h - full32.h).abs().max() < 1e-4 * full32.h.abs().max()

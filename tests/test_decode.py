@@ -177,6 +177,35 @@ def test_keyed_draws_do_not_depend_on_the_batch(static_kernels, static):
         generate(model, qs, keyed_seed=11, row_keys=[0, 1], **kw)
 
 
+@pytest.mark.parametrize("static,llama_step", [(True, True), (True, False), (False, True)])
+def test_decoded_hidden_states_are_a_whole_pass(static_kernels, monkeypatch, static, llama_step):
+    """generate(hidden=True): each continuation's states [len, H] are the final hidden states
+    of one unpadded forward over [prefix; prompt; continuation] at the positions that predict
+    its tokens (fp32) — static decoder (kernels, a first row stopped early, the batch compacted, the
+    Llama step and transformers' forward) and plain loop, in batches of 3."""
+    import iicl_fast.decode as D
+    from iicl_fast.generation import generate
+    monkeypatch.setattr(D, "LLAMA_STEP", llama_step)
+    model = _tiny_llama(seed=6)
+    g = torch.Generator().manual_seed(2)
+    prefix = torch.randint(3, 97, (19,), generator=g).tolist()
+    qs = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (4, 1, 6, 3, 2)]
+    kw = dict(max_new_tokens=11, pad_id=0, prefix=prefix, batch_size=3, static=static)
+    first = generate(model, qs, stop_ids=[10_000], sample=False, **kw)
+    stop = first[0][1]                  # row 0 stops at its second token: rows 1, 2 move up at compaction
+    for sample in (False, True):
+        ids, states = generate(model, qs, stop_ids=[stop], sample=sample, temperature=1.3, keyed_seed=4,
+                               hidden=True, **kw)
+        assert ids == generate(model, qs, stop_ids=[stop], sample=sample, temperature=1.3, keyed_seed=4, **kw)
+        assert sample or (len(ids[0]) <= 2 and max(len(r) for r in ids) == 11)
+        for q, r, h in zip(qs, ids, states):
+            seq = torch.tensor([prefix + q + r])
+            with torch.no_grad():
+                want = model.model(input_ids=seq).last_hidden_state[0, len(prefix) + len(q) - 1: seq.shape[1] - 1]
+            assert h.shape == want.shape
+            assert (h - want).abs().max() < 1e-4 * want.abs().max()
+
+
 def test_keyed_next_token_follows_the_nucleus_distribution():
     """The plain path's keyed draws (inverse CDF at keyed uniforms), 20,000 keys over a
     9-token vocabulary, against the renormalised nucleus; the same key and step repeat."""

@@ -1,4 +1,5 @@
 """The whole pipeline on a tiny random Llama built from a config (no download)."""
+import pytest
 import torch
 
 import iicl_fast
@@ -7,7 +8,7 @@ from iicl_fast.generation import generate
 from iicl_fast.models import PromptFormat
 from iicl_fast.teacher import teacher_hidden
 
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, make_tiny
 
 DOC = ("The lighthouse of Karsk was built in 1871 by Ada Lindqvist. Its lamp burns whale oil. "
        "The keeper feeds seven grey cats every morning.")
@@ -28,6 +29,50 @@ def test_prefix_reuse_teacher_matches_full_forward(tiny):
     assert a.targets.tolist() == [t for e in entries for t in e.response]
     lengths = [len(e.response) for e in entries]
     assert a.offsets == b.offsets == [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
+
+
+def test_teacher_states_from_the_decoder_equal_the_teacher_pass(tiny):
+    """elicit(keep_hidden=True) hands the states its decoder computed for the rows it wrote;
+    teacher_hidden(known=...) puts them in place and runs the pass over the rest (the source
+    entries) only: the set equals the full pass (fp32), and a known state is what lands there."""
+    from iicl_fast.elicit import elicit
+    model, tok = tiny
+    fmt = PromptFormat(tok)
+    cfg = iicl_fast.Config(**{**TINY_CONFIG, "n_queries": 2, "source_entries": 2})
+    entries, known = elicit(model, fmt, DOC, cfg, keep_hidden=True)
+    assert [(e.kind, e.query, e.response) for e in entries] == [
+        (e.kind, e.query, e.response) for e in elicit(model, fmt, DOC, cfg)]
+    decoded = [e.kind in ("qa", "continuation") for e in entries]
+    assert [k is not None for k in known] == decoded and sum(decoded) >= 4 and not all(decoded)
+    full = teacher_hidden(model, fmt, DOC, entries, batch_size=3)
+    reused = teacher_hidden(model, fmt, DOC, entries, batch_size=3, known=known)
+    torch.testing.assert_close(reused.h, full.h, rtol=1e-4, atol=1e-5)
+    assert torch.equal(reused.targets, full.targets) and reused.offsets == full.offsets
+    shifted = teacher_hidden(model, fmt, DOC, entries, batch_size=3, known=[k if k is None else k + 1 for k in known])
+    for i, k in enumerate(known):
+        a, b = full.offsets[i], full.offsets[i + 1]
+        torch.testing.assert_close(shifted.h[a:b], reused.h[a:b] + (0 if k is None else 1), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="known states for"):
+        teacher_hidden(model, fmt, DOC, entries, known=known[:-1])
+    bad = next(i for i, k in enumerate(known) if k is not None)
+    with pytest.raises(ValueError, match=rf"known\[{bad}\] has shape"):
+        teacher_hidden(model, fmt, DOC, entries, known=[k[:-1] if i == bad else k for i, k in enumerate(known)])
+
+
+def test_consolidation_with_the_decoders_states_as_teacher(smol_tokenizer):
+    """Config.teacher_from_elicit (default): the chunk's report counts only the source entries'
+    tokens in the teacher pass, and selection and training go as with every entry through the
+    pass (the same entries kept, losses within fp32 rounding)."""
+    reps = []
+    for reuse in (True, False):
+        cfg = iicl_fast.Config(**{**TINY_CONFIG, "teacher_from_elicit": reuse, "anchor_entries": 0, "prose_anchors": 0})
+        reps.append(iicl_fast.Memory(make_tiny(smol_tokenizer), smol_tokenizer, cfg).consolidate(DOC))
+    on, off = reps
+    assert on.elicited == off.elicited and on.kept == off.kept
+    assert on.work["teacher_reused_tokens"] > 0 == off.work["teacher_reused_tokens"]
+    assert on.work["teacher_tokens"] < off.work["teacher_tokens"]
+    assert abs(on.dppl_kept - off.dppl_kept) < 1e-4 * max(1.0, abs(off.dppl_kept))
+    assert on.loss_per_epoch == pytest.approx(off.loss_per_epoch, rel=1e-3)
 
 
 def test_generation_with_shared_prefix_matches_plain(tiny):
