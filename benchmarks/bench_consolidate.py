@@ -115,9 +115,11 @@ def linear_params(model) -> int:
     return sum(m.weight.numel() for m in base_linears(model))
 
 
-def floors(model, K: int, cfg: Config, rep: ConsolidationReport, kept_tokens: int) -> dict:
+def floors(model, K: int, cfg: Config, rep: ConsolidationReport, kept_tokens: int, prompt_tokens: int = 0) -> dict:
     """Seconds each phase cannot beat on the device's rates (FLOPs / 790 TFLOP/s or bytes /
-    4.3 TB/s, whichever is larger, per step)."""
+    4.3 TB/s, whichever is larger, per step). prompt_tokens: the rows' prompts (unpadded) that
+    elicitation encodes after the prefix (until the 30th session the floor left them out: at
+    the paper preset ~24K tokens, ~0.55 s)."""
     c = model.config
     P = linear_params(model)                          # weights of every GEMM, lm_head included
     wbytes = 2 * P
@@ -125,6 +127,7 @@ def floors(model, K: int, cfg: Config, rep: ConsolidationReport, kept_tokens: in
     attn = lambda q, k: 4 * c.num_hidden_layers * c.hidden_size * q * k   # noqa: E731  QK and PV FLOPs
     rows_q, rows_a = cfg.n_queries, cfg.n_queries + cfg.n_continuations
     elicit = 2 * P * K / PEAK_FLOPS                   # the prefix, once
+    elicit += prompt_tokens * (2 * P + attn(1, K)) / PEAK_FLOPS   # the prompts, each seeing the prefix
     for rows, steps in ((rows_q, cfg.max_query_tokens), (rows_a, cfg.max_response_tokens)):
         for t in range(steps):
             flops = rows * (2 * P + attn(1, K + t))
@@ -279,6 +282,7 @@ def reference_chunk(model, tok, chunk, cfg, fraction):
     pm.unload()
     return rep, round(sum(len(e.response) for e in kept) * all_kept / len(kept)), {
         "elicit_batches_timed": [sc1, sc2], "fraction": fraction, "passes_entries_timed": [n, len(entries)],
+        "prompt_tokens": sum(map(len, asks)) + sum(len(fmt.query(q)) for _, q in queries),
         "train_timed": {"entries": len(kept), "of": all_kept, "epochs": epochs, "of_epochs": cfg.epochs}}
 
 
@@ -305,7 +309,8 @@ def bench_8b(args):
         wall = time.perf_counter() - t
         calls, decode.STATS = decode.STATS, None
         kept_tokens = rep.work["kept_response_tokens"]
-        extra = {"elicit_calls": calls, "elicit_parts": elicit_parts(calls, rep.seconds["elicit"])}
+        extra = {"elicit_calls": calls, "elicit_parts": elicit_parts(calls, rep.seconds["elicit"]),
+                 "prompt_tokens": sum(c["prompt_tokens"] for c in calls)}
     else:
         compile_s = 0.0
         t = time.perf_counter()
@@ -315,7 +320,7 @@ def bench_8b(args):
             extra["scaled_from"] = (f"elicit: {extra['elicit_batches_timed']} (batches timed, of all); teacher and "
                                     f"select: {extra['passes_entries_timed']} entries; train: {extra['train_timed']}; "
                                     "each scaled linearly")
-    fl = floors(model, K, cfg, rep, kept_tokens)
+    fl = floors(model, K, cfg, rep, kept_tokens, extra["prompt_tokens"])
     extra["floor_train_strict_s"] = round(fl.pop("train_strict"), 3)
     impl = "iicl_fast_teacher_pass" if args.impl == "iicl_fast" and args.teacher_pass else args.impl
     r = row(impl, "8b_paper", rep.seconds, fl, wall, rep.chunk_tokens, compile_s,
