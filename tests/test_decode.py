@@ -206,6 +206,24 @@ def test_decoded_hidden_states_are_a_whole_pass(static_kernels, monkeypatch, sta
             assert (h - want).abs().max() < 1e-4 * want.abs().max()
 
 
+def test_decoder_stats_hook_records_every_call(static_kernels, monkeypatch):
+    """decode.STATS (benchmarks: bench_consolidate splits elicitation with it): every
+    generate_static call appends its rows, prompt tokens, phase times and steps; None: nothing."""
+    import iicl_fast.decode as D
+    from iicl_fast.generation import generate
+    model = _tiny_llama(seed=1)
+    qs = [[5, 6, 7], [8], [9, 10, 11, 12]]
+    kw = dict(max_new_tokens=5, pad_id=0, sample=False, prefix=list(range(20, 29)), stop_ids=[10_000], static=True)
+    monkeypatch.setattr(D, "STATS", [])
+    generate(model, qs, batch_size=2, **kw)
+    calls = D.STATS
+    assert [(c["rows"], c["prompt_tokens"], c["padded_prompt_tokens"], c["steps"]) for c in calls] == [(2, 4, 6, 5), (1, 4, 4, 5)]
+    assert all(c["decode_s"] > 0 and c["prefill_s"] > 0 and c["batches"] for c in calls)
+    monkeypatch.setattr(D, "STATS", None)
+    generate(model, qs, batch_size=2, **kw)
+    assert calls and len(calls) == 2
+
+
 def test_keyed_next_token_follows_the_nucleus_distribution():
     """The plain path's keyed draws (inverse CDF at keyed uniforms), 20,000 keys over a
     9-token vocabulary, against the renormalised nucleus; the same key and step repeat."""
