@@ -44,9 +44,10 @@ BEFORE_IT_EXISTED = {"lr_decay_after": 0, "prose_anchors": 0, "lr_decay_chunks":
                      "replay_sample": 0, "retain_unit": "token", "anchor_entries": 0,
                      "replay_repeats": 1, "qa_response": "answer", "replay_fill": False,
                      "replay_draw": "uniform", "replay_repeats_whole": False}
-# fields that change the speed, not what is computed (draws are keyed by row), or only the
-# recall suite's window
-NOT_THE_SETTING = {"gen_batch_size", "progress", "seed", "retain", "retain_decay", "retain_unit"}
+# fields that change the speed, not what is computed (draws are keyed by row; the decoder's
+# states are the teacher pass's up to the kernels' rounding), or only the recall suite's window
+NOT_THE_SETTING = {"gen_batch_size", "progress", "seed", "retain", "retain_decay", "retain_unit",
+                   "teacher_from_elicit"}
 
 
 def setting(cfg: dict) -> dict:

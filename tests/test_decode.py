@@ -208,20 +208,27 @@ def test_decoded_hidden_states_are_a_whole_pass(static_kernels, monkeypatch, sta
 
 def test_decoder_stats_hook_records_every_call(static_kernels, monkeypatch):
     """decode.STATS (benchmarks: bench_consolidate splits elicitation with it): every
-    generate_static call appends its rows, prompt tokens, phase times and steps; None: nothing."""
+    generate_static call appends its rows, prompt tokens (and those its prefill ran: each slice
+    of rows cut to its longest prompt, the rows sorted longest first; the tokens are the plain
+    loop's), phase times and steps; None: nothing."""
     import iicl_fast.decode as D
     from iicl_fast.generation import generate
     model = _tiny_llama(seed=1)
     qs = [[5, 6, 7], [8], [9, 10, 11, 12]]
     kw = dict(max_new_tokens=5, pad_id=0, sample=False, prefix=list(range(20, 29)), stop_ids=[10_000], static=True)
     monkeypatch.setattr(D, "STATS", [])
-    generate(model, qs, batch_size=2, **kw)
+    monkeypatch.setattr(D, "PREFILL_TOKENS", 8)
+    want = generate(model, qs, batch_size=2, **{**kw, "static": False})
+    assert generate(model, qs, batch_size=2, **kw) == want
+    assert generate(model, qs, batch_size=3, **kw) == want
     calls = D.STATS
-    assert [(c["rows"], c["prompt_tokens"], c["padded_prompt_tokens"], c["steps"]) for c in calls] == [(2, 4, 6, 5), (1, 4, 4, 5)]
+    # batch 3: longest first, slices cut to their own longest prompt: [4, 3] then [1] (9 of 12 padded)
+    assert [(c["rows"], c["prompt_tokens"], c["padded_prompt_tokens"], c["steps"]) for c in calls] == [
+        (2, 4, 6, 5), (1, 4, 4, 5), (3, 8, 9, 5)]
     assert all(c["decode_s"] > 0 and c["prefill_s"] > 0 and c["batches"] for c in calls)
     monkeypatch.setattr(D, "STATS", None)
     generate(model, qs, batch_size=2, **kw)
-    assert calls and len(calls) == 2
+    assert len(calls) == 3
 
 
 def test_keyed_next_token_follows_the_nucleus_distribution():
