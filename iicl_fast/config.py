@@ -75,13 +75,14 @@ class Config:
     teacher_base: bool = True
     # The teacher's hidden states for the entries the decoder wrote are the ones it computed
     # while writing them (the same model, the chunk in view, the same tokens before each): the
-    # teacher pass runs only over the rest (source entries, sentence answers). Why: at the
-    # paper preset every entry is decoded, and the pass recomputed 214,879 tokens with the
-    # 5,000-token chunk in view, ~60 % of the teacher + student phase's 13.6 s (8B shape, H200;
-    # teacher pass 1.96 s against the student pass's 1.38 s in profile_consolidate, 15th
-    # session). Their values differ from a pass over the whole sequence by the rounding of the
-    # other kernels (fp32: ~1e-6). One process or FSDP ranks (data-parallel ranks decode
-    # shares of the rows and run the pass). False: every entry through the teacher pass.
+    # teacher pass runs only over the rest (source entries, sentence answers); the same for the
+    # anchors, whose teacher is the base that wrote them. Why: at the paper preset every entry
+    # is decoded, and the pass recomputed 214,879 tokens with the 5,000-token chunk in view,
+    # ~60 % of the teacher + student phase's 13.6 s (8B shape, H200; teacher pass 1.96 s against
+    # the student pass's 1.38 s in profile_consolidate, 15th session). Their values differ from
+    # a pass over the whole sequence by the rounding of the other kernels (fp32: ~1e-6). One
+    # process or FSDP ranks (data-parallel ranks decode shares of the rows and run the pass).
+    # False: every entry through the teacher pass.
     teacher_from_elicit: bool = True
     # 4. consolidation
     loss: str = "forward_kl"       # forward_kl | reverse_kl | seqkd | jsd (β = 0.5)

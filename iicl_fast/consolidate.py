@@ -285,13 +285,19 @@ def anchor_set(model, fmt: PromptFormat, config: Config, chunk_index: int, base_
     (under base_view; without one, by θ_{i-1}) with no chunk in view, then openings of prose it
     continues (config.prose_anchors), and the hidden states of that same model as the teacher.
     Not kept for replay: each chunk takes the next prompts."""
+    reuse = config.teacher_from_elicit and not dist.active()     # every anchor decoded here
     with (base_view or contextlib.nullcontext)():
-        entries = dist.broadcast(anchor_entries(model, fmt, config, chunk_index=chunk_index)
-                                 + prose_anchor_entries(model, fmt, config, chunk_index=chunk_index))
+        a = anchor_entries(model, fmt, config, chunk_index=chunk_index, keep_hidden=reuse)
+        p = prose_anchor_entries(model, fmt, config, chunk_index=chunk_index, keep_hidden=reuse)
+        (a, ka), (p, kp) = (a, p) if reuse else ((a, None), (p, None))
+        entries = dist.broadcast(a + p)
+        # the decoder's states are the teacher's (Config.teacher_from_elicit); FSDP ranks each
+        # decoded every anchor: theirs where every rank wrote rank 0's tokens
+        known = ka + kp if reuse and dist.all_agree(entries == a + p) else None
         if not entries:
             return [], None
         hs = sharded_hidden(model, entries, lambda es: student_hidden_set(
-            model, fmt, es, batch_size=config.gen_batch_size, max_tokens=config.pass_tokens))
+            model, fmt, es, batch_size=config.gen_batch_size, max_tokens=config.pass_tokens, known=known))
     return entries, hs
 
 

@@ -236,14 +236,12 @@ def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index:
         if keep_hidden:
             responses, states = responses
     bar.close()
-    stops = set(fmt.stop_ids)
-    kept = [i for i, r in enumerate(responses) if any(t not in stops for t in r)]
-    out = [Entry(*queries[i], responses[i]) for i in kept]
+    out = _written([Entry(kind, q, r) for (kind, q), r in zip(queries, responses)], states, fmt, keep_hidden)
     sources = source_entries(fmt, chunk, config.source_entries, config.max_response_tokens)
-    entries = by_sentence + out + sources
     if not keep_hidden:
-        return entries
-    return entries, [None] * len(by_sentence) + [states[i] for i in kept] + [None] * len(sources)
+        return by_sentence + out + sources
+    out, states = out
+    return by_sentence + out + sources, [None] * len(by_sentence) + states + [None] * len(sources)
 
 
 def anchor_prompts() -> list[str]:
@@ -252,21 +250,32 @@ def anchor_prompts() -> list[str]:
     return json.loads(files("iicl_fast").joinpath("data/anchor_prompts.json").read_text(encoding="utf-8"))
 
 
-def anchor_entries(model, fmt: PromptFormat, config: Config, *, chunk_index: int = 0) -> list[Entry]:
+def _written(made: list[Entry], states, fmt: PromptFormat, keep_hidden: bool):
+    """The entries whose response has a token other than a stop id; keep_hidden: -> (entries,
+    the decoder's states of the same rows)."""
+    stops = set(fmt.stop_ids)
+    keep = [i for i, e in enumerate(made) if any(t not in stops for t in e.response)]
+    entries = [made[i] for i in keep]
+    return (entries, [states[i] for i in keep]) if keep_hidden else entries
+
+
+def anchor_entries(model, fmt: PromptFormat, config: Config, *, chunk_index: int = 0, keep_hidden: bool = False):
     """config.anchor_entries general prompts, taken in turn from the bundled list (chunk i
     starts where chunk i-1 stopped), each answered greedily by `model` as the caller hands it
     over (the base: adapter off) with no chunk in the window. Their teacher is that model too,
-    so training on them holds the student's answers to everything else where they were."""
+    so training on them holds the student's answers to everything else where they were.
+    keep_hidden: -> (entries, the decoder's states of each response), as elicit."""
     prompts = anchor_prompts()
     n = min(config.anchor_entries, len(prompts))
     if not n:
-        return []
+        return ([], []) if keep_hidden else []
     start = chunk_index * n
     queries = [prompts[(start + i) % len(prompts)] for i in range(n)]
     answers = generate(model, [fmt.prompt(q) for q in queries], max_new_tokens=config.max_response_tokens,
-                       pad_id=fmt.pad_id, sample=False, stop_ids=fmt.stop_ids, batch_size=config.gen_batch_size)
-    stops = set(fmt.stop_ids)
-    return [Entry("anchor", q, r) for q, r in zip(queries, answers) if any(t not in stops for t in r)]
+                       pad_id=fmt.pad_id, sample=False, stop_ids=fmt.stop_ids, batch_size=config.gen_batch_size,
+                       hidden=keep_hidden)
+    answers, states = answers if keep_hidden else (answers, None)
+    return _written([Entry("anchor", q, r) for q, r in zip(queries, answers)], states, fmt, keep_hidden)
 
 
 def prose_openings() -> list[str]:
@@ -275,19 +284,21 @@ def prose_openings() -> list[str]:
     return json.loads(files("iicl_fast").joinpath("data/prose_openings.json").read_text(encoding="utf-8"))
 
 
-def prose_anchor_entries(model, fmt: PromptFormat, config: Config, *, chunk_index: int = 0) -> list[Entry]:
+def prose_anchor_entries(model, fmt: PromptFormat, config: Config, *, chunk_index: int = 0,
+                         keep_hidden: bool = False):
     """config.prose_anchors openings of plain prose (no chat template; chunk i starts where
     chunk i-1 stopped), each continued by `model` as the caller hands it over (the base),
     sampled (T 1, top-p 0.95, keyed by the seed and the chunk): text of the base's own
-    distribution, on which training holds the student where the base was on raw text."""
+    distribution, on which training holds the student where the base was on raw text.
+    keep_hidden: -> (entries, the decoder's states of each response), as elicit."""
     openings = prose_openings()
     n = min(config.prose_anchors, len(openings))
     if not n:
-        return []
+        return ([], []) if keep_hidden else []
     texts = [openings[(chunk_index * n + i) % len(openings)] for i in range(n)]
     prompts = [fmt.encode(t) for t in texts]
     outs = generate(model, prompts, max_new_tokens=config.max_response_tokens, pad_id=fmt.pad_id, sample=True,
                     temperature=1.0, top_p=0.95, stop_ids=fmt.stop_ids, batch_size=config.gen_batch_size,
-                    keyed_seed=(config.seed * 1_000_003 + 104_729 + chunk_index) % (1 << 31))
-    stops = set(fmt.stop_ids)
-    return [Entry("prose", t, r, raw=p) for t, p, r in zip(texts, prompts, outs) if any(x not in stops for x in r)]
+                    keyed_seed=(config.seed * 1_000_003 + 104_729 + chunk_index) % (1 << 31), hidden=keep_hidden)
+    outs, states = outs if keep_hidden else (outs, None)
+    return _written([Entry("prose", t, r, raw=p) for t, p, r in zip(texts, prompts, outs)], states, fmt, keep_hidden)

@@ -80,12 +80,10 @@ def teacher_hidden(model, fmt: PromptFormat, chunk: str, entries: list[Entry], *
     known: per entry, the states [len(response), H] the decoder already computed for it with
     the chunk in view (elicit's keep_hidden), or None: only the None entries are run (the
     paper preset's entries are all decoded: its 214,879 teacher-pass tokens need no pass)."""
-    if known is not None and len(known) != len(entries):
-        raise ValueError(f"teacher_hidden: {len(known)} known states for {len(entries)} entries")
-    if known is not None and any(k is not None for k in known):
-        return _with_known(model, fmt, chunk, entries, known, dict(
-            batch_size=batch_size, max_tokens=max_tokens, prefix_reuse=prefix_reuse, cascade=cascade,
-            progress=progress))
+    if _some_known("teacher_hidden", entries, known):
+        return _with_known(model, entries, known, lambda es: teacher_hidden(
+            model, fmt, chunk, es, batch_size=batch_size, max_tokens=max_tokens, prefix_reuse=prefix_reuse,
+            cascade=cascade, progress=progress))
     device = next(model.parameters()).device
     body = decoder(model)
     prefix = fmt.context_prefix(chunk)
@@ -136,20 +134,29 @@ def teacher_hidden(model, fmt: PromptFormat, chunk: str, entries: list[Entry], *
     return HiddenSet(_in_order(hs, batches, lengths), torch.tensor(targets, device=device), _offsets(entries))
 
 
-def _with_known(model, fmt, chunk, entries, known, kw) -> HiddenSet:
-    """teacher_hidden where some entries' states are given (known[i], or None: run them)."""
+def _some_known(fn: str, entries, known) -> bool:
+    """Whether known (None, or one state or None an entry) gives any entry's states."""
+    if known is None:
+        return False
+    if len(known) != len(entries):
+        raise ValueError(f"{fn}: {len(known)} known states for {len(entries)} entries")
     for i, (k, e) in enumerate(zip(known, entries)):
         if k is not None and (k.dim() != 2 or k.shape[0] != len(e.response)):
-            raise ValueError(f"teacher_hidden: known[{i}] has shape {tuple(k.shape)}, "
+            raise ValueError(f"{fn}: known[{i}] has shape {tuple(k.shape)}, "
                              f"expected [{len(e.response)}, H] (one state a response token)")
+    return any(k is not None for k in known)
+
+
+def _with_known(model, entries, known, run) -> HiddenSet:
+    """The HiddenSet of entries: known[i] where given, run(the other entries) for the rest."""
     todo = [i for i, k in enumerate(known) if k is None]
-    run = teacher_hidden(model, fmt, chunk, [entries[i] for i in todo], **kw) if todo else None
+    ran = run([entries[i] for i in todo]) if todo else None
     device = next(model.parameters()).device
     offsets = _offsets(entries)
     H = next(k for k in known if k is not None).shape[1]
     h = torch.empty(offsets[-1], H, dtype=torch.float32, device=device)   # filled piece by piece:
     for j, i in enumerate(todo):                                          # no fp32 copy of each first
-        h[offsets[i]: offsets[i + 1]] = run.h[run.offsets[j]: run.offsets[j + 1]]
+        h[offsets[i]: offsets[i + 1]] = ran.h[ran.offsets[j]: ran.offsets[j + 1]]
     for i, k in enumerate(known):
         if k is not None:
             h[offsets[i]: offsets[i + 1]] = k
@@ -229,9 +236,14 @@ def hidden_logprob(model, hs: HiddenSet, temperature=1.0, token_chunk=256, impl=
 
 
 @torch.no_grad()
-def student_hidden_set(model, fmt, entries, batch_size=8, max_tokens: int | None = None) -> HiddenSet:
+def student_hidden_set(model, fmt, entries, batch_size=8, max_tokens: int | None = None,
+                       known: list | None = None) -> HiddenSet:
     """The student's hidden states (no chunk in view) at every response position, batches
-    sized as in teacher_hidden."""
+    sized as in teacher_hidden. known: as teacher_hidden's (the anchors, which the decoder
+    wrote with no chunk in view)."""
+    if _some_known("student_hidden_set", entries, known):
+        return _with_known(model, entries, known, lambda es: student_hidden_set(
+            model, fmt, es, batch_size=batch_size, max_tokens=max_tokens))
     lengths = [len(e.response) for e in entries]
     batches = token_batches([len(prompt_ids(fmt, e)) + len(e.response) for e in entries],
                             max_tokens or 1 << 62, batch_size)

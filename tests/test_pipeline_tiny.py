@@ -75,6 +75,29 @@ def test_consolidation_with_the_decoders_states_as_teacher(smol_tokenizer):
     assert on.loss_per_epoch == pytest.approx(off.loss_per_epoch, rel=1e-3)
 
 
+def test_anchor_teacher_states_from_the_decoder(tiny, monkeypatch):
+    """The anchors (chat prompts answered greedily, prose continued sampled; no chunk) take the
+    decoder's states as their teacher too: no student pass runs over them, and the set equals
+    the one the pass makes (fp32)."""
+    from iicl_fast import teacher as T
+    from iicl_fast.consolidate import anchor_set
+    model, tok = tiny
+    fmt = PromptFormat(tok)
+    ran = []
+    orig = T.student_hidden
+    monkeypatch.setattr(T, "student_hidden", lambda m, f, es, *a, **k: ran.append(len(es)) or orig(m, f, es, *a, **k))
+    sets = {}
+    for reuse in (True, False):
+        cfg = iicl_fast.Config(**{**TINY_CONFIG, "anchor_entries": 3, "prose_anchors": 3, "teacher_from_elicit": reuse})
+        sets[reuse] = anchor_set(model, fmt, cfg, chunk_index=1)
+        assert bool(ran) == (not reuse)
+    (on, h_on), (off, h_off) = sets[True], sets[False]
+    assert len(on) >= 4 and {e.kind for e in on} == {"anchor", "prose"}
+    assert [(e.kind, e.query, e.response, e.raw) for e in on] == [(e.kind, e.query, e.response, e.raw) for e in off]
+    torch.testing.assert_close(h_on.h, h_off.h, rtol=1e-4, atol=1e-5)
+    assert h_on.offsets == h_off.offsets and torch.equal(h_on.targets, h_off.targets)
+
+
 def test_generation_with_shared_prefix_matches_plain(tiny):
     model, tok = tiny
     fmt = PromptFormat(tok)
