@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12's figures, one device call per mode (`benchmarks/device_prepare.sh` first, carry .whl
 # and .bench/tok, and pass the commit: the device's checkout reports a stale HEAD):
-#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh variants|table|chunk|lean|tests
+#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|lean|tests
 # variants (~9 min): the new paths' GPU tests (skinny GEMM, MERGE_PIPE, LOGITS_16, the sampler's
 #   multi-block test), the skinny GEMM's settings swept against cuBLAS and cuBLASLt (cold
 #   weights), the attention's launch paths, bench_generate at 64 and 400 rows with each new
@@ -28,6 +28,12 @@ variants)
   timeout 200 python benchmarks/bench_generate.py --rows 64 400 --new 128 --gemm --merge-pipe --flash-prefix \
     --out "$R/generate_variants_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-300
   ;;
+quick)    # (~7 min) the new paths' GPU tests (the decoder's states as the teacher too), bench_generate's variant rows
+  timeout 200 python -m pytest -q -s tests/test_cuda_e2e.py -k "teacher_states or skinny or add_norm or sampler or cascade_decode or logits16 or static_decoder_graph or captures_leave" 2>&1 | grep "teacher log-prob\|passed\|failed\|Error\|assert" | tail -12
+  echo "tests $(( $(date +%s) - t0 )) s"
+  timeout 220 python benchmarks/bench_generate.py --rows 64 400 --new 128 --gemm --merge-pipe \
+    --out "$R/generate_variants_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-300
+  ;;
 table)
   timeout 560 python benchmarks/bench_generate.py --rows 64 200 400 --new 128 512 --baselines --hf-static --gemm \
     --out "$R/generate_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-300
@@ -46,7 +52,7 @@ tests)
     -k "not demo_recall and not cli_consolidate and not static_greedy_matches and not cascade_greedy" 2>&1 | tail -8
   ;;
 *)
-  echo "device_decode.sh: say variants, table, chunk, lean or tests" >&2
+  echo "device_decode.sh: say quick, variants, table, chunk, lean or tests" >&2
   exit 2
   ;;
 esac
