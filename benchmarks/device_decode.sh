@@ -9,7 +9,7 @@
 # table (~9 min): the issue's table in one run — 64/200/400 rows × 128/512 new, the floor,
 #   generate_today, hf_generate and hf_generate_static at 64 rows, iicl_fast_skinny — into
 #   generate_<commit>.json (copy it to benchmarks/results/generate.json).
-# chunk (~9 min): the paper chunk twice in one call — the teacher's states from the decoder
+# chunk (~9 min): the decoder-states GPU test, then the paper chunk twice in one call — the teacher's states from the decoder
 #   (teacher_from_elicit, the default) and every entry through the teacher pass (--teacher-pass)
 #   — with phase peaks, what each phase leaves allocated and elicitation split into its decoder
 #   calls' prefill / capture / steps (elicit_parts).
@@ -39,8 +39,10 @@ table)
     --out "$R/generate_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-300
   ;;
 chunk)
-  timeout 290 python benchmarks/bench_consolidate.py --workload 8b_paper --out "$R/consolidate_8b_paper_$IICL_COMMIT.json" 2>&1 | tail -9
-  timeout 280 python benchmarks/bench_consolidate.py --workload 8b_paper --teacher-pass \
+  timeout 60 python -m pytest -q -s tests/test_cuda_e2e.py -k teacher_states 2>&1 | grep "teacher log-prob\|passed\|failed\|Error\|assert" | tail -5
+  timeout 260 python benchmarks/bench_consolidate.py --workload 8b_paper --out "$R/consolidate_8b_paper_$IICL_COMMIT.json" 2>&1 | tail -9
+  echo "chunk $(( $(date +%s) - t0 )) s"
+  timeout 250 python benchmarks/bench_consolidate.py --workload 8b_paper --teacher-pass \
     --out "$R/consolidate_8b_paper_$IICL_COMMIT.json" 2>&1 | tail -9
   ;;
 lean)
