@@ -1,5 +1,5 @@
 """The nucleus sampler's block size and warps on the decoding step's logits: B rows of the 8B
-vocabulary (128,256, fp32), temperature 0.7, top-p 0.9 (elicitation's settings).
+vocabulary (128,256; fp32, and the defaults on bf16), temperature 0.7, top-p 0.9 (elicitation's settings).
 
     python benchmarks/tune_sampler.py [--rows 64 200 400] [--out FILE]
 
@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     out = []
+    default = sampling.BLOCK_V, sampling.WARPS
     for B in a.rows:
         g = torch.Generator(device="cuda").manual_seed(B)
         z = torch.randn(B, V, device="cuda", generator=g) * 2.5          # peaked rows: top tokens hold most mass
@@ -47,7 +48,15 @@ def main():
                 r[f"{bv}x{w}"] = round(ms(lambda: sampling.sample_top_p(z, seed, 0.7, 0.9)), 4)
             except Exception as e:     # noqa: BLE001 (out of resources: skip the setting)
                 r[f"{bv}x{w}"] = str(e).splitlines()[0][:60]
-        sampling.BLOCK_V, sampling.WARPS = 4096, None
+        sampling.BLOCK_V, sampling.WARPS = default
+        # decode.LOGITS_16 hands the sampler the head's bf16 logits (the same values): at 64 rows
+        # bench_generate measured its step 10.94 ms against 6.13 with fp32 (19ad70f) — is it here?
+        zb = z.bfloat16()
+        r["default_fp32"] = round(ms(lambda: sampling.sample_top_p(z, seed, 0.7, 0.9)), 4)
+        r["default_bf16"] = round(ms(lambda: sampling.sample_top_p(zb, seed, 0.7, 0.9)), 4)
+        r["argmax_fp32"] = round(ms(lambda: z.argmax(-1)), 4)
+        r["argmax_bf16"] = round(ms(lambda: zb.argmax(-1)), 4)
+        r["cast_to_fp32"] = round(ms(lambda: zb.float()), 4)
         print(json.dumps(r), flush=True)
         out.append(r)
     if a.out:
