@@ -2,14 +2,16 @@
 after a 5,000-token prefix, at 64, 200 and 400 rows mid-generation (124 own slots of 188:
 prompts of 60, 128 new tokens, half decoded — bench_generate.py's shape).
 
-    python benchmarks/tune_decode_attention.py [--sweep] [--out FILE]
-
 Times are GPU time a layer: 32 calls (one per layer of the 8B shape) captured in one CUDA graph,
 replayed, divided by 32 — eager timing of ~20 µs kernels measures Python's launches instead.
 Prints cascade_decode as it defaults, in two launches with the merge in the suffix programs or
 with the merge kernel after them, with the suffix programs' merge in runtime loops or pipelined
 (MERGE_PIPE), in one launch, and with the prefix part through PyTorch's flash op;
---sweep: the prefix and the suffix settings, best first."""
+--sweep: the prefix and the suffix settings, best first, and the prefix part's split length;
+--cold: each layer its own caches (a step's reads come from HBM; without it one layer's 20 MB
+prefix stays in the L2 across the 32 calls).
+
+    python benchmarks/tune_decode_attention.py [--rows 64 200 400] [--sweep] [--cold] [--out FILE]"""
 import argparse
 import itertools
 import json
@@ -25,17 +27,17 @@ LAYERS = 32
 
 
 def graphed_ms(fn, replays=10):
-    """GPU ms of one fn() call: LAYERS calls captured as one graph, replayed."""
+    """GPU ms of one fn(layer) call: LAYERS calls (layer 0 .. LAYERS-1) captured as one graph, replayed."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
+        for i in range(2):
+            fn(i)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(LAYERS):
-            fn()
+        for i in range(LAYERS):
+            fn(i)
     g.replay()
     torch.cuda.synchronize()
     a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -60,7 +62,7 @@ def modes(step):
             ("two_launches_merge_kernel", False, False, None, True, False), ("one_launch", True, False, None, True, False),
             ("flash_prefix", None, True, _flash_prefix, True, pipe_default)):
         pa.ONE_LAUNCH, pa.MERGE_IN_SUFFIX, pa.UNROLL_SP, pa.MERGE_PIPE = one, merge, unroll, pipe
-        out[name] = graphed_ms(lambda: step(prefix))
+        out[name] = graphed_ms(lambda i: step(prefix, i))
     pa.ONE_LAUNCH, pa.MERGE_IN_SUFFIX, pa.UNROLL_SP, pa.MERGE_PIPE = None, True, True, pipe_default
     return out
 
@@ -73,7 +75,7 @@ def sweep(step, B):
             continue
         pa.PREFIX_CFG = dict(block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
         try:
-            rows.append((round(graphed_ms(lambda: step(None)), 4), dict(pa.PREFIX_CFG)))
+            rows.append((round(graphed_ms(lambda i: step(None, i)), 4), dict(pa.PREFIX_CFG)))
         except Exception as e:   # noqa: BLE001 (out of shared memory and the like: skip the setting)
             print("skip", pa.PREFIX_CFG, str(e).splitlines()[0][:80], file=sys.stderr)
     pa.PREFIX_CFG = None
@@ -81,33 +83,43 @@ def sweep(step, B):
     for bn, nw, ns in itertools.product((16, 32, 64, 128), (2, 4, 8), (2, 3)):
         pa.SUFFIX_CFG = dict(block_n=bn, num_warps=nw, num_stages=ns)
         try:
-            srows.append((round(graphed_ms(lambda: step(None)), 4), dict(pa.SUFFIX_CFG)))
+            srows.append((round(graphed_ms(lambda i: step(None, i)), 4), dict(pa.SUFFIX_CFG)))
         except Exception as e:   # noqa: BLE001
             print("skip", pa.SUFFIX_CFG, str(e).splitlines()[0][:80], file=sys.stderr)
     pa.SUFFIX_CFG = None
+    splits = {}
+    for sl in (None, 313, 417, 625, 834, 1250, 1667, 2500):   # the prefix part's positions a split
+        splits[str(sl)] = round(graphed_ms(lambda i: step(None, i, sl)), 4)
     rows.sort(key=lambda r: r[0])
     srows.sort(key=lambda r: r[0])
     return {"prefix_default": pa._prefix_cfg(B * 4), "prefix_best": rows[:4], "prefix_worst": rows[-1:],
-            "suffix_default": pa._suffix_cfg(B * 8), "suffix_best": srows[:4], "suffix_worst": srows[-1:]}
+            "suffix_default": pa._suffix_cfg(B * 8), "suffix_best": srows[:4], "suffix_worst": srows[-1:],
+            "prefix_split_len": splits}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--rows", type=int, nargs="+", default=[64, 200, 400])
+    ap.add_argument("--cold", action="store_true",
+                    help="each of the 32 layers its own prefix and own caches (as a step reads them: from HBM, "
+                         "not the L2 that one layer's reuse keeps them in)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = []
     for B in args.rows:
         q = torch.randn(B, 32, 128, device="cuda").bfloat16()
-        pk, pv = (torch.randn(8, 5000, 128, device="cuda").bfloat16() for _ in range(2))
-        ks, vs = (torch.randn(B, 8, 188, 128, device="cuda").bfloat16() for _ in range(2))
+        n = LAYERS if args.cold else 1
+        pk, pv = ([torch.randn(8, 5000, 128, device="cuda").bfloat16() for _ in range(n)] for _ in range(2))
+        ks, vs = ([torch.randn(B, 8, 188, 128, device="cuda").bfloat16() for _ in range(n)] for _ in range(2))
         lo = torch.randint(0, 40, (B,), dtype=torch.int32, device="cuda")
         cur = torch.tensor([124], dtype=torch.int32, device="cuda")
         o = torch.empty_like(q)
 
-        def step(prefix):
-            return pa.cascade_decode(q, pk, pv, ks, vs, lo, cur, 128 ** -0.5, out=o, prefix=prefix)
+        def step(prefix, i=0, split_len=None):
+            i %= n
+            return pa.cascade_decode(q, pk[i], pv[i], ks[i], vs[i], lo, cur, 128 ** -0.5, out=o, prefix=prefix,
+                                     split_len=split_len)
 
         ref = step(None).float()
         pa.ONE_LAUNCH, pa.MERGE_IN_SUFFIX = False, False
