@@ -39,6 +39,15 @@ def test_rope_write_matches_float64(B, Hq, Hkv, d, S, cur, dtype):
     assert torch.equal(ks[:, :, others], ks0[:, :, others])
 
 
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_rope_write_every_head_with_few_heads_a_program(monkeypatch, heads):
+    """rotary.HEADS below both head counts: several query programs and several KV programs a
+    row, the last of each ragged (9 query heads, 3 KV heads) — a program that skips its tile's
+    heads or writes past them fails the comparison (q_out starts as NaN, the caches random)."""
+    monkeypatch.setattr(rotary, "HEADS", heads)
+    test_rope_write_matches_float64(7, 9, 3, 64, 13, 5, torch.float32)
+
+
 def test_rope_write_equals_transformers_rotation():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
     g = torch.Generator().manual_seed(0)

@@ -6,9 +6,9 @@ transformers applies the rotary embedding to q and k as ~10 elementwise kernels 
 (two products, a rotate-half built from two slices, a negation and a concatenation, a sum,
 each way) and the static decoder then copies k and v into its cache: at one token a row,
 those are a few microseconds each, and at 32 layers they were ~2 ms of a 9.6 ms step at 64
-rows (benchmarks/NOTES.md). Here it is one kernel: program (row b, head h) rotates q[b, h]
-into q_out, or (h ≥ Hq) rotates k[b, h - Hq] and writes it and v[b, h - Hq] into the caches
-at slot cur (a device scalar: the step replays as a graph).
+rows (benchmarks/NOTES.md). Here it is one kernel: program (row b, j) rotates HEADS query
+heads of q[b] into q_out, or (past the query heads) HEADS KV heads of k[b] and writes them and
+v[b]'s into the caches at slot cur (a device scalar: the step replays as a graph).
 
     q_out = rope_write(q, k, v, cos, sin, ks, vs, cur)
     # q [B, Hq·d], k / v [B, Hkv·d] (the projections' outputs), cos / sin [B, d] (the model's
@@ -35,40 +35,50 @@ import triton.language as tl
 POISON = False   # tests set this: q_out starts as NaN so an unwritten element fails
 
 
+# Heads a rope_write program rotates (a [HEADS, d/2] tile a half). One head a program (64
+# elements, 4 warps) made 16,000 programs at 400 rows of the 8B heads: 0.36 ms of a 17.0 ms step
+# for ~10 MB moved (profile_decode_graph_7701404; ~3 µs a layer at bandwidth where it took 11).
+HEADS = 8
+
+
 @triton.jit
-def _rope_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, ks_ptr, vs_ptr, cur_ptr, HQ,
+def _rope_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, ks_ptr, vs_ptr, cur_ptr, HQ, HKV, QP,
                        stride_qb, stride_kb, stride_vb, stride_cb, stride_sb, stride_ob,
                        stride_kcb, stride_kch, stride_kcn, stride_vcb, stride_vch, stride_vcn,
-                       HALF: tl.constexpr, BLOCK: tl.constexpr):
+                       HALF: tl.constexpr, BLOCK: tl.constexpr, HEADS: tl.constexpr):
+    """Program (row b, j): query heads j·HEADS.. (j < QP), else KV heads (j - QP)·HEADS.."""
     b = tl.program_id(0)
-    h = tl.program_id(1)
-    r = tl.arange(0, BLOCK)
-    m = r < HALF
-    c1 = tl.load(cos_ptr + b * stride_cb + r, mask=m, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + b * stride_cb + HALF + r, mask=m, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + b * stride_sb + r, mask=m, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + b * stride_sb + HALF + r, mask=m, other=0.0).to(tl.float32)
+    j = tl.program_id(1)
+    r = tl.arange(0, BLOCK)[None, :]
+    rm = r < HALF
+    c1 = tl.load(cos_ptr + b * stride_cb + r, mask=rm, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + b * stride_cb + HALF + r, mask=rm, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + b * stride_sb + r, mask=rm, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + b * stride_sb + HALF + r, mask=rm, other=0.0).to(tl.float32)
     D = 2 * HALF
-    if h < HQ:
-        src = q_ptr + b * stride_qb + h * D
-        x1 = tl.load(src + r, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF + r, mask=m, other=0.0).to(tl.float32)
-        dst = qo_ptr + b * stride_ob + h * D
-        tl.store(dst + r, (x1 * c1 - x2 * s1).to(qo_ptr.dtype.element_ty), mask=m)
-        tl.store(dst + HALF + r, (x2 * c2 + x1 * s2).to(qo_ptr.dtype.element_ty), mask=m)
+    if j < QP:
+        h = j * HEADS + tl.arange(0, HEADS)[:, None]
+        m = (h < HQ) & rm
+        src = q_ptr + b * stride_qb + h * D + r
+        x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+        dst = qo_ptr + b * stride_ob + h * D + r
+        tl.store(dst, (x1 * c1 - x2 * s1).to(qo_ptr.dtype.element_ty), mask=m)
+        tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(qo_ptr.dtype.element_ty), mask=m)
     else:
-        hk = h - HQ
+        hk = (j - QP) * HEADS + tl.arange(0, HEADS)[:, None]
+        m = (hk < HKV) & rm
         cur = tl.load(cur_ptr)
-        src = k_ptr + b * stride_kb + hk * D
-        x1 = tl.load(src + r, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF + r, mask=m, other=0.0).to(tl.float32)
-        dst = ks_ptr + b * stride_kcb + hk * stride_kch + cur * stride_kcn
-        tl.store(dst + r, (x1 * c1 - x2 * s1).to(ks_ptr.dtype.element_ty), mask=m)
-        tl.store(dst + HALF + r, (x2 * c2 + x1 * s2).to(ks_ptr.dtype.element_ty), mask=m)
-        vsrc = v_ptr + b * stride_vb + hk * D
-        vdst = vs_ptr + b * stride_vcb + hk * stride_vch + cur * stride_vcn
-        tl.store(vdst + r, tl.load(vsrc + r, mask=m, other=0.0), mask=m)
-        tl.store(vdst + HALF + r, tl.load(vsrc + HALF + r, mask=m, other=0.0), mask=m)
+        src = k_ptr + b * stride_kb + hk * D + r
+        x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+        dst = ks_ptr + b * stride_kcb + hk * stride_kch + cur * stride_kcn + r
+        tl.store(dst, (x1 * c1 - x2 * s1).to(ks_ptr.dtype.element_ty), mask=m)
+        tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(ks_ptr.dtype.element_ty), mask=m)
+        vsrc = v_ptr + b * stride_vb + hk * D + r
+        vdst = vs_ptr + b * stride_vcb + hk * stride_vch + cur * stride_vcn + r
+        tl.store(vdst, tl.load(vsrc, mask=m, other=0.0), mask=m)
+        tl.store(vdst + HALF, tl.load(vsrc + HALF, mask=m, other=0.0), mask=m)
 
 
 def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -90,10 +100,12 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     Hq = q.shape[1] // d
     out = torch.full((B, Hq, d), float("nan"), dtype=q.dtype, device=q.device) if POISON else \
         torch.empty((B, Hq, d), dtype=q.dtype, device=q.device)
-    _rope_write_kernel[(B, Hq + Hkv)](
-        q, k, v, cos, sin, out, ks, vs, cur, Hq, q.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0),
-        out.stride(0), ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
-        HALF=d // 2, BLOCK=max(16, triton.next_power_of_2(d // 2)))
+    heads = max(1, min(HEADS, triton.next_power_of_2(max(Hq, Hkv))))
+    qp = triton.cdiv(Hq, heads)
+    _rope_write_kernel[(B, qp + triton.cdiv(Hkv, heads))](
+        q, k, v, cos, sin, out, ks, vs, cur, Hq, Hkv, qp, q.stride(0), k.stride(0), v.stride(0), cos.stride(0),
+        sin.stride(0), out.stride(0), ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        HALF=d // 2, BLOCK=max(16, triton.next_power_of_2(d // 2)), HEADS=heads)
     return out
 
 
