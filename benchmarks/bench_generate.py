@@ -15,7 +15,9 @@ iicl_fast_cublaslt_rows (decode.BLASLT "rows") and iicl_fast_lt_rows_logits16 (w
 --gemm adds iicl_fast_skinny, the layers' GEMMs through kernels/skinny_gemm.py up to
 decode.SKINNY_MAX_ROWS rows; --merge-pipe adds iicl_fast_merge_pipe, the suffix programs' merge
 pipelined (prefix_attention.MERGE_PIPE), iicl_fast_logits16 (decode.LOGITS_16: the step's logits
-to the sampler in bf16), and with --gemm iicl_fast_skinny_pipe, all three), generate_today (the cascade path it replaces: per-row
+to the sampler in bf16), iicl_fast_partials16 (prefix_attention.PARTIALS_16: the attention's
+partials in bf16), with --blas too iicl_fast_lt_rows_logits16_partials16, and with --gemm
+iicl_fast_skinny_pipe), generate_today (the cascade path it replaces: per-row
 DynamicCache, eager steps), hf_generate (transformers generate over [C; q] rows, prefix
 recomputed per row, dynamic cache) and with --hf-static hf_generate_static (the same with
 transformers' static cache, whose decoding forward transformers compiles itself: one untimed
@@ -133,6 +135,9 @@ VARIANTS = {
     "iicl_fast_lt_rows_logits16": {(decode, "BLASLT"): "rows", (decode, "LOGITS_16"): True},
     "iicl_fast_skinny": {(decode, "GEMM"): "triton"},
     "iicl_fast_merge_pipe": {(pa, "MERGE_PIPE"): True},
+    "iicl_fast_partials16": {(pa, "PARTIALS_16"): True},
+    "iicl_fast_lt_rows_logits16_partials16": {(decode, "BLASLT"): "rows", (decode, "LOGITS_16"): True,
+                                              (pa, "PARTIALS_16"): True},
     "iicl_fast_logits16": {(decode, "LOGITS_16"): True},
     "iicl_fast_skinny_pipe": {(decode, "GEMM"): "triton", (pa, "MERGE_PIPE"): True, (decode, "LOGITS_16"): True},
 }
@@ -192,7 +197,8 @@ def main():
                 (["iicl_fast_flash_prefix", "iicl_fast_cudnn_prefix"] if a.flash_prefix else []) + \
                 (["iicl_fast_cublas", "iicl_fast_cublaslt", "iicl_fast_cublaslt_rows", "iicl_fast_lt_rows_logits16"] if a.blas else []) + \
                 (["iicl_fast_skinny"] if a.gemm and rows <= decode.SKINNY_MAX_ROWS else []) + \
-                (["iicl_fast_merge_pipe", "iicl_fast_logits16"] if a.merge_pipe else []) + \
+                (["iicl_fast_merge_pipe", "iicl_fast_logits16", "iicl_fast_partials16"] if a.merge_pipe else []) + \
+                (["iicl_fast_lt_rows_logits16_partials16"] if a.merge_pipe and a.blas else []) + \
                 (["iicl_fast_skinny_pipe"] if a.gemm and a.merge_pipe and rows <= decode.SKINNY_MAX_ROWS else [])
             for impl in impls:
                 with settings(VARIANTS[impl]):

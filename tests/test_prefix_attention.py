@@ -118,6 +118,19 @@ def test_cascade_decode_matches_float64(B, Hq, Hkv, K, S, d, split_len, suffix_s
     assert err <= max(2 * err_t, floor), (err, err_t)
 
 
+@pytest.mark.parametrize("launches", ["one", "two", "merge_in_suffix", "merge_in_suffix_loops"])
+@pytest.mark.parametrize("B,Hq,Hkv,K,S,d,split_len,suffix_split", DECODE_CASES)
+def test_cascade_decode_with_16_bit_partials_matches_float64(B, Hq, Hkv, K, S, d, split_len, suffix_split, launches,
+                                                            monkeypatch):
+    """prefix_attention.PARTIALS_16: the prefix's and the split suffix's partial outputs in bf16
+    (rounded once a split, after normalising) — the output still within 2× the plain bf16 path's
+    error against float64. A merge that read the 16-bit buffer as fp32 would read garbage."""
+    monkeypatch.setattr(pa, "PARTIALS_16", True)
+    monkeypatch.setattr(pa, "POISON", True)
+    test_cascade_decode_matches_float64(B, Hq, Hkv, K, S, d, split_len, suffix_split, torch.bfloat16, launches,
+                                        monkeypatch)
+
+
 @pytest.mark.parametrize("launches", ["one", "two", "merge_in_suffix"])
 def test_cascade_decode_skips_empty_suffix_splits(launches, monkeypatch):
     """Suffix splits of 8 slots over a 40-slot cache at cur 12: splits past cur are empty, and

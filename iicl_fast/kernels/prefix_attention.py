@@ -75,6 +75,13 @@ UNROLL_SP_MAX = 2
 # (IICL_DECODE_MERGE_PIPE=1: on; tune_decode_attention.py times it).
 MERGE_PIPE = os.environ.get("IICL_DECODE_MERGE_PIPE", "0") == "1"
 MERGE_PIPE_STAGES = 3
+# The partial outputs that the prefix (and split suffix) programs hand to the merge, in q's
+# 16-bit dtype instead of fp32 (their log-sum-exps stay fp32; each partial is normalised, so
+# rounding it costs what rounding the output costs, once per split). Why: at 64 rows of the 8B
+# heads the prefix runs in 8 splits and its fp32 partials are 8.4 MB a layer written and read
+# back (~5 µs of the ~40 µs that attention takes a layer, 31st session's arithmetic). Off until
+# measured on the GPU (IICL_DECODE_PARTIALS16=1: on).
+PARTIALS_16 = os.environ.get("IICL_DECODE_PARTIALS16", "0") == "1"
 
 
 def _prefix_cfg(M: int) -> dict:
@@ -484,7 +491,8 @@ def cascade_decode(q: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | 
         ks_, vs_ = ks.contiguous(), vs.contiguous()
     sl = _split_len(S, B * Hkv, suffix_split, least=128)
     SS = triton.cdiv(S, sl)
-    o_s = _buffer((B, Hkv, SS, g, d), q.device)
+    part_dtype = q.dtype if PARTIALS_16 and q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    o_s = _buffer((B, Hkv, SS, g, d), q.device, part_dtype)
     l_s = _buffer((B, Hkv, SS, g), q.device)
     suffix_args = (lo, cur, d, sl, float(scale), q.stride(0), q.stride(1), ks_.stride(0), ks_.stride(1), ks_.stride(2),
                    o_s.stride(0), o_s.stride(1), o_s.stride(2), l_s.stride(0), l_s.stride(1))
@@ -506,7 +514,7 @@ def cascade_decode(q: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | 
     elif pk is not None:
         c = _prefix_cfg(M)
         block_m, row_blocks, psl, SP = _prefix_grid(M, K, Hkv, c["block_m"], split_len)
-        o_p = _buffer((Hkv, SP, M, d), q.device)
+        o_p = _buffer((Hkv, SP, M, d), q.device, part_dtype)
         l_p = _buffer((Hkv, SP, M), q.device)
         if ONE_LAUNCH if ONE_LAUNCH is not None else M >= ONE_LAUNCH_MIN_M:
             _both_kernel[(Hkv * SP * row_blocks + B * Hkv * SS,)](
