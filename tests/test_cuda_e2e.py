@@ -356,11 +356,11 @@ def test_packed_student_hidden_on_cuda(smol_tokenizer, dtype, tol):
 
 # --- issue 12: the static decoder's kernels and loop on the GPU ---------------------------
 
-@pytest.mark.parametrize("merge_pipe", [False, True])
-def test_cascade_decode_and_sampler_bf16_on_cuda(monkeypatch, merge_pipe):
+@pytest.mark.parametrize("merge_pipe,partials16", [(False, False), (True, False), (False, True)])
+def test_cascade_decode_and_sampler_bf16_on_cuda(monkeypatch, merge_pipe, partials16):
     """The decode-attention kernel at the 8B head shapes (bf16, tensor cores) against float64,
     no worse than twice plain bf16 (the suffix programs' merge in loops, or pipelined:
-    MERGE_PIPE); the sampler's draws against the exact nucleus."""
+    MERGE_PIPE; the partials in bf16: PARTIALS_16); the sampler's draws against the exact nucleus."""
     from iicl_fast.kernels import prefix_attention as pa
     from iicl_fast.kernels import sampling
     from iicl_fast.kernels.reference_prefix_attention import cascade_decode_ref
@@ -368,6 +368,7 @@ def test_cascade_decode_and_sampler_bf16_on_cuda(monkeypatch, merge_pipe):
     monkeypatch.setattr(pa, "POISON", True)
     monkeypatch.setattr(sampling, "POISON", True)
     monkeypatch.setattr(pa, "MERGE_PIPE", merge_pipe)
+    monkeypatch.setattr(pa, "PARTIALS_16", partials16)
     g = torch.Generator(device="cuda").manual_seed(0)
     for B, K, S in ((37, 5003, 77), (1, 1, 1), (400, 5000, 600), (64, 5000, 144)):
         q = torch.randn(B, 32, 128, device="cuda", generator=g).bfloat16()
