@@ -138,6 +138,7 @@ VARIANTS = {
     "iicl_fast_partials16": {(pa, "PARTIALS_16"): True},
     "iicl_fast_lt_rows_logits16_partials16": {(decode, "BLASLT"): "rows", (decode, "LOGITS_16"): True,
                                               (pa, "PARTIALS_16"): True},
+    "iicl_fast_lt_small_logits16": {(decode, "BLASLT"): "small", (decode, "LOGITS_16"): True},
     "iicl_fast_logits16": {(decode, "LOGITS_16"): True},
     "iicl_fast_skinny_pipe": {(decode, "GEMM"): "triton", (pa, "MERGE_PIPE"): True, (decode, "LOGITS_16"): True},
 }
@@ -195,7 +196,8 @@ def main():
         for new in a.new:
             impls = ["iicl_fast"] + (["iicl_fast_unfused", "iicl_fast_fused"] if a.unfused else []) + \
                 (["iicl_fast_flash_prefix", "iicl_fast_cudnn_prefix"] if a.flash_prefix else []) + \
-                (["iicl_fast_cublas", "iicl_fast_cublaslt", "iicl_fast_cublaslt_rows", "iicl_fast_lt_rows_logits16"] if a.blas else []) + \
+                (["iicl_fast_cublas", "iicl_fast_cublaslt", "iicl_fast_cublaslt_rows", "iicl_fast_lt_rows_logits16",
+                  "iicl_fast_lt_small_logits16"] if a.blas else []) + \
                 (["iicl_fast_skinny"] if a.gemm and rows <= decode.SKINNY_MAX_ROWS else []) + \
                 (["iicl_fast_merge_pipe", "iicl_fast_logits16", "iicl_fast_partials16"] if a.merge_pipe else []) + \
                 (["iicl_fast_lt_rows_logits16_partials16"] if a.merge_pipe and a.blas else []) + \

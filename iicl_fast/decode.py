@@ -448,15 +448,16 @@ FUSED_PROJ_MAX_ROWS = 256
 # 17.32 at 400. But the paper chunk's elicitation, which captures a step for every batch size
 # its compaction leaves, took 18.41 s with "rows" against 13.87 s with "off" (peak 59.3 / 57.0
 # GiB; bench_consolidate.py, one H200, 9c81f39): off by default. "off" | "rows" (Lt at <= 96 and
-# >= 320 rows) | "on" (Lt at any row count); IICL_DECODE_BLASLT sets it.
+# >= 320 rows) | "small" (Lt at <= 96 rows only: the 64-row step without the large batches
+# whose chunk cost is unexplained) | "on" (Lt at any row count); IICL_DECODE_BLASLT sets it.
 BLASLT = os.environ.get("IICL_DECODE_BLASLT", "off")
 
 
 def _blaslt(rows: int) -> bool:
     """Whether a step of `rows` rows runs its layers' GEMMs through cuBLASLt (BLASLT)."""
-    if BLASLT not in ("off", "rows", "on"):
-        raise IICLError(f"IICL_DECODE_BLASLT must be off, rows or on; got {BLASLT!r}")
-    return BLASLT == "on" or (BLASLT == "rows" and (rows <= 96 or rows >= 320))
+    if BLASLT not in ("off", "rows", "small", "on"):
+        raise IICLError(f"IICL_DECODE_BLASLT must be off, rows, small or on; got {BLASLT!r}")
+    return BLASLT == "on" or (BLASLT in ("rows", "small") and rows <= 96) or (BLASLT == "rows" and rows >= 320)
 
 
 @contextlib.contextmanager

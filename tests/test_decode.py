@@ -469,3 +469,16 @@ def test_packing_is_for_plain_causal_families():
     assert "gpt2" in packing_unsupported(AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=4)))
     llama.config._attn_implementation = "eager"
     assert "eager" in packing_unsupported(llama)
+
+
+def test_blaslt_modes_choose_row_counts(monkeypatch):
+    """decode.BLASLT: which steps' GEMMs go through cuBLASLt, by rows; a bad value is one error."""
+    import iicl_fast.decode as D
+    from iicl_fast.config import IICLError
+    for mode, want in (("off", []), ("on", [1, 64, 96, 97, 200, 320, 400]), ("small", [1, 64, 96]),
+                       ("rows", [1, 64, 96, 320, 400])):
+        monkeypatch.setattr(D, "BLASLT", mode)
+        assert [r for r in (1, 64, 96, 97, 200, 320, 400) if D._blaslt(r)] == want, mode
+    monkeypatch.setattr(D, "BLASLT", "fast")
+    with pytest.raises(IICLError, match="IICL_DECODE_BLASLT must be"):
+        D._blaslt(64)
