@@ -447,10 +447,13 @@ FUSED_PROJ_MAX_ROWS = 256
 # runs 400 rows as slowly as 512); bench_generate's step 6.36 -> 6.13 ms at 64 rows, 17.57 ->
 # 17.32 at 400. But the paper chunk's elicitation, which captures a step for every batch size
 # its compaction leaves, took 18.41 s with "rows" against 13.87 s with "off" (peak 59.3 / 57.0
-# GiB; bench_consolidate.py, one H200, 9c81f39): off by default. "off" | "rows" (Lt at <= 96 and
-# >= 320 rows) | "small" (Lt at <= 96 rows only: the 64-row step without the large batches
-# whose chunk cost is unexplained) | "on" (Lt at any row count); IICL_DECODE_BLASLT sets it.
-BLASLT = os.environ.get("IICL_DECODE_BLASLT", "off")
+# GiB; bench_consolidate.py, one H200, 9c81f39). Since (31st session, fcb0f89, H200): the layers'
+# GEMMs at the row counts a compaction leaves (tune_decode_gemms --lean) Lt wins at 61-97 and
+# 387-400 rows, loses at 203; bench_generate 64 rows 6.11 -> 5.89 ms, 400 rows 17.12 -> 16.93.
+# Default "small": Lt at <= 96 rows only, where the gain is largest and the paper chunk's
+# batches (200 and 400 rows) do not go until their tails. "off" | "rows" (Lt at <= 96 and >= 320
+# rows) | "small" | "on" (Lt at any row count); IICL_DECODE_BLASLT sets it.
+BLASLT = os.environ.get("IICL_DECODE_BLASLT", "small")
 
 
 def _blaslt(rows: int) -> bool:
@@ -484,10 +487,10 @@ SKINNY_MAX_ROWS = 128
 # A kernels step hands its logits to the argmax / the Triton sampler in the LM head's dtype
 # rather than as an fp32 copy (generation.step_logits fp32=False: the same values, the readers
 # upcast): at 400 rows of the 8B vocabulary the copy was 0.15 ms of the 17 ms step and the
-# sampler read twice the bytes (profile_decode, 28th session). Tested under the interpreter;
-# not yet run on the GPU: off (IICL_DECODE_LOGITS16=1: on; bench_generate.py --merge-pipe
-# measures it with the other new settings).
-LOGITS_16 = os.environ.get("IICL_DECODE_LOGITS16", "0") == "1"
+# sampler read twice the bytes (profile_decode, 28th session). Measured (H200, bench_generate,
+# fcb0f89, ms a step, warm): 64 rows 6.10 -> 6.07, 400 rows 17.10 -> 16.98; its GPU test draws
+# the same tokens. On by default (IICL_DECODE_LOGITS16=0: fp32 logits).
+LOGITS_16 = os.environ.get("IICL_DECODE_LOGITS16", "1") == "1"
 
 
 def _skinny_gemm(rows: int, dtype: torch.dtype, on_cuda: bool):

@@ -131,6 +131,27 @@ def test_cascade_decode_with_16_bit_partials_matches_float64(B, Hq, Hkv, K, S, d
                                         monkeypatch)
 
 
+def test_partials_are_16_bit_only_from_min_splits_by_default(monkeypatch):
+    """PARTIALS_16 None (the default): the prefix partials in bf16 where the prefix runs in at
+    least PARTIALS_16_MIN_SPLITS splits (64 rows of the 8B heads: 8), fp32 below (400 rows: 1,
+    where 16-bit measured slower); fp32 models always fp32."""
+    monkeypatch.setattr(pa, "PARTIALS_16", None)
+    made, orig = [], pa._buffer
+    monkeypatch.setattr(pa, "_buffer", lambda shape, device, dtype=torch.float32: made.append((tuple(shape), dtype)) or
+                        orig(shape, device, dtype))
+    g = torch.Generator().manual_seed(3)
+    for dtype, split_len, want in ((torch.bfloat16, 25, torch.bfloat16), (torch.bfloat16, 50, torch.float32),
+                                   (torch.float32, 25, torch.float32)):
+        q = torch.randn(2, 8, 16, generator=g).to(dtype)
+        pk, pv = (torch.randn(2, 100, 16, generator=g).to(dtype) for _ in range(2))
+        ks, vs = (torch.randn(2, 2, 5, 16, generator=g).to(dtype) for _ in range(2))
+        made.clear()
+        cascade_decode(q, pk, pv, ks, vs, torch.zeros(2, dtype=torch.int32), torch.tensor([4], dtype=torch.int32),
+                       0.25, split_len=split_len)
+        prefix_out = [dt for shape, dt in made if len(shape) == 4 and shape[-1] == 16]   # o_p [Hkv, SP, M, d]
+        assert prefix_out == [want], (dtype, split_len, made)
+
+
 @pytest.mark.parametrize("launches", ["one", "two", "merge_in_suffix"])
 def test_cascade_decode_skips_empty_suffix_splits(launches, monkeypatch):
     """Suffix splits of 8 slots over a 40-slot cache at cur 12: splits past cur are empty, and

@@ -79,9 +79,14 @@ MERGE_PIPE_STAGES = 3
 # 16-bit dtype instead of fp32 (their log-sum-exps stay fp32; each partial is normalised, so
 # rounding it costs what rounding the output costs, once per split). Why: at 64 rows of the 8B
 # heads the prefix runs in 8 splits and its fp32 partials are 8.4 MB a layer written and read
-# back (~5 µs of the ~40 µs that attention takes a layer, 31st session's arithmetic). Off until
-# measured on the GPU (IICL_DECODE_PARTIALS16=1: on).
-PARTIALS_16 = os.environ.get("IICL_DECODE_PARTIALS16", "0") == "1"
+# back (~5 µs of the ~40 µs that attention takes a layer, 31st session's arithmetic). Measured
+# (H200, bench_generate, fcb0f89, ms a step): 64 rows (8 splits) 6.10 -> 6.02, with cuBLASLt and
+# bf16 logits 5.84 -> 5.78; 400 rows (1 split) 17.10 -> 17.26. None (default): 16-bit where the
+# prefix runs in at least PARTIALS_16_MIN_SPLITS splits; True / False: always / never
+# (IICL_DECODE_PARTIALS16=1 / 0). The GPU test's error at 64 rows: 3.67e-4 against 3.31e-4 with
+# fp32 partials (plain bf16: 1.03e-3).
+PARTIALS_16 = {"1": True, "0": False}.get(os.environ.get("IICL_DECODE_PARTIALS16", "auto"))
+PARTIALS_16_MIN_SPLITS = 4
 
 
 def _prefix_cfg(M: int) -> dict:
@@ -491,7 +496,8 @@ def cascade_decode(q: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | 
         ks_, vs_ = ks.contiguous(), vs.contiguous()
     sl = _split_len(S, B * Hkv, suffix_split, least=128)
     SS = triton.cdiv(S, sl)
-    part_dtype = q.dtype if PARTIALS_16 and q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    short = q.dtype in (torch.float16, torch.bfloat16)
+    part_dtype = q.dtype if short and PARTIALS_16 else torch.float32
     o_s = _buffer((B, Hkv, SS, g, d), q.device, part_dtype)
     l_s = _buffer((B, Hkv, SS, g), q.device)
     suffix_args = (lo, cur, d, sl, float(scale), q.stride(0), q.stride(1), ks_.stride(0), ks_.stride(1), ks_.stride(2),
@@ -514,7 +520,8 @@ def cascade_decode(q: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | 
     elif pk is not None:
         c = _prefix_cfg(M)
         block_m, row_blocks, psl, SP = _prefix_grid(M, K, Hkv, c["block_m"], split_len)
-        o_p = _buffer((Hkv, SP, M, d), q.device, part_dtype)
+        many = PARTIALS_16 if PARTIALS_16 is not None else SP >= PARTIALS_16_MIN_SPLITS
+        o_p = _buffer((Hkv, SP, M, d), q.device, q.dtype if short and many else torch.float32)
         l_p = _buffer((Hkv, SP, M), q.device)
         if ONE_LAUNCH if ONE_LAUNCH is not None else M >= ONE_LAUNCH_MIN_M:
             _both_kernel[(Hkv * SP * row_blocks + B * Hkv * SS,)](
