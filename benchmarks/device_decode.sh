@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 12's figures, one device call per mode (`benchmarks/device_prepare.sh` first, carry .whl
 # and .bench/tok, and pass the commit: the device's checkout reports a stale HEAD):
-#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|lean|tests
+#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|confirm|blaslt|lean|tests
+# confirm (~4 min): the issue's table without the baselines at the defaults, the bf16-logits GPU tests.
+# blaslt (~5 min): the paper chunk with IICL_DECODE_BLASLT=rows (the 25th session's 18.4 s elicitation, split).
 # variants (~9 min): the new paths' GPU tests (skinny GEMM, MERGE_PIPE, LOGITS_16, the sampler's
 #   multi-block test), the skinny GEMM's settings swept against cuBLAS and cuBLASLt (cold
 #   weights), the attention's launch paths, bench_generate at 64 and 400 rows with each new
@@ -45,6 +47,14 @@ chunk)
   timeout 250 python benchmarks/bench_consolidate.py --workload 8b_paper --teacher-pass \
     --out "$R/consolidate_8b_paper_$IICL_COMMIT.json" 2>&1 | tail -9
   ;;
+confirm)  # (~4 min) the defaults' table without the baselines, then the bf16-logits GPU tests
+  timeout 200 python benchmarks/bench_generate.py --rows 64 200 400 --new 128 512 --out "$R/generate_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-230
+  timeout 80 python -m pytest -q -s tests/test_cuda_e2e.py -k "logits16 or teacher_states" 2>&1 | grep "teacher log-prob\|passed\|failed\|Error\|assert" | tail -5
+  ;;
+blaslt)   # (~5 min) the paper chunk with cuBLASLt at >= 320 rows too, elicitation split into its parts
+  IICL_DECODE_BLASLT=rows timeout 280 python benchmarks/bench_consolidate.py --workload 8b_paper \
+    --out "$R/consolidate_8b_paper_blaslt_rows_$IICL_COMMIT.json" 2>&1 | tail -6
+  ;;
 lean)
   timeout 60 python benchmarks/tune_decode_gemms.py --rows 61 64 93 96 97 203 387 397 400 --lean \
     --out "$R/gemm_lean_$IICL_COMMIT.json" 2>&1 | tail -9 | cut -c1-200
@@ -54,7 +64,7 @@ tests)
     -k "not demo_recall and not cli_consolidate and not static_greedy_matches and not cascade_greedy" 2>&1 | tail -8
   ;;
 *)
-  echo "device_decode.sh: say quick, variants, table, chunk, lean or tests" >&2
+  echo "device_decode.sh: say quick, variants, table, chunk, confirm, blaslt, lean or tests" >&2
   exit 2
   ;;
 esac
