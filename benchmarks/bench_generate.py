@@ -1,7 +1,7 @@
 """Decoding many rows after one shared prefix, 8B shape, one GPU: ms per step against the floor.
 
     python benchmarks/bench_generate.py [--rows 64 200 400] [--new 128 512] [--prefix 5000]
-        [--baselines [--hf-static]] [--unfused] [--flash-prefix] [--blas] [--gemm] [--merge-pipe]
+        [--baselines [--hf-static]] [--unfused] [--flash-prefix] [--blas] [--gemm] [--merge-pipe] [--prefetch]
         [--out benchmarks/results/generate.json]
 
 Rows: iicl_fast (decode.generate_static: one prefix KV, static caches, CUDA-graph step,
@@ -17,7 +17,9 @@ decode.SKINNY_MAX_ROWS rows; --merge-pipe adds iicl_fast_merge_pipe, the suffix 
 pipelined (prefix_attention.MERGE_PIPE), iicl_fast_logits16 (decode.LOGITS_16: the step's logits
 to the sampler in bf16), iicl_fast_partials16 (prefix_attention.PARTIALS_16: the attention's
 partials in bf16), with --blas too iicl_fast_lt_rows_logits16_partials16, and with --gemm
-iicl_fast_skinny_pipe), generate_today (the cascade path it replaces: per-row
+iicl_fast_skinny_pipe); --prefetch adds iicl_fast_prefetch16 / _prefetch32 / _prefetch32_last
+(decode.PREFETCH_MB: each layer's o then gate/up weights into L2 during its attention, 16 or 32 MiB,
+"last": the lines marked evict-last; at any row count here, decode.PREFETCH_MAX_ROWS lifted), generate_today (the cascade path it replaces: per-row
 DynamicCache, eager steps), hf_generate (transformers generate over [C; q] rows, prefix
 recomputed per row, dynamic cache) and with --hf-static hf_generate_static (the same with
 transformers' static cache, whose decoding forward transformers compiles itself: one untimed
@@ -141,6 +143,10 @@ VARIANTS = {
     "iicl_fast_lt_small_logits16": {(decode, "BLASLT"): "small", (decode, "LOGITS_16"): True},
     "iicl_fast_logits16": {(decode, "LOGITS_16"): True},
     "iicl_fast_skinny_pipe": {(decode, "GEMM"): "triton", (pa, "MERGE_PIPE"): True, (decode, "LOGITS_16"): True},
+    "iicl_fast_prefetch16": {(decode, "PREFETCH_MB"): 16.0, (decode, "PREFETCH_MAX_ROWS"): 10 ** 9},
+    "iicl_fast_prefetch32": {(decode, "PREFETCH_MB"): 32.0, (decode, "PREFETCH_MAX_ROWS"): 10 ** 9},
+    "iicl_fast_prefetch32_last": {(decode, "PREFETCH_MB"): 32.0, (decode, "PREFETCH_MAX_ROWS"): 10 ** 9,
+                                  (decode, "PREFETCH_HINT"): "last"},
 }
 
 
@@ -182,6 +188,9 @@ def main():
     ap.add_argument("--merge-pipe", action="store_true",
                     help="also each iicl_fast row with the suffix programs' merge pipelined (iicl_fast_merge_pipe), "
                          "with bf16 logits to the sampler (iicl_fast_logits16); with --gemm also iicl_fast_skinny_pipe, all three")
+    ap.add_argument("--prefetch", action="store_true",
+                    help="also each iicl_fast row with each layer's o then gate/up weights prefetched into L2 during "
+                         "its attention (iicl_fast_prefetch16, iicl_fast_prefetch32, iicl_fast_prefetch32_last)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     model = llama_8b().requires_grad_(False)     # frozen, as Memory's base is (the fused norm wants it)
@@ -201,7 +210,8 @@ def main():
                 (["iicl_fast_skinny"] if a.gemm and rows <= decode.SKINNY_MAX_ROWS else []) + \
                 (["iicl_fast_merge_pipe", "iicl_fast_logits16", "iicl_fast_partials16"] if a.merge_pipe else []) + \
                 (["iicl_fast_lt_rows_logits16_partials16"] if a.merge_pipe and a.blas else []) + \
-                (["iicl_fast_skinny_pipe"] if a.gemm and a.merge_pipe and rows <= decode.SKINNY_MAX_ROWS else [])
+                (["iicl_fast_skinny_pipe"] if a.gemm and a.merge_pipe and rows <= decode.SKINNY_MAX_ROWS else []) + \
+                (["iicl_fast_prefetch16", "iicl_fast_prefetch32", "iicl_fast_prefetch32_last"] if a.prefetch else [])
             for impl in impls:
                 with settings(VARIANTS[impl]):
                     # Each setting's kernels compiled before its timed run, at its batch size: at

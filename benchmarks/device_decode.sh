@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Issue 12's figures, one device call per mode (`benchmarks/device_prepare.sh` first, carry .whl
 # and .bench/tok, and pass the commit: the device's checkout reports a stale HEAD):
-#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|confirm|blaslt|lean|tests
+#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|confirm|blaslt|prefetch|lean|tests
 # confirm (~4 min): the issue's table without the baselines at the defaults, the bf16-logits GPU tests.
+# prefetch (~4 min): the L2-prefetch GPU test, then bench_generate at 64 and 128 rows × 128 new with
+#   decode.PREFETCH_MB 16 / 32 / 32 evict-last beside the default, twice (run-to-run spread).
 # blaslt (~5 min): the paper chunk with IICL_DECODE_BLASLT=rows (the 25th session's 18.4 s elicitation, split).
 # variants (~9 min): the new paths' GPU tests (skinny GEMM, MERGE_PIPE, LOGITS_16, the sampler's
 #   multi-block test), the skinny GEMM's settings swept against cuBLAS and cuBLASLt (cold
@@ -55,6 +57,14 @@ blaslt)   # (~5 min) the paper chunk with cuBLASLt at >= 320 rows too, elicitati
   IICL_DECODE_BLASLT=rows timeout 280 python benchmarks/bench_consolidate.py --workload 8b_paper \
     --out "$R/consolidate_8b_paper_blaslt_rows_$IICL_COMMIT.json" 2>&1 | tail -6
   ;;
+prefetch)
+  python -c "import torch; p = torch.cuda.get_device_properties(0); print(p.name, 'L2', p.L2_cache_size >> 20, 'MiB')"
+  timeout 60 python -m pytest -q -s tests/test_cuda_e2e.py -k "l2_prefetch" 2>&1 | grep "passed\|failed\|Error\|assert" | tail -5
+  for n in 1 2; do
+    timeout 110 python benchmarks/bench_generate.py --rows 64 128 --new 128 --prefetch \
+      --out "$R/generate_prefetch_${IICL_COMMIT}_run$n.json" 2>&1 | grep "^{" | cut -c1-200
+  done
+  ;;
 lean)
   timeout 60 python benchmarks/tune_decode_gemms.py --rows 61 64 93 96 97 203 387 397 400 --lean \
     --out "$R/gemm_lean_$IICL_COMMIT.json" 2>&1 | tail -9 | cut -c1-200
@@ -64,7 +74,7 @@ tests)
     -k "not demo_recall and not cli_consolidate and not static_greedy_matches and not cascade_greedy" 2>&1 | tail -8
   ;;
 *)
-  echo "device_decode.sh: say quick, variants, table, chunk, confirm, blaslt, lean or tests" >&2
+  echo "device_decode.sh: say quick, variants, table, chunk, confirm, blaslt, prefetch, lean or tests" >&2
   exit 2
   ;;
 esac

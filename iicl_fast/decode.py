@@ -511,6 +511,16 @@ def _skinny_gemm(rows: int, dtype: torch.dtype, on_cuda: bool):
 # split the prefix). Off (IICL_DECODE_FLASH_PREFIX=1: on) until measured on the GPU.
 FLASH_PREFIX = os.environ.get("IICL_DECODE_FLASH_PREFIX", "0") == "1"
 FLASH_PREFIX_MIN_M = 1024
+# The o projection's weights (then gate/up's, while the budget lasts) brought into L2 on a side
+# stream while a layer's attention runs (kernels/l2_prefetch.py): at 64 rows of the 8B shape the
+# attention reads ~40 MB a layer at ~1.2 TB/s for ~34 µs and the o GEMM then streams 32 MB of
+# weights (graph profile, 29th session). Predicted −0.1 to −0.15 ms a step at 64 rows (~5 µs of
+# o's ~9 a layer); nothing where the GEMMs are compute-bound (400 rows). PREFETCH_MB: MiB a layer
+# (IICL_DECODE_PREFETCH_MB; 0, off, until measured on the GPU), at most PREFETCH_MAX_ROWS rows;
+# PREFETCH_HINT (IICL_DECODE_PREFETCH_HINT) "normal" or "last" (the lines marked evict-last).
+PREFETCH_MB = float(os.environ.get("IICL_DECODE_PREFETCH_MB", "0"))
+PREFETCH_HINT = os.environ.get("IICL_DECODE_PREFETCH_HINT", "normal")
+PREFETCH_MAX_ROWS = 128
 # Benchmarks: a list that every generate_static call without its own stats appends its phase
 # times to (prefill_s, capture_s, decode_s, steps, batches; a sync at each phase end), so a
 # chunk's elicitation can be split into its calls' parts (bench_consolidate.py). None: off.
@@ -661,7 +671,58 @@ def _gemm_singles(body, gemm):
     return out
 
 
-def _llama_step(body, st: _Static, tok, pos, fused=None, singles=None):
+def _prefetch_plan(body, fused, rows: int):
+    """Per layer of a llama_like body: [(weight, bytes)] that PREFETCH_MB MiB of L2 prefetch
+    covers during its attention — the o projection's base weight first, then gate/up's (the
+    fused buffer, else gate's) — or None (off, or more than PREFETCH_MAX_ROWS rows)."""
+    from .kernels.l2_prefetch import HINTS
+    from .layers import _base_and_adapter, is_llama_mlp
+    if PREFETCH_HINT not in HINTS:
+        raise IICLError(f"IICL_DECODE_PREFETCH_HINT must be one of {', '.join(HINTS)}; got {PREFETCH_HINT!r}")
+    if PREFETCH_MB <= 0 or rows > PREFETCH_MAX_ROWS:
+        return None
+    plan = []
+    for i, layer in enumerate(body.layers):
+        gate_up = fused[i][1] if fused is not None else None
+        mods = [layer.self_attn.o_proj] + ([layer.mlp.gate_proj] if gate_up is None and is_llama_mlp(layer.mlp) else [])
+        ws = [p[0].weight for p in map(_base_and_adapter, mods) if p is not None]
+        ws += [gate_up.weight] if gate_up is not None else []
+        budget, spans = int(PREFETCH_MB * 2 ** 20), []
+        for w in ws:
+            n = min(budget, w.numel() * w.element_size())
+            if n >= 16 and w.is_contiguous():
+                spans.append((w, n))
+                budget -= n
+        plan.append(spans or None)
+    return plan if any(plan) else None
+
+
+def _prefetch_start(spans):
+    """spans' L2 prefetches on the prefetch stream, ordered after the current stream's work so
+    far (the GEMM that read this layer's q/k/v) -> that stream, for _prefetch_join. On the CPU
+    the interpreter runs the same kernel recording its spans, inline (tests) -> None."""
+    from .kernels.l2_prefetch import l2_prefetch, l2_prefetch_spans
+    dev = spans[0][0].device
+    if dev.type != "cuda":
+        for w, n in spans:
+            l2_prefetch_spans(w, n)
+        return None
+    from .graphs import prefetch_stream
+    ps = prefetch_stream(dev)
+    ps.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(ps):
+        for w, n in spans:
+            l2_prefetch(w, n, PREFETCH_HINT)
+    return ps
+
+
+def _prefetch_join(ps) -> None:
+    """The current stream waits for _prefetch_start's prefetches (a capture must join every fork)."""
+    if ps is not None:
+        torch.cuda.current_stream(ps.device).wait_stream(ps)
+
+
+def _llama_step(body, st: _Static, tok, pos, fused=None, singles=None, prefetch=None):
     """One decoding step of a Llama-like decoder (llama_like), tok / pos [B] -> the final-normed
     hidden states [B, hidden]. The modules (norms, projections with any LoRA, MLP) are the
     model's own; between them one kernel rotates q and k and writes the caches
@@ -669,14 +730,15 @@ def _llama_step(body, st: _Static, tok, pos, fused=None, singles=None):
     ~16 kernels a layer where transformers' forward launched ~45 (measured: the small ones
     were ~2.3 ms of a 9.2 ms step at 64 rows, more than the attention itself). fused:
     _fused_groups(body) (None: the modules), q/k/v and gate/up one GEMM each where laid out;
-    singles: _gemm_singles(body, gemm) (None: the modules), o and down through that GEMM."""
+    singles: _gemm_singles(body, gemm) (None: the modules), o and down through that GEMM;
+    prefetch: _prefetch_plan(...) (None: no L2 prefetch)."""
     B = tok.shape[0]
     prefix_fn = _decode_prefix(B * body.config.num_attention_heads // body.config.num_key_value_heads)
     h = body.embed_tokens(tok)
     cos, sin = body.rotary_emb(h[:, None], pos[:, None])
     cos, sin = cos[:, 0], sin[:, 0]
     with _blas(h.is_cuda and h.dtype != torch.float32 and _blaslt(B)):     # fp32: as measured before
-        return _llama_layers(body, st, h, cos, sin, prefix_fn, fused, singles)
+        return _llama_layers(body, st, h, cos, sin, prefix_fn, fused, singles, prefetch)
 
 
 def _add_norms(body, h):
@@ -693,9 +755,10 @@ def _add_norms(body, h):
     return None if any(g is None for g in got) else got
 
 
-def _llama_layers(body, st: _Static, h, cos, sin, prefix_fn, fused, singles=None):
+def _llama_layers(body, st: _Static, h, cos, sin, prefix_fn, fused, singles=None, prefetch=None):
     """_llama_step's decoder layers and final norm: h [B, hidden] -> normed h [B, hidden]. Where
-    the norms allow (_add_norms) each residual add runs in the kernel of the norm after it."""
+    the norms allow (_add_norms) each residual add runs in the kernel of the norm after it;
+    prefetch (_prefetch_plan): each layer's spans prefetched into L2 while its attention runs."""
     from .kernels.prefix_attention import cascade_decode
     from .kernels.rmsnorm import add_rmsnorm_forward
     from .kernels.rotary import rope_write
@@ -715,8 +778,10 @@ def _llama_layers(body, st: _Static, h, cos, sin, prefix_fn, fused, singles=None
             q = rope_write(a.q_proj(x), a.k_proj(x), a.v_proj(x), cos, sin, st.ks[i], st.vs[i], st.cur)
         else:
             q = rope_write(*qkv(x).split(qkv.sizes, dim=-1), cos, sin, st.ks[i], st.vs[i], st.cur)
+        ps = _prefetch_start(prefetch[i]) if prefetch is not None and prefetch[i] else None
         pk, pv = st.prefix[i] if st.prefix is not None else (None, None)
         o = cascade_decode(q, pk, pv, st.ks[i], st.vs[i], st.lo, st.cur, a.scaling, prefix=prefix_fn)
+        _prefetch_join(ps)
         y = o_proj(o.view(B, -1))
         if norms is None:
             h = h + y
@@ -746,6 +811,7 @@ class _Step:
         w = self.body.embed_tokens.weight if self.llama else None       # llama_like bodies have it
         gemm = _skinny_gemm(B, w.dtype, w.is_cuda) if self.llama else None
         self.singles = _gemm_singles(self.body, gemm) if gemm is not None else None
+        self.prefetch = _prefetch_plan(self.body, self.fused, B) if self.llama else None
         if gemm is not None:
             for f in [f for pair in (self.fused or []) for f in pair if f is not None]:
                 f.gemm = gemm
@@ -762,7 +828,7 @@ class _Step:
     def _run(self):
         from .generation import step_logits
         if self.llama:
-            h = _llama_step(self.body, self.st, self.tok, self.pos, self.fused, self.singles)
+            h = _llama_step(self.body, self.st, self.tok, self.pos, self.fused, self.singles, self.prefetch)
         else:
             h = self.body(input_ids=self.tok[:, None], position_ids=self.pos[:, None],
                           use_cache=False).last_hidden_state[:, -1]

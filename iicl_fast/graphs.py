@@ -12,15 +12,27 @@ from __future__ import annotations
 import torch
 
 _STREAMS: dict[int, torch.cuda.Stream] = {}
+_PREFETCH_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _stream(table: dict, device) -> torch.cuda.Stream:
+    idx = torch.cuda.current_device() if device is None else torch.device(device).index
+    idx = torch.cuda.current_device() if idx is None else idx
+    if idx not in table:
+        table[idx] = torch.cuda.Stream(device=idx)
+    return table[idx]
 
 
 def side_stream(device=None) -> torch.cuda.Stream:
     """The process's one side stream on device (default: the current CUDA device)."""
-    idx = torch.cuda.current_device() if device is None else torch.device(device).index
-    idx = torch.cuda.current_device() if idx is None else idx
-    if idx not in _STREAMS:
-        _STREAMS[idx] = torch.cuda.Stream(device=idx)
-    return _STREAMS[idx]
+    return _stream(_STREAMS, device)
+
+
+def prefetch_stream(device=None) -> torch.cuda.Stream:
+    """The process's one stream for L2 prefetches on device, forked from and joined back into
+    the stream that runs (or captures) a decoding step: the side stream itself cannot be, it is
+    the capture's. Only Triton kernels run on it (no cuBLAS workspace is held for it)."""
+    return _stream(_PREFETCH_STREAMS, device)
 
 
 def warm_up(fn, times: int = 1, device=None):

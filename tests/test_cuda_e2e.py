@@ -788,6 +788,32 @@ def test_logits16_step_draws_the_same_tokens_on_cuda(smol_tokenizer, monkeypatch
     assert generate(model, qs, generator=sampling_generator("cuda", 4), **kw) == off
 
 
+@pytest.mark.parametrize("hint", ["normal", "last"])
+def test_l2_prefetch_step_writes_the_same_tokens_on_cuda(smol_tokenizer, monkeypatch, hint):
+    """decode.PREFETCH_MB: each layer's o and gate/up weights prefetched into L2 on a forked
+    stream during its attention, captured in the step's graph: the same tokens as with it off,
+    greedy and sampled; and the prefetch kernel launched on its own runs and leaves a tensor as it was."""
+    import iicl_fast.decode as D
+    from iicl_fast.kernels.l2_prefetch import l2_prefetch
+    w = torch.randn(4099, 1031, device="cuda", dtype=torch.bfloat16)
+    before = w.clone()
+    l2_prefetch(w, w.numel() * 2, hint)
+    torch.cuda.synchronize()
+    assert torch.equal(w, before)
+    model = _scaled_tiny(smol_tokenizer, torch.bfloat16)
+    gen = torch.Generator().manual_seed(5)
+    prefix = torch.randint(3, 40000, (257,), generator=gen).tolist()
+    qs = [torch.randint(3, 40000, (n,), generator=gen).tolist() for n in (5, 17, 1, 9, 3)]
+    for sample in (False, True):
+        kw = dict(max_new_tokens=24, pad_id=0, sample=sample, temperature=0.9, top_p=0.9, prefix=prefix,
+                  batch_size=5, stop_ids=[10 ** 6], static=True)
+        monkeypatch.setattr(D, "PREFETCH_MB", 0.0)
+        off = generate(model, qs, generator=sampling_generator("cuda", 4), **kw)
+        monkeypatch.setattr(D, "PREFETCH_MB", 32.0)
+        monkeypatch.setattr(D, "PREFETCH_HINT", hint)
+        assert generate(model, qs, generator=sampling_generator("cuda", 4), **kw) == off
+
+
 def test_teacher_states_from_the_captured_decoder_on_cuda(smol_tokenizer, capsys):
     """elicit(keep_hidden=True) on the GPU (the static decoder, its step captured: each step's
     states copied out of the graph's buffer before the next replay rewrites it). Against an

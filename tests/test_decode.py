@@ -113,6 +113,22 @@ def _tiny_llama(vocab=97, heads=6, kv_heads=2, seed=0):
     return model
 
 
+def _lora_tiny(seed, targets, fused):
+    """_tiny_llama with a LoRA adapter on `targets` whose B is nonzero (it moves the tokens);
+    fused: q/k/v and gate/up laid out in one buffer each (layers.fuse_projections)."""
+    from peft import LoraConfig, get_peft_model
+
+    from iicl_fast import layers
+    model = get_peft_model(_tiny_llama(seed=seed), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    if fused:
+        assert layers.fuse_projections(model) == 4
+    return model
+
+
 @pytest.fixture
 def static_kernels(monkeypatch):
     """generate_static with its Triton kernels on (the interpreter here), stop checks every 4
@@ -290,19 +306,10 @@ def test_static_decoder_runs_the_layer_gemms_through_the_skinny_kernel(static_ke
     adapter's product added in its epilogue (down has none), and the step writes the plain
     loop's tokens (fp32), which differ from the base model's."""
     import iicl_fast.decode as D
-    from peft import LoraConfig, get_peft_model
-
-    from iicl_fast import layers
     from iicl_fast.generation import generate
     from iicl_fast.kernels import skinny_gemm
     monkeypatch.setattr(D, "GEMM", "triton")
-    model = get_peft_model(_tiny_llama(seed=6), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj", "up_proj"]))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    if fused:
-        assert layers.fuse_projections(model) == 4
+    model = _lora_tiny(6, ["q_proj", "o_proj", "up_proj"], fused)
     calls = []
     orig = skinny_gemm.skinny_linear
     monkeypatch.setattr(skinny_gemm, "skinny_linear", lambda x, w, add=None: calls.append(add is not None) or orig(x, w, add))
@@ -405,6 +412,43 @@ def test_static_decoder_folds_the_residual_adds_into_the_norms(static_kernels, m
     assert len(calls) == (4 * 8 if add_norm else 0)       # 8 decoding steps after the prefill's token
     assert got == generate(model, qs, static=False, **kw)
     layers.uninstall(model)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_static_decoder_prefetches_o_then_gate_up(static_kernels, monkeypatch, fused):
+    """PREFETCH_MB: each step, each layer's o projection base weight (LoRA-wrapped here) then
+    gate/up's (the fused buffer, else gate's) are prefetched while its attention runs, the budget
+    cut where it ends; the tokens are the plain loop's and those with it off (fp32); off, or more
+    rows than PREFETCH_MAX_ROWS, nothing is prefetched; a bad hint is one error."""
+    import iicl_fast.decode as D
+    from iicl_fast.generation import generate
+    from iicl_fast.kernels import l2_prefetch
+    model = _lora_tiny(11, ["o_proj", "up_proj"], fused)
+    calls = []
+    orig = l2_prefetch.l2_prefetch_spans
+    monkeypatch.setattr(l2_prefetch, "l2_prefetch_spans", lambda w, n: calls.append((w.data_ptr(), n)) or orig(w, n))
+    g = torch.Generator().manual_seed(12)
+    prefix = torch.randint(3, 97, (21,), generator=g).tolist()
+    qs = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (2, 6, 1)]
+    kw = dict(max_new_tokens=8, pad_id=0, sample=False, prefix=prefix, stop_ids=[10_000])
+    off = generate(model, qs, static=True, **kw)
+    assert not calls
+    o_bytes = 48 * 48 * 4
+    budget = o_bytes + 1000                                 # all of o, 1,000 bytes of gate/up
+    monkeypatch.setattr(D, "PREFETCH_MB", budget / 2 ** 20)
+    got = generate(model, qs, static=True, **kw)
+    want = []
+    for layer in model.base_model.model.model.layers:
+        want += [(layer.self_attn.o_proj.base_layer.weight.data_ptr(), o_bytes),
+                 (layer.mlp.gate_proj.weight.data_ptr(), 1000)]
+    assert calls == want * 7                                # 7 steps after the prefill's token
+    assert got == off == generate(model, qs, static=False, **kw)
+    calls.clear()
+    monkeypatch.setattr(D, "PREFETCH_MAX_ROWS", 2)          # 3 rows
+    assert generate(model, qs, static=True, **kw) == got and not calls
+    monkeypatch.setattr(D, "PREFETCH_HINT", "first")
+    with pytest.raises(D.IICLError, match="IICL_DECODE_PREFETCH_HINT must be one of normal, last"):
+        generate(model, qs, static=True, **kw)
 
 
 @pytest.mark.parametrize("lengths,Hq,Hk", [([1], 2, 2), ([7, 1, 5], 4, 2), ([97, 33, 64], 6, 2)])

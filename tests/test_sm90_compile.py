@@ -92,3 +92,16 @@ def test_prefix_tiles_compile_for_sm90():
                                                         "stride_ls"]
     shared, ptx = _compile("iicl_fast.kernels.prefix_attention._prefix_kernel", types, const, div16, 4, 3)
     assert "wgmma" in ptx and "cp.async" in ptx and shared <= SMEM_MAX
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_l2_prefetch_compiles_for_sm90(last):
+    """The prefetch kernel's inline PTX assembles for sm_90 (ptxas runs in triton.compile): one
+    predicated bulk L2 prefetch a lane, kept though its dummy result is unused, evict-last
+    lines under a cache policy where asked; no shared memory, no loads into the SM."""
+    types = dict(ptr="*u8", nbytes="i64", spans_ptr="*i64")
+    const = dict(SUB=4096, BLOCK=128, LAST=last, RECORD=False)
+    shared, ptx = _compile("iicl_fast.kernels.l2_prefetch._prefetch_kernel", types, const, ["ptr"], 4, 1)
+    assert ptx.count("cp.async.bulk.prefetch.L2.global") == 1 and "@p cp.async.bulk" in ptx
+    assert ("createpolicy.fractional.L2::evict_last" in ptx) == last and ("L2::cache_hint" in ptx) == last
+    assert shared == 0 and "ld.global" not in ptx
