@@ -33,6 +33,20 @@ def test_spans_tile_the_first_bytes(shape, dtype, frac):
     assert spans.shape[0] == (-(-want // (P.BLOCK * P.SUB))) * P.BLOCK
 
 
+@pytest.mark.parametrize("start", [1, 3, 5])
+def test_spans_start_at_the_first_aligned_byte(start):
+    """A view that starts off a 16-byte boundary (bf16 at an odd element): the spans begin at its
+    first aligned byte and stay inside it."""
+    base = torch.randn(4 * P.SUB).to(torch.bfloat16)
+    w = base[start:start + 3001]
+    skip = -w.data_ptr() % 16
+    assert skip                                            # the storage offset left it unaligned
+    spans = P.l2_prefetch_spans(w, 10 ** 9)
+    got = _covered(spans)
+    assert got[0][0] == 0 and got[-1][1] == (w.numel() * 2 - skip) // 16 * 16
+    assert sum(hi - lo for lo, hi in got) == got[-1][1]
+
+
 def test_bad_input_is_one_clear_error():
     w = torch.randn(8, 8)
     with pytest.raises(ValueError, match="contiguous"):

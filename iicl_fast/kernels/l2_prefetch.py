@@ -15,7 +15,8 @@ so the attention's streaming KV does not push them out first.
     l2_prefetch(w, nbytes)          # w: any contiguous CUDA tensor; its first nbytes (rounded
                                     # down to 16) into L2; returns None
     spans = l2_prefetch_spans(w, nbytes)   # the interpreter's stand-in (tests): [lanes, 2] int64,
-                                           # each lane's (byte offset, size) — what it would prefetch
+                                           # each lane's (byte offset from w's first 16-byte-aligned
+                                           # byte, size) — what it would prefetch
 
 Reference beside it: the spans tile [0, nbytes) exactly (tests/test_l2_prefetch.py); the
 prefetch changes no value (the decoder's tokens with it on equal those with it off)."""
@@ -55,13 +56,17 @@ def _prefetch_kernel(ptr, nbytes, spans_ptr, SUB: tl.constexpr, BLOCK: tl.conste
 
 
 def _bytes(w: torch.Tensor, nbytes: int):
-    """(w's storage as uint8 [n], nbytes clipped to w's size and rounded down to 16, programs)."""
+    """(w's bytes as uint8 from its first 16-byte-aligned one (the bulk prefetch's alignment; a
+    view's storage offset may leave it short of one), nbytes clipped to w's size, less the bytes
+    skipped, rounded down to 16; programs)."""
     if not w.is_contiguous():
         raise ValueError(f"l2_prefetch: w must be contiguous; got strides {tuple(w.stride())}")
     if nbytes < 0:
         raise ValueError(f"l2_prefetch: nbytes must be >= 0; got {nbytes}")
     raw = w.reshape(-1).view(torch.uint8)
-    n = min(int(nbytes), raw.numel()) // 16 * 16
+    skip = min(-raw.data_ptr() % 16, raw.numel())
+    raw = raw[skip:]
+    n = max(0, min(int(nbytes), raw.numel() + skip) - skip) // 16 * 16
     return raw, n, triton.cdiv(n, BLOCK * SUB)
 
 
