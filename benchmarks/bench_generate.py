@@ -19,7 +19,9 @@ to the sampler in bf16), iicl_fast_partials16 (prefix_attention.PARTIALS_16: the
 partials in bf16), with --blas too iicl_fast_lt_rows_logits16_partials16, and with --gemm
 iicl_fast_skinny_pipe); --prefetch adds iicl_fast_prefetch16 / _prefetch32 / _prefetch32_last
 (decode.PREFETCH_MB: each layer's o then gate/up weights into L2 during its attention, 16 or 32 MiB,
-"last": the lines marked evict-last; at any row count here, decode.PREFETCH_MAX_ROWS lifted), generate_today (the cascade path it replaces: per-row
+"last": the lines marked evict-last), iicl_fast_prefetch_kv (decode.PREFETCH_KV: the next layer's
+prefix K and V during each MLP) and iicl_fast_prefetch32_kv (both; all at any row count here,
+decode.PREFETCH_MAX_ROWS lifted), generate_today (the cascade path it replaces: per-row
 DynamicCache, eager steps), hf_generate (transformers generate over [C; q] rows, prefix
 recomputed per row, dynamic cache) and with --hf-static hf_generate_static (the same with
 transformers' static cache, whose decoding forward transformers compiles itself: one untimed
@@ -147,6 +149,9 @@ VARIANTS = {
     "iicl_fast_prefetch32": {(decode, "PREFETCH_MB"): 32.0, (decode, "PREFETCH_MAX_ROWS"): 10 ** 9},
     "iicl_fast_prefetch32_last": {(decode, "PREFETCH_MB"): 32.0, (decode, "PREFETCH_MAX_ROWS"): 10 ** 9,
                                   (decode, "PREFETCH_HINT"): "last"},
+    "iicl_fast_prefetch_kv": {(decode, "PREFETCH_KV"): True, (decode, "PREFETCH_MAX_ROWS"): 10 ** 9},
+    "iicl_fast_prefetch32_kv": {(decode, "PREFETCH_MB"): 32.0, (decode, "PREFETCH_KV"): True,
+                                (decode, "PREFETCH_MAX_ROWS"): 10 ** 9},
 }
 
 
@@ -190,7 +195,8 @@ def main():
                          "with bf16 logits to the sampler (iicl_fast_logits16); with --gemm also iicl_fast_skinny_pipe, all three")
     ap.add_argument("--prefetch", action="store_true",
                     help="also each iicl_fast row with each layer's o then gate/up weights prefetched into L2 during "
-                         "its attention (iicl_fast_prefetch16, iicl_fast_prefetch32, iicl_fast_prefetch32_last)")
+                         "its attention (iicl_fast_prefetch16, iicl_fast_prefetch32, iicl_fast_prefetch32_last), the "
+                         "next layer's prefix KV during each MLP (iicl_fast_prefetch_kv) and both (iicl_fast_prefetch32_kv)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     model = llama_8b().requires_grad_(False)     # frozen, as Memory's base is (the fused norm wants it)
@@ -211,7 +217,8 @@ def main():
                 (["iicl_fast_merge_pipe", "iicl_fast_logits16", "iicl_fast_partials16"] if a.merge_pipe else []) + \
                 (["iicl_fast_lt_rows_logits16_partials16"] if a.merge_pipe and a.blas else []) + \
                 (["iicl_fast_skinny_pipe"] if a.gemm and a.merge_pipe and rows <= decode.SKINNY_MAX_ROWS else []) + \
-                (["iicl_fast_prefetch16", "iicl_fast_prefetch32", "iicl_fast_prefetch32_last"] if a.prefetch else [])
+                (["iicl_fast_prefetch16", "iicl_fast_prefetch32", "iicl_fast_prefetch32_last", "iicl_fast_prefetch_kv",
+                  "iicl_fast_prefetch32_kv"] if a.prefetch else [])
             for impl in impls:
                 with settings(VARIANTS[impl]):
                     # Each setting's kernels compiled before its timed run, at its batch size: at

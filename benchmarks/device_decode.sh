@@ -3,8 +3,9 @@
 # and .bench/tok, and pass the commit: the device's checkout reports a stale HEAD):
 #   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|confirm|blaslt|prefetch|lean|tests
 # confirm (~4 min): the issue's table without the baselines at the defaults, the bf16-logits GPU tests.
-# prefetch (~4 min): the L2-prefetch GPU test, then bench_generate at 64 and 128 rows × 128 new with
-#   decode.PREFETCH_MB 16 / 32 / 32 evict-last beside the default, twice (run-to-run spread).
+# prefetch (~5 min): the L2-prefetch GPU test, then bench_generate at 64 and 128 rows × 128 new with
+#   decode.PREFETCH_MB 16 / 32 / 32 evict-last, PREFETCH_KV, and 32 + KV beside the default; 64 rows
+#   again (run-to-run spread).
 # blaslt (~5 min): the paper chunk with IICL_DECODE_BLASLT=rows (the 25th session's 18.4 s elicitation, split).
 # variants (~9 min): the new paths' GPU tests (skinny GEMM, MERGE_PIPE, LOGITS_16, the sampler's
 #   multi-block test), the skinny GEMM's settings swept against cuBLAS and cuBLASLt (cold
@@ -60,10 +61,10 @@ blaslt)   # (~5 min) the paper chunk with cuBLASLt at >= 320 rows too, elicitati
 prefetch)
   python -c "import torch; p = torch.cuda.get_device_properties(0); print(p.name, 'L2', p.L2_cache_size >> 20, 'MiB')"
   timeout 60 python -m pytest -q -s tests/test_cuda_e2e.py -k "l2_prefetch" 2>&1 | grep "passed\|failed\|Error\|assert" | tail -5
-  for n in 1 2; do
-    timeout 110 python benchmarks/bench_generate.py --rows 64 128 --new 128 --prefetch \
-      --out "$R/generate_prefetch_${IICL_COMMIT}_run$n.json" 2>&1 | grep "^{" | cut -c1-200
-  done
+  timeout 150 python benchmarks/bench_generate.py --rows 64 128 --new 128 --prefetch \
+    --out "$R/generate_prefetch_${IICL_COMMIT}_run1.json" 2>&1 | grep "^{" | cut -c1-200
+  timeout 90 python benchmarks/bench_generate.py --rows 64 --new 128 --prefetch \
+    --out "$R/generate_prefetch_${IICL_COMMIT}_run2.json" 2>&1 | grep "^{" | cut -c1-200
   ;;
 lean)
   timeout 60 python benchmarks/tune_decode_gemms.py --rows 61 64 93 96 97 203 387 397 400 --lean \

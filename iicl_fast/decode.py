@@ -518,8 +518,12 @@ FLASH_PREFIX_MIN_M = 1024
 # o's ~9 a layer); nothing where the GEMMs are compute-bound (400 rows). PREFETCH_MB: MiB a layer
 # (IICL_DECODE_PREFETCH_MB; 0, off, until measured on the GPU), at most PREFETCH_MAX_ROWS rows;
 # PREFETCH_HINT (IICL_DECODE_PREFETCH_HINT) "normal" or "last" (the lines marked evict-last).
+# PREFETCH_KV (IICL_DECODE_PREFETCH_KV=1): the next layer's prefix K and V (20 MB at 5,000 tokens)
+# during this layer's MLP, so that the latency-bound prefix part (~18 µs a layer for 20 MB at 64
+# rows) reads them from L2; it moves bytes the MLP's stream pays for (~5 µs) out of the attention.
 PREFETCH_MB = float(os.environ.get("IICL_DECODE_PREFETCH_MB", "0"))
 PREFETCH_HINT = os.environ.get("IICL_DECODE_PREFETCH_HINT", "normal")
+PREFETCH_KV = os.environ.get("IICL_DECODE_PREFETCH_KV", "0") == "1"
 PREFETCH_MAX_ROWS = 128
 # Benchmarks: a list that every generate_static call without its own stats appends its phase
 # times to (prefill_s, capture_s, decode_s, steps, batches; a sync at each phase end), so a
@@ -671,30 +675,41 @@ def _gemm_singles(body, gemm):
     return out
 
 
-def _prefetch_plan(body, fused, rows: int):
-    """Per layer of a llama_like body: [(weight, bytes)] that PREFETCH_MB MiB of L2 prefetch
-    covers during its attention — the o projection's base weight first, then gate/up's (the
-    fused buffer, else gate's) — or None (off, or more than PREFETCH_MAX_ROWS rows)."""
+def _prefetch_plan(body, fused, st: _Static, rows: int):
+    """What a step of a llama_like body prefetches into L2, or None (off, or more than
+    PREFETCH_MAX_ROWS rows): {"o": per layer [(weight, bytes)] that PREFETCH_MB MiB cover during
+    its attention — the o projection's base weight first, then gate/up's (the fused buffer, else
+    gate's) — or None; "kv": per layer [(prefix K, bytes), (prefix V, bytes)] (PREFETCH_KV), to
+    prefetch during the layer before's MLP, or None}."""
     from .kernels.l2_prefetch import HINTS
     from .layers import _base_and_adapter, is_llama_mlp
     if PREFETCH_HINT not in HINTS:
         raise IICLError(f"IICL_DECODE_PREFETCH_HINT must be one of {', '.join(HINTS)}; got {PREFETCH_HINT!r}")
-    if PREFETCH_MB <= 0 or rows > PREFETCH_MAX_ROWS:
+    if rows > PREFETCH_MAX_ROWS:
         return None
-    plan = []
-    for i, layer in enumerate(body.layers):
-        gate_up = fused[i][1] if fused is not None else None
-        mods = [layer.self_attn.o_proj] + ([layer.mlp.gate_proj] if gate_up is None and is_llama_mlp(layer.mlp) else [])
-        ws = [p[0].weight for p in map(_base_and_adapter, mods) if p is not None]
-        ws += [gate_up.weight] if gate_up is not None else []
-        budget, spans = int(PREFETCH_MB * 2 ** 20), []
-        for w in ws:
-            n = min(budget, w.numel() * w.element_size())
-            if n >= 16 and w.is_contiguous():
-                spans.append((w, n))
-                budget -= n
-        plan.append(spans or None)
-    return plan if any(plan) else None
+    o = kv = None
+    if PREFETCH_MB > 0:
+        o = []
+        for i, layer in enumerate(body.layers):
+            gate_up = fused[i][1] if fused is not None else None
+            mods = [layer.self_attn.o_proj] + ([layer.mlp.gate_proj] if gate_up is None and is_llama_mlp(layer.mlp) else [])
+            ws = [p[0].weight for p in map(_base_and_adapter, mods) if p is not None]
+            o.append(_spans(ws + ([gate_up.weight] if gate_up is not None else []), int(PREFETCH_MB * 2 ** 20)))
+    if PREFETCH_KV and st.prefix is not None:
+        kv = [_spans(list(pair), 1 << 62) for pair in st.prefix]
+    o, kv = (x if x is not None and any(x) else None for x in (o, kv))
+    return {"o": o, "kv": kv} if o or kv else None
+
+
+def _spans(ws: list, budget: int):
+    """[(w, bytes)] covering ws in order until budget bytes run out (contiguous ones), or None."""
+    spans = []
+    for w in ws:
+        n = min(budget, w.numel() * w.element_size())
+        if n >= 16 and w.is_contiguous():
+            spans.append((w, n))
+            budget -= n
+    return spans or None
 
 
 def _prefetch_start(spans):
@@ -758,13 +773,16 @@ def _add_norms(body, h):
 def _llama_layers(body, st: _Static, h, cos, sin, prefix_fn, fused, singles=None, prefetch=None):
     """_llama_step's decoder layers and final norm: h [B, hidden] -> normed h [B, hidden]. Where
     the norms allow (_add_norms) each residual add runs in the kernel of the norm after it;
-    prefetch (_prefetch_plan): each layer's spans prefetched into L2 while its attention runs."""
+    prefetch (_prefetch_plan): into L2 on a side stream, each layer's "o" spans while its attention
+    runs, the next layer's "kv" spans while its MLP runs."""
     from .kernels.prefix_attention import cascade_decode
     from .kernels.rmsnorm import add_rmsnorm_forward
     from .kernels.rotary import rope_write
     from .kernels.swiglu import swiglu_packed
     B = h.shape[0]
     norms = _add_norms(body, h)
+    o_plan, kv_plan = (prefetch["o"], prefetch["kv"]) if prefetch is not None else (None, None)
+    kv_ps = _prefetch_start(kv_plan[0]) if kv_plan and kv_plan[0] else None
     x = body.layers[0].input_layernorm(h)
     for i, layer in enumerate(body.layers):
         a = layer.self_attn
@@ -778,11 +796,14 @@ def _llama_layers(body, st: _Static, h, cos, sin, prefix_fn, fused, singles=None
             q = rope_write(a.q_proj(x), a.k_proj(x), a.v_proj(x), cos, sin, st.ks[i], st.vs[i], st.cur)
         else:
             q = rope_write(*qkv(x).split(qkv.sizes, dim=-1), cos, sin, st.ks[i], st.vs[i], st.cur)
-        ps = _prefetch_start(prefetch[i]) if prefetch is not None and prefetch[i] else None
+        _prefetch_join(kv_ps)                   # before o's fork: that join would wait for o's too
+        ps = _prefetch_start(o_plan[i]) if o_plan and o_plan[i] else None
         pk, pv = st.prefix[i] if st.prefix is not None else (None, None)
         o = cascade_decode(q, pk, pv, st.ks[i], st.vs[i], st.lo, st.cur, a.scaling, prefix=prefix_fn)
         _prefetch_join(ps)
         y = o_proj(o.view(B, -1))
+        nxt = kv_plan[i + 1] if kv_plan and i + 1 < len(kv_plan) else None
+        kv_ps = _prefetch_start(nxt) if nxt else None
         if norms is None:
             h = h + y
             x = layer.post_attention_layernorm(h)
@@ -811,7 +832,7 @@ class _Step:
         w = self.body.embed_tokens.weight if self.llama else None       # llama_like bodies have it
         gemm = _skinny_gemm(B, w.dtype, w.is_cuda) if self.llama else None
         self.singles = _gemm_singles(self.body, gemm) if gemm is not None else None
-        self.prefetch = _prefetch_plan(self.body, self.fused, B) if self.llama else None
+        self.prefetch = _prefetch_plan(self.body, self.fused, st, B) if self.llama else None
         if gemm is not None:
             for f in [f for pair in (self.fused or []) for f in pair if f is not None]:
                 f.gemm = gemm

@@ -791,7 +791,8 @@ def test_logits16_step_draws_the_same_tokens_on_cuda(smol_tokenizer, monkeypatch
 @pytest.mark.parametrize("hint", ["normal", "last"])
 def test_l2_prefetch_step_writes_the_same_tokens_on_cuda(smol_tokenizer, monkeypatch, hint):
     """decode.PREFETCH_MB: each layer's o and gate/up weights prefetched into L2 on a forked
-    stream during its attention, captured in the step's graph: the same tokens as with it off,
+    stream during its attention (and with PREFETCH_KV the next layer's prefix K and V during its
+    MLP), captured in the step's graph: the same tokens as with it off,
     greedy and sampled; and the prefetch kernel launched on its own runs and leaves a tensor as it was."""
     import iicl_fast.decode as D
     from iicl_fast.kernels.l2_prefetch import l2_prefetch
@@ -812,6 +813,9 @@ def test_l2_prefetch_step_writes_the_same_tokens_on_cuda(smol_tokenizer, monkeyp
         monkeypatch.setattr(D, "PREFETCH_MB", 32.0)
         monkeypatch.setattr(D, "PREFETCH_HINT", hint)
         assert generate(model, qs, generator=sampling_generator("cuda", 4), **kw) == off
+        monkeypatch.setattr(D, "PREFETCH_KV", True)
+        assert generate(model, qs, generator=sampling_generator("cuda", 4), **kw) == off
+        monkeypatch.setattr(D, "PREFETCH_KV", False)
 
 
 def test_teacher_states_from_the_captured_decoder_on_cuda(smol_tokenizer, capsys):

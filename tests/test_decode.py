@@ -418,8 +418,9 @@ def test_static_decoder_folds_the_residual_adds_into_the_norms(static_kernels, m
 def test_static_decoder_prefetches_o_then_gate_up(static_kernels, monkeypatch, fused):
     """PREFETCH_MB: each step, each layer's o projection base weight (LoRA-wrapped here) then
     gate/up's (the fused buffer, else gate's) are prefetched while its attention runs, the budget
-    cut where it ends; the tokens are the plain loop's and those with it off (fp32); off, or more
-    rows than PREFETCH_MAX_ROWS, nothing is prefetched; a bad hint is one error."""
+    cut where it ends; PREFETCH_KV adds each layer's prefix K and V ahead of it; the tokens are the
+    plain loop's and those with it off (fp32); off, or more rows than PREFETCH_MAX_ROWS, nothing
+    is prefetched; a bad hint is one error."""
     import iicl_fast.decode as D
     from iicl_fast.generation import generate
     from iicl_fast.kernels import l2_prefetch
@@ -443,6 +444,12 @@ def test_static_decoder_prefetches_o_then_gate_up(static_kernels, monkeypatch, f
                  (layer.mlp.gate_proj.weight.data_ptr(), 1000)]
     assert calls == want * 7                                # 7 steps after the prefill's token
     assert got == off == generate(model, qs, static=False, **kw)
+    calls.clear()
+    monkeypatch.setattr(D, "PREFETCH_KV", True)             # + each layer's prefix K and V, before it
+    assert generate(model, qs, static=True, **kw) == got
+    kv_bytes = 2 * 21 * 8 * 4                                # kv heads × prefix × head dim × fp32
+    assert [n for _, n in calls] == [kv_bytes, kv_bytes, o_bytes, 1000] * 2 * 7
+    assert len({p for p, n in calls if n == kv_bytes}) == 4  # 2 layers' K and V, the same each step
     calls.clear()
     monkeypatch.setattr(D, "PREFETCH_MAX_ROWS", 2)          # 3 rows
     assert generate(model, qs, static=True, **kw) == got and not calls
