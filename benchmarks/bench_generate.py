@@ -2,6 +2,7 @@
 
     python benchmarks/bench_generate.py [--rows 64 200 400] [--new 128 512] [--prefix 5000]
         [--baselines [--hf-static]] [--unfused] [--flash-prefix] [--blas] [--gemm] [--merge-pipe] [--prefetch]
+        [--l2-persist-mb MiB]
         [--out benchmarks/results/generate.json]
 
 Rows: iicl_fast (decode.generate_static: one prefix KV, static caches, CUDA-graph step,
@@ -101,6 +102,24 @@ def run_ours(model, prefix, qs, new, seed=0):
     return stats, time.perf_counter() - t0
 
 
+def set_persisting_l2(mib: float) -> int:
+    """cudaDeviceSetLimit(cudaLimitPersistingL2CacheSize, mib MiB) through the process's own
+    libcudart (found in /proc/self/maps: torch loads it privately) -> the limit it then reports,
+    bytes. The L2 set aside for evict-last (persisting) lines; CUDA's default is 0."""
+    import ctypes
+    paths = sorted({line.split()[-1] for line in open("/proc/self/maps") if "libcudart" in line})
+    if not paths:
+        raise SystemExit("bench_generate: --l2-persist-mb: no libcudart loaded in this process")
+    rt = ctypes.CDLL(paths[0])
+    limit = 0x06                                                # cudaLimitPersistingL2CacheSize
+    err = rt.cudaDeviceSetLimit(ctypes.c_int(limit), ctypes.c_size_t(int(mib * 2 ** 20)))
+    got = ctypes.c_size_t(0)
+    err = err or rt.cudaDeviceGetLimit(ctypes.byref(got), ctypes.c_int(limit))
+    if err:
+        raise SystemExit(f"bench_generate: --l2-persist-mb: cudaDeviceSetLimit failed (error {err})")
+    return got.value
+
+
 def timed(fn):
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -197,8 +216,13 @@ def main():
                     help="also each iicl_fast row with each layer's o then gate/up weights prefetched into L2 during "
                          "its attention (iicl_fast_prefetch16, iicl_fast_prefetch32, iicl_fast_prefetch32_last), the "
                          "next layer's prefix KV during each MLP (iicl_fast_prefetch_kv) and both (iicl_fast_prefetch32_kv)")
+    ap.add_argument("--l2-persist-mb", type=float, default=None,
+                    help="set aside this many MiB of L2 for evict-last (persisting) lines for the whole run "
+                         "(cudaLimitPersistingL2CacheSize; CUDA's default 0): rows get l2_persist_bytes")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    torch.zeros(1, device="cuda")                # the CUDA runtime loaded, for --l2-persist-mb
+    persist = {} if a.l2_persist_mb is None else {"l2_persist_bytes": set_persisting_l2(a.l2_persist_mb)}
     model = llama_8b().requires_grad_(False)     # frozen, as Memory's base is (the fused norm wants it)
     layers.install(model)
     layers.fuse_projections(model)               # as Memory does on CUDA
@@ -230,7 +254,8 @@ def main():
                     st, total = run_ours(model, prefix, qs, new)
                 ms = st["decode_s"] * 1e3 / max(1, st["steps"] - 1)
                 results.append(record(impl, rows, new, a.prefix, P, ms, floor_ms(model, rows, a.prefix, P, new),
-                                      st["prefill_s"], total, capture_s=round(st["capture_s"], 2), batches=st["batches"]))
+                                      st["prefill_s"], total, capture_s=round(st["capture_s"], 2), batches=st["batches"],
+                                      **persist))
     if a.baselines:
         rows, new = a.rows[0], a.baseline_new
         qs = prompts(rows)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Issue 12's figures, one device call per mode (`benchmarks/device_prepare.sh` first, carry .whl
 # and .bench/tok, and pass the commit: the device's checkout reports a stale HEAD):
-#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|confirm|blaslt|prefetch|lean|tests
+#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|confirm|blaslt|prefetch|prefetch2|lean|tests
 # confirm (~4 min): the issue's table without the baselines at the defaults, the bf16-logits GPU tests.
-# prefetch (~5 min): the L2-prefetch GPU test, then bench_generate at 64 and 128 rows × 128 new with
-#   decode.PREFETCH_MB 16 / 32 / 32 evict-last, PREFETCH_KV, and 32 + KV beside the default; 64 rows
-#   again (run-to-run spread).
+# prefetch (~4 min): the L2-prefetch GPU test, then bench_generate at 64 and 128 rows × 128 new with
+#   decode.PREFETCH_MB 16 / 32 / 32 evict-last, PREFETCH_KV, and 32 + KV beside the default.
+# prefetch2 (~3 min): the same at 64 rows again (run-to-run spread), and once more with 24 MiB of
+#   L2 set aside for evict-last lines (--l2-persist-mb).
 # blaslt (~5 min): the paper chunk with IICL_DECODE_BLASLT=rows (the 25th session's 18.4 s elicitation, split).
 # variants (~9 min): the new paths' GPU tests (skinny GEMM, MERGE_PIPE, LOGITS_16, the sampler's
 #   multi-block test), the skinny GEMM's settings swept against cuBLAS and cuBLASLt (cold
@@ -63,8 +64,12 @@ prefetch)
   timeout 60 python -m pytest -q -s tests/test_cuda_e2e.py -k "l2_prefetch" 2>&1 | grep "passed\|failed\|Error\|assert" | tail -5
   timeout 150 python benchmarks/bench_generate.py --rows 64 128 --new 128 --prefetch \
     --out "$R/generate_prefetch_${IICL_COMMIT}_run1.json" 2>&1 | grep "^{" | cut -c1-200
+  ;;
+prefetch2)
   timeout 90 python benchmarks/bench_generate.py --rows 64 --new 128 --prefetch \
     --out "$R/generate_prefetch_${IICL_COMMIT}_run2.json" 2>&1 | grep "^{" | cut -c1-200
+  timeout 90 python benchmarks/bench_generate.py --rows 64 --new 128 --prefetch --l2-persist-mb 24 \
+    --out "$R/generate_prefetch_${IICL_COMMIT}_persist24.json" 2>&1 | grep "^{" | cut -c1-230
   ;;
 lean)
   timeout 60 python benchmarks/tune_decode_gemms.py --rows 61 64 93 96 97 203 387 397 400 --lean \
@@ -75,7 +80,7 @@ tests)
     -k "not demo_recall and not cli_consolidate and not static_greedy_matches and not cascade_greedy" 2>&1 | tail -8
   ;;
 *)
-  echo "device_decode.sh: say quick, variants, table, chunk, confirm, blaslt, prefetch, lean or tests" >&2
+  echo "device_decode.sh: say quick, variants, table, chunk, confirm, blaslt, prefetch, prefetch2, lean or tests" >&2
   exit 2
   ;;
 esac
