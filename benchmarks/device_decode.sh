@@ -5,8 +5,9 @@
 # confirm (~4 min): the issue's table without the baselines at the defaults, the bf16-logits GPU tests.
 # prefetch (~4 min): the L2-prefetch GPU test, then bench_generate at 64 and 128 rows × 128 new with
 #   decode.PREFETCH_MB 16 / 32 / 32 evict-last, PREFETCH_KV, and 32 + KV beside the default.
-# prefetch2 (~3 min): the same at 64 rows again (run-to-run spread), and once more with 24 MiB of
-#   L2 set aside for evict-last lines (--l2-persist-mb).
+# prefetch2 (~4.5 min): the same at 64 rows again (run-to-run spread), and once more with 24 MiB of
+#   L2 set aside for evict-last lines (--l2-persist-mb); then 400 rows with the prefix part through
+#   the flash op and through cuDNN (never measured in the step).
 # blaslt (~5 min): the paper chunk with IICL_DECODE_BLASLT=rows (the 25th session's 18.4 s elicitation, split).
 # variants (~9 min): the new paths' GPU tests (skinny GEMM, MERGE_PIPE, LOGITS_16, the sampler's
 #   multi-block test), the skinny GEMM's settings swept against cuBLAS and cuBLASLt (cold
@@ -70,6 +71,8 @@ prefetch2)
     --out "$R/generate_prefetch_${IICL_COMMIT}_run2.json" 2>&1 | grep "^{" | cut -c1-200
   timeout 90 python benchmarks/bench_generate.py --rows 64 --new 128 --prefetch --l2-persist-mb 24 \
     --out "$R/generate_prefetch_${IICL_COMMIT}_persist24.json" 2>&1 | grep "^{" | cut -c1-230
+  timeout 100 python benchmarks/bench_generate.py --rows 400 --new 128 --flash-prefix \
+    --out "$R/generate_cudnn_prefix_$IICL_COMMIT.json" 2>&1 | grep "^{\|Error" | cut -c1-200
   ;;
 lean)
   timeout 60 python benchmarks/tune_decode_gemms.py --rows 61 64 93 96 97 203 387 397 400 --lean \
