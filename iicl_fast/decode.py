@@ -521,7 +521,7 @@ FLASH_PREFIX_MIN_M = 1024
 # PREFETCH_KV (IICL_DECODE_PREFETCH_KV=1): the next layer's prefix K and V (20 MB at 5,000 tokens)
 # during this layer's MLP, so that the latency-bound prefix part (~18 µs a layer for 20 MB at 64
 # rows) reads them from L2; it moves bytes the MLP's stream pays for (~5 µs) out of the attention.
-PREFETCH_MB = float(os.environ.get("IICL_DECODE_PREFETCH_MB", "0"))
+PREFETCH_MB = os.environ.get("IICL_DECODE_PREFETCH_MB", "0")      # checked by _prefetch_plan
 PREFETCH_HINT = os.environ.get("IICL_DECODE_PREFETCH_HINT", "normal")
 PREFETCH_KV = os.environ.get("IICL_DECODE_PREFETCH_KV", "0") == "1"
 PREFETCH_MAX_ROWS = 128
@@ -685,16 +685,22 @@ def _prefetch_plan(body, fused, st: _Static, rows: int):
     from .layers import _base_and_adapter, is_llama_mlp
     if PREFETCH_HINT not in HINTS:
         raise IICLError(f"IICL_DECODE_PREFETCH_HINT must be one of {', '.join(HINTS)}; got {PREFETCH_HINT!r}")
+    try:
+        mib = float(PREFETCH_MB)
+    except ValueError:
+        mib = -1.0
+    if not mib >= 0:
+        raise IICLError(f"IICL_DECODE_PREFETCH_MB must be a number of MiB >= 0; got {PREFETCH_MB!r}")
     if rows > PREFETCH_MAX_ROWS:
         return None
     o = kv = None
-    if PREFETCH_MB > 0:
+    if mib > 0:
         o = []
         for i, layer in enumerate(body.layers):
             gate_up = fused[i][1] if fused is not None else None
             mods = [layer.self_attn.o_proj] + ([layer.mlp.gate_proj] if gate_up is None and is_llama_mlp(layer.mlp) else [])
             ws = [p[0].weight for p in map(_base_and_adapter, mods) if p is not None]
-            o.append(_spans(ws + ([gate_up.weight] if gate_up is not None else []), int(PREFETCH_MB * 2 ** 20)))
+            o.append(_spans(ws + ([gate_up.weight] if gate_up is not None else []), int(mib * 2 ** 20)))
     if PREFETCH_KV and st.prefix is not None:
         kv = [_spans(list(pair), 1 << 62) for pair in st.prefix]
     o, kv = (x if x is not None and any(x) else None for x in (o, kv))

@@ -420,7 +420,7 @@ def test_static_decoder_prefetches_o_then_gate_up(static_kernels, monkeypatch, f
     gate/up's (the fused buffer, else gate's) are prefetched while its attention runs, the budget
     cut where it ends; PREFETCH_KV adds each layer's prefix K and V ahead of it; the tokens are the
     plain loop's and those with it off (fp32); off, or more rows than PREFETCH_MAX_ROWS, nothing
-    is prefetched; a bad hint is one error."""
+    is prefetched; a bad hint or size is one error."""
     import iicl_fast.decode as D
     from iicl_fast.generation import generate
     from iicl_fast.kernels import l2_prefetch
@@ -456,6 +456,11 @@ def test_static_decoder_prefetches_o_then_gate_up(static_kernels, monkeypatch, f
     monkeypatch.setattr(D, "PREFETCH_HINT", "first")
     with pytest.raises(D.IICLError, match="IICL_DECODE_PREFETCH_HINT must be one of normal, last"):
         generate(model, qs, static=True, **kw)
+    monkeypatch.setattr(D, "PREFETCH_HINT", "normal")
+    for bad in ("32MB", "-1", "nan"):
+        monkeypatch.setattr(D, "PREFETCH_MB", bad)
+        with pytest.raises(D.IICLError, match="IICL_DECODE_PREFETCH_MB must be a number of MiB >= 0"):
+            generate(model, qs, static=True, **kw)
 
 
 @pytest.mark.parametrize("lengths,Hq,Hk", [([1], 2, 2), ([7, 1, 5], 4, 2), ([97, 33, 64], 6, 2)])
