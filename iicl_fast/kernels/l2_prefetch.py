@@ -30,6 +30,7 @@ SUB = 4096          # bytes a lane prefetches (a multiple of 16; PTX wants size 
 BLOCK = 128         # lanes a program: one a thread at 4 warps
 HINTS = ("normal", "last")
 
+
 @triton.jit
 def _prefetch_kernel(ptr, nbytes, spans_ptr, SUB: tl.constexpr, BLOCK: tl.constexpr, LAST: tl.constexpr,
                      RECORD: tl.constexpr):
