@@ -16,6 +16,8 @@ from .config import PRESETS, Config, IICLError, check_fields, coerce
 def read_text_file(path: str) -> str:
     """UTF-8 text of a user file, or IICLError naming the problem."""
     p = Path(path)
+    if p.is_dir():
+        raise IICLError(f"{path} is a directory, not a text file")
     if not p.is_file():
         raise IICLError(f"no such file: {path}")
     data = p.read_bytes()
@@ -262,14 +264,15 @@ def cmd_ask(args) -> int:
     else:
         raise IICLError("give a QUESTION or --questions FILE")
     context = read_text_file(args.context) if args.context else None
+    over = config_overrides(args)                        # bad flags fail before the model loads
     if args.memory:
         mem = (Memory.load(args.memory, **model_kw(args)) if args.model is None
                else Memory.load(args.memory, *load_model(args.model, **model_kw(args))))
-        over = config_overrides(args)
         if over:
             mem.config = Config(**{**mem.config.to_dict(), **over})
     else:
-        mem = Memory(*load_model(args.model, **model_kw(args)), build_config(args, progress=False))
+        cfg = build_config(args, progress=False)
+        mem = Memory(*load_model(args.model, **model_kw(args)), cfg)
     answers = mem.ask_many(questions, context=context)
     if args.questions:
         for q, a in zip(questions, answers):
@@ -307,12 +310,14 @@ def cmd_session_eval(args) -> int:
 
 def cmd_stress(args) -> int:
     from . import load_model
+    from .memory import check_dir_path
     from .stress import essays, run_stress
     if args.facts < 1 or args.tokens < 1000:
         raise IICLError(f"--facts must be >= 1 and --tokens >= 1000; got {args.facts}, {args.tokens}")
     check_fsdp(args)
     essays()                                             # the haystack is there before the model loads
     cfg = build_config(args, **({"chunk_tokens": args.chunk_tokens} if args.chunk_tokens else {}))
+    check_dir_path(args.out)
     model, tok = load_model(args.model, **model_kw(args))
     log_config(cfg, model)
     res = run_stress(model, tok, cfg, args.out, tokens=args.tokens, facts=args.facts, seed=args.seed,
@@ -343,6 +348,7 @@ def ablation_rows(names: str | None, adhoc: list[str]) -> dict | None:
 def cmd_eval(args) -> int:
     from . import load_model
     from .evaluation import SUITES, Sizes, run_suite, table, write_result
+    from .memory import check_dir_path
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     if args.suite != "all" and args.suite not in SUITES:
         raise IICLError(f"unknown suite {args.suite!r}: choose one of {', '.join(SUITES)} or all")
@@ -358,9 +364,10 @@ def cmd_eval(args) -> int:
                 raise IICLError(f"--{name.replace('_', '-')} must be >= {least}, got {v}")
             setattr(sizes, name, v)
     cfg = build_config(args)                             # bad flags fail before the model loads
+    out = Path(args.out)
+    check_dir_path(out)                                  # (and an --out the results can't go to)
     model, tok = load_model(args.model, **model_kw(args))
     log_config(cfg, model)
-    out = Path(args.out)
     for suite in suites:
         res = run_suite(suite, model, tok, cfg, seeds=range(args.seed, args.seed + args.seeds), sizes=sizes,
                         variants=variants, progress=not args.quiet)
@@ -471,7 +478,12 @@ def main(argv=None) -> int:
     try:
         dist.init_from_env(getattr(args, "device", "auto"))   # torchrun: one of several processes
         return args.func(args)
-    except IICLError as e:
+    except (IICLError, OSError) as e:
+        # A file system refusal (a path under a file, no permission, a full disk) is the user's
+        # to fix, not a bug: one line naming the path; saves go to a temp file then rename, so
+        # what was saved before is intact.
+        if isinstance(e, OSError):
+            e = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else f"{type(e).__name__}: {e}"
         who = f"rank {dist.rank()}: " if dist.several() else ""
         print(f"iicl-fast: error: {who}{e}", file=sys.stderr)
         return 2

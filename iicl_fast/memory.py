@@ -129,6 +129,17 @@ def atomic_write_dir(path: Path, write) -> None:
 _HELD: dict[str, list] = {}      # lock path -> [fd, depth]: re-entrant within one process
 
 
+def check_dir_path(path: str | os.PathLike) -> None:
+    """IICLError unless `path` is a directory or can be made one: neither it nor the nearest
+    existing path above it a file. Called before a long run that writes there at its end."""
+    path = Path(path)
+    for up in (path, *path.parents):
+        if up.exists():
+            if not up.is_dir():
+                raise IICLError(f"cannot write under {path}: {up} is a file, not a directory")
+            return
+
+
 @contextlib.contextmanager
 def open_for_write(path: str | os.PathLike):
     """The one way to write a memory directory: an exclusive lock (a second writer gets
@@ -141,6 +152,7 @@ def open_for_write(path: str | os.PathLike):
         yield Path(path)
         return
     path = Path(path)
+    check_dir_path(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.parent / f".{path.name}.lock"
     key = str(lock.resolve())

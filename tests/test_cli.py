@@ -102,6 +102,30 @@ def test_unknown_model_and_bad_memories(tiny_dir, tmp_path, capsys, smol_tokeniz
     assert code == 2 and "not a memory directory" in err
 
 
+def test_paths_and_flags_fail_in_one_line_before_the_model_loads(tmp_path, capsys):
+    """A nonexistent --model would fail as 'unknown model' once loading starts: each of these
+    must name its own problem first."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text("Some text about a mill.")
+    nope = tmp_path / "no_model"
+    code, _, err = run(capsys, "ask", "--model", nope, "--set", "nope=1", "Hi?")
+    assert code == 2 and "unknown Config field: nope" in err
+    code, _, err = run(capsys, "ask", "--model", nope, "--set", "lr=abc", "Hi?")
+    assert code == 2 and "lr" in err and "unknown model" not in err
+    code, _, err = run(capsys, "ask", "--model", nope, "--questions", tmp_path, "Hi?")
+    assert code == 2 and "is a directory" in err
+    code, _, err = run(capsys, "consolidate", tmp_path, "--out", tmp_path / "m", "--model", nope)
+    assert code == 2 and "is a directory" in err
+    code, _, err = run(capsys, "consolidate", doc, "--out", doc / "sub" / "m", "--model", nope)
+    assert code == 2 and f"{doc} is a file, not a directory" in err and doc.read_text() == "Some text about a mill."
+    for cmd in (["eval", "--suite", "recall"], ["stress"]):    # results written hours later: refused now
+        code, _, err = run(capsys, *cmd, "--out", doc / "results", "--model", nope)
+        assert code == 2 and f"{doc} is a file, not a directory" in err, cmd
+    # any other refusal of the file system: one line naming the path, no traceback
+    code, _, err = run(capsys, "consolidate", doc, "--out", tmp_path / ("x" * 300) / "m", "--model", nope)
+    assert code == 2 and "x" * 300 in err and "Traceback" not in err
+
+
 def test_console_entry_point_reports_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "iicl_fast", "ask", "--model", str(tmp_path / "x"), "q?"],
                           capture_output=True, text=True)
