@@ -31,6 +31,9 @@ def consolidate_many(model, tokenizer, texts: list[str], config: Config | None =
     so the result matches consolidating each text alone. -> memories in the order of texts;
     each has .report (the last round's ConsolidationReport)."""
     config = config or Config()
+    if isinstance(texts, str):                    # its characters would be as many documents
+        raise IICLError("consolidate_many takes a list of texts (Memory.consolidate for one)")
+    texts = list(texts)
     if not texts:
         raise IICLError("consolidate_many: no texts")
     for i, t in enumerate(texts):

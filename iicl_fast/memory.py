@@ -20,7 +20,7 @@ from .config import Config, IICLError
 from .consolidate import ConsolidationReport, concat, consolidate_chunk, subset
 from .elicit import Entry
 from .teacher import HiddenSet
-from .generation import generate
+from .generation import causal_lm, generate
 from .models import DEFAULT_MODEL_ID, PromptFormat, fingerprint, load_model
 
 FORMAT = "iicl_fast.memory/1"
@@ -127,6 +127,25 @@ def atomic_write_dir(path: Path, write) -> None:
 
 
 _HELD: dict[str, list] = {}      # lock path -> [fd, depth]: re-entrant within one process
+
+
+def _check_target_modules(model, targets) -> None:
+    """IICLError for a target_modules list that names no layer of the model (peft's own error is
+    a traceback), or the output layer: the fused loss head and the decoder read its base weight,
+    so a LoRA there would be silently ignored. A string other than "all-linear" is peft's regex."""
+    if isinstance(targets, str):
+        return
+    names = [n.removesuffix(".base_layer") for n, _ in model.named_modules() if n and ".lora_" not in n]
+    out = causal_lm(model).get_output_embeddings()
+    head = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is out}
+    linear = sorted({n.removesuffix(".base_layer").rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and ".lora_" not in n} - head)
+    for t in targets:
+        if t in head:
+            raise IICLError(f"target_modules: {t!r} is the output layer, which stays frozen (the fused loss head "
+                            f"reads its base weight); choose among {', '.join(linear)}")
+        if not any(n == t or n.endswith("." + t) for n in names):
+            raise IICLError(f"target_modules: {t!r} names no layer of this model; its linear layers: {', '.join(linear)}")
 
 
 def check_dir_path(path: str | os.PathLike) -> None:
@@ -242,6 +261,7 @@ class Memory:
         self.retained_ids: list[int] = []      # the retained window (Config.retain), in stream order
         self.retained_scores: list[float] = []
         self.retained_units: list[int] = []    # lengths of the retained units (all 1 for retain_unit "token")
+        _check_target_modules(model, self.config.target_modules)
         lora = LoraConfig(r=self.config.lora_r, lora_alpha=self.config.lora_alpha,
                           lora_dropout=self.config.lora_dropout, target_modules=self.config.target_modules,
                           task_type="CAUSAL_LM")
@@ -415,8 +435,14 @@ class Memory:
         return self.ask_many([question], context=context, max_new_tokens=max_new_tokens)[0]
 
     def ask_many(self, questions: list[str], context: str | None = None, *, max_new_tokens: int | None = None) -> list[str]:
-        if any(not q.strip() for q in questions):
-            raise IICLError("empty question")
+        """Greedy answers, one a question, batched (gen_batch_size rows a batch)."""
+        if isinstance(questions, str):           # a string iterates as its characters: one answer each
+            raise IICLError("ask_many takes a list of questions (ask(question) for one)")
+        questions = list(questions)
+        if any(not isinstance(q, str) or not q.strip() for q in questions):
+            raise IICLError("empty question (each question must be a non-empty string)")
+        if context is not None and not isinstance(context, str):
+            raise IICLError(f"context must be a string, got {type(context).__name__}")
         self._activate()
         prompts = [self.prompt_ids(q, context=context) for q in questions]
         outs = generate(self.model, prompts, max_new_tokens=max_new_tokens or self.config.answer_max_new_tokens,

@@ -491,3 +491,30 @@ def test_replay_draw_overlap_prefers_what_the_new_chunk_shares():
     assert counts["uniform"] < 60 and counts["overlap"] > 2 * counts["uniform"], counts
     with pytest.raises(iicl_fast.IICLError, match="replay_draw"):
         iicl_fast.Config(replay_draw="closest")
+
+
+def test_ask_refuses_questions_it_would_misread(tiny):
+    """A string passed as the list would be asked one character at a time: refused, as are
+    empty or non-string questions and a non-string context; ask and a one-item ask_many agree."""
+    model, tok = tiny
+    mem = Memory(model, tok, iicl_fast.Config(**TINY_CONFIG))
+    for bad, msg in [("Who?", "list of questions"), (["Who?", "  "], "empty question"), ([3], "empty question")]:
+        with pytest.raises(iicl_fast.IICLError, match=msg):
+            mem.ask_many(bad, max_new_tokens=2)
+    with pytest.raises(iicl_fast.IICLError, match="context must be a string"):
+        mem.ask_many(["Who?"], context=["a document"], max_new_tokens=2)
+    assert mem.ask_many(("Who?" for _ in range(2)), max_new_tokens=3) == [mem.ask("Who?", max_new_tokens=3)] * 2
+
+
+def test_target_modules_that_name_no_layer_or_the_output_layer_are_refused(tiny):
+    """peft's own error is a traceback, and a LoRA on the output layer would never train (the fused
+    loss head reads its base weight): both one IICLError naming the choices."""
+    model, tok = tiny
+    with pytest.raises(iicl_fast.IICLError, match="'nope_proj' names no layer.*q_proj"):
+        Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "target_modules": ["q_proj", "nope_proj"]}))
+    with pytest.raises(iicl_fast.IICLError, match="'lm_head' is the output layer"):
+        Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "target_modules": ["lm_head"]}))
+    mem = Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "target_modules": ["v_proj"]}))
+    assert mem.params and all(".v_proj." in n for n, p in mem.model.named_parameters() if f".{mem.name}." in n)
+    again = Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "target_modules": ["o_proj"]}))   # on the wrapped base
+    assert again.params
