@@ -104,8 +104,12 @@ def load_model(name_or_path: str | None = None, *, device="auto", dtype="auto"):
     try:
         tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True, **kw)
         model = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, dtype=dt, **kw)
-    except (OSError, ValueError, KeyError) as e:
-        raise IICLError(f"could not load model {name_or_path or model_id}: {str(e).splitlines()[0]}") from None
+    except Exception as e:       # a truncated GGUF fails in struct / numpy, a bad config in anything
+        first = (str(e).splitlines() or [""])[0]
+        t = type(e)
+        kind = t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
+        why = first if isinstance(e, (OSError, ValueError, KeyError)) and first else f"{kind}: {first}"
+        raise IICLError(f"could not load model {name_or_path or model_id}: {why}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if gguf and not from_cache and cached is not None and dt == torch.float32:   # the exact dequantised weights

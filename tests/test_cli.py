@@ -78,6 +78,9 @@ def test_unknown_model_and_bad_memories(tiny_dir, tmp_path, capsys, smol_tokeniz
     (tmp_path / "weights.bin").write_bytes(b"xx")
     code, _, err = run(capsys, "ask", "--model", tmp_path / "weights.bin", "Hi?")
     assert code == 2 and "unsupported model file" in err
+    (tmp_path / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")        # the magic, then nothing
+    code, _, err = run(capsys, "ask", "--model", tmp_path / "cut.gguf", "Hi?")
+    assert code == 2 and "could not load model" in err and "Traceback" not in err
 
     # a memory made from another base model is refused, and left as it was
     code, _, err = run(capsys, "consolidate", doc, "--out", tmp_path / "m", "--model", tiny_dir)
