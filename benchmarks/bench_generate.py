@@ -174,6 +174,17 @@ VARIANTS = {
 }
 
 
+def prefix_tile(text: str) -> dict:
+    """"BM,BN,WARPS,STAGES[,SPLIT_LEN]" -> a prefix_attention.PREFIX_CFG."""
+    try:
+        v = [int(x) for x in text.split(",")]
+        if len(v) not in (4, 5) or min(v) < 1:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"bench_generate: --prefix-tile {text!r}: give BM,BN,WARPS,STAGES[,SPLIT_LEN], positive integers")
+    return dict(block_m=v[0], block_n=v[1], num_warps=v[2], num_stages=v[3], **({"split_len": v[4]} if len(v) == 5 else {}))
+
+
 @contextlib.contextmanager
 def settings(changes: dict):
     """The module attributes in `changes` set inside, restored after."""
@@ -219,8 +230,13 @@ def main():
     ap.add_argument("--l2-persist-mb", type=float, default=None,
                     help="set aside this many MiB of L2 for evict-last (persisting) lines for the whole run "
                          "(cudaLimitPersistingL2CacheSize; CUDA's default 0): rows get l2_persist_bytes")
+    ap.add_argument("--prefix-tile", action="append", default=[], metavar="BM,BN,WARPS,STAGES[,SPLIT_LEN]",
+                    help="also each iicl_fast row with the prefix attention's tile (and positions a split) set "
+                         "(iicl_fast_tile_<...>; tune_decode_attention.py --joint finds candidates); repeatable")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    for text in a.prefix_tile:
+        VARIANTS["iicl_fast_tile_" + text.replace(",", "_")] = {(pa, "PREFIX_CFG"): prefix_tile(text)}
     torch.zeros(1, device="cuda")                # the CUDA runtime loaded, for --l2-persist-mb
     persist = {} if a.l2_persist_mb is None else {"l2_persist_bytes": set_persisting_l2(a.l2_persist_mb)}
     model = llama_8b().requires_grad_(False)     # frozen, as Memory's base is (the fused norm wants it)
@@ -242,7 +258,8 @@ def main():
                 (["iicl_fast_lt_rows_logits16_partials16"] if a.merge_pipe and a.blas else []) + \
                 (["iicl_fast_skinny_pipe"] if a.gemm and a.merge_pipe and rows <= decode.SKINNY_MAX_ROWS else []) + \
                 (["iicl_fast_prefetch16", "iicl_fast_prefetch32", "iicl_fast_prefetch32_last", "iicl_fast_prefetch_kv",
-                  "iicl_fast_prefetch32_kv"] if a.prefetch else [])
+                  "iicl_fast_prefetch32_kv"] if a.prefetch else []) + \
+                ["iicl_fast_tile_" + t.replace(",", "_") for t in a.prefix_tile]
             for impl in impls:
                 with settings(VARIANTS[impl]):
                     # Each setting's kernels compiled before its timed run, at its batch size: at

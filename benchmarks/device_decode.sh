@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12's figures, one device call per mode (`benchmarks/device_prepare.sh` first, carry .whl
 # and .bench/tok, and pass the commit: the device's checkout reports a stale HEAD):
-#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|confirm|blaslt|prefetch|prefetch2|lean|tests
+#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|confirm|blaslt|prefetch|prefetch2|attn|lean|tests
 # confirm (~4 min): the issue's table without the baselines at the defaults, the bf16-logits GPU tests.
 # prefetch (~4 min): the L2-prefetch GPU test, then bench_generate at 64 and 128 rows × 128 new with
 #   decode.PREFETCH_MB 16 / 32 / 32 evict-last, PREFETCH_KV, and 32 + KV beside the default.
@@ -20,6 +20,9 @@
 #   (teacher_from_elicit, the default) and every entry through the teacher pass (--teacher-pass)
 #   — with phase peaks, what each phase leaves allocated and elicitation split into its decoder
 #   calls' prefill / capture / steps (elicit_parts).
+# attn (~5 min): the prefix attention's tile and split length swept together (tune_decode_attention.py
+#   --joint --cold) at 64/200/400 rows, then the best two under 97 % of the default in the step
+#   (bench_generate --prefix-tile) at each row count.
 # lean (~1 min): the step's GEMMs at row counts a compaction leaves (does cuBLASLt lose at unaligned M?).
 # tests (~5 min): the decoder's and the bank's GPU tests (not the embedded-model ones).
 : "${IICL_COMMIT:?set IICL_COMMIT=<short sha>: the device checkout reports a stale HEAD}"
@@ -74,6 +77,26 @@ prefetch2)
   timeout 100 python benchmarks/bench_generate.py --rows 400 --new 128 --flash-prefix \
     --out "$R/generate_cudnn_prefix_$IICL_COMMIT.json" 2>&1 | grep "^{\|Error" | cut -c1-200
   ;;
+attn)     # (~5 min) the prefix part's tile and split length swept together (cold), then the best two
+          # at each row count in the step against the default
+  timeout 200 python benchmarks/tune_decode_attention.py --rows 64 200 400 --cold --joint \
+    --out "$R/decode_attention_joint_$IICL_COMMIT.json" 2>&1 | grep -v "^skip" | cut -c1-600
+  for rows in 64 200 400; do
+    tiles=$(python - "$R/decode_attention_joint_$IICL_COMMIT.json" $rows <<'PY'
+import json, sys
+r = next(x for x in json.load(open(sys.argv[1]))["results"] if x["rows"] == int(sys.argv[2]))
+base = next(j["ms"] for j in r["joint"] if j["split_len"] is None and j["tile"] == r["joint_default"])
+for j in [j for j in r["joint"] if j["ms"] < 0.97 * base][:2]:
+    t = j["tile"]
+    print("--prefix-tile " + ",".join(map(str, (t["block_m"], t["block_n"], t["num_warps"], t["num_stages"])))
+          + ("" if j["split_len"] is None else f",{j['split_len']}"))
+PY
+)
+    echo "rows $rows: ${tiles:-(nothing 3 % under the default)}"
+    [ -n "$tiles" ] && timeout 120 python benchmarks/bench_generate.py --rows $rows --new 128 $tiles \
+      --out "$R/generate_tiles_${rows}_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-200
+  done
+  ;;
 lean)
   timeout 60 python benchmarks/tune_decode_gemms.py --rows 61 64 93 96 97 203 387 397 400 --lean \
     --out "$R/gemm_lean_$IICL_COMMIT.json" 2>&1 | tail -9 | cut -c1-200
@@ -83,7 +106,7 @@ tests)
     -k "not demo_recall and not cli_consolidate and not static_greedy_matches and not cascade_greedy" 2>&1 | tail -8
   ;;
 *)
-  echo "device_decode.sh: say quick, variants, table, chunk, confirm, blaslt, prefetch, prefetch2, lean or tests" >&2
+  echo "device_decode.sh: say quick, variants, table, chunk, confirm, blaslt, prefetch, prefetch2, attn, lean or tests" >&2
   exit 2
   ;;
 esac

@@ -8,10 +8,12 @@ Prints cascade_decode as it defaults, in two launches with the merge in the suff
 with the merge kernel after them, with the suffix programs' merge in runtime loops or pipelined
 (MERGE_PIPE), in one launch, and with the prefix part through PyTorch's flash op;
 --sweep: the prefix and the suffix settings, best first, and the prefix part's split length;
+--joint: the prefix part's tile and split length swept together (the split count that fills the
+SMs depends on the tile);
 --cold: each layer its own caches (a step's reads come from HBM; without it one layer's 20 MB
 prefix stays in the L2 across the 32 calls).
 
-    python benchmarks/tune_decode_attention.py [--rows 64 200 400] [--sweep] [--cold] [--out FILE]"""
+    python benchmarks/tune_decode_attention.py [--rows 64 200 400] [--sweep] [--joint] [--cold] [--out FILE]"""
 import argparse
 import itertools
 import json
@@ -97,6 +99,33 @@ def sweep(step, B):
             "prefix_split_len": splits}
 
 
+JOINT_TILES = (dict(block_m=64, block_n=64, num_warps=4, num_stages=3), dict(block_m=128, block_n=64, num_warps=4, num_stages=2),
+               dict(block_m=128, block_n=64, num_warps=8, num_stages=3), dict(block_m=128, block_n=128, num_warps=8, num_stages=2),
+               dict(block_m=64, block_n=128, num_warps=4, num_stages=2))
+JOINT_SPLITS = (None, 250, 313, 417, 500, 625, 834, 1000, 1250, 1667, 2500, 5000)
+
+
+def joint(step, B):
+    """The prefix part's tile and its split length together (the sweep above varies the split only
+    at the default tile): the tile sets how many programs a split has and how many fit an SM at
+    once, so the best split length depends on it. -> rows (ms a layer, tile, split length, splits),
+    best first."""
+    rows = []
+    M = B * 4
+    for cfg, sl in itertools.product(JOINT_TILES, JOINT_SPLITS):
+        pa.PREFIX_CFG = dict(cfg)
+        try:
+            ms = graphed_ms(lambda i: step(None, i, sl))
+        except Exception as e:   # noqa: BLE001 (out of shared memory and the like: skip the setting)
+            print("skip", cfg, sl, str(e).splitlines()[0][:80], file=sys.stderr)
+            continue
+        bm, row_blocks, psl, S = pa._prefix_grid(M, 5000, 8, cfg["block_m"], sl)
+        rows.append((round(ms, 4), cfg, sl, S, 8 * row_blocks * S))
+    pa.PREFIX_CFG = None
+    rows.sort(key=lambda r: r[0])
+    return [dict(ms=r[0], tile=r[1], split_len=r[2], splits=r[3], programs=r[4]) for r in rows]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true")
@@ -104,6 +133,8 @@ def main():
     ap.add_argument("--cold", action="store_true",
                     help="each of the 32 layers its own prefix and own caches (as a step reads them: from HBM, "
                          "not the L2 that one layer's reuse keeps them in)")
+    ap.add_argument("--joint", action="store_true",
+                    help="the prefix part's tile and split length swept together (JOINT_TILES × JOINT_SPLITS)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out = []
@@ -128,6 +159,8 @@ def main():
         r = {"rows": B, "ms_a_layer": modes(step), "default_vs_merge_kernel_max_abs_diff": diff}
         if args.sweep:
             r.update(sweep(step, B))
+        if args.joint:
+            r["joint"], r["joint_default"] = joint(step, B), pa._prefix_cfg(B * 4)
         print(json.dumps(r), flush=True)
         out.append(r)
     if args.out:

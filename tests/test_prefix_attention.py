@@ -152,6 +152,34 @@ def test_partials_are_16_bit_only_from_min_splits_by_default(monkeypatch):
         assert prefix_out == [want], (dtype, split_len, made)
 
 
+@pytest.mark.parametrize("launches", ["one", "merge_in_suffix"])
+def test_prefix_cfg_sets_the_tile_and_the_split_length(launches, monkeypatch):
+    """PREFIX_CFG (benchmarks set it: bench_generate --prefix-tile) with a "split_len": the prefix
+    runs in that many positions a split — 5 splits of 20 over 97 positions here, where the default
+    choice makes one — unless the caller passes split_len; the output still within bounds."""
+    monkeypatch.setattr(pa, "ONE_LAUNCH", launches == "one")
+    monkeypatch.setattr(pa, "MERGE_IN_SUFFIX", launches == "merge_in_suffix")
+    monkeypatch.setattr(pa, "PARTIALS_16", False)
+    made, orig = [], pa._buffer
+    monkeypatch.setattr(pa, "_buffer", lambda shape, device, dtype=torch.float32: made.append(tuple(shape)) or
+                        orig(shape, device, dtype))
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(3, 8, 16, generator=g).bfloat16()
+    pk, pv = (torch.randn(2, 97, 16, generator=g).bfloat16() for _ in range(2))
+    ks, vs = (torch.randn(3, 2, 6, 16, generator=g).bfloat16() for _ in range(2))
+    lo, cur = torch.tensor([0, 2, 5], dtype=torch.int32), torch.tensor([5], dtype=torch.int32)
+    o64 = cascade_decode_ref(q, pk, pv, ks, vs, lo, cur, 0.25)
+    ot = cascade_decode_ref(q, pk, pv, ks, vs, lo, cur, 0.25, dtype=torch.bfloat16)
+    floor = max(2 * (ot.double() - o64).abs().max().item(), 1e-3)
+    for cfg_split, arg, want in ((None, None, 1), (20, None, 5), (20, 50, 2)):
+        cfg = dict(block_m=16, block_n=16, num_warps=4, num_stages=2, **({"split_len": cfg_split} if cfg_split else {}))
+        monkeypatch.setattr(pa, "PREFIX_CFG", cfg)
+        made.clear()
+        o = cascade_decode(q, pk, pv, ks, vs, lo, cur, 0.25, split_len=arg)
+        assert [sh[1] for sh in made if len(sh) == 4 and sh[0] == 2] == [want], (cfg_split, arg, made)   # o_p [Hkv, SP, M, d]
+        assert (o.double() - o64).abs().max().item() <= floor
+
+
 @pytest.mark.parametrize("launches", ["one", "two", "merge_in_suffix"])
 def test_cascade_decode_skips_empty_suffix_splits(launches, monkeypatch):
     """Suffix splits of 8 slots over a 40-slot cache at cur 12: splits past cur are empty, and

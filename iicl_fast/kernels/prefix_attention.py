@@ -39,7 +39,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # rows against 0.049 with 32, 8 warps, 3; at 400 rows all the good settings within 1 %). Swept
 # again at 64 rows with the base-2 tiles (28th session): the same choices (0.0347; 64×32 tiles
 # 0.0366; the best four suffix settings 0.0347-0.0351).
-PREFIX_CFG: dict | None = None
+PREFIX_CFG: dict | None = None      # may also say "split_len" (positions a split; default: _split_len's choice)
 SUFFIX_CFG: dict | None = None
 # The prefix and suffix tiles in one launch (_both_kernel), so that compute-bound and
 # memory-bound tiles share the SMs: True / False force it, None decides by M = rows × group:
@@ -519,7 +519,8 @@ def cascade_decode(q: torch.Tensor, pk: torch.Tensor | None, pv: torch.Tensor | 
         o_p, l_p = part[0].unsqueeze(1), part[1].reshape(Hkv, 1, B * g)
     elif pk is not None:
         c = _prefix_cfg(M)
-        block_m, row_blocks, psl, SP = _prefix_grid(M, K, Hkv, c["block_m"], split_len)
+        block_m, row_blocks, psl, SP = _prefix_grid(M, K, Hkv, c["block_m"],
+                                                    split_len if split_len is not None else c.get("split_len"))
         many = PARTIALS_16 if PARTIALS_16 is not None else SP >= PARTIALS_16_MIN_SPLITS
         o_p = _buffer((Hkv, SP, M, d), q.device, q.dtype if short and many else torch.float32)
         l_p = _buffer((Hkv, SP, M), q.device)
