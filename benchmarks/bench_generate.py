@@ -2,7 +2,7 @@
 
     python benchmarks/bench_generate.py [--rows 64 200 400] [--new 128 512] [--prefix 5000]
         [--baselines [--hf-static]] [--unfused] [--flash-prefix] [--blas] [--gemm] [--merge-pipe] [--prefetch]
-        [--l2-persist-mb MiB]
+        [--l2-persist-mb MiB] [--prefix-tile BM,BN,W,S[,SPLIT]] [--lora R]
         [--out benchmarks/results/generate.json]
 
 Rows: iicl_fast (decode.generate_static: one prefix KV, static caches, CUDA-graph step,
@@ -174,6 +174,20 @@ VARIANTS = {
 }
 
 
+def with_lora(model, r: int):
+    """model wrapped as Memory wraps a base (peft LoRA on every linear layer, rank r, alpha 2r,
+    iicl_fast's LoRA forward), B drawn nonzero so no product is skipped as zero."""
+    from peft import LoraConfig, get_peft_model
+    from iicl_fast import lora
+    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM"))
+    g = torch.Generator(device="cpu").manual_seed(2)
+    for n, p in pm.named_parameters():
+        if ".lora_B." in n:
+            p.data.copy_(torch.randn(p.shape, generator=g) * 1e-3)
+    lora.install(pm)
+    return pm.eval()
+
+
 def prefix_tile(text: str) -> dict:
     """"BM,BN,WARPS,STAGES[,SPLIT_LEN]" -> a prefix_attention.PREFIX_CFG."""
     try:
@@ -230,6 +244,9 @@ def main():
     ap.add_argument("--l2-persist-mb", type=float, default=None,
                     help="set aside this many MiB of L2 for evict-last (persisting) lines for the whole run "
                          "(cudaLimitPersistingL2CacheSize; CUDA's default 0): rows get l2_persist_bytes")
+    ap.add_argument("--lora", type=int, default=0, metavar="R",
+                    help="every linear layer with a rank-R LoRA adapter (peft, all-linear, B nonzero), as Memory "
+                         "elicits with θ_{i-1}: each iicl_fast row's impl gets _loraR (the floor stays the base's)")
     ap.add_argument("--prefix-tile", action="append", default=[], metavar="BM,BN,WARPS,STAGES[,SPLIT_LEN]",
                     help="also each iicl_fast row with the prefix attention's tile (and positions a split) set "
                          "(iicl_fast_tile_<...>; tune_decode_attention.py --joint finds candidates); repeatable")
@@ -240,6 +257,8 @@ def main():
     torch.zeros(1, device="cuda")                # the CUDA runtime loaded, for --l2-persist-mb
     persist = {} if a.l2_persist_mb is None else {"l2_persist_bytes": set_persisting_l2(a.l2_persist_mb)}
     model = llama_8b().requires_grad_(False)     # frozen, as Memory's base is (the fused norm wants it)
+    if a.lora:
+        model = with_lora(model, a.lora)
     layers.install(model)
     layers.fuse_projections(model)               # as Memory does on CUDA
     prefix = torch.randint(10, 120000, (a.prefix,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -270,7 +289,8 @@ def main():
                     torch.cuda.reset_peak_memory_stats()
                     st, total = run_ours(model, prefix, qs, new)
                 ms = st["decode_s"] * 1e3 / max(1, st["steps"] - 1)
-                results.append(record(impl, rows, new, a.prefix, P, ms, floor_ms(model, rows, a.prefix, P, new),
+                results.append(record(impl + (f"_lora{a.lora}" if a.lora else ""), rows, new, a.prefix, P, ms,
+                                      floor_ms(model, rows, a.prefix, P, new),
                                       st["prefill_s"], total, capture_s=round(st["capture_s"], 2), batches=st["batches"],
                                       **persist))
     if a.baselines:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12's figures, one device call per mode (`benchmarks/device_prepare.sh` first, carry .whl
 # and .bench/tok, and pass the commit: the device's checkout reports a stale HEAD):
-#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|confirm|blaslt|prefetch|prefetch2|attn|lean|tests
+#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|confirm|blaslt|prefetch|prefetch2|attn|lora|lean|tests
 # confirm (~4 min): the issue's table without the baselines at the defaults, the bf16-logits GPU tests.
 # prefetch (~4 min): the L2-prefetch GPU test, then bench_generate at 64 and 128 rows × 128 new with
 #   decode.PREFETCH_MB 16 / 32 / 32 evict-last, PREFETCH_KV, and 32 + KV beside the default.
@@ -23,6 +23,9 @@
 # attn (~5 min): the prefix attention's tile and split length swept together (tune_decode_attention.py
 #   --joint --cold) at 64/200/400 rows, then the best two under 97 % of the default in the step
 #   (bench_generate --prefix-tile) at each row count.
+# lora (~3 min): 64 and 400 rows × 128 new without and with a rank-16 LoRA on every linear layer
+#   (bench_generate --lora 16: the paper chunk elicits on θ_{i-1}; its 400-row steps measured ~2 ms
+#   slower than the table's).
 # lean (~1 min): the step's GEMMs at row counts a compaction leaves (does cuBLASLt lose at unaligned M?).
 # tests (~5 min): the decoder's and the bank's GPU tests (not the embedded-model ones).
 : "${IICL_COMMIT:?set IICL_COMMIT=<short sha>: the device checkout reports a stale HEAD}"
@@ -97,6 +100,10 @@ PY
       --out "$R/generate_tiles_${rows}_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-200
   done
   ;;
+lora)     # (~3 min) the step with a rank-16 LoRA on every linear layer (as elicitation runs on θ_{i-1}) beside the plain one
+  timeout 100 python benchmarks/bench_generate.py --rows 64 400 --new 128 --out "$R/generate_nolora_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-200
+  timeout 100 python benchmarks/bench_generate.py --rows 64 400 --new 128 --lora 16 --out "$R/generate_lora_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-200
+  ;;
 lean)
   timeout 60 python benchmarks/tune_decode_gemms.py --rows 61 64 93 96 97 203 387 397 400 --lean \
     --out "$R/gemm_lean_$IICL_COMMIT.json" 2>&1 | tail -9 | cut -c1-200
@@ -106,7 +113,7 @@ tests)
     -k "not demo_recall and not cli_consolidate and not static_greedy_matches and not cascade_greedy" 2>&1 | tail -8
   ;;
 *)
-  echo "device_decode.sh: say quick, variants, table, chunk, confirm, blaslt, prefetch, prefetch2, attn, lean or tests" >&2
+  echo "device_decode.sh: say quick, variants, table, chunk, confirm, blaslt, prefetch, prefetch2, attn, lora, lean or tests" >&2
   exit 2
   ;;
 esac
