@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from . import dist
 from .config import Config
 from .decode import cascade_unsupported, prefix_kv
-from .generation import generate
+from .generation import check_positions, generate
 from .models import PromptFormat
 
 # One question per sentence of C: a 135M model asked for "a question about the text" wrote
@@ -178,6 +178,7 @@ def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index:
     seed = config.seed + chunk_index
     rng = torch.Generator().manual_seed(seed)                 # query construction (CPU)
     prefix = fmt.context_prefix(chunk)
+    check_positions(model, len(prefix), 0, 1)     # before encoding it (generate checks each call's rows)
     kv = None
     if device.type == "cuda" and cascade_unsupported(model) is None:
         kv = prefix_kv(model, prefix)        # C encoded once for the questions and the answers

@@ -7,12 +7,26 @@ import random
 import torch
 
 from . import dist
+from .config import IICLError
 from .decode import without_cudnn_sdpa
 
 
 def causal_lm(model):
     """The HF *ForCausalLM under a peft wrapper (LoRA layers stay injected in it)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def check_positions(model, context: int, prompt: int, new: int) -> None:
+    """IICLError where [context; prompt; new tokens] would run past the positions the model was
+    built for (max_position_embeddings): a learned position table fails there with an index
+    error (on CUDA a device-side assert), and rotary models drift out of what they were
+    trained on without a word."""
+    limit = getattr(causal_lm(model).config, "max_position_embeddings", None)
+    if isinstance(limit, int) and context + prompt + new > limit:
+        parts = ([f"a shared context of {context} tokens"] if context else []) + \
+            ([f"prompts of up to {prompt}"] if prompt else []) + [f"{new} new tokens"]
+        raise IICLError(f"{context + prompt + new} positions ({', '.join(parts)}) exceed the {limit} the model was built "
+                        "for: give shorter chunks (chunk_tokens) or contexts")
 
 
 def decoder(model):
@@ -223,6 +237,7 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, pad_id: in
     body = decoder(model)
     stops = _stop_tensor(stop_ids, eos_id, device)
     K = len(prefix) if prefix else 0
+    check_positions(model, K, max((len(p) for p in prompts), default=0), max_new_tokens)
     from .decode import cascade_unsupported
     served = device.type == "cuda" and cascade_unsupported(model) is None
     if static is None:

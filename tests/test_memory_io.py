@@ -518,3 +518,19 @@ def test_target_modules_that_name_no_layer_or_the_output_layer_are_refused(tiny)
     assert mem.params and all(".v_proj." in n for n, p in mem.model.named_parameters() if f".{mem.name}." in n)
     again = Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "target_modules": ["o_proj"]}))   # on the wrapped base
     assert again.params
+
+
+def test_past_the_models_positions_is_one_clear_error(tiny):
+    """A chunk or a context longer than the model's max_position_embeddings (4,096 for the tiny
+    model) is refused before any decoding, naming the limit: a learned position table would fail
+    with an index error there, rotary models silently drift."""
+    model, tok = tiny
+    mem = Memory(model, tok, iicl_fast.Config(**TINY_CONFIG))
+    long = "The mill has four sails and a blue door. " * 500                 # ~5,000 tokens
+    with pytest.raises(iicl_fast.IICLError, match="exceed the 4096 the model was built for"):
+        mem.consolidate(long)
+    assert mem.chunks == []
+    with pytest.raises(iicl_fast.IICLError, match="prompts of up to .* exceed the 4096"):
+        mem.ask_many(["How many sails?"], context=long, max_new_tokens=4)
+    short = "The mill has four sails and a blue door. " * 50
+    assert len(mem.ask_many(["How many sails?"], context=short, max_new_tokens=4)) == 1
