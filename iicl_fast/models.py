@@ -67,6 +67,9 @@ def resolve_device(device="auto") -> torch.device:
         raise IICLError(f"unknown device {device!r}: give auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise IICLError(f"device {device!r} asked for, but torch sees no CUDA GPU here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise IICLError(f"device {device!r} asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s) here "
+                        f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 

@@ -93,6 +93,15 @@ def test_device_and_dtype_resolution():
             resolve_device("cuda")
 
 
+def test_a_cuda_index_past_the_gpus_is_named(monkeypatch):
+    """cuda:N with N GPUs or fewer would fail at the first tensor moved there, in torch's words."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1") and resolve_device("cuda").index is None
+    with pytest.raises(IICLError, match=r"cuda:2.*2 CUDA GPU\(s\) here \(cuda:0 .. cuda:1\)"):
+        resolve_device("cuda:2")
+
+
 def test_sampler_generator_on_model_device_and_per_chunk_seeds(tiny, monkeypatch):
     model, tok = tiny
     fmt = PromptFormat(tok, model)
