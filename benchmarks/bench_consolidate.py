@@ -41,6 +41,14 @@ from iicl_fast.consolidate import subset as subset_of  # noqa: E402
 from iicl_fast.teacher import hidden_logprob, student_hidden_set, teacher_hidden  # noqa: E402
 
 PEAK_FLOPS, PEAK_BW = 790e12, 4.3e12          # H200 bf16 dense, HBM (DESIGN.md)
+
+
+def device_rates() -> tuple[float, float]:
+    """(bf16 FLOP/s, HBM bytes/s) ceilings of this run's GPU, as measured on these machines
+    (tool library KINDS.md): an H200 788 TFLOP/s and a 4.3 TB/s copy (DESIGN.md's figures); an
+    H100 the same matrix rate and a 3.0 TB/s copy. Other GPUs: the H200's, flagged by the name."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return (PEAK_FLOPS, 3.0e12) if "H100" in name else (PEAK_FLOPS, PEAK_BW)
 RESULTS = Path(__file__).parent / "results" / "consolidate.json"
 
 DOCS = [  # three fictional documents of our own (not the bundled demo), 7-8 questions each
@@ -117,7 +125,7 @@ def linear_params(model) -> int:
 
 def floors(model, K: int, cfg: Config, rep: ConsolidationReport, kept_tokens: int, prompt_tokens: int = 0) -> dict:
     """Seconds each phase cannot beat on the device's rates (FLOPs / 790 TFLOP/s or bytes /
-    4.3 TB/s, whichever is larger, per step). prompt_tokens: the rows' prompts (unpadded) that
+    4.3 TB/s — an H100's 3.0 —, whichever is larger, per step). prompt_tokens: the rows' prompts (unpadded) that
     elicitation encodes after the prefix (until the 30th session the floor left them out: at
     the paper preset ~24K tokens, ~0.55 s)."""
     c = model.config
@@ -132,7 +140,7 @@ def floors(model, K: int, cfg: Config, rep: ConsolidationReport, kept_tokens: in
         for t in range(steps):
             flops = rows * (2 * P + attn(1, K + t))
             byts = wbytes + K * kv_tok + rows * t * kv_tok
-            elicit += max(flops / PEAK_FLOPS, byts / PEAK_BW)
+            elicit += max(flops / PEAK_FLOPS, byts / device_rates()[1])
     w = rep.work
     teacher = (2 * P * (w["teacher_tokens"] + w["student_tokens"]) + attn(w["teacher_tokens"], K)) / PEAK_FLOPS
     H, V = c.hidden_size, c.vocab_size

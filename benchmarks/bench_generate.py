@@ -31,7 +31,7 @@ and decodes exactly new_tokens (stop ids masked until then). ms_per_step = decod
 steps: prefill (and for hf_generate, the per-row prefix) is timed apart, in prefill_s. Each of
 our rows runs its setting once untimed first (its kernels compile outside the timed steps).
 
-Floor of a step: max(bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s) with bytes = every GEMM weight +
+Floor of a step: max(bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s) (an H100: 3.0 TB/s) with bytes = every GEMM weight +
 one prefix KV + the rows' own KV at the step's mean length, FLOPs = 2 · rows · GEMM weights +
 4 · rows · hidden · layers · (prefix + mean own length) (QKᵀ and PV)."""
 from __future__ import annotations
@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_consolidate import commit, linear_params, llama_8b  # noqa: E402
+from bench_consolidate import commit, device_rates, linear_params, llama_8b  # noqa: E402
 from iicl_fast import decode, layers  # noqa: E402
 from iicl_fast.kernels import prefix_attention as pa  # noqa: E402
 from iicl_fast.decode import generate_static, prefix_kv  # noqa: E402
@@ -65,7 +65,8 @@ def floor_ms(model, rows, K, P, new) -> float:
     own = P + new / 2                                                         # mean own length over the steps
     bytes_ = 2 * linear_params(model) + kv_tok * (K + rows * own)
     flops = 2 * rows * linear_params(model) + 4 * rows * c.hidden_size * c.num_hidden_layers * (K + own)
-    return max(bytes_ / 4.3e12, flops / 790e12) * 1e3
+    peak_flops, peak_bw = device_rates()         # an H100: the same matrix rate, 3.0 TB/s
+    return max(bytes_ / peak_bw, flops / peak_flops) * 1e3
 
 
 def write_json(path, obj) -> None:
