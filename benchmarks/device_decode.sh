@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12's figures, one device call per mode (`benchmarks/device_prepare.sh` first, carry .whl
 # and .bench/tok, and pass the commit: the device's checkout reports a stale HEAD):
-#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|confirm|blaslt|prefetch|prefetch2|attn|lora|lean|tests
+#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|chunk1|confirm|blaslt|prefetch|prefetch2|attn|lora|lean|tests
 # confirm (~4 min): the issue's table without the baselines at the defaults, the bf16-logits GPU tests.
 # prefetch (~4 min): the L2-prefetch GPU test, then bench_generate at 64 and 128 rows × 128 new with
 #   decode.PREFETCH_MB 16 / 32 / 32 evict-last, PREFETCH_KV, and 32 + KV beside the default.
@@ -58,6 +58,9 @@ chunk)
   timeout 250 python benchmarks/bench_consolidate.py --workload 8b_paper --teacher-pass \
     --out "$R/consolidate_8b_paper_$IICL_COMMIT.json" 2>&1 | tail -9
   ;;
+chunk1)   # (~5 min) the paper chunk once, at the defaults (the teacher's states from the decoder)
+  timeout 280 python benchmarks/bench_consolidate.py --workload 8b_paper --out "$R/consolidate_8b_paper_$IICL_COMMIT.json" 2>&1 | tail -9
+  ;;
 confirm)  # (~4 min) the defaults' table without the baselines, then the bf16-logits GPU tests
   timeout 200 python benchmarks/bench_generate.py --rows 64 200 400 --new 128 512 --out "$R/generate_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-230
   timeout 80 python -m pytest -q -s tests/test_cuda_e2e.py -k "logits16 or teacher_states" 2>&1 | grep "teacher log-prob\|passed\|failed\|Error\|assert" | tail -5
@@ -113,7 +116,7 @@ tests)
     -k "not demo_recall and not cli_consolidate and not static_greedy_matches and not cascade_greedy" 2>&1 | tail -8
   ;;
 *)
-  echo "device_decode.sh: say quick, variants, table, chunk, confirm, blaslt, prefetch, prefetch2, attn, lora, lean or tests" >&2
+  echo "device_decode.sh: say quick, variants, table, chunk, chunk1, confirm, blaslt, prefetch, prefetch2, attn, lora, lean or tests" >&2
   exit 2
   ;;
 esac
