@@ -92,6 +92,9 @@ def stream(mem: Memory, texts: str | Iterable[str], *, chunk_tokens: int | None 
     Each report carries the chunk's seconds per phase (plus "save") and peak GPU memory.
     on_chunk(j) is called before chunk j (its position in the stream) is consolidated."""
     texts = [texts] if isinstance(texts, str) else list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise IICLError(f"stream: text {i} is a {type(t).__name__}, not a string")
     chunk_tokens = chunk_tokens or mem.config.chunk_tokens
     chunks = [c for t in texts for c in split_chunks(mem.fmt, t, chunk_tokens)]
     if not chunks:

@@ -171,6 +171,8 @@ def open_for_write(path: str | os.PathLike):
         yield Path(path)
         return
     path = Path(path)
+    if not path.name or path.name in (".", ".."):
+        raise IICLError(f"a memory needs a directory name of its own, not {str(path)!r}")
     check_dir_path(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.parent / f".{path.name}.lock"

@@ -534,3 +534,17 @@ def test_past_the_models_positions_is_one_clear_error(tiny):
         mem.ask_many(["How many sails?"], context=long, max_new_tokens=4)
     short = "The mill has four sails and a blue door. " * 50
     assert len(mem.ask_many(["How many sails?"], context=short, max_new_tokens=4)) == 1
+
+
+def test_save_and_stream_refuse_what_they_cannot_use(tiny, tmp_path, monkeypatch):
+    """save("") or save("..") would aim the atomic swap at the working directory or its parent;
+    a non-string among stream's texts failed deep in the tokenizer."""
+    model, tok = tiny
+    mem = Memory(model, tok, iicl_fast.Config(**TINY_CONFIG))
+    monkeypatch.chdir(tmp_path)
+    for bad in ("", ".", "..", tmp_path / "sub" / ".."):
+        with pytest.raises(iicl_fast.IICLError, match="directory name of its own"):
+            mem.save(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    with pytest.raises(iicl_fast.IICLError, match="text 1 is a int"):
+        list(iicl_fast.stream(mem, ["A text.", 3]))          # (a generator: checked at the first chunk)
