@@ -2,7 +2,7 @@
 
     python benchmarks/bench_generate.py [--rows 64 200 400] [--new 128 512] [--prefix 5000]
         [--baselines [--hf-static]] [--unfused] [--flash-prefix] [--blas] [--gemm] [--merge-pipe] [--prefetch]
-        [--l2-persist-mb MiB] [--prefix-tile BM,BN,W,S[,SPLIT]] [--lora R]
+        [--l2-persist-mb MiB] [--prefix-tile BM,BN,W,S[,SPLIT]] [--lora R [--lora-tail]]
         [--out benchmarks/results/generate.json]
 
 Rows: iicl_fast (decode.generate_static: one prefix KV, static caches, CUDA-graph step,
@@ -22,7 +22,9 @@ iicl_fast_skinny_pipe); --prefetch adds iicl_fast_prefetch16 / _prefetch32 / _pr
 (decode.PREFETCH_MB: each layer's o then gate/up weights into L2 during its attention, 16 or 32 MiB,
 "last": the lines marked evict-last), iicl_fast_prefetch_kv (decode.PREFETCH_KV: the next layer's
 prefix K and V during each MLP) and iicl_fast_prefetch32_kv (both; all at any row count here,
-decode.PREFETCH_MAX_ROWS lifted), generate_today (the cascade path it replaces: per-row
+decode.PREFETCH_MAX_ROWS lifted); --lora R puts a rank-R adapter on every linear layer (impls get
+_loraR) and --lora-tail adds iicl_fast_tail (decode.LORA_TAIL: its A in rows after each projection's
+weights, one GEMM for x Wᵀ and x Aᵀ); generate_today (the cascade path it replaces: per-row
 DynamicCache, eager steps), hf_generate (transformers generate over [C; q] rows, prefix
 recomputed per row, dynamic cache) and with --hf-static hf_generate_static (the same with
 transformers' static cache, whose decoding forward transformers compiles itself: one untimed
@@ -172,6 +174,7 @@ VARIANTS = {
     "iicl_fast_prefetch_kv": {(decode, "PREFETCH_KV"): True, (decode, "PREFETCH_MAX_ROWS"): 10 ** 9},
     "iicl_fast_prefetch32_kv": {(decode, "PREFETCH_MB"): 32.0, (decode, "PREFETCH_KV"): True,
                                 (decode, "PREFETCH_MAX_ROWS"): 10 ** 9},
+    "iicl_fast_tail": {(decode, "LORA_TAIL"): True},
 }
 
 
@@ -248,11 +251,16 @@ def main():
     ap.add_argument("--lora", type=int, default=0, metavar="R",
                     help="every linear layer with a rank-R LoRA adapter (peft, all-linear, B nonzero), as Memory "
                          "elicits with θ_{i-1}: each iicl_fast row's impl gets _loraR (the floor stays the base's)")
+    ap.add_argument("--lora-tail", action="store_true",
+                    help="with --lora: also each iicl_fast row with the adapter's A in the rows reserved after "
+                         "each projection's weights, one GEMM for x Wᵀ and x Aᵀ (decode.LORA_TAIL; iicl_fast_tail_loraR)")
     ap.add_argument("--prefix-tile", action="append", default=[], metavar="BM,BN,WARPS,STAGES[,SPLIT_LEN]",
                     help="also each iicl_fast row with the prefix attention's tile (and positions a split) set "
                          "(iicl_fast_tile_<...>; tune_decode_attention.py --joint finds candidates); repeatable")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    if a.lora_tail and not a.lora:
+        raise SystemExit("bench_generate: --lora-tail needs --lora R (the base model has no adapter to place)")
     for text in a.prefix_tile:
         VARIANTS["iicl_fast_tile_" + text.replace(",", "_")] = {(pa, "PREFIX_CFG"): prefix_tile(text)}
     torch.zeros(1, device="cuda")                # the CUDA runtime loaded, for --l2-persist-mb
@@ -279,7 +287,8 @@ def main():
                 (["iicl_fast_skinny_pipe"] if a.gemm and a.merge_pipe and rows <= decode.SKINNY_MAX_ROWS else []) + \
                 (["iicl_fast_prefetch16", "iicl_fast_prefetch32", "iicl_fast_prefetch32_last", "iicl_fast_prefetch_kv",
                   "iicl_fast_prefetch32_kv"] if a.prefetch else []) + \
-                ["iicl_fast_tile_" + t.replace(",", "_") for t in a.prefix_tile]
+                ["iicl_fast_tile_" + t.replace(",", "_") for t in a.prefix_tile] + \
+                (["iicl_fast_tail"] if a.lora_tail else [])
             for impl in impls:
                 with settings(VARIANTS[impl]):
                     # Each setting's kernels compiled before its timed run, at its batch size: at

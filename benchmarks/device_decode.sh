@@ -23,9 +23,9 @@
 # attn (~5 min): the prefix attention's tile and split length swept together (tune_decode_attention.py
 #   --joint --cold) at 64/200/400 rows, then the best two under 97 % of the default in the step
 #   (bench_generate --prefix-tile) at each row count.
-# lora (~3 min): 64 and 400 rows × 128 new without and with a rank-16 LoRA on every linear layer
-#   (bench_generate --lora 16: the paper chunk elicits on θ_{i-1}; its 400-row steps measured ~2 ms
-#   slower than the table's).
+# lora (~5 min): the LORA_TAIL GPU test, then 64 and 400 rows × 128 new without and with a rank-16 LoRA
+#   on every linear layer (bench_generate --lora 16: the paper chunk elicits on θ_{i-1}; its 400-row
+#   steps measured ~2 ms slower than the table's), and with its A in the buffers' tails (--lora-tail).
 # lean (~1 min): the step's GEMMs at row counts a compaction leaves (does cuBLASLt lose at unaligned M?).
 # tests (~5 min): the decoder's and the bank's GPU tests (not the embedded-model ones).
 : "${IICL_COMMIT:?set IICL_COMMIT=<short sha>: the device checkout reports a stale HEAD}"
@@ -103,9 +103,11 @@ PY
       --out "$R/generate_tiles_${rows}_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-200
   done
   ;;
-lora)     # (~3 min) the step with a rank-16 LoRA on every linear layer (as elicitation runs on θ_{i-1}) beside the plain one
-  timeout 100 python benchmarks/bench_generate.py --rows 64 400 --new 128 --out "$R/generate_nolora_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-200
-  timeout 100 python benchmarks/bench_generate.py --rows 64 400 --new 128 --lora 16 --out "$R/generate_lora_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-200
+lora)     # (~5 min) the step with a rank-16 LoRA on every linear layer (as elicitation runs on θ_{i-1}) beside the plain one,
+          # and with the adapter's A in each buffer's tail (decode.LORA_TAIL)
+  timeout 100 python -m pytest -q -s tests/test_cuda_e2e.py -k "lora_tail" 2>&1 | grep "states\|passed\|failed\|Error\|assert" | tail -6
+  timeout 90 python benchmarks/bench_generate.py --rows 64 400 --new 128 --out "$R/generate_nolora_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-200
+  timeout 150 python benchmarks/bench_generate.py --rows 64 400 --new 128 --lora 16 --lora-tail --out "$R/generate_lora_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-200
   ;;
 lean)
   timeout 60 python benchmarks/tune_decode_gemms.py --rows 61 64 93 96 97 203 387 397 400 --lean \

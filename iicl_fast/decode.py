@@ -439,6 +439,16 @@ ADD_NORM = os.environ.get("IICL_DECODE_ADD_NORM", "1") != "0"
 # slower): so up to FUSED_PROJ_MAX_ROWS rows only.
 FUSED_PROJ = os.environ.get("IICL_FUSED_PROJ", "1") != "0"
 FUSED_PROJ_MAX_ROWS = 256
+# An adapter's rank-r factor A in rows that layers.fuse_projections reserves after each group's
+# (and adapted o's and down's) weights, so that one GEMM gives x Wᵀ and x Aᵀ (FusedLinears'
+# lora_tail), then the product with sB added in place: 2 launches a projection where the LoRA took
+# 3, and the x Aᵀ GEMM (M × R outputs over a K of 4,096-14,336: few programs) gone into the
+# weights' stream; groups with a tail run as one GEMM at any row count. Why: elicitation decodes
+# with θ_{i-1}'s adapter on every linear layer — at 400 rows (projections unfused) 448 extra
+# launches a step; the paper chunk's 400-row steps ran 21.6 ms against the table's 19.63 (base
+# model). Not yet measured on the GPU (bench_generate.py --lora 16 --lora-tail): off
+# (IICL_DECODE_LORA_TAIL=1: on).
+LORA_TAIL = os.environ.get("IICL_DECODE_LORA_TAIL", "0") == "1"
 # The layers' GEMMs through cuBLASLt rather than cuBLAS (torch's preferred_blas_library, set
 # while the step runs, so a graph captures those kernels; the LM head stays on cuBLAS, slower
 # through Lt at every size measured). Graph-timed GEMMs of the 8B layers, ms a step (32 layers,
@@ -648,31 +658,38 @@ def llama_like(body) -> bool:
     return True
 
 
-def _fused_groups(body):
+def _fused_groups(body, rows: int):
     """Per layer of a llama_like body: (q/k/v, gate/up) as layers.FusedLinears, each None
-    where its weights are not laid out in one buffer (then the modules run)."""
+    where its weights are not laid out in one buffer, or past FUSED_PROJ_MAX_ROWS rows unless
+    LORA_TAIL takes its adapter (then the modules run)."""
     from .layers import FusedLinears, is_llama_mlp
+
+    def keep(f):
+        if f is not None:
+            f.lora_tail = LORA_TAIL
+        return f if f is not None and (rows <= FUSED_PROJ_MAX_ROWS or (LORA_TAIL and f.tail_fits())) else None
     out = []
     for layer in body.layers:
         a, mlp = layer.self_attn, layer.mlp
-        out.append((FusedLinears.of([a.q_proj, a.k_proj, a.v_proj]),
-                    FusedLinears.of([mlp.gate_proj, mlp.up_proj]) if is_llama_mlp(mlp) else None))
+        out.append((keep(FusedLinears.of([a.q_proj, a.k_proj, a.v_proj])),
+                    keep(FusedLinears.of([mlp.gate_proj, mlp.up_proj])) if is_llama_mlp(mlp) else None))
     return out
 
 
-def _gemm_singles(body, gemm):
-    """Per layer of a llama_like body: (o, down) as one-member layers.FusedLinears whose GEMM
-    is `gemm` (_skinny_gemm), each None where FusedLinears cannot compute it (the module runs)."""
+def _singles(body, gemm):
+    """Per layer of a llama_like body: (o, down) as one-member layers.FusedLinears where `gemm`
+    (_skinny_gemm) runs them or LORA_TAIL takes their adapter, each None elsewhere or where
+    FusedLinears cannot compute it (the module runs)."""
     from .layers import FusedLinears, is_llama_mlp
-    out = []
-    for layer in body.layers:
-        o = FusedLinears.of([layer.self_attn.o_proj])
-        down = FusedLinears.of([layer.mlp.down_proj]) if is_llama_mlp(layer.mlp) else None
-        for f in (o, down):
-            if f is not None:
-                f.gemm = gemm
-        out.append((o, down))
-    return out
+
+    def keep(f):
+        if f is None:
+            return None
+        f.gemm, f.lora_tail = gemm, LORA_TAIL
+        return f if gemm is not None or (LORA_TAIL and f.tail_fits()) else None
+    return [(keep(FusedLinears.of([layer.self_attn.o_proj])),
+             keep(FusedLinears.of([layer.mlp.down_proj])) if is_llama_mlp(layer.mlp) else None)
+            for layer in body.layers]
 
 
 def _prefetch_plan(body, fused, st: _Static, rows: int):
@@ -750,8 +767,8 @@ def _llama_step(body, st: _Static, tok, pos, fused=None, singles=None, prefetch=
     (iicl_fast/kernels/rotary.py) and three do the attention (iicl_fast/kernels/prefix_attention.cascade_decode):
     ~16 kernels a layer where transformers' forward launched ~45 (measured: the small ones
     were ~2.3 ms of a 9.2 ms step at 64 rows, more than the attention itself). fused:
-    _fused_groups(body) (None: the modules), q/k/v and gate/up one GEMM each where laid out;
-    singles: _gemm_singles(body, gemm) (None: the modules), o and down through that GEMM;
+    _fused_groups(body, rows) (None: the modules), q/k/v and gate/up one GEMM each where laid out;
+    singles: _singles(body, gemm) (None: the modules), o and down through that GEMM or their tail;
     prefetch: _prefetch_plan(...) (None: no L2 prefetch)."""
     B = tok.shape[0]
     prefix_fn = _decode_prefix(B * body.config.num_attention_heads // body.config.num_key_value_heads)
@@ -834,10 +851,10 @@ class _Step:
         self.body, self.head = decoder(model), lm_head(model)
         self.st = st
         self.llama = st.kernels and LLAMA_STEP and llama_like(self.body)
-        self.fused = _fused_groups(self.body) if self.llama and FUSED_PROJ and B <= FUSED_PROJ_MAX_ROWS else None
+        self.fused = _fused_groups(self.body, B) if self.llama and FUSED_PROJ else None
         w = self.body.embed_tokens.weight if self.llama else None       # llama_like bodies have it
         gemm = _skinny_gemm(B, w.dtype, w.is_cuda) if self.llama else None
-        self.singles = _gemm_singles(self.body, gemm) if gemm is not None else None
+        self.singles = _singles(self.body, gemm) if self.llama and (gemm is not None or LORA_TAIL) else None
         self.prefetch = _prefetch_plan(self.body, self.fused, st, B) if self.llama else None
         if gemm is not None:
             for f in [f for pair in (self.fused or []) for f in pair if f is not None]:

@@ -328,11 +328,36 @@ def _stacked(ws) -> torch.Tensor | None:
     return w0.detach().as_strided((sum(w.shape[0] for w in ws), K), (K, 1))
 
 
-def fuse_weights(linears) -> bool:
+def _adapter_rows(linears) -> int:
+    """The most rows the rank-r factors A of one adapter take over linears (Σ of the ranks of the
+    members it adapts; the largest over the adapters they carry), 0 without adapters."""
+    rows: dict[str, int] = {}
+    for m in linears:
+        for name, a in getattr(m, "lora_A", {}).items():
+            rows[name] = rows.get(name, 0) + a.out_features
+    return max(rows.values(), default=0)
+
+
+def _tail_rows(base, w: torch.Tensor) -> int:
+    """Rows that fuse_weights reserved after w ([ΣN, in], a _stacked view of the buffer it laid
+    out, base: the first member's nn.Linear), 0 where it did not or the weights were moved since."""
+    rec = base.__dict__.get("_iicl_tail")
+    if rec is None or w.storage_offset() != 0:
+        return 0
+    ptr, rows, reserve = rec
+    if (w.data_ptr() != ptr or w.shape[0] != rows
+            or w.untyped_storage().nbytes() != (rows + reserve) * w.shape[1] * w.element_size()):
+        return 0
+    return reserve
+
+
+def fuse_weights(linears, reserve: int = 0) -> bool:
     """Lay the frozen base weights of linears ([out_i, in] each, one shared input) out as
     consecutive rows of one buffer, each module's weight a view of it: memory unchanged (one
     module's copy at a time), every forward unchanged. -> whether they are laid out so.
 
+    reserve: rows of zeros kept after the weights, where FusedLinears (LORA_TAIL) puts the
+    adapter's A so that one GEMM gives x Wᵀ and x Aᵀ (a layout with fewer rows is laid out anew).
     Do it before any CUDA graph is captured over these weights (it moves them) and before
     moving the model (`.to()` gives each weight its own storage again: FusedLinears then
     declines, and the layers run one GEMM each as before). A state dict of such a model holds
@@ -342,31 +367,45 @@ def fuse_weights(linears) -> bool:
         return False
     bases = [b for b, _ in parts]
     ws = [b.weight for b in bases]
-    if _stacked(ws) is not None:
+    w = _stacked(ws)
+    if w is not None and (reserve == 0 or _tail_rows(bases[0], w) >= reserve):
         return True
     w0 = ws[0]
     if any(w.shape[1] != w0.shape[1] or w.dtype != w0.dtype or w.device != w0.device for w in ws):
         return False
     with torch.no_grad():
-        buf = torch.cat([w.detach() for w in ws])
+        n = sum(w.shape[0] for w in ws)
+        buf = torch.zeros(n + reserve, w0.shape[1], dtype=w0.dtype, device=w0.device)
         off = 0
         for b in bases:
-            n = b.weight.shape[0]
-            b.weight.data = buf[off:off + n]
-            off += n
+            k = b.weight.shape[0]
+            buf[off:off + k] = b.weight.detach()
+            b.weight.data = buf[off:off + k]
+            off += k
+    if reserve:
+        bases[0].__dict__["_iicl_tail"] = (buf.data_ptr(), n, reserve)
+    else:
+        bases[0].__dict__.pop("_iicl_tail", None)
     return True
 
 
 def fuse_projections(model) -> int:
     """fuse_weights for every Llama-style decoder layer of model: its attention's q / k / v
-    and its MLP's gate / up. -> the groups laid out. Idempotent."""
+    and its MLP's gate / up, each with rows reserved for its adapters' A (_adapter_rows); o and
+    down, where adapted, laid out alone with theirs. -> the q/k/v and gate/up groups laid out.
+    Idempotent."""
     n = 0
     for m in model.modules():
         a, mlp = getattr(m, "self_attn", None), getattr(m, "mlp", None)
+        groups = []
         if a is not None and all(hasattr(a, p) for p in ("q_proj", "k_proj", "v_proj")):
-            n += fuse_weights([a.q_proj, a.k_proj, a.v_proj])
+            groups.append(([a.q_proj, a.k_proj, a.v_proj], getattr(a, "o_proj", None)))
         if mlp is not None and is_llama_mlp(mlp):
-            n += fuse_weights([mlp.gate_proj, mlp.up_proj])
+            groups.append(([mlp.gate_proj, mlp.up_proj], mlp.down_proj))
+        for group, single in groups:
+            n += fuse_weights(group, _adapter_rows(group))
+            if single is not None and _adapter_rows([single]):
+                fuse_weights([single], _adapter_rows([single]))
     return n
 
 
@@ -375,18 +414,32 @@ def is_llama_mlp(m) -> bool:
     return _kind(m) == "mlp" or (type(m) in _FAST.values() and type(m).forward is _mlp_forward)
 
 
+# FusedLinears' buffer tails: the buffer's data pointer -> the A it holds in its reserved rows
+# (written by whichever FusedLinears ran on it last; another rewrites it).
+_TAIL_HOLDS: dict[int, torch.Tensor] = {}
+
+
 class FusedLinears:
     """Linears with one input whose base weights fuse_weights laid out in one buffer, as one
     GEMM: x [..., in] -> [..., ΣN] = x W_catᵀ + (x A_catᵀ)(blockdiag sᵢBᵢ)ᵀ — the rank-r
     products of every adapted member in two small GEMMs, added in the base GEMM's epilogue as
     lora._base_plus does for one. Inference only (no autograd). sizes: each member's N.
 
+    lora_tail (the decoding step sets it, decode.LORA_TAIL): where fuse_weights reserved rows
+    for A_cat after the weights, A_cat is written there and one GEMM gives [x W_catᵀ | x A_catᵀ]
+    ([M, ΣN + R]), the rank-r product then added into its first ΣN columns in place: one launch
+    fewer, and the x Aᵀ GEMM (M × R outputs over all of in: few programs for a long K) gone into
+    the weights' stream. y is then rounded twice (x Wᵀ, then + the product) where the two-GEMM
+    form rounds once; its columns are a view with row stride ΣN + R.
+
     FusedLinears.of(linears) -> one, or None where the weights are not laid out so or a member
     is not computable here (then call the modules). Build it when the adapters' state is fixed
     (a decoding step's capture): which adapter is active is read then."""
 
-    def __init__(self, weight, sizes, adapted):
+    def __init__(self, weight, sizes, adapted, tail: int = 0):
         self.weight, self.sizes, self.adapted = weight, sizes, adapted    # adapted: [(module, name, row0)]
+        self.tail = tail                # rows fuse_weights reserved after weight
+        self.lora_tail = False
         self._lora_key, self._lora = None, None
         self.gemm = None        # (x [M, in], W [ΣN, in], add [M, ΣN] or None) -> x Wᵀ + add; None: torch.mm
 
@@ -404,7 +457,11 @@ class FusedLinears:
                 adapted.append((m, name, row))
             sizes.append(b.weight.shape[0])
             row += sizes[-1]
-        return cls(w, sizes, adapted)
+        return cls(w, sizes, adapted, _tail_rows(parts[0][0], w))
+
+    def tail_fits(self) -> bool:
+        """Whether the active adapter's A_cat fits the reserved rows (and there is an adapter)."""
+        return bool(self.adapted) and sum(m.lora_A[name].out_features for m, name, _ in self.adapted) <= self.tail
 
     def _lora_weights(self, dtype):
         """(A_cat [R, in], blockdiag(sᵢBᵢ) [ΣN, R]) in dtype, rebuilt when any member's cast
@@ -424,10 +481,28 @@ class FusedLinears:
             self._lora_key, self._lora = key, (A, BS)
         return self._lora
 
+    def _with_tail(self, A: torch.Tensor) -> torch.Tensor:
+        """[W_cat; A_cat] [ΣN + R, in]: the buffer's reserved rows hold A (written here when
+        another A was there last). A tensor of its own on the buffer's storage: the write does
+        not bump the weights' version counters (autograd would refuse a backward that saved them)."""
+        n, K = self.weight.shape
+        ext = torch.empty(0, dtype=self.weight.dtype, device=self.weight.device)
+        ext.set_(self.weight.untyped_storage(), self.weight.storage_offset(), (n + A.shape[0], K), (K, 1))
+        if _TAIL_HOLDS.get(self.weight.data_ptr()) is not A:
+            ext[n:].copy_(A)
+            _TAIL_HOLDS[self.weight.data_ptr()] = A
+        return ext
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         lw = self._lora_weights(x.dtype)
-        if self.gemm is not None:
+        if lw is not None and self.lora_tail and lw[0].shape[0] <= self.tail and x.dtype == self.weight.dtype:
+            ext = self._with_tail(lw[0])
+            n = self.weight.shape[0]
+            y2 = self.gemm(x2, ext, None) if self.gemm is not None else torch.mm(x2, ext.t())   # [M, ΣN + R]
+            y = y2[:, :n]
+            y.addmm_(y2[:, n:], lw[1].t())
+        elif self.gemm is not None:
             y = self.gemm(x2, self.weight, None if lw is None else torch.mm(torch.mm(x2, lw[0].t()), lw[1].t()))
         elif lw is None:
             y = torch.mm(x2, self.weight.t())

@@ -772,6 +772,52 @@ def test_skinny_gemm_on_cuda(smol_tokenizer, monkeypatch):
     assert moved <= 2 * max(lt_moves, 4 * ulp), (moved, lt_moves, ulp)
 
 
+@pytest.mark.parametrize("max_rows", [256, 1])
+def test_lora_tail_step_on_cuda(smol_tokenizer, monkeypatch, max_rows):
+    """decode.LORA_TAIL on the GPU (bf16, a Memory's adapter on every projection it targets):
+    the captured step takes the adapter's A from each buffer's tail (also past FUSED_PROJ_MAX_ROWS),
+    writes the same greedy tokens captured and eager through a compaction, and its first step's
+    states are no further from the two-GEMM LoRA's than 2× what cuBLASLt's summation order moves
+    them (the tail rounds x Wᵀ before adding the rank-r product: one rounding more)."""
+    import iicl_fast.decode as D
+    from iicl_fast import layers
+    monkeypatch.setattr(D, "STOP_CHECK_EVERY", 4)
+    monkeypatch.setattr(D, "COMPACT_BELOW", 0.9)
+    monkeypatch.setattr(D, "FUSED_PROJ_MAX_ROWS", max_rows)
+    mem = _bf16_memory_with_lora(smol_tokenizer)
+    calls = _count_calls(monkeypatch, layers.FusedLinears, "_with_tail")
+    gen = torch.Generator().manual_seed(2)
+    prefix = torch.randint(3, 40000, (211,), generator=gen).tolist()
+    qs = [torch.randint(3, 40000, (n,), generator=gen).tolist() for n in (5, 17, 1, 9, 30, 2)]
+    kw = dict(max_new_tokens=24, pad_id=0, sample=False, prefix=prefix, batch_size=6)
+    plain = generate(mem.model, qs, static=True, stop_ids=[10 ** 6], **kw)
+    assert not calls
+    monkeypatch.setattr(D, "LORA_TAIL", True)
+    kw["stop_ids"] = [plain[2][5]]
+    graph_tokens = generate(mem.model, qs, static=True, **kw)
+    assert calls
+    monkeypatch.setattr(D, "GRAPHS", False)
+    assert generate(mem.model, qs, static=True, **kw) == graph_tokens
+    monkeypatch.setattr(D, "GRAPHS", True)
+    kw.update(stop_ids=[10 ** 6], max_new_tokens=2)
+
+    def first_step(tail, blaslt="off"):
+        monkeypatch.setattr(D, "LORA_TAIL", tail)
+        monkeypatch.setattr(D, "BLASLT", blaslt)
+        ids, states = generate(mem.model, qs, static=True, hidden=True, **kw)
+        return [r[0] for r in ids], torch.stack([h[1] for h in states]).float()
+
+    t_plain, h_plain = first_step(False)
+    t_lt, h_lt = first_step(False, "on")
+    t_tail, h_tail = first_step(True)
+    assert t_plain == t_lt == t_tail
+    ulp = torch.finfo(torch.bfloat16).eps * h_plain.abs().max().item()
+    lt_moves = (h_lt - h_plain).abs().max().item()
+    moved = (h_tail - h_plain).abs().max().item()
+    print(f"first step's states: the tail moves them {moved:.4g} from the two GEMMs, cuBLASLt {lt_moves:.4g} (ulp {ulp:.3g})")
+    assert moved <= 2 * max(lt_moves, 4 * ulp), (moved, lt_moves, ulp)
+
+
 @pytest.mark.parametrize("sample", [False, True])
 def test_logits16_step_draws_the_same_tokens_on_cuda(smol_tokenizer, monkeypatch, sample):
     """decode.LOGITS_16: the captured step hands bf16 logits to the argmax / the Triton sampler

@@ -284,7 +284,7 @@ def test_static_decoder_with_lora_takes_the_adapter(static_kernels, monkeypatch,
         assert layers.fuse_projections(model) == 4          # 2 layers × (q/k/v, gate/up)
         built = []
         orig = D._fused_groups
-        monkeypatch.setattr(D, "_fused_groups", lambda body: built.append(orig(body)) or built[-1])
+        monkeypatch.setattr(D, "_fused_groups", lambda *a: built.append(orig(*a)) or built[-1])
     qs, prefix = [[5, 6, 7, 8], [9, 10]], list(range(20, 31))
     kw = dict(max_new_tokens=10, pad_id=0, sample=False, prefix=prefix, stop_ids=[10_000])
     got = generate(model, qs, static=True, **kw)
@@ -297,6 +297,36 @@ def test_static_decoder_with_lora_takes_the_adapter(static_kernels, monkeypatch,
     if fused:      # every step ran the fused GEMMs (the adapter's, then the disabled one's)
         assert built and all(qkv is not None and gu is not None for b in built for qkv, gu in b)
         assert all(g[0][0].adapted for g in built[:1]) and not built[-1][0][0].adapted
+
+
+@pytest.mark.parametrize("max_rows", [256, 1])
+def test_static_decoder_takes_the_lora_from_the_buffers_tail(static_kernels, monkeypatch, max_rows):
+    """decode.LORA_TAIL: every adapted projection — q/k/v and gate/up one GEMM each (also past
+    FUSED_PROJ_MAX_ROWS, where the base's groups run as modules), o and down alone — runs x [W; A]ᵀ
+    then the sB product in place, every step; the step writes the plain loop's tokens (fp32),
+    which differ from the base model's; with the adapter disabled nothing takes a tail and the
+    base's tokens come."""
+    import iicl_fast.decode as D
+    from iicl_fast import layers
+    from iicl_fast.generation import generate
+    monkeypatch.setattr(D, "LORA_TAIL", True)
+    monkeypatch.setattr(D, "FUSED_PROJ_MAX_ROWS", max_rows)
+    model = _lora_tiny(7, ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], True)
+    tails = []
+    orig = layers.FusedLinears._with_tail
+    monkeypatch.setattr(layers.FusedLinears, "_with_tail", lambda self, A: tails.append(len(self.sizes)) or orig(self, A))
+    g = torch.Generator().manual_seed(8)
+    prefix = torch.randint(3, 97, (19,), generator=g).tolist()
+    qs = [torch.randint(3, 97, (n,), generator=g).tolist() for n in (4, 1, 6)]
+    kw = dict(max_new_tokens=8, pad_id=0, sample=False, prefix=prefix, stop_ids=[10_000])
+    got = generate(model, qs, static=True, **kw)
+    assert len(tails) == 2 * 4 * 7 and set(tails) == {1, 2, 3}      # 2 layers × (q/k/v, o, gate/up, down), 7 steps
+    assert got == generate(model, qs, static=False, **kw)
+    with model.disable_adapter():
+        base = generate(model, qs, static=False, **kw)
+        assert base != got
+        tails.clear()
+        assert generate(model, qs, static=True, **kw) == base and not tails
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -214,3 +214,84 @@ def test_fused_linears_equal_their_modules_in_float64():
     copy.to(torch.float64)           # every weight its own storage again
     a2 = copy.get_base_model().model.layers[0].self_attn
     assert layers.FusedLinears.of([a2.q_proj, a2.k_proj, a2.v_proj]) is None
+
+
+def test_fused_linears_take_the_adapters_A_from_the_buffers_tail():
+    """fuse_projections reserves rows for the adapters' A after q/k/v (q and v adapted: 3 + 3),
+    gate/up (up: 3) and no others here; with lora_tail one GEMM over [W; A] then the sB product
+    in place equals the modules (float64) and the two-GEMM form. The tail follows the adapter:
+    rewritten after an in-place change of A and after another adapter's FusedLinears wrote its
+    own there; a rank that does not fit falls back to the two GEMMs and fuse_projections lays
+    the group out anew with room for it. The write leaves the weights' version counters alone:
+    a backward that saved them still runs."""
+    from peft import LoraConfig
+    model = _lora_llama()
+    body = model.get_base_model().model
+    a, mlp = body.layers[0].self_attn, body.layers[0].mlp
+    qkv = [a.q_proj, a.k_proj, a.v_proj]
+    w_before = [_base(m).weight.detach().clone() for m in qkv]
+    assert layers.fuse_projections(model) == 4
+    for m, w in zip(qkv, w_before):
+        assert torch.equal(_base(m).weight, w)
+    o_w = _base(a.o_proj).weight
+    assert o_w.untyped_storage().nbytes() == o_w.numel() * o_w.element_size()     # no adapter: left alone
+    x = torch.randn(7, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    f, gu = layers.FusedLinears.of(qkv), layers.FusedLinears.of([mlp.gate_proj, mlp.up_proj])
+    assert (f.tail, gu.tail) == (6, 3) and f.tail_fits() and gu.tail_fits()
+    n = f.weight.shape[0]
+    with torch.no_grad():
+        want = torch.cat([m(x) for m in qkv], -1)
+        two_gemms = f(x)
+        versions = [_base(m).weight._version for m in qkv]
+        f.lora_tail = gu.lora_tail = True
+        got = f(x)
+        assert got.stride(0) == n + 6                           # a view of [M, ΣN + R]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got, two_gemms, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gu(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1), rtol=1e-12, atol=1e-12)
+        tail = f.weight.untyped_storage()
+        rows = torch.empty(0, dtype=f.weight.dtype).set_(tail, n * 40, (6, 40), (40, 1))
+        assert torch.equal(rows, torch.cat([a.q_proj.lora_A["default"].weight, a.v_proj.lora_A["default"].weight]))
+        assert [_base(m).weight._version for m in qkv] == versions
+        a.q_proj.lora_A["default"].weight.mul_(1.5)                 # an in-place change, as an optimizer step
+        want2 = torch.cat([m(x) for m in qkv], -1)
+        assert (want2 - want).abs().max() > 1e-3
+        torch.testing.assert_close(f(x), want2, rtol=1e-12, atol=1e-12)
+    # another adapter writes its A into the same rows; the first one's FusedLinears writes its own back
+    model.add_adapter("two", LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".two." in name:
+                p.normal_(0, 0.4)
+        model.set_adapter("two")
+        g = layers.FusedLinears.of(qkv)
+        g.lora_tail = True
+        assert g.tail_fits() and g.adapted[0][1] == "two"
+        torch.testing.assert_close(g(x), torch.cat([m(x) for m in qkv], -1), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(f(x), want2, rtol=1e-12, atol=1e-12)
+    # a larger rank: no room (the two GEMMs, still exact), until fuse_projections makes room
+    model.add_adapter("big", LoraConfig(r=5, lora_alpha=10, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".big." in name:
+                p.normal_(0, 0.4)
+        model.set_adapter("big")
+        want3 = torch.cat([m(x) for m in qkv], -1)
+        h = layers.FusedLinears.of(qkv)
+        h.lora_tail = True
+        assert not h.tail_fits()
+        torch.testing.assert_close(h(x), want3, rtol=1e-12, atol=1e-12)
+    assert layers.fuse_projections(model) == 4
+    assert layers.FusedLinears.of(qkv).tail == 10
+    for m, w in zip(qkv, w_before):
+        assert torch.equal(_base(m).weight, w)
+    # the write during a backward's life: the weights it saved are not "modified in place"
+    model.set_adapter("default")
+    xg = x.clone().requires_grad_(True)
+    out = _base(a.q_proj)(xg).sum()             # saves q's base weight: f.weight's first rows
+    with torch.no_grad():
+        f2 = layers.FusedLinears.of(qkv)
+        f2.lora_tail = True
+        f2(x)
+    out.backward()
+    torch.testing.assert_close(xg.grad, _base(a.q_proj).weight.sum(0).expand(7, -1))
