@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Issue 12's figures, one device call per mode (`benchmarks/device_prepare.sh` first, carry .whl
 # and .bench/tok, and pass the commit: the device's checkout reports a stale HEAD):
-#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|chunk1|confirm|blaslt|prefetch|prefetch2|attn|lora|lean|tests
+#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|chunk1|confirm|first|blaslt|prefetch|prefetch2|attn|lora|lean|tests
 # confirm (~4 min): the issue's table without the baselines at the defaults, the bf16-logits GPU tests.
+# first (~5 min): when machines are scarce — 64 rows × 128 / 512 at the defaults, the LoRA step (plain and
+#   LORA_TAIL) at 64 and 400 rows, the LORA_TAIL GPU test.
 # prefetch (~4 min): the L2-prefetch GPU test, then bench_generate at 64 and 128 rows × 128 new with
 #   decode.PREFETCH_MB 16 / 32 / 32 evict-last, PREFETCH_KV, and 32 + KV beside the default.
 # prefetch2 (~4.5 min): the same at 64 rows again (run-to-run spread), and once more with 24 MiB of
@@ -109,6 +111,12 @@ lora)     # (~5 min) the step with a rank-16 LoRA on every linear layer (as elic
   timeout 90 python benchmarks/bench_generate.py --rows 64 400 --new 128 --out "$R/generate_nolora_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-200
   timeout 150 python benchmarks/bench_generate.py --rows 64 400 --new 128 --lora 16 --lora-tail --out "$R/generate_lora_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-200
   ;;
+first)    # (~5 min) one call when a machine is scarce: the 64-row target at the defaults (64 × 128 and 512),
+          # the step with a rank-16 LoRA and with its A in the buffers' tails at 64 and 400 rows, the LORA_TAIL GPU test
+  timeout 100 python benchmarks/bench_generate.py --rows 64 --new 128 512 --out "$R/generate_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-230
+  timeout 150 python benchmarks/bench_generate.py --rows 64 400 --new 128 --lora 16 --lora-tail --out "$R/generate_lora_$IICL_COMMIT.json" 2>&1 | grep "^{" | cut -c1-200
+  timeout 60 python -m pytest -q -s tests/test_cuda_e2e.py -k "lora_tail" 2>&1 | grep "states\|passed\|failed\|Error\|assert" | tail -6
+  ;;
 lean)
   timeout 60 python benchmarks/tune_decode_gemms.py --rows 61 64 93 96 97 203 387 397 400 --lean \
     --out "$R/gemm_lean_$IICL_COMMIT.json" 2>&1 | tail -9 | cut -c1-200
@@ -118,7 +126,7 @@ tests)
     -k "not demo_recall and not cli_consolidate and not static_greedy_matches and not cascade_greedy" 2>&1 | tail -8
   ;;
 *)
-  echo "device_decode.sh: say quick, variants, table, chunk, chunk1, confirm, blaslt, prefetch, prefetch2, attn, lora, lean or tests" >&2
+  echo "device_decode.sh: say quick, variants, table, chunk, chunk1, confirm, first, blaslt, prefetch, prefetch2, attn, lora, lean or tests" >&2
   exit 2
   ;;
 esac
