@@ -284,11 +284,12 @@ def cmd_ask(args) -> int:
 
 def cmd_session_eval(args) -> int:
     from . import load_model
-    from .retain import POLICIES
+    from .retain import POLICIES, check_cache
     from .session_eval import cache_split, multiple_choice, passkey, read_jsonl
     if args.policy not in POLICIES:
         raise IICLError(f"unknown policy {args.policy!r}: choose one of {', '.join(POLICIES)}")
-    cache_split(args.cache, args.sink, args.recent)      # bad sizes fail before the model loads
+    sink, budget, recent = cache_split(args.cache, args.sink, args.recent)
+    check_cache(args.policy, sink, budget, recent, args.decay)      # bad settings fail before the model loads
     if args.task == "mc":
         if not args.data:
             raise IICLError("--task mc needs --data FILE.jsonl")

@@ -173,6 +173,21 @@ class _Turns:
 
 
 # -- the session --------------------------------------------------------------------------
+def check_cache(policy: str, sink: int, budget: int, recent: int, decay: float) -> None:
+    """StreamingSession's settings checked (IICLError naming the first bad one), so a caller can
+    check them before loading a model."""
+    if policy not in POLICIES:
+        raise IICLError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
+    for name, v in (("sink", sink), ("budget", budget), ("recent", recent)):
+        if not isinstance(v, int) or v < 0:
+            raise IICLError(f"{name} must be an integer >= 0, got {v!r}")
+    if policy != "full" and budget < sink + recent:
+        raise IICLError(f"budget {budget} is smaller than sink + recent = {sink + recent}: "
+                        "the scored middle of the cache would be smaller than its fixed ends")
+    if not 0.0 < decay <= 1.0:
+        raise IICLError(f"decay must be in (0, 1], got {decay}")
+
+
 class StreamingSession:
     """A dialogue with a bounded KV cache (SirLLM token-entropy retention with decay).
 
@@ -192,16 +207,7 @@ class StreamingSession:
             model = self.memory.model
         if tokenizer is None:
             raise IICLError("StreamingSession: give the tokenizer with the model")
-        if policy not in POLICIES:
-            raise IICLError(f"unknown policy {policy!r}: choose one of {', '.join(POLICIES)}")
-        for name, v in (("sink", sink), ("budget", budget), ("recent", recent)):
-            if not isinstance(v, int) or v < 0:
-                raise IICLError(f"{name} must be an integer >= 0, got {v!r}")
-        if policy != "full" and budget < sink + recent:
-            raise IICLError(f"budget {budget} is smaller than sink + recent = {sink + recent}: "
-                            "the scored middle of the cache would be smaller than its fixed ends")
-        if not 0.0 < decay <= 1.0:
-            raise IICLError(f"decay must be in (0, 1], got {decay}")
+        check_cache(policy, sink, budget, recent, decay)
         if step < 1:
             raise IICLError(f"step must be >= 1, got {step}")
         self.model, self.tok, self.policy = model, tokenizer, policy

@@ -26,6 +26,9 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 def cache_split(cache: int, sink: int = 4, recent: int | None = None) -> tuple[int, int, int]:
     """A cache of `cache` tokens -> (sink, budget, recent): recent defaults to a quarter."""
     recent = cache // 4 if recent is None else recent
+    for name, v in (("sink", sink), ("recent", recent)):
+        if not isinstance(v, int) or v < 0:
+            raise IICLError(f"{name} must be an integer >= 0, got {v!r}")
     budget = cache - sink - recent
     if cache < 1 or budget < sink + recent:
         raise IICLError(f"cache {cache} is too small: its budget {budget} (cache - sink - recent) must be at least "

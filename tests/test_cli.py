@@ -165,7 +165,13 @@ def test_session_eval_passkey_and_mc(tiny_dir, tmp_path, capsys):
     assert abs(res["win_rate"] + res["tie_rate"] + res["loss_rate"] - 1.0) < 1e-9
 
 
-def test_session_eval_bad_input(tiny_dir, tmp_path, capsys):
+def test_session_eval_bad_input(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Each bad setting: one line, exit 2, before any model loads (an 8B one takes minutes)."""
+    import iicl_fast
+
+    def no_load(*a, **k):
+        raise AssertionError("the model loaded before the bad setting was named")
+    monkeypatch.setattr(iicl_fast, "load_model", no_load)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "key_0", "question": {"stem": "x", "choices": []}}\n{"id": 1}\n')
     for argv, msg in [
@@ -176,6 +182,10 @@ def test_session_eval_bad_input(tiny_dir, tmp_path, capsys):
         (["--task", "mc", "--data", bad], "bad.jsonl:2: not a SirLLM row"),
         (["--task", "passkey", "--stream-tokens", 300, "--cache", 8], "cache 8 is too small"),
         (["--task", "passkey", "--stream-tokens", 0], "--stream-tokens must be >= 1"),
+        (["--task", "passkey", "--stream-tokens", 300, "--decay", 2], "decay must be in (0, 1], got 2.0"),
+        (["--task", "passkey", "--stream-tokens", 300, "--decay", "nan"], "decay must be in (0, 1], got nan"),
+        (["--task", "passkey", "--stream-tokens", 300, "--sink", -1], "sink must be an integer >= 0, got -1"),
+        (["--task", "passkey", "--stream-tokens", 300, "--recent", -3], "recent must be an integer >= 0, got -3"),
     ]:
         code, out, err = run(capsys, "session-eval", *argv, "--model", tiny_dir, "--quiet")
         assert code == 2 and msg in err and out == "", (argv, err)
