@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass
 
 
@@ -320,7 +321,9 @@ def check_fields(d: dict) -> None:
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise IICLError(f"unknown Config field{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+        hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, known, 1, 0.6)) else u
+                 for u in unknown]
+        raise IICLError(f"unknown Config field{'s' if len(unknown) > 1 else ''}: {', '.join(hints)}")
 
 
 _DEFAULTS = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()

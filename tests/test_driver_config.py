@@ -32,8 +32,10 @@ def test_presets_and_overrides():
     assert Config.preset("stress").lr == 1e-3      # the 2M runs' setting, kept when small's lr moved
     with pytest.raises(IICLError, match="unknown preset 'huge'"):
         Config.preset("huge")
-    with pytest.raises(IICLError, match="unknown Config field: lrr"):
+    with pytest.raises(IICLError, match=r"unknown Config field: lrr \(did you mean lr\?\)"):
         Config.preset("small", lrr=1)
+    with pytest.raises(IICLError, match=r"unknown Config fields: lora_rank \(did you mean lora_r\?\), zzz$"):
+        Config.preset("small", zzz=1, lora_rank=4)
     with pytest.raises(IICLError, match="bad value for Config field epochs: 'two'"):
         Config.preset("small", epochs="two")
     for field, value in [("lr", 0), ("elicit_temperature", -1.0), ("elicit_top_p", 1.5), ("lora_alpha", 0),
