@@ -170,6 +170,8 @@ def open_for_write(path: str | os.PathLike):
     if dist.several() and not dist.is_main():
         yield Path(path)
         return
+    if not isinstance(path, (str, os.PathLike)):
+        raise IICLError(f"a memory's path must be a str or a path, got {type(path).__name__}")
     path = Path(path)
     if not path.name or path.name in (".", ".."):
         raise IICLError(f"a memory needs a directory name of its own, not {str(path)!r}")
@@ -252,6 +254,14 @@ class Memory:
     def __init__(self, model, tokenizer, config: Config | None = None):
         from peft import LoraConfig, PeftModel, get_peft_model
 
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_input_embeddings"):
+            raise IICLError(f"Memory needs a causal language model (a transformers model, e.g. from "
+                            f"iicl_fast.load_model), got {type(model).__name__}")
+        if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+            raise IICLError(f"Memory needs the model's tokenizer, got {type(tokenizer).__name__}")
+        if config is not None and not isinstance(config, Config):
+            raise IICLError(f"config must be an iicl_fast.Config (Config(**fields) or Config.preset(name)), "
+                            f"got {type(config).__name__}")
         self.config = config or Config()
         self.tokenizer = tokenizer
         self.fmt = PromptFormat(tokenizer, model)
@@ -353,7 +363,9 @@ class Memory:
     def consolidate(self, text: str, *, chunk_index: int | None = None, stream: str | None = None,
                     position: int | None = None) -> ConsolidationReport:
         """One transformation T_i: θ_{i-1} + C_i → θ_i (text consolidated as one chunk)."""
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise IICLError(f"text must be a string, got {type(text).__name__}")
+        if not text.strip():
             raise IICLError("empty text: nothing to consolidate")
         self._activate()
         idx = len(self.chunks) if chunk_index is None else chunk_index
@@ -441,10 +453,16 @@ class Memory:
         if isinstance(questions, str):           # a string iterates as its characters: one answer each
             raise IICLError("ask_many takes a list of questions (ask(question) for one)")
         questions = list(questions)
-        if any(not isinstance(q, str) or not q.strip() for q in questions):
-            raise IICLError("empty question (each question must be a non-empty string)")
+        for i, q in enumerate(questions):
+            if not isinstance(q, str):
+                raise IICLError(f"question {i} must be a string, got {type(q).__name__}")
+            if not q.strip():
+                raise IICLError(f"question {i} is empty (each question must be a non-empty string)")
         if context is not None and not isinstance(context, str):
             raise IICLError(f"context must be a string, got {type(context).__name__}")
+        if max_new_tokens is not None and (type(max_new_tokens) is not int or max_new_tokens < 1):
+            raise IICLError(f"max_new_tokens must be an integer >= 1 (None: the config's answer_max_new_tokens), "
+                            f"got {max_new_tokens!r}")
         self._activate()
         prompts = [self.prompt_ids(q, context=context) for q in questions]
         outs = generate(self.model, prompts, max_new_tokens=max_new_tokens or self.config.answer_max_new_tokens,

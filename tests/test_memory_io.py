@@ -498,12 +498,36 @@ def test_ask_refuses_questions_it_would_misread(tiny):
     empty or non-string questions and a non-string context; ask and a one-item ask_many agree."""
     model, tok = tiny
     mem = Memory(model, tok, iicl_fast.Config(**TINY_CONFIG))
-    for bad, msg in [("Who?", "list of questions"), (["Who?", "  "], "empty question"), ([3], "empty question")]:
+    for bad, msg in [("Who?", "list of questions"), (["Who?", "  "], "question 1 is empty"),
+                     ([3], "question 0 must be a string, got int")]:
         with pytest.raises(iicl_fast.IICLError, match=msg):
             mem.ask_many(bad, max_new_tokens=2)
     with pytest.raises(iicl_fast.IICLError, match="context must be a string"):
         mem.ask_many(["Who?"], context=["a document"], max_new_tokens=2)
+    for n in (0, -1, 2.5, "8"):     # 0 once meant "the default" (max_new_tokens or ...); -1 a torch traceback
+        with pytest.raises(iicl_fast.IICLError, match=f"max_new_tokens must be an integer >= 1.*got {n!r}"):
+            mem.ask("Who?", max_new_tokens=n)
     assert mem.ask_many(("Who?" for _ in range(2)), max_new_tokens=3) == [mem.ask("Who?", max_new_tokens=3)] * 2
+
+
+def test_memory_refuses_arguments_of_the_wrong_kind(tiny):
+    """Memory(None, tok), Memory(model, None), a dict as the config, consolidate(bytes) and
+    save(None) were AttributeErrors / TypeErrors from deep inside, or "empty text" for bytes:
+    each one IICLError naming what was given."""
+    model, tok = tiny
+    for args, msg in [((None, tok), "needs a causal language model.*got NoneType"),
+                      ((model, None), "needs the model's tokenizer, got NoneType"),
+                      ((model, tok, {"lr": 1e-3}), "config must be an iicl_fast.Config.*got dict")]:
+        with pytest.raises(iicl_fast.IICLError, match=msg):
+            Memory(*args)
+    mem = Memory(model, tok, iicl_fast.Config(**TINY_CONFIG))
+    for text, msg in [(b"The sky is green.", "text must be a string, got bytes"), (None, "got NoneType"),
+                      ("  \n", "empty text")]:
+        with pytest.raises(iicl_fast.IICLError, match=msg):
+            mem.consolidate(text)
+    with pytest.raises(iicl_fast.IICLError, match="path must be a str or a path, got NoneType"):
+        mem.save(None)
+    assert not mem.chunks
 
 
 def test_target_modules_that_name_no_layer_or_the_output_layer_are_refused(tiny):
