@@ -91,10 +91,15 @@ def stream(mem: Memory, texts: str | Iterable[str], *, chunk_tokens: int | None 
     last saved chunk; other texts are a new stream, appended (see match_stream).
     Each report carries the chunk's seconds per phase (plus "save") and peak GPU memory.
     on_chunk(j) is called before chunk j (its position in the stream) is consolidated."""
+    if not isinstance(texts, str) and not isinstance(texts, Iterable):
+        raise IICLError(f"stream takes a string or a list of strings, got {type(texts).__name__}")
     texts = [texts] if isinstance(texts, str) else list(texts)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise IICLError(f"stream: text {i} is a {type(t).__name__}, not a string")
+    if chunk_tokens is not None and (type(chunk_tokens) is not int or chunk_tokens < 1):
+        raise IICLError(f"chunk_tokens must be an integer >= 1 (None: the config's {mem.config.chunk_tokens}), "
+                        f"got {chunk_tokens!r}")
     chunk_tokens = chunk_tokens or mem.config.chunk_tokens
     chunks = [c for t in texts for c in split_chunks(mem.fmt, t, chunk_tokens)]
     if not chunks:

@@ -37,7 +37,9 @@ def consolidate_many(model, tokenizer, texts: list[str], config: Config | None =
     if not texts:
         raise IICLError("consolidate_many: no texts")
     for i, t in enumerate(texts):
-        if not isinstance(t, str) or not t.strip():
+        if not isinstance(t, str):
+            raise IICLError(f"consolidate_many: text {i} is a {type(t).__name__}, not a string")
+        if not t.strip():
             raise IICLError(f"consolidate_many: text {i} is empty")
     mems = [Memory(model, tokenizer, config) for _ in texts]     # fresh adapters: B = 0, the base model
     peft_model, fmt = mems[0].model, mems[0].fmt

@@ -175,6 +175,8 @@ def open_for_write(path: str | os.PathLike):
     path = Path(path)
     if not path.name or path.name in (".", ".."):
         raise IICLError(f"a memory needs a directory name of its own, not {str(path)!r}")
+    if path.exists() and not path.is_dir():
+        raise IICLError(f"{path} is a file, not a memory directory")
     check_dir_path(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = path.parent / f".{path.name}.lock"

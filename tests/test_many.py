@@ -89,6 +89,8 @@ def test_consolidate_many_bad_input(tiny):
         iicl_fast.consolidate_many(model, tok, [], iicl_fast.Config(**TINY_CONFIG))
     with pytest.raises(IICLError, match="text 1 is empty"):
         iicl_fast.consolidate_many(model, tok, ["a text.", "  "], iicl_fast.Config(**TINY_CONFIG))
+    with pytest.raises(IICLError, match="text 1 is a NoneType, not a string"):
+        iicl_fast.consolidate_many(model, tok, ["a text.", None], iicl_fast.Config(**TINY_CONFIG))
     with pytest.raises(IICLError, match="list of texts"):        # not one document a character
         iicl_fast.consolidate_many(model, tok, "a text.", iicl_fast.Config(**TINY_CONFIG))
 

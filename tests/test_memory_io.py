@@ -572,3 +572,16 @@ def test_save_and_stream_refuse_what_they_cannot_use(tiny, tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     with pytest.raises(iicl_fast.IICLError, match="text 1 is a int"):
         list(iicl_fast.stream(mem, ["A text.", 3]))          # (a generator: checked at the first chunk)
+    # chunk_tokens=0 was taken as "the default" and consolidated at 1,024; -3 said "empty text";
+    # 2.5 a resume message; None as the texts and a file as the checkpoint dir were tracebacks
+    for n in (0, -3, 2.5):
+        with pytest.raises(iicl_fast.IICLError, match=f"chunk_tokens must be an integer >= 1.*got {n!r}"):
+            list(mem.stream("A text.", chunk_tokens=n))
+    with pytest.raises(iicl_fast.IICLError, match="takes a string or a list of strings, got NoneType"):
+        list(mem.stream(None))
+    (tmp_path / "notes.txt").write_text("keep me")
+    for call in (lambda: list(mem.stream("A text.", checkpoint_dir=tmp_path / "notes.txt")),
+                 lambda: mem.save(tmp_path / "notes.txt")):
+        with pytest.raises(iicl_fast.IICLError, match="notes.txt is a file, not a memory directory"):
+            call()
+    assert (tmp_path / "notes.txt").read_text() == "keep me" and not mem.chunks
