@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 from dataclasses import dataclass
 
 
@@ -235,6 +236,8 @@ class Config:
     progress: bool = True
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked(f.name, getattr(self, f.name)))
         if self.loss not in LOSSES:
             raise IICLError(f"unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
         if self.selection not in SELECTIONS:
@@ -328,6 +331,36 @@ def check_fields(d: dict) -> None:
 
 _DEFAULTS = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
              for f in dataclasses.fields(Config)}
+
+
+def _numpy_bool(value) -> bool:
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+
+
+def _checked(name: str, value):
+    """value as field `name`'s type (numpy scalars as Python's: a manifest is JSON), or IICLError
+    (Python callers; files and --set go through coerce first): Config(lr="0.1") failed at a
+    comparison, epochs=2.5 deep in training."""
+    default = _DEFAULTS[name]
+    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if name == "select_top_k":
+        ok, want, cast = value is None or integral, "an int or None", lambda v: None if v is None else int(v)
+    elif name == "target_modules":
+        ok = isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))
+        want, cast = '"all-linear", a list of module names or a regular expression', lambda v: v
+    elif isinstance(default, bool):
+        ok, want, cast = isinstance(value, bool) or _numpy_bool(value), "True or False", bool
+    elif isinstance(default, int):
+        ok, want, cast = integral, "an int", int
+    elif isinstance(default, float):
+        ok, want, cast = isinstance(value, numbers.Real) and not isinstance(value, bool), "a number", float
+    elif isinstance(default, str):
+        ok, want, cast = isinstance(value, str), "a string", str
+    else:
+        return value
+    if not ok:
+        raise IICLError(f"Config field {name} must be {want}, got {value!r}")
+    return cast(value)
 
 
 def coerce(name: str, value):

@@ -8,6 +8,7 @@ import json
 import math
 import random
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -133,9 +134,19 @@ def _check_target_modules(model, targets) -> None:
     """IICLError for a target_modules list that names no layer of the model (peft's own error is
     a traceback), or the output layer: the fused loss head and the decoder read its base weight,
     so a LoRA there would be silently ignored. A string other than "all-linear" is peft's regex."""
-    if isinstance(targets, str):
-        return
     names = [n.removesuffix(".base_layer") for n, _ in model.named_modules() if n and ".lora_" not in n]
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return
+        try:
+            hit = any(re.fullmatch(targets, n.removeprefix("base_model.model.")) for n in names)   # peft's keys
+        except re.error as e:
+            raise IICLError(f"target_modules: {targets!r} is not a regular expression ({e})") from None
+        if not hit:
+            example = next((n for n in names if isinstance(model.get_submodule(n), torch.nn.Linear)), names[-1])
+            raise IICLError(f"target_modules: the regular expression {targets!r} matches no module's full name "
+                            f"(such as {example!r}); to name layers, give a list: [{targets!r}]")
+        return
     out = causal_lm(model).get_output_embeddings()
     head = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is out}
     linear = sorted({n.removesuffix(".base_layer").rsplit(".", 1)[-1] for n, m in model.named_modules()

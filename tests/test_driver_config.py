@@ -38,6 +38,17 @@ def test_presets_and_overrides():
         Config.preset("small", zzz=1, lora_rank=4)
     with pytest.raises(IICLError, match="bad value for Config field epochs: 'two'"):
         Config.preset("small", epochs="two")
+    # from Python, no coercion: the wrong type is named (lr="0.1" was a TypeError at a comparison,
+    # epochs=2.5 and progress=1 were accepted); numpy scalars become Python's (a manifest is JSON)
+    for field, value, want in [("lr", "0.1", "a number"), ("epochs", 2.5, "an int"), ("epochs", True, "an int"),
+                               ("progress", 1, "True or False"), ("select_top_k", 2.0, "an int or None"),
+                               ("target_modules", ["q_proj", 3], "a list of module names"), ("loss", 3, "a string")]:
+        with pytest.raises(IICLError, match=f"Config field {field} must be .*{re.escape(want)}.*, got {re.escape(repr(value))}$"):
+            Config(**{field: value})
+    import numpy as np
+    c = Config(epochs=np.int64(2), lr=np.float32(0.5), progress=np.bool_(False), select_top_k=np.int32(3))
+    assert (type(c.epochs), type(c.lr), type(c.progress), type(c.select_top_k)) == (int, float, bool, int)
+    assert Config.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     for field, value in [("lr", 0), ("elicit_temperature", -1.0), ("elicit_top_p", 1.5), ("lora_alpha", 0),
                          ("train_tokens", 0), ("temperature", 0.0)]:
         with pytest.raises(IICLError, match=field):

@@ -538,6 +538,14 @@ def test_target_modules_that_name_no_layer_or_the_output_layer_are_refused(tiny)
         Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "target_modules": ["q_proj", "nope_proj"]}))
     with pytest.raises(iicl_fast.IICLError, match="'lm_head' is the output layer"):
         Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "target_modules": ["lm_head"]}))
+    # a string is peft's regular expression over full names: one that matches nothing was peft's traceback
+    with pytest.raises(iicl_fast.IICLError, match=r"regular expression 'q_proj' matches no module.*give a list: \['q_proj'\]"):
+        Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "target_modules": "q_proj"}))
+    with pytest.raises(iicl_fast.IICLError, match=r"'\(' is not a regular expression"):
+        Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "target_modules": "("}))
+    regex = Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "target_modules": r".*\.(q|v)_proj"}))
+    assert regex.params and all(".q_proj." in n or ".v_proj." in n
+                                for n, p in regex.model.named_parameters() if f".{regex.name}." in n)
     mem = Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "target_modules": ["v_proj"]}))
     assert mem.params and all(".v_proj." in n for n, p in mem.model.named_parameters() if f".{mem.name}." in n)
     again = Memory(model, tok, iicl_fast.Config(**{**TINY_CONFIG, "target_modules": ["o_proj"]}))   # on the wrapped base
