@@ -446,9 +446,11 @@ FUSED_PROJ_MAX_ROWS = 256
 # weights' stream; groups with a tail run as one GEMM at any row count. Why: elicitation decodes
 # with θ_{i-1}'s adapter on every linear layer — at 400 rows (projections unfused) 448 extra
 # launches a step; the paper chunk's 400-row steps ran 21.6 ms against the table's 19.63 (base
-# model). Not yet measured on the GPU (bench_generate.py --lora 16 --lora-tail): off
-# (IICL_DECODE_LORA_TAIL=1: on).
-LORA_TAIL = os.environ.get("IICL_DECODE_LORA_TAIL", "0") == "1"
+# model). Measured (H100, bench_generate.py --rows 64 400 --new 128 --lora 16 --lora-tail, cad6fd8,
+# two runs): 64 rows 8.97 / 8.96 -> 8.04 / 8.03 ms a step (the base's 7.44: the LoRA's cost 1.53 ->
+# 0.60), 400 rows 20.17 / 20.18 -> 19.70 / 19.72 (base 17.47). On by default
+# (IICL_DECODE_LORA_TAIL=0: the three GEMMs).
+LORA_TAIL = os.environ.get("IICL_DECODE_LORA_TAIL", "1") == "1"
 # The layers' GEMMs through cuBLASLt rather than cuBLAS (torch's preferred_blas_library, set
 # while the step runs, so a graph captures those kernels; the LM head stays on cuBLAS, slower
 # through Lt at every size measured). Graph-timed GEMMs of the 8B layers, ms a step (32 layers,

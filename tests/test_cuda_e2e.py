@@ -786,6 +786,7 @@ def test_lora_tail_step_on_cuda(smol_tokenizer, monkeypatch, max_rows):
     monkeypatch.setattr(D, "FUSED_PROJ_MAX_ROWS", max_rows)
     mem = _bf16_memory_with_lora(smol_tokenizer)
     calls = _count_calls(monkeypatch, layers.FusedLinears, "_with_tail")
+    monkeypatch.setattr(D, "LORA_TAIL", False)
     gen = torch.Generator().manual_seed(2)
     prefix = torch.randint(3, 40000, (211,), generator=gen).tolist()
     qs = [torch.randint(3, 40000, (n,), generator=gen).tolist() for n in (5, 17, 1, 9, 30, 2)]
