@@ -641,6 +641,52 @@ def _count_calls(monkeypatch, module, name) -> list:
     return calls
 
 
+def _step_setting_matches(mem, monkeypatch, attr: str, off, on, calls: list, seed: int, what: str) -> None:
+    """A Memory's decoding step with decode.<attr> = on against = off (6 rows after a 211-token
+    prefix, greedy): with off, `calls` (a _count_calls list of the path `on` takes) stays empty;
+    with on it fills, and the captured and eager steps write the same tokens through a compaction.
+    Then the first decoded step's final states (each row's token 0 comes from the same prefill,
+    so the step's inputs are equal) no further from off's than 2× what another correct GEMM's
+    summation order moves them (cuBLASLt), at least 4 bf16 ulps of the largest. Greedy tokens
+    are no test there: 3 of 6 rows kept cuBLAS's first 8 under the skinny GEMM on the H200 (the
+    random model's near ties flip under any reordering), and a wiring fault (the adapter's term
+    dropped, a wrong layout) moves the states by O(1), not by rounding."""
+    import iicl_fast.decode as D
+    monkeypatch.setattr(D, "STOP_CHECK_EVERY", 4)
+    monkeypatch.setattr(D, "COMPACT_BELOW", 0.9)
+    monkeypatch.setattr(D, attr, off)
+    gen = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(3, 40000, (211,), generator=gen).tolist()
+    qs = [torch.randint(3, 40000, (n,), generator=gen).tolist() for n in (5, 17, 1, 9, 30, 2)]
+    kw = dict(max_new_tokens=24, pad_id=0, sample=False, prefix=prefix, batch_size=6)
+    plain = generate(mem.model, qs, static=True, stop_ids=[10 ** 6], **kw)
+    assert not calls
+    monkeypatch.setattr(D, attr, on)
+    kw["stop_ids"] = [plain[2][5]]
+    graph_tokens = generate(mem.model, qs, static=True, **kw)
+    assert calls
+    monkeypatch.setattr(D, "GRAPHS", False)
+    assert generate(mem.model, qs, static=True, **kw) == graph_tokens
+    monkeypatch.setattr(D, "GRAPHS", True)
+    kw.update(stop_ids=[10 ** 6], max_new_tokens=2)
+
+    def first_step(value, blaslt="off"):
+        monkeypatch.setattr(D, attr, value)
+        monkeypatch.setattr(D, "BLASLT", blaslt)
+        ids, states = generate(mem.model, qs, static=True, hidden=True, **kw)
+        return [r[0] for r in ids], torch.stack([h[1] for h in states]).float()
+
+    t_off, h_off = first_step(off)
+    t_lt, h_lt = first_step(off, "on")
+    t_on, h_on = first_step(on)
+    assert t_off == t_lt == t_on
+    ulp = torch.finfo(torch.bfloat16).eps * h_off.abs().max().item()
+    lt_moves = (h_lt - h_off).abs().max().item()
+    moved = (h_on - h_off).abs().max().item()
+    print(f"first step's states: {what} moves them {moved:.4g} from {attr}={off}, cuBLASLt {lt_moves:.4g} (ulp {ulp:.3g})")
+    assert moved <= 2 * max(lt_moves, 4 * ulp), (moved, lt_moves, ulp)
+
+
 def test_add_norm_step_equals_the_separate_kernels_on_cuda(smol_tokenizer, monkeypatch):
     """The residual add folded into the norm kernel (decode.ADD_NORM) is the separate add and
     norm bit for bit in bf16: the kernel at odd shapes, and a Memory's captured decoding step
@@ -730,46 +776,10 @@ def test_skinny_gemm_on_cuda(smol_tokenizer, monkeypatch):
         x.copy_(torch.randn(64, 14336, device="cuda", generator=g).bfloat16())
         graph.replay()
         assert torch.equal(y, sg.skinny_linear(x, w)), i
-    monkeypatch.setattr(D, "STOP_CHECK_EVERY", 4)
-    monkeypatch.setattr(D, "COMPACT_BELOW", 0.9)
+    monkeypatch.setattr(D, "LORA_TAIL", False)           # the adapter's product as the kernel's add
     mem = _bf16_memory_with_lora(smol_tokenizer)
-    calls = _count_calls(monkeypatch, sg, "skinny_linear")
-    gen = torch.Generator().manual_seed(1)
-    prefix = torch.randint(3, 40000, (211,), generator=gen).tolist()
-    qs = [torch.randint(3, 40000, (n,), generator=gen).tolist() for n in (5, 17, 1, 9, 30, 2)]
-    kw = dict(max_new_tokens=24, pad_id=0, sample=False, prefix=prefix, batch_size=6)
-    cublas = generate(mem.model, qs, static=True, stop_ids=[10 ** 6], **kw)
-    assert not calls
-    monkeypatch.setattr(D, "GEMM", "triton")
-    kw["stop_ids"] = [cublas[2][5]]
-    graph_tokens = generate(mem.model, qs, static=True, **kw)
-    assert calls
-    monkeypatch.setattr(D, "GRAPHS", False)
-    assert generate(mem.model, qs, static=True, **kw) == graph_tokens
-    # Against cuBLAS's step: the first decoded step's final states (each row's token 0 comes from
-    # the same prefill, so the step's inputs are equal) no further from cuBLAS's than 2× what
-    # another correct GEMM's summation order moves them (cuBLASLt), at least 4 bf16 ulps of the
-    # largest. Greedy tokens are no test here: 3 of 6 rows kept cuBLAS's first 8 on the H200 (the
-    # random model's near ties flip under any reordering), and a wiring fault (the adapter's term
-    # dropped, a wrong layout) moves the states by O(1), not by rounding.
-    monkeypatch.setattr(D, "GRAPHS", True)
-    kw.update(stop_ids=[10 ** 6], max_new_tokens=2)
-
-    def first_step(gemm, blaslt="off"):
-        monkeypatch.setattr(D, "GEMM", gemm)
-        monkeypatch.setattr(D, "BLASLT", blaslt)
-        ids, states = generate(mem.model, qs, static=True, hidden=True, **kw)
-        return [r[0] for r in ids], torch.stack([h[1] for h in states]).float()
-
-    t_cublas, h_cublas = first_step("cublas")
-    t_lt, h_lt = first_step("cublas", "on")
-    t_skinny, h_skinny = first_step("triton")
-    assert t_cublas == t_lt == t_skinny
-    ulp = torch.finfo(torch.bfloat16).eps * h_cublas.abs().max().item()
-    lt_moves = (h_lt - h_cublas).abs().max().item()
-    moved = (h_skinny - h_cublas).abs().max().item()
-    print(f"first step's states: skinny moves them {moved:.4g} from cuBLAS, cuBLASLt {lt_moves:.4g} (ulp {ulp:.3g})")
-    assert moved <= 2 * max(lt_moves, 4 * ulp), (moved, lt_moves, ulp)
+    _step_setting_matches(mem, monkeypatch, "GEMM", "cublas", "triton", _count_calls(monkeypatch, sg, "skinny_linear"),
+                          1, "skinny")
 
 
 @pytest.mark.parametrize("max_rows", [256, 1])
@@ -781,42 +791,10 @@ def test_lora_tail_step_on_cuda(smol_tokenizer, monkeypatch, max_rows):
     them (the tail rounds x Wᵀ before adding the rank-r product: one rounding more)."""
     import iicl_fast.decode as D
     from iicl_fast import layers
-    monkeypatch.setattr(D, "STOP_CHECK_EVERY", 4)
-    monkeypatch.setattr(D, "COMPACT_BELOW", 0.9)
     monkeypatch.setattr(D, "FUSED_PROJ_MAX_ROWS", max_rows)
     mem = _bf16_memory_with_lora(smol_tokenizer)
-    calls = _count_calls(monkeypatch, layers.FusedLinears, "_with_tail")
-    monkeypatch.setattr(D, "LORA_TAIL", False)
-    gen = torch.Generator().manual_seed(2)
-    prefix = torch.randint(3, 40000, (211,), generator=gen).tolist()
-    qs = [torch.randint(3, 40000, (n,), generator=gen).tolist() for n in (5, 17, 1, 9, 30, 2)]
-    kw = dict(max_new_tokens=24, pad_id=0, sample=False, prefix=prefix, batch_size=6)
-    plain = generate(mem.model, qs, static=True, stop_ids=[10 ** 6], **kw)
-    assert not calls
-    monkeypatch.setattr(D, "LORA_TAIL", True)
-    kw["stop_ids"] = [plain[2][5]]
-    graph_tokens = generate(mem.model, qs, static=True, **kw)
-    assert calls
-    monkeypatch.setattr(D, "GRAPHS", False)
-    assert generate(mem.model, qs, static=True, **kw) == graph_tokens
-    monkeypatch.setattr(D, "GRAPHS", True)
-    kw.update(stop_ids=[10 ** 6], max_new_tokens=2)
-
-    def first_step(tail, blaslt="off"):
-        monkeypatch.setattr(D, "LORA_TAIL", tail)
-        monkeypatch.setattr(D, "BLASLT", blaslt)
-        ids, states = generate(mem.model, qs, static=True, hidden=True, **kw)
-        return [r[0] for r in ids], torch.stack([h[1] for h in states]).float()
-
-    t_plain, h_plain = first_step(False)
-    t_lt, h_lt = first_step(False, "on")
-    t_tail, h_tail = first_step(True)
-    assert t_plain == t_lt == t_tail
-    ulp = torch.finfo(torch.bfloat16).eps * h_plain.abs().max().item()
-    lt_moves = (h_lt - h_plain).abs().max().item()
-    moved = (h_tail - h_plain).abs().max().item()
-    print(f"first step's states: the tail moves them {moved:.4g} from the two GEMMs, cuBLASLt {lt_moves:.4g} (ulp {ulp:.3g})")
-    assert moved <= 2 * max(lt_moves, 4 * ulp), (moved, lt_moves, ulp)
+    _step_setting_matches(mem, monkeypatch, "LORA_TAIL", False, True,
+                          _count_calls(monkeypatch, layers.FusedLinears, "_with_tail"), 2, "the tail")
 
 
 @pytest.mark.parametrize("sample", [False, True])
