@@ -212,6 +212,12 @@ def open_for_write(path: str | os.PathLike):
         _HELD[key] = [fd, 1]
         try:
             recover(path)
+            # a save swaps the whole directory in and deletes what was there: an existing
+            # directory of anything but a memory (a user's files) is refused, never replaced
+            if path.is_dir() and not (path / MANIFEST).is_file() and any(path.iterdir()):
+                raise IICLError(f"{path} is a directory that holds no memory (no {MANIFEST}): a memory is saved by "
+                                "replacing its directory whole, so iicl_fast will not write there; give a new or "
+                                "empty directory")
             for stale in path.parent.glob(f".{path.name}.tmp-*"):     # killed writers' (we hold the lock)
                 shutil.rmtree(stale, ignore_errors=True)
         except BaseException:

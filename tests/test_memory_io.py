@@ -569,8 +569,9 @@ def test_past_the_models_positions_is_one_clear_error(tiny):
 
 
 def test_save_and_stream_refuse_what_they_cannot_use(tiny, tmp_path, monkeypatch):
-    """save("") or save("..") would aim the atomic swap at the working directory or its parent;
-    a non-string among stream's texts failed deep in the tokenizer."""
+    """save("") or save("..") would aim the atomic swap at the working directory or its parent,
+    and a directory of other files or a file was swapped out and deleted; a non-string among
+    stream's texts failed deep in the tokenizer."""
     model, tok = tiny
     mem = Memory(model, tok, iicl_fast.Config(**TINY_CONFIG))
     monkeypatch.chdir(tmp_path)
@@ -587,6 +588,19 @@ def test_save_and_stream_refuse_what_they_cannot_use(tiny, tmp_path, monkeypatch
             list(mem.stream("A text.", chunk_tokens=n))
     with pytest.raises(iicl_fast.IICLError, match="takes a string or a list of strings, got NoneType"):
         list(mem.stream(None))
+    # a directory of a user's files was replaced whole by the memory (its files deleted)
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "ch1.txt").write_text("precious")
+    for call in (lambda: mem.save(tmp_path / "thesis"),
+                 lambda: list(mem.stream("A text.", checkpoint_dir=tmp_path / "thesis"))):
+        with pytest.raises(iicl_fast.IICLError, match="thesis is a directory that holds no memory"):
+            call()
+    assert sorted(p.name for p in (tmp_path / "thesis").iterdir()) == ["ch1.txt"]
+    assert (tmp_path / "thesis" / "ch1.txt").read_text() == "precious"
+    (tmp_path / "empty").mkdir()
+    mem.save(tmp_path / "empty")                                  # an empty directory is fine
+    mem.save(tmp_path / "empty")                                  # and so is a memory, saved again
+    assert (tmp_path / "empty" / "manifest.json").is_file()
     (tmp_path / "notes.txt").write_text("keep me")
     for call in (lambda: list(mem.stream("A text.", checkpoint_dir=tmp_path / "notes.txt")),
                  lambda: mem.save(tmp_path / "notes.txt")):
