@@ -84,31 +84,44 @@ def _fault_pause(where: str) -> None:
         time.sleep(float(pause))
 
 
-def _old(path: Path) -> Path:
+def _aside(path: Path) -> Path:
+    """Where a save puts the previous memory between its two renames: a hidden name of its own,
+    so that nothing of the user's (a backup copy called DIR.old, say) is ever taken for it."""
+    return path.with_name(f".{path.name}.swap-old")
+
+
+def _legacy_old(path: Path) -> Path:
+    """Where earlier builds put it (until 2026-12-05; same memory format): DIR.old. Still put
+    back when DIR is missing; never deleted, since it may as well be the user's own copy."""
     return path.with_name(path.name + ".old")
 
 
 def recover(path: Path) -> None:
-    """Finish a swap that a crash interrupted: if only path.old holds a complete memory, it
-    becomes path again; a path.old beside a complete path is stale and goes."""
-    path, old = Path(path), _old(Path(path))
-    if not path.exists() and (old / MANIFEST).is_file():
-        os.replace(old, path)
-        _fsync_dir(path.parent)
-    elif (path / MANIFEST).is_file() and old.exists():
-        shutil.rmtree(old)
+    """Finish a swap that a crash interrupted: if path is missing and the swap's aside (or an
+    older version's path.old) holds a complete memory, it becomes path again; the aside beside a
+    complete path is stale and goes. A path.old beside a complete path stays (it may be a copy
+    the user made: deleting it lost their files)."""
+    path = Path(path)
+    if not path.exists():
+        for old in (_aside(path), _legacy_old(path)):
+            if (old / MANIFEST).is_file():
+                os.replace(old, path)
+                _fsync_dir(path.parent)
+                return
+    elif (path / MANIFEST).is_file() and _aside(path).exists():
+        shutil.rmtree(_aside(path))
         _fsync_dir(path.parent)
 
 
 def atomic_write_dir(path: Path, write) -> None:
     """Write a directory aside, then swap it in. At every moment one complete copy exists:
-    path, or (between the two renames) path.old, which recover() puts back. path.old is
-    removed only after the new path is in place and its parent directory fsynced."""
+    path, or (between the two renames) its aside .NAME.swap-old, which recover() puts back. The
+    aside is removed only after the new path is in place and its parent directory fsynced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    old = _old(path)
+    old = _aside(path)
     try:
         write(tmp)
         for f in tmp.iterdir():
@@ -241,13 +254,14 @@ def _release(key: str, lock: Path) -> None:
 
 
 def memory_dir(path: Path) -> Path:
-    """The directory to read: path, or path.old when a save was interrupted mid-swap."""
+    """The directory to read: path, or the swap's aside (an older version's path.old) when a
+    save was interrupted between its renames."""
     path = Path(path)
     if (path / MANIFEST).is_file():
         return path
-    old = path.with_name(path.name + ".old")
-    if not path.exists() and (old / MANIFEST).is_file():
-        return old
+    for old in (_aside(path), _legacy_old(path)) if not path.exists() else ():
+        if (old / MANIFEST).is_file():
+            return old
     if not path.exists():
         raise IICLError(f"no memory at {path}")
     raise IICLError(f"{path} is not a memory directory (no {MANIFEST})")

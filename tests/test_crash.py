@@ -117,7 +117,7 @@ def test_sigkill_anywhere_loses_nothing(tiny_dir, tmp_path, smol_tokenizer):
     assert [c["index"] for c in man["chunks"]] == list(range(12))            # every chunk once, in order
     assert [c["sha256"] for c in man["chunks"]] == [c["sha256"] for c in ref_man["chunks"]]
     assert [c["position"] for c in man["chunks"]] == list(range(12))
-    assert sorted(p.name for p in victim.parent.iterdir()) == ["mem"]       # no temp, no .old, no lock
+    assert sorted(p.name for p in victim.parent.iterdir()) == ["mem"]       # no temp, no swap aside, no lock
     import iicl_fast
     from peft import PeftModel
     from safetensors.torch import load_file

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -87,12 +88,34 @@ def test_interrupted_save_keeps_old_memory(tiny, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["m"]          # no temp dir left behind
     assert Memory.load(tmp_path / "m", make_tiny(tok), tok).chunks == []
 
-    # killed between the two renames: the old memory waits at m.old and is what loads
-    (tmp_path / "m").rename(tmp_path / "m.old")
+    # killed between the two renames: the old memory waits at the swap's aside and is what loads
+    (tmp_path / "m").rename(tmp_path / ".m.swap-old")
     assert Memory.load(tmp_path / "m", make_tiny(tok), tok).chunks == []
     mem.save(tmp_path / "m")                                      # next save completes the swap
-    assert not (tmp_path / "m.old").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
     assert len(Memory.load(tmp_path / "m", make_tiny(tok), tok).chunks) == 1
+
+
+def test_swap_of_earlier_builds_recovered_and_user_backup_kept(tiny, tmp_path):
+    """Earlier builds left the previous memory at m.old between the renames: it still loads and
+    is put back. A complete m beside an m.old of the user's own (a backup copy) leaves it alone:
+    recover() took it for a stale swap and deleted it."""
+    model, tok = tiny
+    mem = Memory(model, tok, iicl_fast.Config(**TINY_CONFIG))
+    mem.save(tmp_path / "m")
+    (tmp_path / "m").rename(tmp_path / "m.old")                   # an earlier build killed mid-swap
+    assert Memory.load(tmp_path / "m", make_tiny(tok), tok).chunks == []
+    mem.consolidate(DOCS[0])
+    mem.save(tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]    # put back, then replaced
+    shutil.copytree(tmp_path / "m", tmp_path / "m.old")           # the user's backup
+    (tmp_path / "m.old" / "notes.txt").write_text("mine")
+    mem.consolidate(DOCS[1])
+    mem.save(tmp_path / "m")
+    assert (tmp_path / "m.old" / "notes.txt").read_text() == "mine"
+    assert len(Memory.load(tmp_path / "m.old", make_tiny(tok), tok).chunks) == 1
+    assert len(Memory.load(tmp_path / "m", make_tiny(tok), tok).chunks) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.old"]
 
 
 def test_stream_checkpoints_and_resumes(tiny, tmp_path, monkeypatch):
@@ -240,7 +263,7 @@ def test_balanced_replay_keeps_the_first_chunk_in_a_stream(tiny, tmp_path):
 
 
 def test_interrupted_swap_resumes_and_streams_are_told_apart(tiny, tmp_path):
-    """The issue's path: DIR gone and DIR.old holding the N-chunk memory after a kill between
+    """The issue's path: DIR gone and its aside holding the N-chunk memory after a kill between
     the renames. The rerun resumes from it (no chunk redone), sweeps a killed writer's temp
     folder, and leaves nothing beside DIR."""
     model, tok = tiny
@@ -251,7 +274,7 @@ def test_interrupted_swap_resumes_and_streams_are_told_apart(tiny, tmp_path):
     stream = mem.stream(text, chunk_tokens=12, checkpoint_dir=ck)
     next(stream), next(stream)
     stream.close()
-    os.replace(ck, ck.with_name("ck.old"))                       # killed between the two renames
+    os.replace(ck, ck.with_name(".ck.swap-old"))                 # killed between the two renames
     (tmp_path / "p" / ".ck.tmp-dead").mkdir()                    # and a killed writer's temp folder
     again = Memory(make_tiny(tok), tok, cfg)
     reps = list(again.stream(text, chunk_tokens=12, checkpoint_dir=ck))
