@@ -29,7 +29,7 @@
 #   on every linear layer (bench_generate --lora 16: the paper chunk elicits on θ_{i-1}; its 400-row
 #   steps measured ~2 ms slower than the table's), and with its A in the buffers' tails (--lora-tail).
 # lean (~1 min): the step's GEMMs at row counts a compaction leaves (does cuBLASLt lose at unaligned M?).
-# tests (~5 min): the decoder's and the bank's GPU tests (not the embedded-model ones).
+# tests (~4 min): the decoder's and the bank's GPU tests (not the embedded-model ones), the extension built there.
 : "${IICL_COMMIT:?set IICL_COMMIT=<short sha>: the device checkout reports a stale HEAD}"
 source benchmarks/device_call.sh
 R=$OUT/res; mkdir -p "$R"
@@ -121,7 +121,8 @@ lean)
   timeout 60 python benchmarks/tune_decode_gemms.py --rows 61 64 93 96 97 203 387 397 400 --lean \
     --out "$R/gemm_lean_$IICL_COMMIT.json" 2>&1 | tail -9 | cut -c1-200
   ;;
-tests)
+tests)    # the C++ extension built with nvcc first (~70 s on an H100; without it test_bank_cuda's 9 skip)
+  MAX_JOBS=16 timeout 200 python setup.py -q build_ext --inplace > /tmp/build_ext.log 2>&1 || tail -3 /tmp/build_ext.log
   timeout 300 python -m pytest -q tests/test_cuda_e2e.py tests/test_bank_cuda.py \
     -k "not demo_recall and not cli_consolidate and not static_greedy_matches and not cascade_greedy" 2>&1 | tail -8
   ;;

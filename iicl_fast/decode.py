@@ -520,7 +520,10 @@ def _skinny_gemm(rows: int, dtype: torch.dtype, on_cuda: bool):
 # IICL_CUDNN_PREFIX=1) instead of the Triton prefix kernel, from FLASH_PREFIX_MIN_M query vectors
 # a KV head (rows × group) on: at 400 rows the Triton tiles run at ~260 TFLOP/s (3.96 of 20.1 ms a step,
 # eighth session); below ~1,024 the flash op has too few query blocks to fill the GPU (it does not
-# split the prefix). Off (IICL_DECODE_FLASH_PREFIX=1: on) until measured on the GPU.
+# split the prefix). Off (IICL_DECODE_FLASH_PREFIX=1: on): measured slower through the flash op at
+# 400 rows (H100, 122c916: 19.55 ms a step against 17.70), 1.5 % faster through cuDNN (17.43; with
+# IICL_CUDNN_PREFIX=1), which builds a plan for each new shape (~100 ms each at the training
+# shapes, 16th session; every row count a compaction leaves would pay one), so not adopted.
 FLASH_PREFIX = os.environ.get("IICL_DECODE_FLASH_PREFIX", "0") == "1"
 FLASH_PREFIX_MIN_M = 1024
 # The o projection's weights (then gate/up's, while the budget lasts) brought into L2 on a side
@@ -533,6 +536,9 @@ FLASH_PREFIX_MIN_M = 1024
 # PREFETCH_KV (IICL_DECODE_PREFETCH_KV=1): the next layer's prefix K and V (20 MB at 5,000 tokens)
 # during this layer's MLP, so that the latency-bound prefix part (~18 µs a layer for 20 MB at 64
 # rows) reads them from L2; it moves bytes the MLP's stream pays for (~5 µs) out of the attention.
+# Measured (H100, 122c916, results/generate_prefetch_h100_122c916.json): every setting slower —
+# 64 rows 7.45 ms a step → 7.65–7.93, 128 rows 8.76 → 8.95–9.24 (the side stream's reads compete
+# with the GEMMs' for HBM instead of filling idle time). So off, and kept only as a measured option.
 PREFETCH_MB = os.environ.get("IICL_DECODE_PREFETCH_MB", "0")      # checked by _prefetch_plan
 PREFETCH_HINT = os.environ.get("IICL_DECODE_PREFETCH_HINT", "normal")
 PREFETCH_KV = os.environ.get("IICL_DECODE_PREFETCH_KV", "0") == "1"
