@@ -2,7 +2,6 @@
 gloo (IICL_DIST_BACKEND=gloo) make the memory of one process, the teacher pass sharded on the
 cascade path; with two or more GPUs, the same over NCCL, one GPU a rank."""
 import json
-import os
 
 import pytest
 import torch
