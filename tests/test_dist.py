@@ -59,10 +59,10 @@ STREAM = {**SOURCE_ONLY, "teacher_base": "false", "anchor_entries": 0}
 # after 5 chunks, 2 ranks vs 1 0.014. After 4 chunks: 8.6e-3 for the other split in one
 # process, 2.9e-4 for 2 ranks vs 1; after 3: 2.9e-4 and 9.9e-6.
 # Where that point lies depends on the CPU: on a 2-core AMD EPYC (AVX2, 2026-12-05; the same
-# packages) the differences grow ~8-10x a chunk from the first — 2 ranks vs 1 after 1 / 2 / 3 / 4
-# chunks 3.3e-5 / 2.6e-4 / 1.9e-3 / 1.9e-2 (this stream; the base-teacher stream below
-# 3.3e-5 / 1.8e-4 / 3.8e-3), the other split in one process 1.6e-5 / 9.7e-5 / 3.6e-4 / 1.6e-3 —
-# so the 3- and 4-chunk bounds failed there. The adapters are compared after 2 chunks (bound
+# packages) the differences grow ~5-20x a chunk from the first — 2 ranks vs 1 after 2 / 3 / 4
+# chunks 2.6e-4 / 1.9e-3 / 1.9e-2 (this stream), after 1 / 2 / 3 3.3e-5 / 1.8e-4 / 3.8e-3 (the
+# base-teacher stream below); another split in one process 9.7e-5 / 3.6e-4 / 1.6e-3 and
+# 1.6e-5 / 7.6e-5 / 1.7e-3 at the same points — so the 3- and 4-chunk bounds failed there. The adapters are compared after 2 chunks (bound
 # 1e-3: 4x the largest 2-chunk difference measured); the stream then goes on to 4 chunks
 # through a second command into the same memory (the continuation path on 2 ranks), where the
 # logged losses and the manifests must still agree. A missing gradient all-reduce is 0.086 apart
