@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 12's figures, one device call per mode (`benchmarks/device_prepare.sh` first, carry .whl
 # and .bench/tok, and pass the commit: the device's checkout reports a stale HEAD):
-#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|chunk1|confirm|first|blaslt|prefetch|prefetch2|attn|lora|lean|tests
+#   run: IICL_COMMIT=<short sha> bash benchmarks/device_decode.sh quick|variants|table|chunk|chunk1|confirm|first|blaslt|prefetch|prefetch2|attn|lora|lean|tests|dist
 # confirm (~4 min): the issue's table without the baselines at the defaults, the bf16-logits GPU tests.
 # first (~5 min): when machines are scarce — 64 rows × 128 / 512 at the defaults, the LoRA step (plain and
 #   LORA_TAIL) at 64 and 400 rows, the LORA_TAIL GPU test.
@@ -30,6 +30,7 @@
 #   steps measured ~2 ms slower than the table's), and with its A in the buffers' tails (--lora-tail).
 # lean (~1 min): the step's GEMMs at row counts a compaction leaves (does cuBLASLt lose at unaligned M?).
 # tests (~4 min): the decoder's and the bank's GPU tests (not the embedded-model ones), the extension built there.
+# dist (~4 min): test_dist_cuda's 2-rank test alone, then benchmarks/dist_teacher_route.py on CUDA.
 : "${IICL_COMMIT:?set IICL_COMMIT=<short sha>: the device checkout reports a stale HEAD}"
 source benchmarks/device_call.sh
 R=$OUT/res; mkdir -p "$R"
@@ -121,13 +122,18 @@ lean)
   timeout 60 python benchmarks/tune_decode_gemms.py --rows 61 64 93 96 97 203 387 397 400 --lean \
     --out "$R/gemm_lean_$IICL_COMMIT.json" 2>&1 | tail -9 | cut -c1-200
   ;;
+dist)     # (~4 min) test_dist_cuda's 2-rank test (failed on the H100 at 203b220, 35th session) for its
+          # assertion, then one sampled chunk by 1 and 2 ranks with the teacher from the decoder and from the pass
+  timeout 150 python -m pytest -q -x tests/test_dist_cuda.py -k "two_ranks and gloo" 2>&1 | grep -E "^E |passed|failed|Error" | tail -8
+  timeout 150 python benchmarks/dist_teacher_route.py --device cuda --out "$R/dist_teacher_route_$IICL_COMMIT.json" 2>&1 | tail -7
+  ;;
 tests)    # the C++ extension built with nvcc first (~70 s on an H100; without it test_bank_cuda's 9 skip)
   MAX_JOBS=16 timeout 200 python setup.py -q build_ext --inplace > /tmp/build_ext.log 2>&1 || tail -3 /tmp/build_ext.log
   timeout 300 python -m pytest -q tests/test_cuda_e2e.py tests/test_bank_cuda.py \
     -k "not demo_recall and not cli_consolidate and not static_greedy_matches and not cascade_greedy" 2>&1 | tail -8
   ;;
 *)
-  echo "device_decode.sh: say quick, variants, table, chunk, chunk1, confirm, first, blaslt, prefetch, prefetch2, attn, lora, lean or tests" >&2
+  echo "device_decode.sh: say quick, variants, table, chunk, chunk1, confirm, first, blaslt, prefetch, prefetch2, attn, lora, lean, tests or dist" >&2
   exit 2
   ;;
 esac
