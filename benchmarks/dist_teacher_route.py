@@ -1,14 +1,16 @@
 """Do two data-parallel ranks make the memory of one process? One sampled chunk of the dist tests'
 document (tests/test_dist.py) through the CLI on the tiny model: 1 rank and 2 ranks (torchrun,
 gloo), each with the teacher's states from the decoder (Config.teacher_from_elicit, the default)
-and from the teacher pass (teacher_from_elicit=false). One process takes the decoder's states;
-DDP ranks always take the sharded pass (consolidate.prepare_chunk), so the 2-rank memory follows
-the pass's route: this prints the adapters' relative differences for every pair.
+and from the teacher pass (teacher_from_elicit=false), and prints the adapters' relative
+differences for every pair. Until the 36th session DDP ranks always took the sharded pass, so
+the 2-rank memory followed the pass's route whatever the setting; now each rank keeps its own
+rows' decoder states (consolidate.sharded_hidden) and both follow the setting.
 
     python benchmarks/dist_teacher_route.py [--device cpu|cuda] [--out FILE]
 
-CPU (2-core AMD EPYC, 35th session): 1 rank decoder vs pass 8.6e-6, 2 ranks vs 1 rank (decoder)
-8.7e-6, 2 ranks vs 1 rank (pass) 9.9e-7. Needs the tokenizer (IICL_TOKENIZER, or the embedded
+CPU (2-core AMD EPYC), before → after the change: 2 ranks vs 1 rank, teacher from the decoder
+8.7e-6 → 9.8e-7; from the pass 9.9e-7 → 9.9e-7; 1 rank decoder vs pass 8.6e-6 (the routes'
+own difference). Needs the tokenizer (IICL_TOKENIZER, or the embedded
 model's package)."""
 from __future__ import annotations
 

@@ -82,8 +82,10 @@ class Config:
     # is decoded, and the pass recomputed 214,879 tokens with the 5,000-token chunk in view,
     # ~60 % of the teacher + student phase's 13.6 s (8B shape, H200; teacher pass 1.96 s against
     # the student pass's 1.38 s in profile_consolidate, 15th session). Their values differ from
-    # a pass over the whole sequence by the rounding of the other kernels (fp32: ~1e-6). One
-    # process or FSDP ranks (data-parallel ranks decode shares of the rows and run the pass).
+    # a pass over the whole sequence by the rounding of the other kernels (fp32: ~1e-6 on the
+    # CPU, ~1e-4 on CUDA). Data-parallel ranks each keep the states of the rows they decoded
+    # (consolidate.sharded_hidden): until the 36th session they ran the pass instead, and on the
+    # H100 2 ranks' logged losses parted from one process's at chunk 2 (tests/test_dist_cuda).
     # False: every entry through the teacher pass.
     teacher_from_elicit: bool = True
     # 4. consolidation

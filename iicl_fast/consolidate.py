@@ -285,19 +285,19 @@ def anchor_set(model, fmt: PromptFormat, config: Config, chunk_index: int, base_
     (under base_view; without one, by θ_{i-1}) with no chunk in view, then openings of prose it
     continues (config.prose_anchors), and the hidden states of that same model as the teacher.
     Not kept for replay: each chunk takes the next prompts."""
-    reuse = config.teacher_from_elicit and not dist.active()     # every anchor decoded here
+    reuse = config.teacher_from_elicit       # every rank decodes every anchor
     with (base_view or contextlib.nullcontext)():
         a = anchor_entries(model, fmt, config, chunk_index=chunk_index, keep_hidden=reuse)
         p = prose_anchor_entries(model, fmt, config, chunk_index=chunk_index, keep_hidden=reuse)
         (a, ka), (p, kp) = (a, p) if reuse else ((a, None), (p, None))
         entries = dist.broadcast(a + p)
-        # the decoder's states are the teacher's (Config.teacher_from_elicit); FSDP ranks each
-        # decoded every anchor: theirs where every rank wrote rank 0's tokens
-        known = ka + kp if reuse and dist.all_agree(entries == a + p) else None
         if not entries:
             return [], None
-        hs = sharded_hidden(model, entries, lambda es: student_hidden_set(
-            model, fmt, es, batch_size=config.gen_batch_size, max_tokens=config.pass_tokens, known=known))
+        # the decoder's states are the teacher's (Config.teacher_from_elicit): this rank's where
+        # it wrote rank 0's tokens (FSDP: where every rank did)
+        known = (ka + kp if dist.all_agree(entries == a + p) else [None] * len(entries)) if reuse else None
+        hs = sharded_hidden(model, entries, lambda es, kn: student_hidden_set(
+            model, fmt, es, batch_size=config.gen_batch_size, max_tokens=config.pass_tokens, known=kn), known)
     return entries, hs
 
 
@@ -369,23 +369,49 @@ def with_replay(kept: list[Entry], teacher: HiddenSet, replay, config: Config | 
     return kept + entries, concat(teacher, hs)
 
 
-def sharded_hidden(model, entries: list[Entry], compute) -> HiddenSet:
-    """compute(entries) -> HiddenSet, run on this rank's share of the entries (e, e + W, ...)
-    and gathered: every rank ends with the whole set in entry order (one process: compute)."""
+def owners(known: list | None, n: int) -> list[int]:
+    """The rank that computes each of n entries in sharded_hidden. known (None on every rank or
+    on none): per entry, the states this rank holds or None. An entry whose states some rank
+    holds goes to one of its holders (in turn among them), so nothing decoded is recomputed; the
+    rest are dealt out in turn. One process: 0 for all."""
     if not dist.active():
-        return compute(entries)
+        return [0] * n
+    W = dist.world()
+    if known is None:
+        return [i % W for i in range(n)]
+    held = dist.all_gather_objects([k is not None for k in known])
+    out, free = [], 0
+    for i in range(n):
+        holders = [q for q in range(W) if held[q][i]]
+        if holders:
+            out.append(holders[i % len(holders)])
+        else:
+            out.append(free % W)
+            free += 1
+    return out
+
+
+def sharded_hidden(model, entries: list[Entry], compute, known: list | None = None) -> HiddenSet:
+    """compute(entries, their known states) -> HiddenSet, run on this rank's share of the
+    entries (owners) and gathered: every rank ends with the whole set in entry order (one
+    process: compute(entries, known)). known: as owners; data-parallel ranks each hold the
+    decoder's states of the rows they decoded (elicit's keep_hidden), and those rows are their
+    share, so the teacher of every decoded row is the decoder's, as in one process."""
+    if not dist.active():
+        return compute(entries, known)
     W, r = dist.world(), dist.rank()
     device = next(model.parameters()).device
-    mine = entries[r::W]
+    owner = owners(known, len(entries))
+    mine = [i for i in range(len(entries)) if owner[i] == r]
     if mine:
-        h = compute(mine).h
+        h = compute([entries[i] for i in mine], None if known is None else [known[i] for i in mine]).h
     else:                                  # fewer entries than ranks
         h = torch.zeros(0, lm_head(model)[0].shape[1], dtype=torch.float32, device=device)
     parts = dist.all_gather_rows(h)
     at = [0] * W
     rows = []
-    for i, e in enumerate(entries):        # entry i is the (i // W)-th of rank i % W
-        k = i % W
+    for i, e in enumerate(entries):        # entry i is the next of its owner's rows
+        k = owner[i]
         rows.append(parts[k][at[k]: at[k] + len(e.response)])
         at[k] += len(e.response)
     offsets = [0]
@@ -405,15 +431,17 @@ def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk
     rep = ConsolidationReport(chunk_index=chunk_index, chunk_tokens=len(fmt.encode(chunk)))
     trace("elicit", chunk_index)
     t = _now(model)
-    known = None                             # the decoder's states of the entries it wrote
+    known = None                             # the decoder's states of the entries this rank wrote
     with teach():
-        if config.teacher_from_elicit and not dist.active():     # every row decoded here
-            entries, known = elicit(model, fmt, chunk, config, chunk_index=chunk_index, keep_hidden=True)
+        if config.teacher_from_elicit:
+            mine, known = elicit(model, fmt, chunk, config, chunk_index=chunk_index, keep_hidden=True)
         else:
-            entries = elicit(model, fmt, chunk, config, chunk_index=chunk_index)
+            mine = elicit(model, fmt, chunk, config, chunk_index=chunk_index)
     # several ranks: each decoded its share of the rows and gathered the set (elicit); rank 0's
     # copy is sent to all, so that no difference in the text-side steps can split the ranks
-    entries = dist.broadcast(entries)
+    entries = dist.broadcast(mine)
+    if known is not None and not dist.all_agree(entries == mine):    # states of other rows: none kept
+        known = [None] * len(entries)
     rep.elicited = len(entries)
     rep.seconds["elicit"] = _now(model) - t
     device = next(model.parameters()).device
@@ -424,12 +452,13 @@ def prepare_chunk(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk
     trace("teacher", chunk_index)
     t = _now(model)
     with teach():                            # several ranks: each takes a share of the entries
-        teacher = sharded_hidden(model, entries, lambda es: teacher_hidden(
+        teacher = sharded_hidden(model, entries, lambda es, kn: teacher_hidden(
             model, fmt, chunk, es, batch_size=config.gen_batch_size, max_tokens=config.pass_tokens,
-            progress=config.progress, known=known))
-    run = [e for e, k in zip(entries, known or [None] * len(entries)) if k is None]   # through the pass
+            progress=config.progress, known=kn), known)
+    held = [any(h) for h in zip(*dist.all_gather_objects([k is not None for k in known or [None] * len(entries)]))]
+    run = [e for e, h in zip(entries, held) if not h]                 # through the pass, on some rank
     known = None                             # their copy is in the teacher's set now
-    student = sharded_hidden(model, entries, lambda es: student_hidden_set(
+    student = sharded_hidden(model, entries, lambda es, kn: student_hidden_set(
         model, fmt, es, batch_size=config.gen_batch_size, max_tokens=config.pass_tokens))
     rep.seconds["teacher"] = _now(model) - t
     phase_peak(rep, "teacher", device)

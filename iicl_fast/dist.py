@@ -148,10 +148,18 @@ def gather_shards(mine: list, n: int) -> list:
     (item i is the (i // W)-th of rank i % W); one process: mine."""
     if not active():
         return mine
-    parts = [None] * world()
-    tdist.all_gather_object(parts, mine)
+    parts = all_gather_objects(mine)
     W = world()
     return [parts[i % W][i // W] for i in range(n)]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's obj (picklable, between our own processes), in rank order; one process: [obj]."""
+    if not several():
+        return [obj]
+    parts = [None] * group_size()
+    tdist.all_gather_object(parts, obj)
+    return parts
 
 
 def broadcast(obj):

@@ -162,18 +162,17 @@ def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index:
     """-> the transfer set for one chunk: up to n_queries question→answer pairs (questions
     deduplicated) and n_continuations continuations; empty responses dropped.
 
-    keep_hidden (one process, or FSDP ranks that each decode every row): -> (entries, hidden),
-    hidden[i] the final hidden states [len(response), H] that the decoder computed for entry
-    i's response with the chunk in view (generation.generate's hidden), None for entries it did
-    not decode (source entries, sentence answers): the teacher's states for those rows, which
-    teacher_hidden then need not recompute.
+    keep_hidden: -> (entries, hidden), hidden[i] the final hidden states [len(response), H]
+    that this process's decoder computed for entry i's response with the chunk in view
+    (generation.generate's hidden), None for entries it did not decode (source entries, sentence
+    answers; under data parallelism, the other ranks' rows): the teacher's states for those
+    rows, which teacher_hidden then need not recompute (consolidate.sharded_hidden hands each
+    decoded row to the rank that holds its states).
 
     Random streams are seeded by config.seed + chunk_index: every chunk draws its own. The
     draws are keyed by row (generation.generate's keyed_seed): a transfer set does not depend
     on gen_batch_size, and under torch.distributed each rank generates every W-th row of each
     phase and the rows are gathered — the set one process would make."""
-    if keep_hidden and dist.active():
-        raise ValueError("elicit: keep_hidden is for one process or FSDP ranks (data-parallel ranks decode shares)")
     device = next(model.parameters()).device
     seed = config.seed + chunk_index
     rng = torch.Generator().manual_seed(seed)                 # query construction (CPU)
@@ -188,11 +187,16 @@ def elicit(model, fmt: PromptFormat, chunk: str, config: Config, *, chunk_index:
 
     def sharded(prompts: list[list[int]], phase: int, first_key: int = 0, hidden: bool = False, **kw):
         """Continuations of prompts, rows keyed by first_key + their index; each rank its share.
-        hidden (one process or FSDP: every row here): -> (rows, their states or Nones)."""
+        hidden: -> (rows, per row its states where this rank decoded it, else None)."""
         keys = dist.shard(list(range(len(prompts))))
         got = generate(model, [prompts[k] for k in keys], keyed_seed=seed * 1_000_003 + phase,
                        row_keys=[first_key + k for k in keys], hidden=hidden, **kw, **sample) if keys else []
-        mine, states = got if hidden else (got, None)
+        mine, states = (got or ([], [])) if hidden else (got, None)
+        if hidden:                          # row k's states at k (one process, FSDP: every row)
+            at = [None] * len(prompts)
+            for k, st in zip(keys, states or []):
+                at[k] = st
+            states = at
         if dist.fsdp():                     # every rank made all rows: rank 0's, so what follows agrees
             rows = dist.broadcast(mine)
             if hidden and not dist.all_agree(rows == mine):      # states of other rows: none kept, on any rank

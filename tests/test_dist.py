@@ -411,14 +411,28 @@ def _teacher_rows(rank: int, init: str, out: str, model_dir: str):
         model, tok = load_model(model_dir, device="cpu")
         fmt = PromptFormat(tok, model)
         entries = source_entries(fmt, DOC, 5, 12)                    # 5 entries: 3 on rank 0, 2 on rank 1
-        hs = sharded_hidden(model, entries, lambda es: teacher_hidden(model, fmt, DOC, es, batch_size=2))
+        hs = sharded_hidden(model, entries, lambda es, kn: teacher_hidden(model, fmt, DOC, es, batch_size=2))
         torch.save({"h": hs.h, "targets": hs.targets, "offsets": torch.tensor(hs.offsets)}, Path(out, f"t{rank}.pt"))
+        # states held: entry 1 by rank 0, entries 0 and 3 by rank 1 (the rows each decoded)
+        H = hs.h.shape[1]
+        held = {0: {1}, 1: {0, 3}}[rank]
+        known = [torch.full((len(e.response), H), 100.0 * (i + 1)) if i in held else None
+                 for i, e in enumerate(entries)]
+        ran = []
+
+        def compute(es, kn):
+            ran.append([entries.index(e) for e, k in zip(es, kn) if k is None])   # through the pass here
+            return teacher_hidden(model, fmt, DOC, es, batch_size=2, known=kn)
+        hs = sharded_hidden(model, entries, compute, known)
+        torch.save({"h": hs.h, "ran": ran}, Path(out, f"k{rank}.pt"))
     finally:
         tdist.destroy_process_group()
 
 
 def test_sharded_teacher_pass_equals_one_process(tiny_dir, tmp_path):
-    """Each rank takes every other entry; the gathered rows are one process's, in entry order."""
+    """Each rank takes every other entry; the gathered rows are one process's, in entry order.
+    With the decoder's states of some entries held by the ranks that wrote them (known), those
+    entries are their holders' share and are not recomputed."""
     from iicl_fast.elicit import source_entries
     from iicl_fast.models import PromptFormat, load_model
     from iicl_fast.teacher import teacher_hidden
@@ -433,6 +447,15 @@ def test_sharded_teacher_pass_equals_one_process(tiny_dir, tmp_path):
         torch.testing.assert_close(got["h"], ref.h, rtol=1e-5, atol=1e-5)
         per_entry = [got["h"][a:b] for a, b in zip(ref.offsets[:-1], ref.offsets[1:])]
         assert not torch.allclose(per_entry[0][:1], per_entry[1][:1])     # rows differ by entry: order checked
+        # with states held by the ranks that decoded them: those are the teacher's, gathered in
+        # entry order on both ranks; the pass runs only over the rest, dealt out in turn
+        got = torch.load(tmp_path / f"k{r}.pt")
+        assert got["ran"] == [[[2]], [[4]]][r]          # one compute a rank
+        for i, (a, b) in enumerate(zip(ref.offsets[:-1], ref.offsets[1:])):
+            if i in (0, 1, 3):
+                assert torch.equal(got["h"][a:b], torch.full_like(got["h"][a:b], 100.0 * (i + 1))), i
+            else:
+                torch.testing.assert_close(got["h"][a:b], ref.h[a:b], rtol=1e-5, atol=1e-5)
 
 
 def _elicited(rank: int, init: str, out: str, model_dir: str):
@@ -448,23 +471,32 @@ def _elicited(rank: int, init: str, out: str, model_dir: str):
             rows.append(kw["row_keys"])
             return real(m, prompts, **kw)
         E.generate = counting
-        es = E.elicit(model, PromptFormat(tok, model), DOC, Config(**{**TINY_CONFIG, "source_entries": 0}), chunk_index=2)
+        es, known = E.elicit(model, PromptFormat(tok, model), DOC, Config(**{**TINY_CONFIG, "source_entries": 0}),
+                             chunk_index=2, keep_hidden=True)
         Path(out, f"e{rank}.json").write_text(json.dumps({"entries": [[e.kind, e.query, e.response] for e in es],
                                                           "rows": rows}))
+        torch.save(known, Path(out, f"s{rank}.pt"))
     finally:
         tdist.destroy_process_group()
 
 
 def test_sharded_elicitation_equals_one_process(tiny_dir, tmp_path):
     """Under 2 ranks each decodes every other row of each phase (draws keyed by row) and the
-    gathered transfer set is the one a single process samples."""
+    gathered transfer set is the one a single process samples; each rank keeps the decoder's
+    states of its own rows (keep_hidden), one process's states."""
     from iicl_fast import Config
     from iicl_fast.elicit import elicit
     from iicl_fast.models import PromptFormat, load_model
     mp.spawn(_elicited, args=(f"file://{tmp_path / 'rv'}", str(tmp_path), str(tiny_dir)), nprocs=2, join=True)
     model, tok = load_model(str(tiny_dir), device="cpu")
-    ref = elicit(model, PromptFormat(tok, model), DOC, Config(**{**TINY_CONFIG, "source_entries": 0}), chunk_index=2)
+    ref, ref_states = elicit(model, PromptFormat(tok, model), DOC, Config(**{**TINY_CONFIG, "source_entries": 0}),
+                             chunk_index=2, keep_hidden=True)
     r0, r1 = (json.loads((tmp_path / f"e{r}.json").read_text()) for r in (0, 1))
+    s0, s1 = (torch.load(tmp_path / f"s{r}.pt") for r in (0, 1))
+    assert all((a is None) != (b is None) for a, b in zip(s0, s1))     # every row's states on one rank
+    assert any(a is not None for a in s0) and any(b is not None for b in s1)
+    for a, b, want in zip(s0, s1, ref_states):
+        torch.testing.assert_close(a if a is not None else b, want, rtol=1e-4, atol=1e-4)
     assert len(ref) >= 4 and r0["entries"] == r1["entries"] == [[e.kind, e.query, e.response] for e in ref]
     for ph in range(2):                        # questions, then answers: rows 0, 2, 4.. and 1, 3, ..
         assert r0["rows"][ph] == list(range(0, len(r0["rows"][ph]) * 2, 2))[: len(r0["rows"][ph])]
