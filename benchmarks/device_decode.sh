@@ -124,8 +124,8 @@ lean)
   ;;
 dist)     # (~4 min) test_dist_cuda's 2-rank test (failed on the H100 at 203b220, 35th session) for its
           # assertion, then one sampled chunk by 1 and 2 ranks with the teacher from the decoder and from the pass
-  timeout 200 python -m pytest -q -x tests/test_dist_cuda.py -k "two_ranks and gloo" > "$R/dist_test_$IICL_COMMIT.log" 2>&1
-  grep -E "^E |passed|failed|Error" "$R/dist_test_$IICL_COMMIT.log" | tail -12
+  timeout 200 python -m pytest -q -s -x tests/test_dist_cuda.py -k "two_ranks and gloo" > "$R/dist_test_$IICL_COMMIT.log" 2>&1
+  grep -E "^E |passed|failed|Error|losses|relative" "$R/dist_test_$IICL_COMMIT.log" | cut -c1-600 | tail -14
   timeout 200 python benchmarks/dist_teacher_route.py --device cuda --out "$R/dist_teacher_route_$IICL_COMMIT.json" > "$R/dist_route_$IICL_COMMIT.log" 2>&1
   tail -7 "$R/dist_route_$IICL_COMMIT.log"
   ;;

@@ -273,6 +273,8 @@ def consolidate_chunk(model, fmt: PromptFormat, chunk: str, params: list[torch.T
     rep.loss_per_epoch = train(model, fmt, train_entries, train_teacher, params, config,
                                seed=config.seed + chunk_index, dealt=rep.anchored, lr=config.chunk_lr(chunk_index))
     rep.seconds["train"] = _now(model) - t
+    if os.environ.get("IICL_TRACE_PHASES") and dist.is_main():   # full precision: tests/test_dist_cuda.py
+        sys.stderr.write(f"[iicl losses] {chunk_index} {' '.join(repr(x) for x in rep.loss_per_epoch)}\n")
     phase_peak(rep, "train", params[0].device)
     lengths = [len(prompt_ids(fmt, e)) + len(e.response) for e in train_entries]
     rep.work["train_tokens"] = config.epochs * sum(lengths)
