@@ -112,6 +112,25 @@ def one_torchrun_at_a_time():
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def traced_losses(err: str) -> list[list[float]]:
+    """Each chunk's losses per epoch at full precision, from the [iicl losses] lines that rank 0
+    writes under IICL_TRACE_PHASES (env())."""
+    return [[float(x) for x in line.split()[3:]] for line in err.splitlines() if line.startswith("[iicl losses]")]
+
+
+def assert_same_losses(a: list[list[float]], b: list[list[float]], chunks: int):
+    """The first `chunks` chunks' losses of two runs: within 1e-4 relative for chunks 0-1, 2e-5
+    absolute after (where AdamW has amplified the other order of sums a chunk at a time). Until
+    the 36th session they were compared as logged (4 decimals): equality there allows any
+    difference up to 1e-4 but fails on one astride a rounding boundary (the H100's 2-rank stream:
+    0.0027496 against 0.0027505). Measured 2 ranks vs 1: CPU ≤ 1.7e-5 relative at chunks 0-1,
+    ≤ 7.2e-7 absolute after; H100 1.1e-5, then ≤ 8.2e-6 (test_dist_cuda)."""
+    assert len(a) >= chunks and len(b) >= chunks, (a, b)
+    for c in range(chunks):
+        for x, y in zip(a[c], b[c], strict=True):
+            assert (abs(x - y) <= 1e-4 * abs(x)) if c < 2 else (abs(x - y) <= 2e-5), (c, a, b)
+
+
 def run(argv, timeout=300):
     with one_torchrun_at_a_time():
         p = subprocess.run(argv, capture_output=True, text=True, env=env(), timeout=timeout)
@@ -141,7 +160,8 @@ def test_two_ranks_make_the_memory_of_one(tiny_dir, tmp_path):
             assert_same_adapter(adapter(tmp_path / "one"), adapter(tmp_path / "two"), 1e-3)
     loss = [[line.split("loss/epoch ")[1].split(";")[0] for e in errs[r] for line in e.splitlines()
              if line.startswith("chunk ")] for r in (1, 2)]
-    assert len(loss[0]) == 4 and loss[0] == loss[1], errs[2][-1][-3000:]     # as logged (4 decimals)
+    assert len(loss[0]) == len(loss[1]) == 4, errs[2][-1][-3000:]
+    assert_same_losses(traced_losses("".join(errs[1])), traced_losses("".join(errs[2])), 4)
     m1 = json.loads((tmp_path / "one" / "manifest.json").read_text())
     m2 = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert len(m1["chunks"]) == 4 and m1["chunks"] == m2["chunks"] and len(m2["streams"]) == 2
@@ -155,7 +175,7 @@ def test_two_ranks_make_the_memory_of_one(tiny_dir, tmp_path):
 def test_two_ranks_with_the_base_as_teacher(tiny_dir, tmp_path):
     """teacher_base under torchrun: elicitation and the sharded teacher pass run with the
     adapter off on every rank. A 2-chunk stream (the second chunk's teacher is the base although
-    an adapter is trained): losses equal as logged, adapters within 1e-3 (measured 4.7e-5 after 3
+    an adapter is trained): the same losses (assert_same_losses), adapters within 1e-3 (measured 4.7e-5 after 3
     chunks on one CPU, 1.8e-4 after 2 and 3.8e-3 after 3 on another; see STREAM)."""
     doc = tmp_path / "doc.txt"
     doc.write_text(". ".join(DOC.split(". ")[:2]) + ".")
@@ -163,8 +183,9 @@ def test_two_ranks_with_the_base_as_teacher(tiny_dir, tmp_path):
     for d, ranks in ((tmp_path / "one", 1), (tmp_path / "two", 2)):
         rc, err = run(command(doc, d, tiny_dir, ranks, **SOURCE_ONLY, teacher_base="true", anchor_entries=0))
         assert rc == 0, err[-2000:]
-        errs.append([line.split("loss/epoch ")[1].split(";")[0] for line in err.splitlines() if line.startswith("chunk ")])
-    assert len(errs[0]) == 2 and errs[0] == errs[1], errs
+        errs.append(traced_losses(err))
+    assert len(errs[0]) == len(errs[1]) == 2, errs
+    assert_same_losses(errs[0], errs[1], 2)
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["config"]["teacher_base"] is True
     assert_same_adapter(adapter(tmp_path / "one"), adapter(tmp_path / "two"), 1e-3)
 
